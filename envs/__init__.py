@@ -1,0 +1,1 @@
+"""Gymnasium environments that wrap the shared student loop (installed as metagate.envs)."""

@@ -1,0 +1,9 @@
+"""metagate: learned gates for knowledge distillation."""
+
+from metagate.gates import GATES, Gate, GateOutput, StepContext, UnitView
+from metagate.losses import reduce_weighted, unit_losses
+from metagate.trainer import TrainConfig, Trainer
+
+__version__ = "0.1.0"
+__all__ = ["GATES", "Gate", "GateOutput", "StepContext", "UnitView", "Trainer", "TrainConfig", "unit_losses",
+           "reduce_weighted", "__version__"]

@@ -1,0 +1,133 @@
+"""Built-in tasks whose data ship with installed packages (no downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metagate.data.task import Task, TeacherSpec, build_task
+from metagate.errors import ConfigError, InputError
+from metagate.models import CNN, MLP
+
+TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Register a task builder ``f(noise, noise_type, data_seed, val_fraction, **kw) -> Task``."""
+
+    def deco(fn: Callable[..., Task]) -> Callable[..., Task]:
+        TASKS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_task(name: str, **kwargs: object) -> Task:
+    """Build a registered task by name."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    return TASKS[name](**kwargs)
+
+
+@register_task("digits")
+def digits_task(
+    noise: float = 0.0, noise_type: str = "symmetric", data_seed: int = 0, val_fraction: float = 0.1, **_: object
+) -> Task:
+    """scikit-learn's bundled 8x8 digits (1,797 images); 25% stratified test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - 0.3) / 0.4
+    y = torch.tensor(d.target, dtype=torch.long)
+    from metagate.data.task import stratified_split
+
+    train_idx, test_idx = stratified_split(y, 0.25, torch.Generator().manual_seed(12345))
+    c = 10
+    students = {
+        "mlp": partial(MLP, 64, (32,), c),
+        "mlp-bn": partial(MLP, 64, (32,), c, True),
+        "cnn": partial(CNN, 1, 8, 8, c, 64),
+    }
+    teachers = [
+        TeacherSpec(f"cnn{w}", partial(CNN, 1, 8, w, c, 128), epochs=30, lr=2e-3, batch_size=64)
+        for w in (16, 24, 32, 20, 28)
+    ]
+    return build_task("digits", x[train_idx], y[train_idx], x[test_idx], y[test_idx], c, students, teachers,
+                      noise, noise_type, val_fraction, data_seed)
+
+
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise InputError(f"cannot read idx file {path}: {e}") from e
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise InputError(f"{path} is not an unsigned-byte idx file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise InputError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def find_fashion_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The directory with Fashion-MNIST's four idx gzip files."""
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    candidates = [Path(data_dir)] if data_dir else [Path(p) for p in
+                                                    (os.environ.get("METAGATE_FASHION_DIR"), *FASHION_DIRS) if p]
+    for d in candidates:
+        if all((d / n).is_file() for n in names):
+            return d
+    raise InputError(
+        "Fashion-MNIST not found in " + ", ".join(map(str, candidates)) + ". Either install the Debian package "
+        "(`apt-get install dataset-fashion-mnist`) or pass --data-dir DIR with the four idx .gz files "
+        f"({', '.join(names)})."
+    )
+
+
+@register_task("fashion")
+def fashion_task(
+    noise: float = 0.0,
+    noise_type: str = "symmetric",
+    data_seed: int = 0,
+    val_fraction: float = 0.1,
+    data_dir: str | None = None,
+    **_: object,
+) -> Task:
+    """Fashion-MNIST (60k train / 10k test, 28x28) from Debian's package or a user directory."""
+    d = find_fashion_dir(data_dir)
+
+    def load(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xi = _read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
+        yi = _read_idx(d / f"{prefix}-labels-idx1-ubyte.gz")
+        x = (torch.from_numpy(xi.astype(np.float32) / 255.0) - 0.2860) / 0.3530
+        return x.unsqueeze(1), torch.from_numpy(yi.astype(np.int64))
+
+    xtr, ytr = load("train")
+    xte, yte = load("t10k")
+    c = 10
+    students = {
+        "mlp": partial(MLP, 784, (128,), c),
+        "mlp-bn": partial(MLP, 784, (128,), c, True),
+        "cnn": partial(CNN, 1, 28, 8, c, 64),
+    }
+    teachers = [
+        TeacherSpec(f"cnn{w}", partial(CNN, 1, 28, w, c, 128), epochs=8, lr=1e-3, batch_size=128)
+        for w in (16, 24, 32, 20, 28)
+    ]
+    return build_task("fashion", xtr, ytr, xte, yte, c, students, teachers, noise, noise_type, val_fraction,
+                      data_seed)

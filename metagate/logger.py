@@ -1,0 +1,73 @@
+"""TensorBoard logging with slash keys (``train/loss``), HPARAMS in the run's own directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class Logger:
+    """Thin wrapper over ``SummaryWriter``; a no-op when ``logdir`` is None.
+
+    :param logdir: the run's directory (event files go straight into it)
+    """
+
+    def __init__(self, logdir: str | os.PathLike | None) -> None:
+        self.logdir = Path(logdir) if logdir else None
+        self._writer = None
+        if self.logdir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.logdir))
+
+    @property
+    def enabled(self) -> bool:
+        return self._writer is not None
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None and value == value:  # skip NaN
+            self._writer.add_scalar(tag, float(value), step)
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.scalar(f"{prefix}/{k}", v, step)
+
+    def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int) -> None:
+        if self._writer is not None and len(values) > 0:
+            v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
+            self._writer.add_histogram(tag, v, step)
+
+    def figure(self, tag: str, fig: Any, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_figure(tag, fig, step, close=True)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Write an HPARAMS entry into this run's directory (not a timestamped subfolder)."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hp_summary
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        exp, ssi, sei = hp_summary(clean, {f"hparam/{k}": v for k, v in metrics.items()})
+        fw = self._writer._get_file_writer()
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+        for k, v in metrics.items():
+            self.scalar(f"hparam/{k}", v, 0)
+        assert self.logdir is not None
+        (self.logdir / "hparams.json").write_text(json.dumps({"hparams": clean, "metrics": metrics}, indent=2))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

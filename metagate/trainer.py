@@ -1,0 +1,423 @@
+"""The one shared student update loop (DESIGN.md, "Data flow").
+
+Every gate plugs into :meth:`Trainer.train_step`; no gate has a loop of its own.
+An outside driver (the gymnasium environment) calls ``train_step(batch, decision)``
+with its own :class:`~metagate.gates.GateOutput`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from metagate.checks import check_finite
+from metagate.data.task import Batch, Split, Task
+from metagate.diagnostics import gate_diagnostics
+from metagate.errors import CheckpointError, ConfigError, InputError
+from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.io import atomic_save, safe_load
+from metagate.logger import Logger
+from metagate.losses import check_weights, reduce_weighted, unit_losses
+from metagate.metrics import classification_metrics, reliability_figure
+from metagate.teachers import TeacherBank
+
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    """Student optimisation settings.
+
+    :param epochs: passes over the training split
+    :param batch_size: units per step
+    :param lr: peak learning rate
+    :param optimizer: ``sgd`` (momentum) or ``adam``
+    :param schedule: ``cosine`` (per step, to 0) or ``constant``
+    """
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    eval_test_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"--optimizer must be sgd or adam, got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+
+
+@dataclass
+class StepResult:
+    """Detached outputs of one student update: ``loss`` scalar, ``losses [N, 1+K]``, ``weights [N, 1+K]``."""
+
+    loss: Tensor
+    losses: Tensor
+    weights: Tensor
+
+
+class Trainer:
+    """Runs the step of DESIGN.md for any gate.
+
+    :param task: the task (splits are moved to ``device`` once)
+    :param student: the student network
+    :param gate: the gate deciding ``W``
+    :param bank: cached teacher logits for the training units (``None`` for ``ce``)
+    :param config: :class:`TrainConfig`
+    :param logger: TensorBoard logger (or ``None``)
+    :param run_dir: where checkpoints go (or ``None``)
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        student: nn.Module,
+        gate: Gate,
+        bank: TeacherBank | None,
+        config: TrainConfig,
+        logger: Logger | None = None,
+        run_dir: str | Path | None = None,
+        identity: dict[str, Any] | None = None,
+    ) -> None:
+        self.task, self.gate, self.config = task, gate, config
+        self.device = resolve_device(config.device)
+        self.student = student.to(self.device)
+        self.logger = logger or Logger(None)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.identity = identity or {}
+        if gate.uses_teachers and bank is None:
+            raise ConfigError(f"gate {gate.name!r} needs teachers; pass --teachers K >= 1")
+        self.bank = bank.to(self.device) if (bank is not None and gate.uses_teachers) else None
+        if self.bank is not None:
+            if self.bank.num_units != len(task.train):
+                raise InputError(f"teacher bank covers {self.bank.num_units} units, training split has "
+                                 f"{len(task.train)}")
+            if self.bank.num_classes != task.num_classes:
+                raise InputError(f"class-count mismatch: teachers output {self.bank.num_classes} classes, "
+                                 f"task {task.name!r} has {task.num_classes}")
+        with torch.no_grad():
+            out = self.student(task.train.x[:2].to(self.device))
+        if out.shape[-1] != task.num_classes:
+            raise InputError(f"class-count mismatch: student outputs {out.shape[-1]} classes, "
+                             f"task {task.name!r} has {task.num_classes}")
+        self.train_x = task.train.x.to(self.device)
+        self.train_y = task.train.y.to(self.device)
+        params = list(self.student.parameters())
+        if config.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(task.train) / config.batch_size)
+        self.total_steps = max(1, self.steps_per_epoch * config.epochs)
+        self.step, self.epoch = 0, 0
+        k = self.num_teachers
+        self.unit_weights = torch.zeros(len(task.train), 1 + k, device=self.device)
+        self._reset_stats()
+        self.history: list[dict[str, float]] = []
+        gate.setup(self)
+        self._trusted = bool(getattr(gate, "trusted_weights", False))
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def num_teachers(self) -> int:
+        return 0 if self.bank is None else self.bank.num_teachers
+
+    @property
+    def lr(self) -> float:
+        """The student's current learning rate (the meta look-ahead's step size)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.total_steps)
+
+    def _lr_at(self, step: int) -> float:
+        if self.config.schedule == "constant":
+            return self.config.lr
+        return 0.5 * self.config.lr * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+    # -- the step --------------------------------------------------------------------------------
+    def make_view(self, batch: Batch, student_logits: Tensor) -> UnitView:
+        """The gate's view of ``batch`` (teacher logits looked up by unit id)."""
+        t = self.bank.lookup(batch.ids) if self.bank is not None else None
+        n = student_logits.shape[0]
+        mask = batch.mask.reshape(-1) if batch.mask is not None else _ones(n, student_logits.device)
+        return UnitView(student_logits, t, batch.y.reshape(-1), mask, batch.ids, (n, 1), self.progress)
+
+    def train_step(self, batch: Batch, decision: GateOutput | None = None) -> StepResult:
+        """One student update on ``batch``.
+
+        :param batch: training units (ids index the training split)
+        :param decision: weights chosen by an outside driver; ``None`` asks the gate
+        """
+        student = self.student
+        student.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr_at(self.step)
+        logits = student(batch.x)
+        view = self.make_view(batch, logits)
+        ctx = StepContext(self, batch, view, self.step)
+        if decision is None:
+            self.gate.before_step(ctx)
+            out = self.gate.weights(view)
+            trusted = self._trusted
+        else:
+            out, trusted = decision, False
+        w = out.weights.detach()  # the real step never sends gradient into the gate
+        if w.shape != (view.num_units, 1 + self.num_teachers):
+            raise InputError(f"gate weights have shape {tuple(w.shape)}, expected "
+                             f"{(view.num_units, 1 + self.num_teachers)} (units, 1 + teachers)")
+        if not trusted:
+            check_weights(w)
+        tau = out.tau.detach() if torch.is_tensor(out.tau) else out.tau
+        losses = unit_losses(logits, view.teacher_logits, view.labels, tau)
+        loss = reduce_weighted(losses, w, view.mask)
+        if not torch.isfinite(loss):
+            self._diagnose_nonfinite(logits, view, w)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        losses = losses.detach()
+        ctx.output, ctx.losses = out, losses
+        self.gate.after_step(ctx)
+        self._stat_losses += losses.sum(0)
+        self._stat_weights += w.sum(0)
+        self._stat_n += losses.shape[0]
+        if batch.ids is not None and w.shape[0] == batch.ids.shape[0]:
+            self.unit_weights[batch.ids] = w
+        self.step += 1
+        return StepResult(loss.detach(), losses, w)
+
+    def _diagnose_nonfinite(self, logits: Tensor, view: UnitView, w: Tensor) -> None:
+        check_finite("student logits", logits)
+        if view.teacher_logits is not None:
+            check_finite("teacher logits", view.teacher_logits)
+        check_weights(w)
+        raise InputError("the weighted loss is NaN/inf although logits and weights are finite "
+                         "(learning rate too high?)")
+
+    # -- epochs ----------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        """The training batches of ``epoch`` in an order fixed by (seed, epoch)."""
+        g = torch.Generator().manual_seed(1_000_003 * self.config.seed + epoch)
+        order = torch.randperm(len(self.task.train), generator=g).to(self.device)
+        bs = self.config.batch_size
+        for i in range(0, order.numel(), bs):
+            idx = order[i : i + bs]
+            yield Batch(self.train_x[idx], self.train_y[idx], idx)
+
+    def run_epoch(self, bar: Any = None) -> dict[str, float]:
+        """Train one epoch; return the mean of each loss column and weight column."""
+        self._reset_stats()
+        for batch in self.epoch_batches(self.epoch):
+            self.train_step(batch)
+            if bar is not None:
+                bar.update(1)
+        self.epoch += 1
+        n = max(self._stat_n, 1)
+        k = self.num_teachers
+        names = ["label"] + [f"teacher{j}" for j in range(k)]
+        lw = (self._stat_losses / n).tolist()
+        ww = (self._stat_weights / n).tolist()
+        stats = {f"loss_{nm}": v for nm, v in zip(names, lw)}
+        stats.update({f"weight_{nm}": v for nm, v in zip(names, ww)})
+        stats["loss"] = float(sum(a * b for a, b in zip(lw, ww)))  # approximate weighted mean
+        return stats
+
+    def _reset_stats(self) -> None:
+        k = self.num_teachers
+        self._stat_losses = torch.zeros(1 + k, device=self.device)
+        self._stat_weights = torch.zeros(1 + k, device=self.device)
+        self._stat_n = 0
+
+    @torch.no_grad()
+    def predict(self, split: Split, batch_size: int = 2048) -> Tensor:
+        """Student logits ``[N, C]`` on a split (eval mode, CPU result)."""
+        self.student.eval()
+        outs = [self.student(split.x[i : i + batch_size].to(self.device)).float().cpu()
+                for i in range(0, len(split), batch_size)]
+        return torch.cat(outs)
+
+    def evaluate(self, split_name: str) -> dict[str, float]:
+        """Accuracy, NLL, ECE, MCE, Brier on ``train|meta|select|test``."""
+        split: Split = getattr(self.task, split_name)
+        return classification_metrics(self.predict(split), split.y)
+
+    def fit(self, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train to ``config.epochs`` (continuing from a loaded checkpoint), log, checkpoint.
+
+        :return: final metrics ``test/acc, test/nll, ...`` plus gate diagnostics
+        """
+        from tqdm.auto import tqdm
+
+        remaining = (self.config.epochs - self.epoch) * self.steps_per_epoch
+        bar = tqdm(total=remaining, desc=f"{self.gate.name}", unit="step", leave=False,
+                   disable=not self.config.progress, dynamic_ncols=True)
+        try:
+            while self.epoch < self.config.epochs:
+                stats = self.run_epoch(bar)
+                record = {f"train/{k}": v for k, v in stats.items()}
+                record.update({f"select/{k}": v for k, v in self.evaluate("select").items()})
+                if self.config.eval_test_every_epoch or self.epoch == self.config.epochs:
+                    record.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
+                record.update(self.weight_diagnostics())
+                self.history.append(record)
+                self._log_epoch(record)
+                bar.set_postfix(acc=f"{record.get('test/acc', float('nan')):.3f}")
+                if on_epoch_end is not None:
+                    on_epoch_end(self, record)
+                if self.run_dir is not None:
+                    self.save_checkpoint(self.run_dir / "checkpoint.pt")
+        finally:
+            bar.close()
+        return self.final_metrics()
+
+    def final_metrics(self) -> dict[str, float]:
+        out = {f"test/{k}": v for k, v in self.evaluate("test").items()}
+        out.update({f"select/{k}": v for k, v in self.evaluate("select").items()})
+        out.update(self.weight_diagnostics())
+        return out
+
+    def weight_diagnostics(self) -> dict[str, float]:
+        """Gate diagnostics over the weights last used for every training unit."""
+        if self.step == 0:
+            return {}
+        return gate_diagnostics(self.unit_weights, self.task.corrupted.to(self.device))
+
+    def _log_epoch(self, record: dict[str, float]) -> None:
+        lg = self.logger
+        if not lg.enabled:
+            return
+        for tag, v in record.items():
+            lg.scalar(tag, v, self.step)
+        w = self.unit_weights
+        total = w.sum(1).clamp_min(1e-12)
+        corrupted = self.task.corrupted.to(self.device)
+        cols = ["label"] + [f"teacher{j}" for j in range(self.num_teachers)]
+        for j, name in enumerate(cols):
+            lg.histogram(f"weights/{name}", w[:, j], self.step)
+            if corrupted.any():
+                lg.histogram(f"weights_corrupted/{name}", w[corrupted, j], self.step)
+                lg.histogram(f"weights_clean/{name}", w[~corrupted, j], self.step)
+        if self.num_teachers:
+            share = w[:, 1:].sum(1) / total
+            lg.histogram("weights/teacher_share", share, self.step)
+            if corrupted.any():
+                lg.histogram("weights_corrupted/teacher_share", share[corrupted], self.step)
+                lg.histogram("weights_clean/teacher_share", share[~corrupted], self.step)
+        self.gate.log(lg, self.step)
+        lg.flush()
+
+    def log_final(self, metrics: dict[str, float], hparams: dict[str, Any]) -> None:
+        """Reliability diagram (test) and the HPARAMS entry."""
+        if not self.logger.enabled:
+            return
+        logits = self.predict(self.task.test)
+        fig = reliability_figure(torch.softmax(logits.double(), -1), self.task.test.y, title="test")
+        self.logger.figure("test/reliability", fig, self.step)
+        keep = {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float) and v == v}
+        self.logger.hparams(hparams, keep)
+        self.logger.flush()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "numpy_pos": int(np_state[2]),
+            "python": list(random.getstate()[1]),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": CHECKPOINT_VERSION,
+            "identity": self.identity,
+            "config": asdict(self.config),
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "gate": self.gate.state_dict(),
+            "rng": rng,
+            "epoch": self.epoch,
+            "step": self.step,
+            "unit_weights": self.unit_weights.cpu(),
+        }
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Atomically write student, optimizer, gate, RNG states and counters."""
+        atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``)."""
+        state = safe_load(path)
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint {path} is not a metagate v{CHECKPOINT_VERSION} checkpoint")
+        diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items()
+                if state["identity"].get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint {path} is incompatible with this run ({detail})")
+        try:
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.gate.load_state_dict(state["gate"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this student/gate: {e}") from e
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+        random.setstate((3, tuple(rng["python"]), None))
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.unit_weights.copy_(state["unit_weights"].to(self.device))
+
+
+_ONES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> Tensor:
+    key = (n, device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(n, device=device)
+    return t
