@@ -1,0 +1,383 @@
+"""The ``meta`` gate: per-unit loss mixing learned by a one-step look-ahead (ALM-KD / AMAL,
+L2RW, Meta-Weight-Net).
+
+Before the real step, the gate takes a virtual SGD step of the student on the ``W``-weighted
+loss of the training batch (at the student's current learning rate), measures the clean CE
+of a ``meta``-split batch at the virtual parameters, and moves its own parameters against
+the hypergradient. The real step then uses the updated ``W`` (detached by the trainer).
+
+The gate's parameters (:mod:`.params`) have their own optimizer (plain SGD for the table, as
+AMAL; Adam for the net); the student's ``.grad`` is never touched by the meta step (only
+``torch.autograd.grad`` is used) and the trainer detaches ``W`` for the real step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagate.errors import ConfigError
+from metagate.features import NUM_FEATURES, unit_features
+from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.meta.lookahead import (
+    check_feature_protocol,
+    closed_form_val_logits,
+    features_and_logits,
+    forward_features,
+    func_lookahead_loss,
+    higher_lookahead_loss,
+    logit_gradients,
+    resolve_names,
+)
+from metagate.gates.meta.params import WeightNet, WeightTable, expand_columns, init_row, normalize_weights
+from metagate.gates.meta.schedule import AMAL_PRESET, MetaSchedule
+from metagate.gates.registry import register
+from metagate.losses import unit_losses
+
+BACKENDS = ("func", "higher", "closed-form")
+DEFAULT_META_LR = {"table": 1500.0, "net": 1e-3}
+
+
+@register("meta")
+class MetaGate(Gate):
+    """Bilevel per-unit weights over (label, teacher 1..K).
+
+    :param param: ``table`` (AMAL, per unit id) | ``net`` (Meta-Weight-Net over unit features)
+    :param backend: ``func`` | ``higher`` | ``closed-form``; ``None``: ``func``, or
+        ``closed-form`` under the ``amal`` schedule
+    :param columns: ``all`` (label and every teacher) | ``split`` (label vs one shared teacher weight)
+    :param transform: table only: ``clamp`` (AMAL) | ``sigmoid`` | ``softmax``
+    :param lookahead: parameters of the virtual step: ``all`` | ``last`` (the head) | name prefixes
+    :param meta_every: steps between look-aheads (``every`` schedule)
+    :param meta_lr: meta learning rate; ``None``: 1500 (table, plain SGD as AMAL) or 1e-3 (net, Adam)
+    :param schedule: ``every`` | ``amal`` (see :mod:`.schedule`)
+    :param tau: KD temperature
+    :param init_label: initial label weight (AMAL 0.1)
+    :param init_teacher: initial weight of each teacher column (AMAL 0.9)
+    :param normalize: ``none`` (AMAL) | ``unit`` | ``column`` (see :func:`.params.normalize_weights`)
+    :param val_batch: validation batch size (0: the training batch size; 1000 under ``amal``)
+    :param hidden: width of the net
+    :param inner_iters: meta updates per look-ahead (``None``: 1, or 5 under ``amal``)
+    :param fit: ``amal``: mini-batches per group
+    :param reuse_forward: ``func``: reuse the real step's forward of the training batch
+    """
+
+    def __init__(
+        self,
+        param: str = "table",
+        backend: str | None = None,
+        columns: str = "all",
+        transform: str = "clamp",
+        lookahead: str = "all",
+        meta_every: int = 1,
+        meta_lr: float | None = None,
+        schedule: str = "every",
+        tau: float = 4.0,
+        init_label: float = 0.1,
+        init_teacher: float = 0.9,
+        normalize: str = "none",
+        val_batch: int = 0,
+        hidden: int = 32,
+        inner_iters: int | None = None,
+        fit: int = AMAL_PRESET["fit"],  # type: ignore[assignment]
+        reuse_forward: bool = True,
+    ) -> None:
+        amal = schedule == "amal"
+        backend = backend or ("closed-form" if amal else "func")
+        if param not in ("table", "net"):
+            raise ConfigError(f"--meta-param must be table or net, got {param!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"--meta-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if amal and backend != "closed-form":
+            raise ConfigError("--meta-schedule amal uses the closed-form backend (AMAL's look-ahead); "
+                              f"drop --meta-backend {backend}")
+        if columns not in ("all", "split"):
+            raise ConfigError(f"--meta-columns must be all or split, got {columns!r}")
+        if normalize not in ("none", "unit", "column"):
+            raise ConfigError(f"--meta-normalize must be none, unit or column, got {normalize!r}")
+        if not tau > 0:
+            raise ConfigError(f"--meta-tau must be > 0, got {tau}")
+        self.meta_lr = float(meta_lr if meta_lr is not None else (AMAL_PRESET["meta_lr"] if amal
+                                                                   else DEFAULT_META_LR[param]))
+        if not self.meta_lr > 0:
+            raise ConfigError(f"--meta-lr must be > 0, got {self.meta_lr}")
+        self.inner_iters = int(inner_iters if inner_iters is not None else (AMAL_PRESET["inner_iters"] if amal
+                                                                            else 1))
+        if self.inner_iters < 1 or fit < 1 or val_batch < 0 or hidden < 1:
+            raise ConfigError("--meta-inner-iters, --meta-fit and --meta-hidden must be >= 1, "
+                              "--meta-val-batch >= 0")
+        if backend == "closed-form" and lookahead not in ("all", "last"):
+            raise ConfigError("the closed-form backend always looks ahead over the last layer; "
+                              "drop --meta-lookahead")
+        self.param_kind, self.backend, self.columns, self.transform = param, backend, columns, transform
+        self.lookahead = "last" if backend == "closed-form" else lookahead
+        self.schedule = MetaSchedule(schedule, meta_every)
+        self.tau, self.init_label, self.init_teacher = float(tau), float(init_label), float(init_teacher)
+        self.normalize, self.val_batch, self.hidden = normalize, int(val_batch), int(hidden)
+        self.fit, self.reuse_forward = int(fit), bool(reuse_forward)
+        self.param: nn.Module | None = None
+        self._feat: Tensor | None = None
+        self._last_pass_epoch = -1
+        self.updates = 0
+        self._log_loss, self._log_norm, self._log_n = 0.0, 0.0, 0
+        self.last_meta_loss = float("nan")
+        self.last_hypergrad_norm = float("nan")
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, trainer: Any) -> None:
+        self.trainer = trainer
+        k = trainer.num_teachers
+        if k < 1:
+            raise ConfigError("the meta gate needs at least one teacher (--teachers K >= 1)")
+        student = trainer.student
+        self.dtype = next(student.parameters()).dtype
+        self.num_teachers = k
+        self.target_row = init_row(k, self.init_label, self.init_teacher)
+        init = self.target_row[:2] if self.columns == "split" else self.target_row
+        if self.param_kind == "table":
+            self.param = WeightTable(len(trainer.task.train), init, self.transform)
+        else:
+            self.param = WeightNet(NUM_FEATURES, init, self.columns, self.hidden)
+        self.param.to(device=trainer.device, dtype=self.dtype)
+        params = list(self.param.parameters())
+        self.optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=self.meta_lr) if self.param_kind == "table"
+                                                 else torch.optim.Adam(params, lr=self.meta_lr))
+        self.names = resolve_names(student, self.lookahead)
+        meta = trainer.task.meta
+        self.meta_x, self.meta_y = meta.x.to(trainer.device, self.dtype), meta.y.to(trainer.device)
+        self._gen = torch.Generator().manual_seed(7919 + int(trainer.config.seed))
+        self._order: Tensor = torch.empty(0, dtype=torch.long)
+        vb = self.val_batch or (1000 if self.schedule.kind == "amal" else trainer.config.batch_size)
+        self._vb = min(vb, len(meta))
+        if self.backend == "closed-form":
+            check_feature_protocol(student)
+            student.head.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self._feat = inputs[0].detach()
+
+    def _next_val(self) -> tuple[Tensor, Tensor]:
+        """The next ``meta``-split batch (reshuffled each pass, seeded); never ``select``."""
+        if self._order.numel() < self._vb:
+            self._order = torch.randperm(len(self.meta_y), generator=self._gen)
+        idx, self._order = self._order[: self._vb], self._order[self._vb:]
+        idx = idx.to(self.meta_y.device)
+        return self.meta_x[idx], self.meta_y[idx]
+
+    # -- weights ---------------------------------------------------------------------------------
+    def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                     progress: float, mask: Tensor | None = None) -> Tensor:
+        """``W [N, 1+K]`` with a graph to the gate's parameters."""
+        assert self.param is not None, "setup() first"
+        if self.param_kind == "table":
+            if ids is None:
+                raise ConfigError("the meta table needs unit ids; use --meta-param net for batches without ids")
+            raw = self.param(ids)
+        else:
+            feats = unit_features(student_logits, teacher_logits, labels, progress).to(self.dtype)
+            raw = self.param(feats)
+        w = expand_columns(raw, self.num_teachers, self.columns)
+        return normalize_weights(w, self.normalize, self.target_row, mask)
+
+    def _view_weights(self, view: UnitView) -> Tensor:
+        if view.teacher_logits is None:
+            raise ConfigError("the meta gate needs teacher logits")
+        return self.live_weights(view.ids, view.student_logits, view.teacher_logits, view.labels, view.progress,
+                                 view.mask)
+
+    def weights(self, view: UnitView) -> GateOutput:
+        with torch.no_grad():
+            w = self._view_weights(view)
+        return GateOutput(w, self.tau)
+
+    # -- meta updates ----------------------------------------------------------------------------
+    def before_step(self, ctx: StepContext) -> None:
+        tr = ctx.trainer
+        epoch, in_epoch = ctx.step // tr.steps_per_epoch, ctx.step % tr.steps_per_epoch
+        if self.schedule.full_pass(epoch, in_epoch) and epoch != self._last_pass_epoch:
+            self._last_pass_epoch = epoch
+            self.amal_pass(tr)
+        if self.schedule.per_step(ctx.step):
+            self.meta_step(ctx.view, ctx.batch.x, tr.lr)
+
+    def meta_step(self, view: UnitView, x: Tensor, lr: float) -> None:
+        """Look-ahead(s) on one training batch and updates of the gate's parameters.
+
+        :param view: the batch's view; ``view.student_logits`` from the real forward
+        :param x: the batch's inputs ``[N, ...]`` (forwarded again unless the forward is reused)
+        :param lr: virtual step size
+        """
+        student = self.trainer.student
+        t, y, mask = view.teacher_logits, view.labels, view.mask
+
+        def loss_fn(z: Tensor) -> Tensor:
+            return unit_losses(z, t, y, self.tau)
+
+        xv, yv = self._next_val()
+        if self.backend == "closed-form":
+            feat = self._feat
+            if feat is None or feat.shape[0] != view.num_units:
+                raise ConfigError("closed-form meta step: no penultimate features of this batch were captured "
+                                  "(call it right after the student's forward)")
+            g = logit_gradients(view.student_logits, loss_fn)
+            h = feat.detach()
+            hv, zv = features_and_logits(student, xv)
+            m = mask.to(self.dtype)
+            scale = m / m.sum().clamp_min(1)
+            for _ in range(self.inner_iters):
+                w = self._view_weights(view)
+                val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, lr, scale), yv)
+                self._apply(val, retain_graph=False)
+            return
+        reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
+        for _ in range(self.inner_iters):
+            w = self._view_weights(view)
+            if self.backend == "func":
+                val = func_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask,
+                                          train_logits=view.student_logits if reuse else None)
+            else:
+                val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask)
+            self._apply(val, retain_graph=reuse)
+
+    def hypergradients(self, val: Tensor, retain_graph: bool = False) -> list[Tensor]:
+        """``d val / d (gate parameters)`` (zeros for unused ones)."""
+        assert self.param is not None
+        params = list(self.param.parameters())
+        grads = torch.autograd.grad(val, params, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _apply(self, val: Tensor, retain_graph: bool) -> None:
+        assert self.param is not None
+        grads = self.hypergradients(val, retain_graph)
+        for p, g in zip(self.param.parameters(), grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.param, WeightTable):
+            self.param.project()
+        self.updates += 1
+        self.last_meta_loss = float(val.detach())
+        self.last_hypergrad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+        self._log_loss += self.last_meta_loss
+        self._log_norm += self.last_hypergrad_norm
+        self._log_n += 1
+
+    def amal_pass(self, trainer: Any) -> None:
+        """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`.schedule`)."""
+        student, bank = trainer.student, trainer.bank
+        bs, n = trainer.config.batch_size, len(trainer.task.train)
+        was_training = student.training
+        student.eval()
+        try:
+            for start in range(0, n, bs * self.fit):
+                parts: list[tuple[Tensor, ...]] = []
+                for b0 in range(start, min(start + bs * self.fit, n), bs):
+                    ids = torch.arange(b0, min(b0 + bs, n), device=trainer.device)
+                    with torch.no_grad():
+                        h, z = forward_features(student, trainer.train_x[ids])
+                    t, y = bank.lookup(ids), trainer.train_y[ids]
+                    g = logit_gradients(z, lambda zz, t=t, y=y: unit_losses(zz, t, y, self.tau))
+                    scale = torch.full((ids.numel(),), 1.0 / ids.numel(), device=z.device, dtype=z.dtype)
+                    parts.append((ids, h, z, t, y, g, scale))
+                ids, h, z, t, y, g, scale = (torch.cat(c) for c in zip(*parts))
+                xv, yv = self._next_val()
+                with torch.no_grad():
+                    hv, zv = forward_features(student, xv)
+                for _ in range(self.inner_iters):
+                    w = self.live_weights(ids, z, t, y, trainer.progress)
+                    val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, trainer.lr, scale), yv)
+                    self._apply(val, retain_graph=False)
+        finally:
+            student.train(was_training)
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.param is None else list(self.param.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.param is not None
+        return {"param": self.param.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "updates": self.updates, "last_pass_epoch": self._last_pass_epoch,
+                "val_rng": self._gen.get_state(), "val_order": self._order}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.param is not None
+        self.param.load_state_dict(state["param"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates, self._last_pass_epoch = int(state["updates"]), int(state["last_pass_epoch"])
+        self._gen.set_state(state["val_rng"])
+        self._order = state["val_order"]
+
+    def hparams(self) -> dict[str, Any]:
+        return {"meta_param": self.param_kind, "meta_backend": self.backend, "meta_columns": self.columns,
+                "meta_transform": self.transform, "meta_lookahead": self.lookahead,
+                "meta_every": self.schedule.every, "meta_schedule": self.schedule.kind, "meta_lr": self.meta_lr,
+                "meta_tau": self.tau, "meta_init_label": self.init_label, "meta_init_teacher": self.init_teacher,
+                "meta_normalize": self.normalize, "meta_val_batch": self.val_batch,
+                "meta_inner_iters": self.inner_iters, "meta_hidden": self.hidden}
+
+    def log(self, logger: Any, step: int) -> None:
+        if self._log_n:
+            logger.scalar("meta/loss", self._log_loss / self._log_n, step)
+            logger.scalar("meta/hypergrad_norm", self._log_norm / self._log_n, step)
+        logger.scalar("meta/updates", float(self.updates), step)
+        if isinstance(self.param, WeightTable):
+            raw = self.param.raw.detach()
+            for j in range(raw.shape[1]):
+                logger.histogram(f"meta/table_raw/col{j}", raw[:, j], step)
+        self._log_loss, self._log_norm, self._log_n = 0.0, 0.0, 0
+
+    # -- command line ----------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("meta gate (ALM-KD / AMAL, Meta-Weight-Net)")
+        g.add_argument("--meta-param", choices=["table", "net"], default="table",
+                       help="meta: per-unit weight table (AMAL) or a net over unit features (default: table)")
+        g.add_argument("--meta-backend", choices=list(BACKENDS), default=None,
+                       help="meta: hypergradient backend (default: func; closed-form under --meta-schedule amal)")
+        g.add_argument("--meta-columns", choices=["all", "split"], default="all",
+                       help="meta: learn every column, or only the label/KD split (default: all)")
+        g.add_argument("--meta-transform", choices=["clamp", "sigmoid", "softmax"], default="clamp",
+                       help="meta table: clamp to [1e-7, 2) as AMAL, 2*sigmoid, or softmax over columns "
+                            "(default: clamp)")
+        g.add_argument("--meta-lookahead", default="all",
+                       help="meta: parameters of the virtual step: all, last (the head) or comma-separated "
+                            "name prefixes (default: all)")
+        g.add_argument("--meta-every", type=int, default=1, help="meta: steps between look-aheads (default: 1)")
+        g.add_argument("--meta-lr", type=float, default=None,
+                       help="meta learning rate (default: 1500 for the table with plain SGD, as AMAL; "
+                            "1e-3 for the net with Adam)")
+        g.add_argument("--meta-schedule", choices=["every", "amal"], default="every",
+                       help="meta: a look-ahead every --meta-every steps, or AMAL's preset (full closed-form "
+                            "pass every 10 epochs from epoch 10, groups of 3 batches, 5 iterations, lr 1500) "
+                            "(default: every)")
+        g.add_argument("--meta-tau", type=float, default=4.0, help="meta: KD temperature (default: 4.0)")
+        g.add_argument("--meta-init-label", type=float, default=0.1,
+                       help="meta: initial label weight (default: 0.1, AMAL)")
+        g.add_argument("--meta-init-teacher", type=float, default=0.9,
+                       help="meta: initial weight of each teacher column (default: 0.9, AMAL)")
+        g.add_argument("--meta-normalize", choices=["none", "unit", "column"], default="none",
+                       help="meta: none (AMAL); unit: rows sum to the initial row sum; column: per batch, each "
+                            "column's mean is held at its initial value (default: none)")
+        g.add_argument("--meta-val-batch", type=int, default=0,
+                       help="meta: validation batch size from the meta split (default: 0 = the training batch "
+                            "size; 1000 under amal)")
+        g.add_argument("--meta-hidden", type=int, default=32, help="meta net: hidden width (default: 32)")
+        g.add_argument("--meta-inner-iters", type=int, default=None,
+                       help="meta: updates per look-ahead (default: 1; 5 under amal)")
+        g.add_argument("--meta-fit", type=int, default=3, help="meta amal: mini-batches per group (default: 3)")
+        g.add_argument("--meta-no-reuse", action="store_true",
+                       help="meta func: forward the training batch again instead of reusing the real forward")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MetaGate:
+        return cls(param=args.meta_param, backend=args.meta_backend, columns=args.meta_columns,
+                   transform=args.meta_transform, lookahead=args.meta_lookahead, meta_every=args.meta_every,
+                   meta_lr=args.meta_lr, schedule=args.meta_schedule, tau=args.meta_tau,
+                   init_label=args.meta_init_label, init_teacher=args.meta_init_teacher,
+                   normalize=args.meta_normalize, val_batch=args.meta_val_batch, hidden=args.meta_hidden,
+                   inner_iters=args.meta_inner_iters, fit=args.meta_fit, reuse_forward=not args.meta_no_reuse)

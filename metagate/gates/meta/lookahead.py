@@ -1,0 +1,233 @@
+"""One-step look-ahead hypergradients as pure functions (three backends).
+
+All backends compute the *outer* loss ``CE_val(theta')`` at the virtually updated student
+
+    theta' = theta - lr * grad_theta  reduce_weighted(loss_fn(student(x)), W, mask)
+
+as a scalar that is differentiable with respect to ``W`` (``[N, 1+K]``). The caller then
+differentiates it w.r.t. whatever parameterises ``W``. The step is plain SGD (no momentum,
+no weight decay), at the student's current learning rate.
+
+* :func:`func_lookahead_loss` -- ``torch.func.functional_call`` with ``create_graph``; the
+  look-ahead covers all parameters or a named subset (the rest held constant). It can reuse
+  the logits of the real step's forward (``train_logits``) so the training batch is not
+  forwarded twice.
+* :func:`higher_lookahead_loss` -- the same through ``higher.innerloop_ctx`` (reference).
+* :func:`closed_form_val_logits` -- AMAL's last-layer look-ahead in closed form: no
+  second-order graph, only per-unit logit gradients and penultimate features. It needs the
+  **feature protocol** of :mod:`metagate.models`: the student exposes ``features(x) -> [B, D]``
+  and ``head`` (an ``nn.Linear(D, C)``) with ``forward(x) == head(features(x))``.
+
+Neither backend moves the real student's parameters or buffers: parameters are detached
+copies, and batch-norm buffers are cloned (``func``) or snapshotted and restored
+(``higher``: :func:`frozen_buffers`; closed form: :func:`features_and_logits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metagate.errors import ConfigError
+from metagate.losses import reduce_weighted
+
+#: ``loss_fn(student_logits [N, C]) -> unit losses [N, 1+K]``
+LossFn = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def frozen_buffers(model: nn.Module) -> Iterator[None]:
+    """Run a block and then restore every buffer of ``model`` that it changed.
+
+    Only changed buffers are written back: batch-norm running statistics are saved for the
+    backward pass of the real step's forward, and an in-place write would invalidate it.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in saved:
+                if not torch.equal(b, s):
+                    b.copy_(s)
+
+
+def resolve_names(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Parameter names covered by the look-ahead.
+
+    :param spec: ``all``; ``last`` (the ``head`` of the feature protocol, or else the last two
+        parameter tensors); or prefixes, as a list or a comma-separated string (``"head,fc.1"``)
+    :return: names in ``model.named_parameters()`` order
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if isinstance(spec, str):
+        if spec == "all":
+            return names
+        if spec == "last":
+            head = [n for n in names if n.startswith("head.")]
+            return head or names[-2:]
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    chosen = [n for n in names if any(n == p or n.startswith(p.rstrip(".") + ".") for p in spec)]
+    if not chosen:
+        raise ConfigError(f"--meta-lookahead {','.join(spec)!r} matches no student parameter; "
+                          f"parameters are: {', '.join(names)}")
+    return chosen
+
+
+def func_lookahead_loss(
+    model: nn.Module,
+    weights: Tensor,
+    loss_fn: LossFn,
+    x: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    lr: float,
+    names: Sequence[str] | None = None,
+    mask: Tensor | None = None,
+    train_logits: Tensor | None = None,
+) -> Tensor:
+    """Validation CE after a virtual SGD step, via ``torch.func.functional_call``.
+
+    :param model: the student (its parameters and buffers are not modified)
+    :param weights: ``[N, 1+K]`` weights with a graph to what parameterises them
+    :param loss_fn: ``logits [N, C] -> unit losses [N, 1+K]``
+    :param x: ``[N, ...]`` training inputs (unused when ``train_logits`` is given)
+    :param val_x: ``[M, ...]`` clean validation inputs
+    :param val_y: ``[M]`` validation labels
+    :param lr: virtual step size (the student's current learning rate)
+    :param names: parameters stepped (``None`` = all); the others are held constant
+    :param mask: ``[N]`` unit mask or ``None``
+    :param train_logits: logits of ``x`` from the *real* forward at the current parameters
+        (still attached to the student's graph); reused instead of a second forward. The
+        caller must keep that graph alive (``retain_graph=True``) if it backpropagates it later.
+    :return: scalar mean CE on ``(val_x, val_y)`` at ``theta'``, differentiable w.r.t. ``weights``
+    """
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else list(names)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # BN stats of the virtual step
+    if train_logits is not None:
+        leaves = [named[n] for n in names]
+        logits = train_logits
+    else:
+        leaves = [named[n].detach().requires_grad_(True) for n in names]
+        state = {n: p.detach() for n, p in named.items()}
+        state.update(zip(names, leaves))
+        state.update(buffers)
+        logits = functional_call(model, state, (x,))
+    inner = reduce_weighted(loss_fn(logits), weights, mask)
+    grads = torch.autograd.grad(inner, leaves, create_graph=True, allow_unused=True)
+    state = {n: p.detach() for n, p in named.items()}
+    for n, p, g in zip(names, leaves, grads):
+        if g is not None:
+            state[n] = p.detach() - lr * g
+    state.update(buffers)
+    return F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
+
+
+def higher_lookahead_loss(
+    model: nn.Module,
+    weights: Tensor,
+    loss_fn: LossFn,
+    x: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    lr: float,
+    names: Sequence[str] | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The same look-ahead through ``higher.innerloop_ctx`` with an SGD inner optimizer.
+
+    Arguments as :func:`func_lookahead_loss` (no forward reuse). ``higher`` shares the real
+    module's buffers, so they are snapshotted and restored around the virtual step.
+    """
+    import higher
+
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else list(names)
+    opt = torch.optim.SGD([named[n] for n in names], lr=lr)
+    with frozen_buffers(model), higher.innerloop_ctx(model, opt, copy_initial_weights=True,
+                                                     track_higher_grads=True) as (fmodel, diffopt):
+        inner = reduce_weighted(loss_fn(fmodel(x)), weights, mask)
+        diffopt.step(inner)
+        return F.cross_entropy(fmodel(val_x), val_y)
+
+
+def logit_gradients(logits: Tensor, loss_fn: LossFn) -> Tensor:
+    """Per-unit gradient of every loss column w.r.t. the unit's own logits.
+
+    :param logits: ``[N, C]`` (detached inside)
+    :return: ``[N, J, C]`` with ``J = 1+K`` loss columns
+    """
+    z = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        losses = loss_fn(z)
+        cols = [torch.autograd.grad(losses[:, j].sum(), z, retain_graph=j + 1 < losses.shape[1])[0]
+                for j in range(losses.shape[1])]
+    return torch.stack(cols, 1)
+
+
+def closed_form_val_logits(
+    weights: Tensor,
+    logit_grads: Tensor,
+    features: Tensor,
+    val_features: Tensor,
+    val_logits: Tensor,
+    lr: float,
+    scale: Tensor | float,
+) -> Tensor:
+    """Validation logits after a virtual SGD step of the last linear layer only (AMAL).
+
+    With ``G_i = scale_i * sum_j w_ij g_ij`` (``g_ij`` the gradient of loss column ``j`` w.r.t.
+    unit ``i``'s logits), the head's gradient is ``dW = G^T H`` and ``db = sum_i G_i``, so
+
+        z_val' = z_val - lr * (H_val H^T + 1) G
+
+    :param weights: ``[N, J]`` (differentiable)
+    :param logit_grads: ``[N, J, C]`` from :func:`logit_gradients`
+    :param features: ``[N, D]`` penultimate features of the training units
+    :param val_features: ``[M, D]`` penultimate features of the validation batch
+    :param val_logits: ``[M, C]`` validation logits at the current parameters
+    :param lr: virtual step size
+    :param scale: ``[N]`` or scalar reduction factor of each unit (``mask_i / sum mask``)
+    :return: ``[M, C]`` shifted validation logits, differentiable w.r.t. ``weights``
+    """
+    s = scale.reshape(-1, 1) if torch.is_tensor(scale) else scale
+    g = (weights.unsqueeze(-1) * logit_grads).sum(1) * s  # [N, C]
+    kernel = val_features @ features.T + 1.0  # [M, N]
+    return val_logits - lr * (kernel @ g)
+
+
+def check_feature_protocol(model: nn.Module) -> None:
+    """Raise :class:`ConfigError` unless ``model`` has ``features(x)`` and a linear ``head``."""
+    if not (callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Linear)):
+        raise ConfigError(f"the closed-form meta backend needs a student with features(x) and a linear "
+                          f"`head` (see metagate.models); {type(model).__name__} has none")
+
+
+def forward_features(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(features(x), head(features(x)))`` of a feature-protocol model (moves BN stats in train mode)."""
+    check_feature_protocol(model)
+    h = model.features(x)  # type: ignore[operator]
+    return h, model.head(h)  # type: ignore[operator]
+
+
+def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Penultimate features ``[B, D]`` and logits ``[B, C]`` in the model's current mode, with
+    cloned buffers (``functional_call``): the real batch-norm statistics are neither moved nor
+    written, so a pending backward of the real step stays valid. No gradient is recorded."""
+    check_feature_protocol(model)
+    captured: list[Tensor] = []
+    handle = model.head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))  # type: ignore[union-attr]
+    try:
+        state = {n: p.detach() for n, p in model.named_parameters()}
+        state.update({n: b.clone() for n, b in model.named_buffers()})
+        with torch.no_grad():
+            z = functional_call(model, state, (x,))
+    finally:
+        handle.remove()
+    return captured[-1], z

@@ -1,0 +1,262 @@
+"""Meta gate: hypergradient backends agree, the virtual step is side-effect free, gradients stay apart."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from metagate.data.task import Batch, Split
+from metagate.errors import ConfigError
+from metagate.gates.meta import MetaGate
+from metagate.gates.meta.lookahead import (
+    closed_form_val_logits,
+    forward_features,
+    frozen_buffers,
+    func_lookahead_loss,
+    higher_lookahead_loss,
+    logit_gradients,
+    resolve_names,
+)
+from metagate.gates.meta.params import WeightNet, WeightTable, normalize_weights
+from metagate.losses import unit_losses
+from metagate.models import MLP
+from metagate.teachers import TeacherBank
+from metagate.trainer import TrainConfig, Trainer
+
+N, M, D, C, K = 12, 9, 5, 4, 2
+
+
+def _problem(batch_norm: bool, seed: int = 0, hidden: tuple[int, ...] = (7,)):
+    """A float64 MLP student, a training batch with teachers, a validation batch and weights."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MLP(D, hidden, C, batch_norm=batch_norm).double().train()
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    t = 2 * torch.randn(N, K, C, generator=g, dtype=torch.float64)
+    xv = torch.randn(M, D, generator=g, dtype=torch.float64)
+    yv = torch.randint(0, C, (M,), generator=g)
+    w = (0.2 + torch.rand(N, 1 + K, generator=g, dtype=torch.float64)).requires_grad_(True)
+    loss_fn = partial(_losses, t=t, y=y)
+    return model, x, xv, yv, w, loss_fn
+
+
+def _losses(z, t, y):
+    return unit_losses(z, t, y, 2.0)
+
+
+def _grad(val, w):
+    return torch.autograd.grad(val, w)[0]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model, before):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_func_matches_higher(batch_norm):
+    model, x, xv, yv, w, loss_fn = _problem(batch_norm)
+    before = _state(model)
+    vf = func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr=0.3)
+    gf = _grad(vf, w)
+    _assert_state_equal(model, before)
+    vh = higher_lookahead_loss(model, w, loss_fn, x, xv, yv, lr=0.3)
+    gh = _grad(vh, w)
+    _assert_state_equal(model, before)  # parameters and BN running stats untouched
+    torch.testing.assert_close(vf, vh, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gf, gh, atol=1e-5, rtol=0)
+    assert gf.abs().max() > 1e-4  # not trivially zero
+    # reusing the real forward's logits gives the same hypergradient
+    model_r = copy.deepcopy(model)
+    logits = model_r(x)
+    gr = _grad(func_lookahead_loss(model_r, w, loss_fn, x, xv, yv, 0.3, train_logits=logits), w)
+    torch.testing.assert_close(gr, gf, atol=1e-12, rtol=0)
+
+
+def test_func_subset_matches_higher_subset():
+    model, x, xv, yv, w, loss_fn = _problem(True)
+    names = resolve_names(model, "last")
+    assert names == ["head.weight", "head.bias"]
+    gf = _grad(func_lookahead_loss(model, w, loss_fn, x, xv, yv, 0.3, names), w)
+    gh = _grad(higher_lookahead_loss(model, w, loss_fn, x, xv, yv, 0.3, names), w)
+    torch.testing.assert_close(gf, gh, atol=1e-5, rtol=0)
+
+
+def test_func_matches_central_finite_differences():
+    model, x, xv, yv, w, loss_fn = _problem(False, seed=3, hidden=(3,))
+    g = _grad(func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr=0.5), w)
+    eps = 1e-6
+    fd = torch.zeros_like(w)
+    for i in range(N):
+        for j in range(1 + K):
+            e = torch.zeros_like(w)
+            e[i, j] = eps
+            lp = func_lookahead_loss(model, (w + e).detach(), loss_fn, x, xv, yv, 0.5).item()
+            lm = func_lookahead_loss(model, (w - e).detach(), loss_fn, x, xv, yv, 0.5).item()
+            fd[i, j] = (lp - lm) / (2 * eps)
+    torch.testing.assert_close(g, fd, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_closed_form_equals_func_on_last_layer(batch_norm):
+    model, x, xv, yv, w, loss_fn = _problem(batch_norm, seed=1)
+    lr = 0.4
+    vf = func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr, names=resolve_names(model, "last"))
+    with frozen_buffers(model):
+        h, z = forward_features(model, x)
+        with torch.no_grad():
+            hv, zv = forward_features(model, xv)
+    g = logit_gradients(z, loss_fn)
+    zv2 = closed_form_val_logits(w, g, h.detach(), hv, zv, lr, 1.0 / N)
+    vc = torch.nn.functional.cross_entropy(zv2, yv)
+    torch.testing.assert_close(vc, vf, atol=1e-10, rtol=0)
+    torch.testing.assert_close(_grad(vc, w), _grad(vf, w), atol=1e-10, rtol=0)
+
+
+def test_params_and_normalisation():
+    init = torch.tensor([0.1, 0.9, 0.9])
+    for tr in ("clamp", "sigmoid", "softmax"):
+        tab = WeightTable(5, init, tr)
+        torch.testing.assert_close(tab(torch.tensor([0, 3])), init.expand(2, 3))
+    tab = WeightTable(3, init, "clamp")
+    with torch.no_grad():
+        tab.raw.fill_(5.0)
+    tab.project()
+    assert tab.raw.max() < 2.0
+    net = WeightNet(11, init, "all")
+    out = net(torch.rand(4, 2, 11))
+    torch.testing.assert_close(out, init.expand(4, 3), atol=0.05, rtol=0)
+    w = torch.rand(6, 3) + 0.1
+    torch.testing.assert_close(normalize_weights(w, "column", init).mean(0), init)
+    torch.testing.assert_close(normalize_weights(w, "unit", init).sum(1), torch.full((6,), 1.9))
+    with pytest.raises(ConfigError):
+        WeightTable(3, torch.tensor([0.1, 2.5]), "clamp")
+    with pytest.raises(ConfigError):
+        MetaGate(schedule="amal", backend="func")
+
+
+# -- the gate inside the shared trainer ---------------------------------------------------------
+def _trainer(task, gate, arch="mlp-bn", dtype=torch.float32, k=2, seed=0):
+    if dtype != torch.float32:
+        task = dataclasses.replace(task, **{s: Split(getattr(task, s).x.to(dtype), getattr(task, s).y)
+                                            for s in ("train", "meta", "select", "test")})
+    torch.manual_seed(seed)
+    bank = TeacherBank(3 * torch.randn(len(task.train), k, task.num_classes), [f"t{j}" for j in range(k)])
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.1, device="cpu", progress=False, seed=seed)
+    student = task.make_student(arch).to(dtype)
+    return Trainer(task, student, gate, bank, cfg)
+
+
+def _batch(trainer, n=32):
+    ids = torch.arange(n) * 7 % len(trainer.task.train)
+    return Batch(trainer.train_x[ids], trainer.train_y[ids], ids)
+
+
+@pytest.mark.parametrize("backend,lookahead", [("func", "all"), ("func", "last"), ("higher", "all"),
+                                               ("closed-form", "last")])
+def test_meta_step_is_side_effect_free_and_grads_stay_apart(digits_noisy, backend, lookahead):
+    gate = MetaGate(backend=backend, lookahead=lookahead)
+    tr = _trainer(digits_noisy, gate)
+    batch = _batch(tr)
+    before = _state(tr.student)
+    table0 = gate.param.raw.detach().clone()
+    logits = tr.student(batch.x)  # the real forward (moves BN stats once, as the real step does)
+    after_forward = _state(tr.student)
+    assert any(not torch.equal(before[k], after_forward[k]) for k in before)  # BN stats moved by the forward
+    view = tr.make_view(batch, logits)
+    gate.meta_step(view, batch.x, tr.lr)
+    _assert_state_equal(tr.student, after_forward)  # the virtual step moved nothing
+    assert all(p.grad is None for p in tr.student.parameters())  # meta step never writes student .grad
+    assert not torch.equal(gate.param.raw, table0)  # the table learned
+    assert gate.last_hypergrad_norm > 0
+    # the real step never gives the gate a gradient
+    tr.train_step(batch)
+    assert all(p.grad is None for p in gate.parameters())
+    assert all(p.grad is not None for p in tr.student.parameters())
+
+
+def test_gate_backends_agree_inside_trainer(digits_noisy):
+    """One meta update of the table through func(last), higher(last-equivalent) and closed-form."""
+    tables = {}
+    for name, kw in {"func": {"backend": "func", "lookahead": "last"},
+                     "higher": {"backend": "higher", "lookahead": "last"},
+                     "closed": {"backend": "closed-form"},
+                     "func-noreuse": {"backend": "func", "lookahead": "last", "reuse_forward": False}}.items():
+        gate = MetaGate(meta_lr=1e3, **kw)
+        tr = _trainer(digits_noisy, gate, arch="mlp", dtype=torch.float64)
+        batch = _batch(tr)
+        with frozen_buffers(tr.student):
+            view = tr.make_view(batch, tr.student(batch.x))
+            gate.meta_step(view, batch.x, tr.lr)
+        tables[name] = gate.param.raw.detach()
+    for name in ("higher", "closed", "func-noreuse"):
+        torch.testing.assert_close(tables[name], tables["func"], atol=1e-5, rtol=0)
+
+
+def test_net_and_split_and_amal_pass(digits_noisy):
+    gate = MetaGate(param="net", columns="split", normalize="column")
+    tr = _trainer(digits_noisy, gate, k=3)
+    w0 = [p.detach().clone() for p in gate.parameters()]
+    res = tr.train_step(_batch(tr))
+    assert res.weights.shape == (32, 4)
+    torch.testing.assert_close(res.weights[:, 1], res.weights[:, 3])  # split: teachers share a weight
+    torch.testing.assert_close(res.weights.mean(0), torch.tensor([0.1, 0.9, 0.9, 0.9]))
+    assert any(not torch.equal(a, b) for a, b in zip(w0, gate.parameters()))
+
+    gate = MetaGate(schedule="amal", val_batch=64)
+    tr = _trainer(digits_noisy, gate, arch="mlp-bn")
+    before = _state(tr.student)
+    gate.amal_pass(tr)
+    _assert_state_equal(tr.student, before)
+    assert tr.student.training
+    n, bs = len(digits_noisy.train), 32
+    assert gate.updates == 5 * -(-n // (3 * bs))  # 5 iterations per group of 3 batches
+    assert (gate.param.raw.detach() != torch.tensor([0.1, 0.9, 0.9])).any(1).float().mean() > 0.9
+
+
+def test_meta_distill_cli_end_to_end(tmp_path, capsys):
+    from metagate.cli import main
+
+    rc = main(["distill", "--task", "digits", "--noise", "0.4", "--teachers", "1", "--gate", "meta",
+               "--meta-lookahead", "last", "--epochs", "2", "--device", "cpu", "--no-progress",
+               "--logdir", str(tmp_path / "run")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test/acc" in out and "diag/auroc_teacher_share" in out
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    help_text = _help()
+    for flag in ("--meta-param", "--meta-backend", "--meta-every", "--meta-lr", "--meta-schedule"):
+        assert flag in help_text
+
+
+def _help() -> str:
+    from metagate.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sub.choices["distill"].format_help()
+
+
+def test_nn_module_without_feature_protocol_is_refused(digits_noisy):
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.lin(x.flatten(1))
+
+    gate = MetaGate(backend="closed-form")
+    bank = TeacherBank(torch.randn(len(digits_noisy.train), 1, 10), ["t"])
+    with pytest.raises(ConfigError, match="feature"):
+        Trainer(digits_noisy, Plain(), gate, bank, TrainConfig(device="cpu", progress=False))
