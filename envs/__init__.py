@@ -1,1 +1,13 @@
-"""Gymnasium environments that wrap the shared student loop (installed as metagate.envs)."""
+"""Gymnasium environments that wrap the shared student loop (installed as metagate.envs).
+
+Importing this package (``import metagate`` does) registers ``metagate/TeacherWeighting-v0``.
+"""
+
+from gymnasium.envs.registration import register, registry
+from metagate.envs.teacher_weighting import TeacherWeightingEnv
+
+ENV_ID = "metagate/TeacherWeighting-v0"
+if ENV_ID not in registry:
+    register(id=ENV_ID, entry_point="metagate.envs.teacher_weighting:TeacherWeightingEnv")
+
+__all__ = ["ENV_ID", "TeacherWeightingEnv"]

@@ -7,3 +7,5 @@ from metagate.trainer import TrainConfig, Trainer
 __version__ = "0.1.0"
 __all__ = ["GATES", "Gate", "GateOutput", "StepContext", "UnitView", "Trainer", "TrainConfig", "unit_losses",
            "reduce_weighted", "__version__"]
+
+import metagate.envs  # noqa: E402,F401  (registers metagate/TeacherWeighting-v0 with gymnasium)

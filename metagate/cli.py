@@ -128,6 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import metagate.train_policy  # noqa: F401  (registers `train-policy` in COMMANDS)
     parser = argparse.ArgumentParser(prog="metagate", description="Learned gates for knowledge distillation.",
                                      formatter_class=F)
     sub = parser.add_subparsers(dest="command", required=True)

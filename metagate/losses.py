@@ -27,7 +27,12 @@ def ce_per_unit(student_logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(student_logits, labels, reduction="none")
 
 
-def kd_per_unit(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | float = 1.0) -> Tensor:
+def kd_per_unit(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    tau: Tensor | float = 1.0,
+    teacher_log_probs: Tensor | None = None,
+) -> Tensor:
     """``tau**2 * KL(softmax(t/tau) || softmax(s/tau))`` for every unit and teacher.
 
     The teacher distribution is the *target*, the student's log-probabilities the
@@ -36,6 +41,8 @@ def kd_per_unit(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | fl
     :param student_logits: ``[N, C]``
     :param teacher_logits: ``[N, K, C]``
     :param tau: scalar or ``[N]`` per-unit temperature
+    :param teacher_log_probs: optional precomputed ``log_softmax(teacher_logits / tau)`` ``[N, K, C]``
+        (the teacher bank caches it per temperature)
     :return: ``[N, K]``
     """
     if not torch.is_tensor(tau):
@@ -46,7 +53,10 @@ def kd_per_unit(student_logits: Tensor, teacher_logits: Tensor, tau: Tensor | fl
         tau_s = tau_u.reshape(-1, 1)
         tau_t = tau_u.reshape(-1, 1, 1)
     log_q = F.log_softmax(student_logits / tau_s, dim=-1).unsqueeze(1)  # [N, 1, C]
-    log_p = F.log_softmax(teacher_logits / tau_t, dim=-1)  # [N, K, C]
+    if teacher_log_probs is None:
+        assert teacher_logits is not None
+        teacher_log_probs = F.log_softmax(teacher_logits / tau_t, dim=-1)
+    log_p = teacher_log_probs  # [N, K, C]
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, K]
     scale = tau_u.reshape(-1, 1) ** 2 if tau_u.ndim else tau_u**2
     return kl * scale
@@ -57,6 +67,7 @@ def unit_losses(
     teacher_logits: Tensor | None,
     labels: Tensor,
     tau: Tensor | float = 1.0,
+    teacher_log_probs: Tensor | None = None,
 ) -> Tensor:
     """All loss columns of DESIGN.md: ``[N, 1+K]``, column 0 = CE to the label.
 
@@ -64,11 +75,12 @@ def unit_losses(
     :param teacher_logits: ``[N, K, C]`` or ``None`` (then ``K = 0``)
     :param labels: ``[N]``
     :param tau: scalar or ``[N]``
+    :param teacher_log_probs: optional precomputed teacher log-probabilities at ``tau``
     """
     ce = ce_per_unit(student_logits, labels).unsqueeze(1)
-    if teacher_logits is None or teacher_logits.shape[1] == 0:
+    if teacher_log_probs is None and (teacher_logits is None or teacher_logits.shape[1] == 0):
         return ce
-    return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau)], dim=1)
+    return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs)], dim=1)
 
 
 def check_weights(weights: Tensor) -> None:

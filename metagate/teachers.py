@@ -46,6 +46,7 @@ class TeacherBank:
             raise ValueError(f"teacher logits must be [N, K, C], got {tuple(logits.shape)}")
         check_finite("teacher logits", logits)
         self.logits, self.names = logits, list(names)
+        self._log_probs: dict[float, Tensor] = {}
 
     @property
     def num_units(self) -> int:
@@ -62,6 +63,13 @@ class TeacherBank:
     def lookup(self, ids: Tensor) -> Tensor:
         """``[B, K, C]`` logits of units ``ids``."""
         return self.logits[ids]
+
+    def log_probs(self, tau: float) -> Tensor:
+        """``[N, K, C]`` ``log_softmax(logits / tau)``, computed once per temperature."""
+        lp = self._log_probs.get(float(tau))
+        if lp is None:
+            lp = self._log_probs[float(tau)] = torch.log_softmax(self.logits / float(tau), -1)
+        return lp
 
     def to(self, device: torch.device | str) -> TeacherBank:
         return TeacherBank(self.logits.to(device), self.names) if self.logits.device != torch.device(device) \

@@ -178,10 +178,22 @@ class Trainer:
     # -- the step --------------------------------------------------------------------------------
     def make_view(self, batch: Batch, student_logits: Tensor) -> UnitView:
         """The gate's view of ``batch`` (teacher logits looked up by unit id)."""
-        t = self.bank.lookup(batch.ids) if self.bank is not None else None
+        bank, ids = self.bank, batch.ids
+        t = bank.lookup(ids) if bank is not None else None
         n = student_logits.shape[0]
         mask = batch.mask.reshape(-1) if batch.mask is not None else _ones(n, student_logits.device)
-        return UnitView(student_logits, t, batch.y.reshape(-1), mask, batch.ids, (n, 1), self.progress)
+        view = UnitView(student_logits, t, batch.y.reshape(-1), mask, ids, (n, 1), self.progress)
+        if bank is not None:
+            memo: dict[float, Tensor] = {}
+
+            def teacher_log_probs(tau: float) -> Tensor:  # served from the bank's per-tau cache
+                lp = memo.get(tau)
+                if lp is None:
+                    lp = memo[tau] = bank.log_probs(tau)[ids]
+                return lp
+
+            view.teacher_log_probs_fn = teacher_log_probs
+        return view
 
     def train_step(self, batch: Batch, decision: GateOutput | None = None) -> StepResult:
         """One student update on ``batch``.
@@ -209,7 +221,8 @@ class Trainer:
         if not trusted:
             check_weights(w)
         tau = out.tau.detach() if torch.is_tensor(out.tau) else out.tau
-        losses = unit_losses(logits, view.teacher_logits, view.labels, tau)
+        t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
+        losses = unit_losses(logits, view.teacher_logits, view.labels, tau, t_logp)
         loss = reduce_weighted(losses, w, view.mask)
         if not torch.isfinite(loss):
             self._diagnose_nonfinite(logits, view, w)
@@ -303,10 +316,10 @@ class Trainer:
                 self.history.append(record)
                 self._log_epoch(record)
                 bar.set_postfix(acc=f"{record.get('test/acc', float('nan')):.3f}")
-                if on_epoch_end is not None:
-                    on_epoch_end(self, record)
                 if self.run_dir is not None:
                     self.save_checkpoint(self.run_dir / "checkpoint.pt")
+                if on_epoch_end is not None:
+                    on_epoch_end(self, record)
         finally:
             bar.close()
         return self.final_metrics()

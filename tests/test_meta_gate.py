@@ -19,6 +19,7 @@ from metagate.gates.meta.lookahead import (
     frozen_buffers,
     func_lookahead_loss,
     higher_lookahead_loss,
+    kd_logit_gradients,
     logit_gradients,
     resolve_names,
 )
@@ -121,6 +122,15 @@ def test_closed_form_equals_func_on_last_layer(batch_norm):
     vc = torch.nn.functional.cross_entropy(zv2, yv)
     torch.testing.assert_close(vc, vf, atol=1e-10, rtol=0)
     torch.testing.assert_close(_grad(vc, w), _grad(vf, w), atol=1e-10, rtol=0)
+
+
+def test_analytic_logit_gradients_match_autograd():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(N, C, generator=g, dtype=torch.float64)
+    t = 3 * torch.randn(N, K, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    auto = logit_gradients(z, lambda zz: unit_losses(zz, t, y, 3.0))
+    torch.testing.assert_close(kd_logit_gradients(z, t, y, 3.0), auto, atol=1e-12, rtol=0)
 
 
 def test_params_and_normalisation():

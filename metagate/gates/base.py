@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -57,6 +58,8 @@ class UnitView:
     seq_shape: tuple[int, int]
     progress: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
+    #: ``tau -> [N, K, C]`` teacher log-probabilities (the trainer serves them from the bank's cache)
+    teacher_log_probs_fn: Callable[[float], Tensor] | None = None
 
     @property
     def num_teachers(self) -> int:
@@ -73,6 +76,8 @@ class UnitView:
 
     def teacher_log_probs(self, tau: float = 1.0) -> Tensor:
         """``[N, K, C]`` log-probabilities of the teachers at temperature ``tau``."""
+        if self.teacher_log_probs_fn is not None:
+            return self.teacher_log_probs_fn(tau)
         assert self.teacher_logits is not None
         return F.log_softmax(self.teacher_logits / tau, dim=-1)
 

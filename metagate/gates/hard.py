@@ -45,23 +45,42 @@ def hard_gate_decision(
         padded tokens get 0
     """
     with torch.no_grad():
-        ref = labels if reference == "gold" else student_logits.argmax(-1)
-        ref = ref.clamp_min(0)  # padding may hold -100
-        log_ps = F.log_softmax(student_logits.float(), -1).gather(-1, ref.unsqueeze(-1)).squeeze(-1)
-        p_t = F.softmax(teacher_logits.float() / teacher_tau, -1).mean(-2)  # mean over teachers
-        log_pt = p_t.gather(-1, ref.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log()
-        m = mask.to(log_ps.dtype)
-        if level == "token":
-            gate = (log_ps > log_pt).to(log_ps.dtype)
-        elif level == "sentence":
-            s_sum, t_sum = (log_ps * m).sum(-1), (log_pt * m).sum(-1)
-            if length_norm:
-                n = m.sum(-1).clamp_min(1)
-                s_sum, t_sum = s_sum / n, t_sum / n
-            gate = (s_sum > t_sum).to(log_ps.dtype).unsqueeze(-1).expand_as(log_ps)
-        else:
-            raise ConfigError(f"hard gate level must be token or sentence, got {level!r}")
-        return gate * m
+        log_ps = F.log_softmax(student_logits.float(), -1)
+        log_pt = F.log_softmax(teacher_logits.float() / teacher_tau, -1)
+        return hard_gate_from_log_probs(log_ps, log_pt, labels, mask, level, reference, length_norm)
+
+
+def hard_gate_from_log_probs(
+    student_log_probs: Tensor,
+    teacher_log_probs: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    level: str = "token",
+    reference: str = "gold",
+    length_norm: bool = False,
+) -> Tensor:
+    """:func:`hard_gate_decision` on log-probabilities (teachers already at their temperature).
+
+    :param student_log_probs: ``[B, T, C]``
+    :param teacher_log_probs: ``[B, T, K, C]``
+    """
+    ref = labels if reference == "gold" else student_log_probs.argmax(-1)
+    ref = ref.clamp_min(0).unsqueeze(-1)  # padding may hold -100
+    log_ps = student_log_probs.gather(-1, ref).squeeze(-1)
+    p_t = teacher_log_probs.exp().mean(-2)  # mean probability over teachers
+    log_pt = p_t.gather(-1, ref).squeeze(-1).clamp_min(1e-30).log()
+    m = mask.to(log_ps.dtype)
+    if level == "token":
+        gate = (log_ps > log_pt).to(log_ps.dtype)
+    elif level == "sentence":
+        s_sum, t_sum = (log_ps * m).sum(-1), (log_pt * m).sum(-1)
+        if length_norm:
+            n = m.sum(-1).clamp_min(1)
+            s_sum, t_sum = s_sum / n, t_sum / n
+        gate = (s_sum > t_sum).to(log_ps.dtype).unsqueeze(-1).expand_as(log_ps)
+    else:
+        raise ConfigError(f"hard gate level must be token or sentence, got {level!r}")
+    return gate * m
 
 
 @register("hard")
@@ -87,20 +106,46 @@ class HardGate(Gate):
             raise ConfigError(f"--hard-tau must be > 0, got {teacher_tau}")
         self.level, self.reference = level, reference
         self.teacher_tau, self.length_norm = float(teacher_tau), bool(length_norm)
+        self._gold_log_pt: Tensor | None = None  # [N_train] teachers' log p(label), fast path
+        self._rows: tuple[Tensor, Tensor] | None = None
+
+    def setup(self, trainer: Any) -> None:
+        """With gold references on one-unit-per-example data, the teachers' side of the rule is a
+        constant per training unit: compute it once (the per-step work is then one gather)."""
+        bank = trainer.bank
+        if bank is None or self.reference != "gold":
+            return
+        y = trainer.train_y
+        if y.ndim != 1:
+            return
+        p_t = bank.log_probs(self.teacher_tau).exp().mean(1)  # [N, C]
+        self._gold_log_pt = p_t.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(1e-30).log()
+        k = bank.num_teachers
+        label_row = torch.zeros(1 + k, device=y.device)
+        label_row[0] = 1.0
+        teacher_row = torch.full((1 + k,), 1.0 / k, device=y.device)
+        teacher_row[0] = 0.0
+        self._rows = (label_row, teacher_row)
 
     def weights(self, view: UnitView) -> GateOutput:
         if view.teacher_logits is None:
             raise ConfigError("the hard gate needs at least one teacher")
+        if self._gold_log_pt is not None and view.ids is not None and view.seq_shape[1] == 1:
+            assert self._rows is not None
+            s = view.student_logits.detach()
+            log_ps = s.gather(1, view.labels.unsqueeze(1)).squeeze(1) - torch.logsumexp(s, 1)
+            over = (log_ps > self._gold_log_pt[view.ids]).unsqueeze(1)
+            w = torch.where(over, self._rows[1], self._rows[0]).to(s.dtype)
+            return GateOutput(w, self.teacher_tau)
         b, t = view.seq_shape
         k, c = view.teacher_logits.shape[1:]
-        g = hard_gate_decision(
-            view.student_logits.detach().reshape(b, t, c),
-            view.teacher_logits.reshape(b, t, k, c),
+        g = hard_gate_from_log_probs(
+            view.student_log_probs.reshape(b, t, c),
+            view.teacher_log_probs(self.teacher_tau).reshape(b, t, k, c),
             view.labels.reshape(b, t),
             view.mask.reshape(b, t),
             self.level,
             self.reference,
-            self.teacher_tau,
             self.length_norm,
         ).reshape(-1, 1)
         w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1).to(view.student_logits.dtype)

@@ -30,6 +30,7 @@ from metagate.gates.meta.lookahead import (
     forward_features,
     func_lookahead_loss,
     higher_lookahead_loss,
+    kd_logit_gradients,
     logit_gradients,
     resolve_names,
 )
@@ -143,9 +144,8 @@ class MetaGate(Gate):
         else:
             self.param = WeightNet(NUM_FEATURES, init, self.columns, self.hidden)
         self.param.to(device=trainer.device, dtype=self.dtype)
-        params = list(self.param.parameters())
-        self.optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=self.meta_lr) if self.param_kind == "table"
-                                                 else torch.optim.Adam(params, lr=self.meta_lr))
+        # the table takes plain SGD steps on the touched rows only (as AMAL); the net uses Adam
+        self.optimizer = torch.optim.Adam(self.param.parameters(), lr=self.meta_lr)
         self.names = resolve_names(student, self.lookahead)
         meta = trainer.task.meta
         self.meta_x, self.meta_y = meta.x.to(trainer.device, self.dtype), meta.y.to(trainer.device)
@@ -170,20 +170,25 @@ class MetaGate(Gate):
 
     # -- weights ---------------------------------------------------------------------------------
     def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
-                     progress: float, mask: Tensor | None = None) -> Tensor:
-        """``W [N, 1+K]`` with a graph to the gate's parameters."""
+                     progress: float, mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """``W [N, 1+K]`` with a graph to the leaves that the meta update moves.
+
+        :return: ``(W, leaves, ids)``; leaves are the table's gathered rows (``[N, J]``) or the
+            net's parameters
+        """
         assert self.param is not None, "setup() first"
-        if self.param_kind == "table":
+        if isinstance(self.param, WeightTable):
             if ids is None:
                 raise ConfigError("the meta table needs unit ids; use --meta-param net for batches without ids")
-            raw = self.param(ids)
+            leaf = self.param.rows(ids)
+            raw, leaves = self.param.transform_rows(leaf), [leaf]
         else:
             feats = unit_features(student_logits, teacher_logits, labels, progress).to(self.dtype)
-            raw = self.param(feats)
+            raw, leaves = self.param(feats), list(self.param.parameters())
         w = expand_columns(raw, self.num_teachers, self.columns)
-        return normalize_weights(w, self.normalize, self.target_row, mask)
+        return normalize_weights(w, self.normalize, self.target_row, mask), leaves, ids
 
-    def _view_weights(self, view: UnitView) -> Tensor:
+    def _view_weights(self, view: UnitView) -> tuple[Tensor, list[Tensor], Tensor | None]:
         if view.teacher_logits is None:
             raise ConfigError("the meta gate needs teacher logits")
         return self.live_weights(view.ids, view.student_logits, view.teacher_logits, view.labels, view.progress,
@@ -191,7 +196,7 @@ class MetaGate(Gate):
 
     def weights(self, view: UnitView) -> GateOutput:
         with torch.no_grad():
-            w = self._view_weights(view)
+            w = self._view_weights(view)[0].detach()
         return GateOutput(w, self.tau)
 
     # -- meta updates ----------------------------------------------------------------------------
@@ -223,42 +228,41 @@ class MetaGate(Gate):
             if feat is None or feat.shape[0] != view.num_units:
                 raise ConfigError("closed-form meta step: no penultimate features of this batch were captured "
                                   "(call it right after the student's forward)")
-            g = logit_gradients(view.student_logits, loss_fn)
+            g = (kd_logit_gradients(view.student_logits, t, y, self.tau) if t is not None
+                 else logit_gradients(view.student_logits, loss_fn))
             h = feat.detach()
             hv, zv = features_and_logits(student, xv)
             m = mask.to(self.dtype)
             scale = m / m.sum().clamp_min(1)
             for _ in range(self.inner_iters):
-                w = self._view_weights(view)
+                w, leaves, ids = self._view_weights(view)
                 val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, lr, scale), yv)
-                self._apply(val, retain_graph=False)
+                self._apply(val, leaves, ids, retain_graph=False)
             return
         reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
         for _ in range(self.inner_iters):
-            w = self._view_weights(view)
+            w, leaves, ids = self._view_weights(view)
             if self.backend == "func":
                 val = func_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask,
                                           train_logits=view.student_logits if reuse else None)
             else:
                 val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask)
-            self._apply(val, retain_graph=reuse)
+            self._apply(val, leaves, ids, retain_graph=reuse)
 
-    def hypergradients(self, val: Tensor, retain_graph: bool = False) -> list[Tensor]:
-        """``d val / d (gate parameters)`` (zeros for unused ones)."""
+    def _apply(self, val: Tensor, leaves: list[Tensor], ids: Tensor | None, retain_graph: bool) -> None:
+        """Hypergradient of ``val`` w.r.t. ``leaves`` and one meta update (table rows or net)."""
         assert self.param is not None
-        params = list(self.param.parameters())
-        grads = torch.autograd.grad(val, params, retain_graph=retain_graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    def _apply(self, val: Tensor, retain_graph: bool) -> None:
-        assert self.param is not None
-        grads = self.hypergradients(val, retain_graph)
-        for p, g in zip(self.param.parameters(), grads):
-            p.grad = g
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grads = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(leaves, torch.autograd.grad(val, leaves, retain_graph=retain_graph,
+                                                             allow_unused=True))]
         if isinstance(self.param, WeightTable):
-            self.param.project()
+            assert ids is not None
+            self.param.sgd_rows(ids, grads[0], self.meta_lr)
+        else:
+            for p, g in zip(leaves, grads):
+                p.grad = g
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         self.last_meta_loss = float(val.detach())
         self.last_hypergrad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
@@ -280,7 +284,7 @@ class MetaGate(Gate):
                     with torch.no_grad():
                         h, z = forward_features(student, trainer.train_x[ids])
                     t, y = bank.lookup(ids), trainer.train_y[ids]
-                    g = logit_gradients(z, lambda zz, t=t, y=y: unit_losses(zz, t, y, self.tau))
+                    g = kd_logit_gradients(z, t, y, self.tau)
                     scale = torch.full((ids.numel(),), 1.0 / ids.numel(), device=z.device, dtype=z.dtype)
                     parts.append((ids, h, z, t, y, g, scale))
                 ids, h, z, t, y, g, scale = (torch.cat(c) for c in zip(*parts))
@@ -288,9 +292,9 @@ class MetaGate(Gate):
                 with torch.no_grad():
                     hv, zv = forward_features(student, xv)
                 for _ in range(self.inner_iters):
-                    w = self.live_weights(ids, z, t, y, trainer.progress)
+                    w, leaves, _ = self.live_weights(ids, z, t, y, trainer.progress)
                     val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, trainer.lr, scale), yv)
-                    self._apply(val, retain_graph=False)
+                    self._apply(val, leaves, ids, retain_graph=False)
         finally:
             student.train(was_training)
 

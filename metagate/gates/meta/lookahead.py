@@ -121,10 +121,17 @@ def func_lookahead_loss(
         logits = functional_call(model, state, (x,))
     inner = reduce_weighted(loss_fn(logits), weights, mask)
     grads = torch.autograd.grad(inner, leaves, create_graph=True, allow_unused=True)
+    new = {n: p.detach() - lr * g for n, p, g in zip(names, leaves, grads) if g is not None}
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and callable(getattr(model, "features", None)) and \
+            set(new) <= {"head.weight", "head.bias"}:
+        # only the head moves: forward the validation batch's features once, without a graph
+        hv, _ = features_and_logits(model, val_x)
+        head_state = {n: p.detach() for n, p in head.named_parameters()}
+        head_state.update({n[len("head."):]: v for n, v in new.items()})
+        return F.cross_entropy(functional_call(head, head_state, (hv,)), val_y)
     state = {n: p.detach() for n, p in named.items()}
-    for n, p, g in zip(names, leaves, grads):
-        if g is not None:
-            state[n] = p.detach() - lr * g
+    state.update(new)
     state.update(buffers)
     return F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
 
@@ -155,6 +162,23 @@ def higher_lookahead_loss(
         inner = reduce_weighted(loss_fn(fmodel(x)), weights, mask)
         diffopt.step(inner)
         return F.cross_entropy(fmodel(val_x), val_y)
+
+
+def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """Analytic :func:`logit_gradients` of :func:`metagate.losses.unit_losses` (scalar ``tau``).
+
+    ``d CE / dz = softmax(z) - onehot(y)``; ``d tau^2 KL(p_t || softmax(z/tau)) / dz =
+    tau * (softmax(z/tau) - softmax(t/tau))``.
+
+    :param logits: ``[N, C]``; :param teacher_logits: ``[N, K, C]``; :param labels: ``[N]``
+    :return: ``[N, 1+K, C]``
+    """
+    z = logits.detach()
+    ce = torch.softmax(z, -1)
+    ce = ce - F.one_hot(labels, z.shape[-1]).to(z.dtype)
+    q = torch.softmax(z / tau, -1).unsqueeze(1)
+    kd = tau * (q - torch.softmax(teacher_logits.to(z.dtype) / tau, -1))
+    return torch.cat([ce.unsqueeze(1), kd], 1)
 
 
 def logit_gradients(logits: Tensor, loss_fn: LossFn) -> Tensor:
@@ -221,6 +245,10 @@ def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     cloned buffers (``functional_call``): the real batch-norm statistics are neither moved nor
     written, so a pending backward of the real step stays valid. No gradient is recorded."""
     check_feature_protocol(model)
+    if next(model.buffers(), None) is None:  # nothing to protect: call the protocol directly
+        with torch.no_grad():
+            h = model.features(x)  # type: ignore[operator]
+            return h, model.head(h)  # type: ignore[operator]
     captured: list[Tensor] = []
     handle = model.head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))  # type: ignore[union-attr]
     try:

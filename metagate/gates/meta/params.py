@@ -76,16 +76,30 @@ class WeightTable(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         """``[n, J]`` weights of the units ``ids``."""
-        r = self.raw[ids]
+        return self.transform_rows(self.raw[ids])
+
+    def transform_rows(self, r: Tensor) -> Tensor:
+        """Weights from raw rows ``[n, J]``."""
         if self.transform == "clamp":
             return r
         if self.transform == "sigmoid":
             return SIGMOID_SCALE * torch.sigmoid(r)
         return torch.softmax(r, -1) * self.total
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Raw rows of ``ids`` as a fresh leaf (so a hypergradient is ``[n, J]``, not table-sized)."""
+        return self.raw.detach()[ids].requires_grad_(True)
+
+    @torch.no_grad()
+    def sgd_rows(self, ids: Tensor, grad: Tensor, lr: float) -> None:
+        """Plain SGD on rows ``ids`` (repeated ids accumulate), then AMAL's projection (``clamp``)."""
+        self.raw.index_add_(0, ids, grad.to(self.raw.dtype), alpha=-lr)
+        if self.transform == "clamp":
+            self.raw[ids] = self.raw[ids].clamp(CLAMP_MIN, CLAMP_MAX)
+
     @torch.no_grad()
     def project(self) -> None:
-        """AMAL's projection after an update (``clamp`` only)."""
+        """AMAL's projection of the whole table (``clamp`` only)."""
         if self.transform == "clamp":
             self.raw.clamp_(CLAMP_MIN, CLAMP_MAX)
 

@@ -1,0 +1,106 @@
+"""``metagate bench``: per-step time of the shared trainer vs a minimal hand-written KD step.
+
+All variants run in one process, interleaved, on the same student architecture (same
+initial weights), the same batches and the same cached teacher logits; we report the
+median per-step time of each and its ratio to the hand-written step. Teacher logits are
+random tensors of the real shape: step time does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagate.data import Batch, get_task
+from metagate.gates.fixed import FixedGate
+from metagate.gates.hard import HardGate
+from metagate.report import table
+from metagate.teachers import TeacherBank
+from metagate.trainer import TrainConfig, Trainer, resolve_device
+
+
+def handwritten_kd_step(student: nn.Module, opt: torch.optim.Optimizer, bank_logits: Tensor,
+                        alpha: float, tau: float) -> Callable[[Batch], None]:
+    """The reference: plain PyTorch KD (CE + mean over teachers of tau²·KL) with SGD."""
+
+    def step(b: Batch) -> None:
+        s = student(b.x)
+        t = bank_logits[b.ids]
+        log_q = F.log_softmax(s / tau, -1)
+        kd = sum(F.kl_div(log_q, F.log_softmax(t[:, k] / tau, -1), reduction="batchmean", log_target=True)
+                 for k in range(t.shape[1])) / t.shape[1]
+        loss = alpha * F.cross_entropy(s, b.y) + (1 - alpha) * tau**2 * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step: Callable[[Batch], None], batches: list[Batch], device: torch.device) -> float:
+    """Mean seconds per step over ``batches``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int, repeats: int,
+                  device: torch.device, extra: dict[str, Callable] | None = None) -> dict[str, float]:
+    """Median per-step seconds of each variant for one student architecture."""
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    n, c = len(task.train), task.num_classes
+    bank = TeacherBank(torch.randn(n, k, c) * 3, [f"t{j}" for j in range(k)]).to(device)
+    init = task.make_student(arch)
+    cfg = TrainConfig(epochs=1000, batch_size=batch_size, lr=0.01, device=str(device), progress=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = task.train.x.to(device), task.train.y.to(device)
+    batches = []
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=g).to(device)
+        batches.append(Batch(x[idx], y[idx], idx))
+    variants: dict[str, Callable[[Batch], None]] = {}
+    s0 = copy.deepcopy(init).to(device)
+    opt = torch.optim.SGD(s0.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    variants["hand-written KD"] = handwritten_kd_step(s0, opt, bank.logits, 0.5, 4.0)
+    for name, gate in (("trainer + fixed", FixedGate(0.5, 4.0)), ("trainer + hard", HardGate())):
+        tr = Trainer(task, copy.deepcopy(init), gate, bank, cfg)
+        variants[name] = tr.train_step
+    for name, factory in (extra or {}).items():
+        variants[name] = factory(task, copy.deepcopy(init), bank, cfg)
+    for step in variants.values():  # warm-up
+        for b in batches[:10]:
+            step(b)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for name, step in variants.items():
+            times[name].append(time_steps(step, batches, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    device = resolve_device(args.device)
+    results = {}
+    rows = []
+    for arch in args.students:
+        res = bench_student(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device)
+        results[arch] = res
+        ref = res["hand-written KD"]
+        for name, t in res.items():
+            rows.append([arch, name, f"{t * 1e3:.3f}", f"{t / ref:.3f}x"])
+    print(f"task {args.task}, K={args.teachers}, batch {args.batch_size}, {args.steps} steps x {args.repeats} "
+          f"repeats (median), device {device}, torch threads {torch.get_num_threads()}")
+    print(table(["student", "variant", "ms/step", "ratio to hand-written"], rows))
+    return results

@@ -1,0 +1,328 @@
+"""Policy gates: per-unit teacher weights chosen by a policy over unit features (DESIGN.md,
+"Policy gate"; Yuan et al., AAAI 2021, reinforced multi-teacher selection).
+
+* ``reinforce`` -- learns in the loop with REINFORCE: the policy acts on every batch, the reward is
+  the improvement of the student's loss on a fixed subset of the clean ``meta`` split over an
+  episode of ``--rl-episode`` steps, with a moving-average baseline. Selection (Bernoulli per unit
+  and teacher) or weights (Gaussian teacher logits -> softmax). Needs no stable-baselines3.
+* ``policy`` -- deploys a policy trained with ``metagate train-policy`` (a stable-baselines3 zip):
+  mean action by default, ``--online`` keeps learning with REINFORCE.
+
+Both weight the teachers *inside* the KD share ``1 - alpha`` (:func:`split_kd_share`), so the
+label/KD split may come from elsewhere (``--alpha`` of the fixed gate, or a meta gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metagate.errors import ConfigError
+from metagate.features import view_features
+from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.registry import register
+from metagate.policies.core import split_kd_share, teacher_probs
+from metagate.policies.reinforce import MODES, ReinforceLearner, ReinforcePolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from metagate.trainer import Trainer
+
+FEATURE_HIGH = 5.0
+
+
+class _RLGate(Gate):
+    """Shared machinery: features -> policy -> weights, and the in-loop REINFORCE episode.
+
+    :param alpha: label weight (the teachers share ``1 - alpha``)
+    :param tau: KD temperature
+    :param learn: update the policy with REINFORCE during the run
+    :param episode: steps per REINFORCE episode
+    :param lr: policy learning rate
+    :param baseline_decay: moving-average decay of the reward baseline
+    :param val_size: size of the fixed ``meta`` subset the reward is measured on
+    """
+
+    trusted_weights = True
+
+    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 5,
+                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 512) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
+        if not tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {tau}")
+        if episode < 1:
+            raise ConfigError(f"--rl-episode must be >= 1, got {episode}")
+        if val_size < 1:
+            raise ConfigError(f"--rl-val-size must be >= 1, got {val_size}")
+        self.alpha, self.tau, self.learn = float(alpha), float(tau), bool(learn)
+        self.episode, self.lr, self.baseline_decay, self.val_size = int(episode), float(lr), float(baseline_decay), \
+            int(val_size)
+        self.learner: ReinforceLearner | None = None
+        self._trainer: Trainer | None = None
+        self._val_start: float | None = None
+        self._t = 0
+        self._last: dict[str, float] = {}
+        self._kd_sum: Tensor | None = None
+        self._kd_n = 0
+        self._noise: Tensor | None = None
+        self._prev_noise: Tensor | None = None
+        self.antithetic = True
+
+    # subclasses provide the policy
+    policy: nn.Module
+
+    def _act(self, features: Tensor, learning: bool) -> Tensor:
+        dist = self.policy.distribution(features)
+        if not learning:
+            return dist.mode()
+        k = features.shape[-2]
+        if self._noise is None or self._noise.shape[-1] != k:  # per-teacher noise, held over the episode
+            assert self.learner is not None
+            if self.learner.antithetic and not self.learner.first_of_pair and self._prev_noise is not None \
+                    and self._prev_noise.shape[-1] == k:
+                self._noise = -self._prev_noise  # mirrored second episode of the pair
+            else:
+                self._noise = torch.randn(1, k, device=features.device, dtype=features.dtype)
+        return dist.sample(self._noise)
+
+    def _weights_from_action(self, action: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- gate API --------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+        dev = trainer.device
+        self.policy.to(dev)
+        meta = trainer.task.meta  # the clean split gates may learn from (never ``select``)
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randperm(len(meta), generator=g)[: min(self.val_size, len(meta))]
+        self._val_x, self._val_y = meta.x[idx].to(dev), meta.y[idx].to(dev)
+        if self.learn and self.learner is None:
+            self.learner = ReinforceLearner(self.policy, lr=self.lr, baseline_decay=self.baseline_decay,
+                                            antithetic=self.antithetic)
+
+    def weights(self, view: UnitView) -> GateOutput:
+        if view.teacher_logits is None or view.num_teachers == 0:
+            raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
+        feats = view_features(view).clamp_(0.0, FEATURE_HIGH)
+        learning = self.learn and self._trainer is not None and self.policy.training
+        with torch.no_grad():
+            action = self._act(feats, learning)
+        if learning:
+            assert self.learner is not None
+            self.learner.record(feats, action)
+        w = self._weights_from_action(action).to(view.student_logits.dtype)
+        kd = w[:, 1:].sum(0)
+        self._kd_sum = kd if self._kd_sum is None or self._kd_sum.shape != kd.shape else self._kd_sum + kd
+        self._kd_n += w.shape[0]
+        return GateOutput(w, self.tau)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Student CE on the fixed ``meta`` subset (eval mode; the trainer switches back to train)."""
+        assert self._trainer is not None
+        student = self._trainer.student
+        was = student.training
+        student.eval()
+        loss = float(F.cross_entropy(student(self._val_x), self._val_y))
+        student.train(was)
+        return loss
+
+    def after_step(self, ctx: StepContext) -> None:
+        if not (self.learn and self.learner is not None and self.policy.training):
+            return
+        if self._val_start is None:  # first step of the run (or after a resume): no reward yet
+            self.learner.buffer.clear()
+            self._noise = None
+            self._val_start = self.validation_loss()
+            return
+        self._t += 1
+        if self._t % self.episode:
+            return
+        val = self.validation_loss()
+        reward = 100.0 * (self._val_start - val)  # scaled validation improvement over the episode
+        self._last = self.learner.finish(reward)
+        self._val_start = val
+        self._prev_noise, self._noise = self._noise, None
+
+    def log(self, logger: Any, step: int) -> None:
+        for k, v in self._last.items():
+            logger.scalar(f"policy/{k}", v, step)
+        if self._kd_sum is not None and self._kd_n:
+            for j, v in enumerate((self._kd_sum / self._kd_n).tolist()):
+                logger.scalar(f"policy/mean_w_teacher{j}", v, step)
+            self._kd_sum, self._kd_n = None, 0
+        for name in ("log_std", "shared_log_std"):
+            p = getattr(self.policy, name, None)
+            if isinstance(p, torch.Tensor):
+                logger.scalar(f"policy/{name}", float(p), step)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"policy": self.policy.state_dict(), "t": self._t,
+                                 "val_start": float("nan") if self._val_start is None else self._val_start}
+        if self.learner is not None:
+            state["learner"] = self.learner.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self._t = int(state.get("t", 0))
+        self._val_start = None  # re-measured on the restored student
+        if self.learner is not None and "learner" in state:
+            self.learner.load_state_dict(state["learner"])
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.policy.parameters())
+
+    @staticmethod
+    def _add_rl_arguments(g: argparse._ArgumentGroup) -> None:
+        g.add_argument("--rl-episode", type=int, default=5, help="policy/reinforce: steps per REINFORCE episode")
+        g.add_argument("--rl-lr", type=float, default=3e-3, help="policy/reinforce: policy learning rate (Adam)")
+        g.add_argument("--rl-baseline-decay", type=float, default=0.9,
+                       help="policy/reinforce: moving-average decay of the reward baseline")
+        g.add_argument("--rl-val-size", type=int, default=512,
+                       help="policy/reinforce: size of the fixed meta subset the reward is measured on")
+
+
+@register("reinforce")
+class ReinforceGate(_RLGate):
+    """In-loop REINFORCE over per-unit teacher decisions.
+
+    :param mode: ``weights`` (softmax over sampled teacher logits) or ``select`` (Bernoulli per teacher)
+    :param temperature: softmax temperature of the weights mode
+    :param hidden: policy encoder width
+    :param shared_noise: add exploration noise shared by the batch's units per teacher (lower variance)
+    """
+
+    def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
+                 hidden: int = 32, episode: int = 5, lr: float = 3e-3, baseline_decay: float = 0.9,
+                 val_size: int = 512, shared_noise: bool = True, log_std: float | None = None,
+                 shared_log_std: float = -0.5) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"--rl-mode must be one of {', '.join(MODES)}, got {mode!r}")
+        super().__init__(alpha, tau, True, episode, lr, baseline_decay, val_size)
+        self.mode, self.temperature, self.hidden, self.shared_noise = mode, float(temperature), int(hidden), \
+            bool(shared_noise)
+        if not shared_noise and log_std is None:
+            log_std = shared_log_std  # per-unit noise only
+        self.log_std_init, self.shared_log_std_init = log_std, float(shared_log_std)
+        self.policy = ReinforcePolicy(mode, hidden=hidden, temperature=temperature, log_std=log_std,
+                                      shared_log_std=shared_log_std if shared_noise else None)
+
+    def _weights_from_action(self, action: Tensor) -> Tensor:
+        return self.policy.gate_weights(action, self.alpha)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "tau": self.tau, "rl_mode": self.mode, "rl_temperature": self.temperature,
+                "rl_episode": self.episode, "rl_lr": self.lr, "rl_baseline_decay": self.baseline_decay,
+                "rl_val_size": self.val_size, "rl_shared_noise": self.shared_noise,
+                "rl_log_std": "off" if self.log_std_init is None else self.log_std_init,
+                "rl_shared_log_std": self.shared_log_std_init}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("reinforce / policy gates (label weight and KD temperature: --alpha, --tau)")
+        g.add_argument("--rl-mode", default="weights", choices=list(MODES),
+                       help="reinforce: per-unit teacher weights (softmax) or Bernoulli teacher selection")
+        g.add_argument("--rl-temperature", type=float, default=0.25,
+                       help="reinforce: softmax temperature mapping teacher logits in [-1, 1] to weights")
+        g.add_argument("--rl-hidden", type=int, default=32, help="reinforce: policy encoder width")
+        g.add_argument("--rl-log-std", type=float, default=None,
+                       help="reinforce: initial log-std of per-unit exploration noise (default: off; only the "
+                            "per-teacher noise held over an episode, the low-variance choice)")
+        g.add_argument("--rl-shared-log-std", type=float, default=-0.5,
+                       help="reinforce: initial log-std of the per-teacher noise held over an episode")
+        g.add_argument("--rl-no-shared-noise", action="store_true",
+                       help="reinforce: independent exploration noise per unit only (Yuan et al.; higher variance)")
+        cls._add_rl_arguments(g)
+        g.add_argument("--policy", default=None, help="policy: a policy zip written by `metagate train-policy`")
+        g.add_argument("--online", action="store_true", help="policy: keep learning with REINFORCE during the run")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ReinforceGate:
+        return cls(mode=args.rl_mode, alpha=getattr(args, "alpha", 0.5), tau=getattr(args, "tau", 4.0),
+                   temperature=args.rl_temperature, hidden=args.rl_hidden, episode=args.rl_episode, lr=args.rl_lr,
+                   baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size,
+                   shared_noise=not args.rl_no_shared_noise, log_std=args.rl_log_std,
+                   shared_log_std=args.rl_shared_log_std)
+
+
+def load_sb3_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load the policy of a stable-baselines3 zip (PPO or A2C) without knowing the algorithm."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
+    p = Path(path)
+    if not p.is_file() and p.with_suffix(".zip").is_file():
+        p = p.with_suffix(".zip")
+    if not p.is_file():
+        raise ConfigError(f"--policy {path}: no such file (train one with `metagate train-policy --out ...`)")
+    try:
+        data, params, _ = load_from_zip_file(p, device=device)
+    except Exception as e:  # a truncated or foreign zip
+        raise ConfigError(f"--policy {path}: not a stable-baselines3 policy zip ({e})") from e
+    if data is None or "policy_class" not in data or params is None or "policy" not in params:
+        raise ConfigError(f"--policy {path}: the zip holds no policy")
+    cls = data["policy_class"]
+    policy = cls(data["observation_space"], data["action_space"], lambda _: 0.0, **data.get("policy_kwargs", {}))
+    policy.load_state_dict(params["policy"])
+    if not hasattr(policy, "mean_logits"):
+        raise ConfigError(f"--policy {path}: {cls.__name__} is not a metagate teacher-weighting policy")
+    return policy.to(device)
+
+
+@register("policy")
+class PolicyGate(_RLGate):
+    """Deploy a trained teacher-weighting policy (mean action); ``online`` fine-tunes it with REINFORCE.
+
+    :param policy: a loaded :class:`metagate.policies.sb3.TeacherWeightingPolicy` (or any module with
+        ``mean_logits``/``distribution``) -- or give ``path``
+    :param path: a zip written by ``metagate train-policy``
+    :param alpha: label weight (default: the value the policy was trained with)
+    :param tau: KD temperature (default: the value the policy was trained with)
+    """
+
+    def __init__(self, policy: nn.Module | None = None, path: str | Path | None = None, alpha: float | None = None,
+                 tau: float | None = None, online: bool = False, episode: int = 5, lr: float = 1e-3,
+                 baseline_decay: float = 0.9, val_size: int = 512) -> None:
+        if policy is None:
+            if path is None:
+                raise ConfigError("--gate policy needs --policy PATH (a zip from `metagate train-policy`)")
+            policy = load_sb3_policy(path)
+        self.path = str(path) if path is not None else ""
+        a = float(getattr(policy, "label_alpha", 0.5)) if alpha is None else alpha
+        t = float(getattr(policy, "kd_tau", 4.0)) if tau is None else tau
+        super().__init__(a, t, online, episode, lr, baseline_decay, val_size)
+        self.policy = policy
+        self.temperature = float(getattr(policy, "weight_temperature", 0.25))
+        self.policy.train(online)
+
+    def _weights_from_action(self, action: Tensor) -> Tensor:
+        return split_kd_share(torch.tensor(self.alpha), teacher_probs(action.clamp(-1, 1), self.temperature))
+
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        self.policy.train(self.learn)
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "tau": self.tau, "policy": self.path, "online": self.learn,
+                "policy_temperature": self.temperature}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PolicyGate:
+        alpha = args.alpha if getattr(args, "alpha", 0.5) != 0.5 else None  # 0.5 = the flag's default
+        tau = args.tau if getattr(args, "tau", 4.0) != 4.0 else None
+        return cls(path=args.policy, alpha=alpha, tau=tau, online=args.online, episode=args.rl_episode,
+                   lr=args.rl_lr, baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size)
+
+
+def policy_quality(weights: Tensor) -> dict[str, float]:
+    """Mean KD-internal weight of every teacher, ``w_k / sum_j w_j`` over units (diagnostic)."""
+    kd = weights[:, 1:]
+    share = kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
+    return {f"teacher{j}": float(v) for j, v in enumerate(share.mean(0).tolist()) if not math.isnan(v)}

@@ -1,0 +1,33 @@
+"""Shared fixtures: a per-session teacher cache and a small digits task."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never touch the user's cache; teachers are trained once per session."""
+    os.environ["METAGATE_CACHE"] = str(tmp_path_factory.mktemp("metagate-cache"))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def digits_noisy():
+    from metagate.data import get_task
+
+    return get_task("digits", noise=0.4)
+
+
+@pytest.fixture(scope="session")
+def digits_bank(digits_noisy):
+    """Three trained CNN teachers' cached logits on noisy digits (trained once per session)."""
+    from metagate.run import DistillConfig, load_teachers
+    from metagate.trainer import TrainConfig
+
+    cfg = DistillConfig(task="digits", noise=0.4, teachers=3, train=TrainConfig(device="cpu", progress=False))
+    bank, stats = load_teachers(cfg, digits_noisy, progress=False)
+    return bank, stats
