@@ -158,10 +158,10 @@ class _RLGate(Gate):
             for j, v in enumerate((self._kd_sum / self._kd_n).tolist()):
                 logger.scalar(f"policy/mean_w_teacher{j}", v, step)
             self._kd_sum, self._kd_n = None, 0
-        for name in ("log_std", "shared_log_std"):
+        for name in ("unit_log_std", "shared_log_std"):
             p = getattr(self.policy, name, None)
             if isinstance(p, torch.Tensor):
-                logger.scalar(f"policy/{name}", float(p), step)
+                logger.scalar(f"policy/{name}", float(p.detach()), step)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"policy": self.policy.state_dict(), "t": self._t,
@@ -183,7 +183,7 @@ class _RLGate(Gate):
     @staticmethod
     def _add_rl_arguments(g: argparse._ArgumentGroup) -> None:
         g.add_argument("--rl-episode", type=int, default=5, help="policy/reinforce: steps per REINFORCE episode")
-        g.add_argument("--rl-lr", type=float, default=3e-3, help="policy/reinforce: policy learning rate (Adam)")
+        g.add_argument("--rl-lr", type=float, default=1e-2, help="policy/reinforce: policy learning rate (Adam)")
         g.add_argument("--rl-baseline-decay", type=float, default=0.9,
                        help="policy/reinforce: moving-average decay of the reward baseline")
         g.add_argument("--rl-val-size", type=int, default=512,
@@ -201,7 +201,7 @@ class ReinforceGate(_RLGate):
     """
 
     def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
-                 hidden: int = 32, episode: int = 5, lr: float = 3e-3, baseline_decay: float = 0.9,
+                 hidden: int = 32, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
                  val_size: int = 512, shared_noise: bool = True, log_std: float | None = None,
                  shared_log_std: float = -0.5) -> None:
         if mode not in MODES:

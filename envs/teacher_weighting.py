@@ -1,0 +1,203 @@
+"""``metagate/TeacherWeighting-v0``: an agent weights the teachers of every unit of a batch.
+
+One step = one student update through the shared :meth:`metagate.trainer.Trainer.train_step`
+with the weights the action encodes. The observation is the *next* batch's unit features
+``[B, K, F]`` (:func:`metagate.features.unit_features`); the action ``Box(-1, 1, [B, K])`` holds
+per-unit teacher logits, mapped inside the env to ``W = [alpha, (1 - alpha) softmax(a / T)]``;
+the reward is the scaled improvement of the student's loss (or accuracy) on a fixed subset of the
+task's ``meta`` split (the ``select`` split is never touched). An episode is a short student
+training run of ``episode_steps`` updates; ``reset`` builds a fresh student from a seed drawn from
+the env's RNG, so the policy learns a rule that transfers to new students.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from metagate.policies.core import split_kd_share, teacher_probs
+
+from metagate.data.task import Batch, Task
+from metagate.errors import ConfigError
+from metagate.features import NUM_FEATURES, unit_features
+from metagate.gates.base import GateOutput
+from metagate.gates.fixed import FixedGate
+from metagate.teachers import TeacherBank
+from metagate.trainer import TrainConfig, Trainer
+
+FEATURE_HIGH = 5.0  # unit features lie in [0, 5] (CE/KL are clamped there)
+
+
+class TeacherWeightingEnv(gym.Env):
+    """Gymnasium environment over the shared student loop.
+
+    :param task: a task name (``digits``, ``fashion``) or a :class:`~metagate.data.task.Task`
+    :param bank: teacher logits for ``task.train``; by default the task's cached teachers are loaded
+    :param teachers: number of teachers ``K`` (when loading)
+    :param adversarial_teacher: plant the permuted teacher as the last one (when loading)
+    :param noise: label-noise rate of the task (when ``task`` is a name)
+    :param student: student architecture (task default if ``None``)
+    :param batch_size: units per step ``B`` (fixed: short batches at the end of an epoch are skipped)
+    :param episode_steps: student updates per episode (one short training run)
+    :param alpha: label weight; the teachers share ``1 - alpha``
+    :param tau: KD temperature
+    :param temperature: softmax temperature mapping actions to teacher weights
+    :param reward: ``loss`` (validation CE improvement) or ``acc`` (validation accuracy improvement)
+    :param reward_scale: multiplies the reward
+    :param val_size: size of the fixed ``meta`` subset the reward is measured on
+    :param lr: student learning rate (cosine schedule over the episode by default)
+    :param momentum: student SGD momentum
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        task: str | Task = "digits",
+        bank: TeacherBank | None = None,
+        teachers: int = 3,
+        adversarial_teacher: bool = False,
+        noise: float = 0.0,
+        data_seed: int = 0,
+        student: str | None = None,
+        batch_size: int = 64,
+        episode_steps: int = 50,
+        alpha: float = 0.5,
+        tau: float = 4.0,
+        temperature: float = 0.25,
+        reward: str = "loss",
+        reward_scale: float = 10.0,
+        val_size: int = 256,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        schedule: str = "cosine",
+        cache_dir: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        if reward not in ("loss", "acc"):
+            raise ConfigError(f"reward must be 'loss' or 'acc', got {reward!r}")
+        if episode_steps < 1:
+            raise ConfigError(f"episode_steps must be >= 1, got {episode_steps}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if isinstance(task, str) or bank is None:
+            task, bank = _load(task, bank, teachers, adversarial_teacher, noise, data_seed, cache_dir, device)
+        if bank.num_units != len(task.train):
+            raise ConfigError(f"teacher bank covers {bank.num_units} units, task has {len(task.train)}")
+        if batch_size < 1 or batch_size > len(task.train):
+            raise ConfigError(f"batch_size must be in [1, {len(task.train)}], got {batch_size}")
+        self.task, self.bank = task, bank
+        self.student_arch = student
+        self.batch_size, self.episode_steps = int(batch_size), int(episode_steps)
+        self.alpha, self.tau, self.temperature = float(alpha), float(tau), float(temperature)
+        self.reward_kind, self.reward_scale = reward, float(reward_scale)
+        self.train_config = dict(batch_size=self.batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
+                                 schedule=schedule,
+                                 epochs=1, device=device, progress=False, eval_test_every_epoch=False)
+        self.device = torch.device(device)
+        k = bank.num_teachers
+        self.num_teachers = k
+        self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, k, NUM_FEATURES), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (self.batch_size, k), np.float32)
+        g = torch.Generator().manual_seed(0)  # the reward subset is fixed for the env's lifetime
+        idx = torch.randperm(len(task.meta), generator=g)[: min(val_size, len(task.meta))]
+        self._val_x = task.meta.x[idx].to(self.device)
+        self._val_y = task.meta.y[idx].to(self.device)
+        self.trainer: Trainer | None = None
+        self._gate = FixedGate(self.alpha, self.tau)
+        self._t = 0
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _batches(self, trainer: Trainer) -> Iterator[Batch]:
+        epoch = 0
+        while True:
+            for batch in trainer.epoch_batches(epoch):
+                if len(batch) == self.batch_size:
+                    yield batch
+            epoch += 1
+
+    @torch.no_grad()
+    def _observe(self, batch: Batch) -> np.ndarray:
+        assert self.trainer is not None
+        student = self.trainer.student
+        was_training = student.training
+        student.eval()
+        logits = student(batch.x)
+        student.train(was_training)
+        feats = unit_features(logits, self.bank.lookup(batch.ids), batch.y, self.trainer.progress)
+        return feats.clamp_(0.0, FEATURE_HIGH).cpu().numpy()
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        assert self.trainer is not None
+        student = self.trainer.student
+        student.eval()
+        logits = student(self._val_x)
+        if self.reward_kind == "acc":
+            return float((logits.argmax(-1) == self._val_y).float().mean())
+        return float(F.cross_entropy(logits, self._val_y))
+
+    def weights_from_action(self, action: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Action ``[B, K]`` -> gate weights ``W [B, 1+K]`` (clipped to the box first)."""
+        a = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.device)
+        a = a.reshape(-1, self.num_teachers).clamp(-1.0, 1.0)
+        return split_kd_share(torch.tensor(self.alpha), teacher_probs(a, self.temperature))
+
+    # -- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        student_seed = int(self.np_random.integers(0, 2**31 - 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(student_seed)
+            student = self.task.make_student(self.student_arch)
+        cfg = TrainConfig(seed=student_seed, **self.train_config)  # type: ignore[arg-type]
+        self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
+        self.trainer.total_steps = self.episode_steps  # progress and the lr schedule span the episode
+        self._iter = self._batches(self.trainer)
+        self._batch = next(self._iter)
+        self._t = 0
+        self._val = self._validate()
+        return self._observe(self._batch), {"val": self._val, "student_seed": student_seed}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        w = self.weights_from_action(action)
+        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau))
+        val = self._validate()
+        delta = (self._val - val) if self.reward_kind == "loss" else (val - self._val)
+        reward = self.reward_scale * delta
+        if not math.isfinite(reward):
+            reward = -self.reward_scale
+        self._val = val
+        self._t += 1
+        truncated = self._t >= self.episode_steps
+        self._batch = next(self._iter)
+        obs = self._observe(self._batch)
+        kd = w[:, 1:] / w[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
+        info = {"val": val, "train_loss": float(res.loss), "teacher_weights": kd.cpu().numpy()}
+        return obs, float(reward), False, truncated, info
+
+
+def _load(task: str | Task, bank: TeacherBank | None, teachers: int, adversarial: bool, noise: float,
+          data_seed: int, cache_dir: str | None, device: str) -> tuple[Task, TeacherBank]:
+    from metagate.run import DistillConfig, load_task, load_teachers
+
+    name = task if isinstance(task, str) else task.name
+    cfg = DistillConfig(task=name, noise=noise, data_seed=data_seed, teachers=teachers,
+                        adversarial_teacher=adversarial, cache_dir=cache_dir,
+                        train=TrainConfig(device=device, progress=False))
+    task_obj = load_task(cfg) if isinstance(task, str) else task
+    if bank is None:
+        bank, _ = load_teachers(cfg, task_obj, progress=False)
+    return task_obj, bank

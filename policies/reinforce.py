@@ -1,0 +1,208 @@
+"""Plain ``nn.Module`` policies and the REINFORCE learner used in the distillation loop
+(no stable-baselines3 needed at run time).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from metagate.policies.core import TeacherGaussian, TeacherLogitHead, selection_weights, split_kd_share, teacher_probs
+from torch import Tensor, nn
+
+from metagate.errors import ConfigError
+from metagate.features import NUM_FEATURES
+
+MODES = ("weights", "select")
+
+
+class BernoulliSelection:
+    """Independent Bernoulli selection of every (unit, teacher) pair.
+
+    :param logits: ``[..., B, K]`` selection logits
+    """
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+
+    def sample(self, shared_noise: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            return torch.bernoulli(torch.sigmoid(self.logits))
+
+    def mode(self) -> Tensor:
+        return (self.logits > 0).to(self.logits.dtype)
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        """Summed over units and teachers: ``[...]``."""
+        a = actions.reshape(self.logits.shape)
+        lp = -nn.functional.binary_cross_entropy_with_logits(self.logits, a, reduction="none")
+        return lp.sum((-1, -2))
+
+    def entropy(self) -> Tensor:
+        p = torch.sigmoid(self.logits)
+        return nn.functional.binary_cross_entropy_with_logits(self.logits, p, reduction="none").sum((-1, -2))
+
+
+class StochasticTeacherPolicy(Protocol):
+    """Anything the REINFORCE learner can train: ``distribution(features)`` with ``sample/log_prob``."""
+
+    def distribution(self, features: Tensor) -> Any: ...
+
+    def parameters(self) -> Any: ...
+
+
+class ReinforcePolicy(nn.Module):
+    """The equivariant teacher encoder as a plain policy.
+
+    ``weights`` mode: a Gaussian over teacher logits (as the SB3 policy), mapped to
+    ``softmax(clip(a, -1, 1) / temperature)`` inside the KD share. ``select`` mode: an independent
+    Bernoulli per unit and teacher; selected teachers share the KD weight equally.
+
+    :param mode: ``weights`` or ``select``
+    :param hidden: encoder width
+    :param temperature: softmax temperature of the weights mode
+    :param log_std: per-unit log-std of the weights mode (learned; ``None``: off)
+    :param shared_log_std: log-std of per-teacher noise shared by the batch's units (``None``: off)
+    """
+
+    def __init__(self, mode: str = "weights", num_features: int = NUM_FEATURES, hidden: int = 32,
+                 temperature: float = 0.25, log_std: float | None = None, shared_log_std: float | None = -0.5) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"policy mode must be one of {MODES}, got {mode!r}")
+        if not temperature > 0:
+            raise ConfigError(f"policy temperature must be > 0, got {temperature}")
+        self.mode, self.temperature = mode, float(temperature)
+        self.net = TeacherLogitHead(num_features, hidden, bounded=(mode == "weights"))
+        if mode == "select":
+            nn.init.constant_(self.net.head.bias, 1.0)  # start by selecting most teachers (p ~ 0.73)
+        if mode == "weights" and log_std is None and shared_log_std is None:
+            raise ConfigError("the weights policy needs per-unit or shared exploration noise")
+        self.unit_log_std = nn.Parameter(torch.tensor(float(log_std))) if log_std is not None else None
+        self.shared_log_std = nn.Parameter(torch.tensor(float(shared_log_std))) if shared_log_std is not None \
+            else None
+
+    def mean_logits(self, features: Tensor) -> Tensor:
+        """``[..., B, K]`` logits for features ``[..., B, K, F]``."""
+        return self.net(features)
+
+    def distribution(self, features: Tensor) -> TeacherGaussian | BernoulliSelection:
+        logits = self.mean_logits(features)
+        if self.mode == "select":
+            return BernoulliSelection(logits)
+        return TeacherGaussian(logits, self.unit_log_std, self.shared_log_std)
+
+    def gate_weights(self, action: Tensor, alpha: float) -> Tensor:
+        """Action ``[N, K]`` -> ``W [N, 1+K]`` with label weight ``alpha``."""
+        if self.mode == "select":
+            return selection_weights(action, alpha)
+        return split_kd_share(torch.tensor(alpha), teacher_probs(action.clamp(-1, 1), self.temperature))
+
+
+class ReinforceLearner:
+    """REINFORCE over episodes of recorded decisions.
+
+    :meth:`record` stores (features, action) pairs; :meth:`finish` closes an episode with its scalar
+    reward. Plain mode: advantage ``(R - b) / s`` with ``b``, ``s^2`` moving mean and variance of the
+    rewards, one optimizer step on ``-advantage * log pi(episode)``. ``antithetic`` mode: episodes come
+    in pairs whose exploration noise is mirrored (the caller negates it); the pair's mean reward is the
+    baseline of both (it cancels the drift of the reward over training), scaled by a moving average of
+    ``|R1 - R2|``; one step per pair. The moving-average baseline is tracked in both modes.
+
+    :param policy: a policy with ``distribution(features)``
+    :param lr: Adam learning rate
+    :param baseline_decay: moving-average decay of the baseline
+    :param antithetic: paired episodes with mirrored noise
+    :param entropy_coef: entropy bonus
+    """
+
+    def __init__(self, policy: StochasticTeacherPolicy, lr: float = 3e-3, baseline_decay: float = 0.9,
+                 antithetic: bool = False, entropy_coef: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
+        if not lr > 0:
+            raise ConfigError(f"REINFORCE learning rate must be > 0, got {lr}")
+        if not 0.0 <= baseline_decay < 1.0:
+            raise ConfigError(f"baseline decay must be in [0, 1), got {baseline_decay}")
+        self.policy = policy
+        self.params = list(params) if params is not None else [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.decay, self.entropy_coef, self.antithetic = float(baseline_decay), float(entropy_coef), bool(antithetic)
+        self.baseline: float | None = None
+        self.reward_var = 0.0
+        self.episodes = 0
+        self.buffer: list[tuple[Tensor, Tensor]] = []
+        self._pending: tuple[float, list[tuple[Tensor, Tensor]]] | None = None
+
+    @property
+    def first_of_pair(self) -> bool:
+        """In antithetic mode: the next episode opens a pair (draw fresh noise; else mirror it)."""
+        return self._pending is None
+
+    def record(self, features: Tensor, action: Tensor) -> None:
+        self.buffer.append((features.detach(), action.detach()))
+
+    def _episode_logp(self, buffer: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        feats = torch.cat([f for f, _ in buffer], -3)
+        acts = torch.cat([a for _, a in buffer], -2)
+        dist = self.policy.distribution(feats)
+        return dist.log_prob(acts) / len(buffer), dist.entropy() / len(buffer)
+
+    def surrogate(self, advantage: float, buffer: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """``-advantage * log pi(episode) / steps`` (minus the entropy bonus).
+
+        The episode's decisions are one joint sample (the per-teacher exploration noise is held over
+        the episode), so their units are concatenated along the unit axis before scoring.
+        """
+        logp, ent = self._episode_logp(self.buffer if buffer is None else buffer)
+        return -advantage * logp - self.entropy_coef * ent
+
+    def _step(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def finish(self, reward: float) -> dict[str, float]:
+        """Close the episode with ``reward``; update the policy when the advantage is defined."""
+        stats = {"reward": float(reward)}
+        buffer, self.buffer = self.buffer, []
+        if not math.isfinite(reward) or not buffer:
+            self._pending = None
+            return stats
+        if self.baseline is None:
+            self.baseline = float(reward)
+        delta = reward - self.baseline
+        if self.antithetic:
+            if self._pending is None:
+                self._pending = (float(reward), buffer)
+            else:
+                r1, buf1 = self._pending
+                self._pending = None
+                half = 0.5 * (r1 - reward)
+                self.reward_var = self.decay * self.reward_var + (1 - self.decay) * half * half \
+                    if self.episodes > 2 else half * half
+                adv = max(-5.0, min(5.0, half / math.sqrt(self.reward_var + 1e-12)))
+                if half != 0:
+                    self._step(self.surrogate(adv, buf1) + self.surrogate(-adv, buffer))
+                stats["advantage"] = float(adv)
+        else:
+            adv = delta / math.sqrt(self.reward_var + 1e-12) if self.reward_var > 0 else 0.0
+            adv = max(-5.0, min(5.0, adv))
+            if adv != 0:
+                self._step(self.surrogate(adv, buffer))
+            self.reward_var = self.decay * self.reward_var + (1 - self.decay) * delta * delta
+            stats["advantage"] = float(adv)
+        self.baseline = self.decay * self.baseline + (1 - self.decay) * reward
+        stats["baseline"] = float(self.baseline)
+        self.episodes += 1
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "baseline": float("nan") if self.baseline is None else self.baseline,
+                "reward_var": self.reward_var, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        b = float(state["baseline"])
+        self.baseline = None if math.isnan(b) else b
+        self.reward_var, self.episodes = float(state["reward_var"]), int(state["episodes"])

@@ -1,0 +1,117 @@
+"""TeacherWeightingEnv: both env checkers, registration, determinism, reward and weights."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids oversubscribing a shared CPU (100x slower steps otherwise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits_clean():
+    from metagate.data import get_task
+
+    return get_task("digits")
+
+
+@pytest.fixture(scope="module")
+def synth_bank(digits_clean):
+    from metagate.envs.synthetic import synthetic_bank
+
+    return synthetic_bank(digits_clean, accuracies=(0.95, 0.9), adversarial=True)
+
+
+def make_env(task, bank, **kw):
+    from metagate.envs import TeacherWeightingEnv
+
+    kw.setdefault("batch_size", 32)
+    kw.setdefault("episode_steps", 8)
+    return TeacherWeightingEnv(task, bank, **kw)
+
+
+def test_gymnasium_check_env(digits_clean, synth_bank):
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_env(make_env(digits_clean, synth_bank), skip_render_check=True)
+
+
+def test_sb3_check_env(digits_clean, synth_bank):
+    from stable_baselines3.common.env_checker import check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SB3 mistakes a [B, K, F] float Box for an image
+        check_env(make_env(digits_clean, synth_bank), warn=False)
+
+
+def test_registered_and_makeable(digits_clean, synth_bank):
+    import gymnasium
+
+    import metagate  # noqa: F401  (registers the env)
+
+    assert "metagate/TeacherWeighting-v0" in gymnasium.registry
+    env = gymnasium.make("metagate/TeacherWeighting-v0", task=digits_clean, bank=synth_bank, batch_size=16,
+                         episode_steps=3)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (16, 3, 11) and obs.dtype == np.float32
+
+
+def test_episode_reset_determinism_and_reward(digits_clean, synth_bank):
+    env = make_env(digits_clean, synth_bank, episode_steps=5)
+    obs0, info0 = env.reset(seed=3)
+    obs1, info1 = env.reset(seed=3)
+    np.testing.assert_array_equal(obs0, obs1)
+    assert info0["student_seed"] == info1["student_seed"]
+    _, info2 = env.reset(seed=4)
+    assert info2["student_seed"] != info0["student_seed"]  # a fresh student per seed
+    env.reset(seed=3)
+    action = np.zeros(env.action_space.shape, np.float32)
+    val0 = env._val
+    truncated, steps, total = False, 0, 0.0
+    while not truncated:
+        obs, r, term, truncated, info = env.step(action)
+        assert not term and np.isfinite(r)
+        total += r
+        steps += 1
+    assert steps == 5
+    assert total == pytest.approx(env.reward_scale * (val0 - info["val"]), rel=1e-4, abs=1e-5)
+    assert total > 0  # equal weights on a fresh student: validation loss goes down
+    w = info["teacher_weights"]
+    np.testing.assert_allclose(w, 1 / 3, atol=1e-6)  # zero action = equal teacher weights
+
+
+def test_action_mapping(digits_clean, synth_bank):
+    env = make_env(digits_clean, synth_bank, alpha=0.2, temperature=0.25)
+    a = np.zeros(env.action_space.shape, np.float32)
+    a[:, 2] = -1.0
+    a[:, 0] = 1.0
+    w = env.weights_from_action(a)
+    assert w.shape == (32, 4)
+    torch.testing.assert_close(w.sum(1), torch.ones(32))
+    torch.testing.assert_close(w[:, 0], torch.full((32,), 0.2))
+    assert float(w[:, 3].max()) < 1e-3 and float(w[:, 1].min()) > 0.7
+    big = env.weights_from_action(a * 10)  # out-of-box actions are clipped, not extrapolated
+    torch.testing.assert_close(big, w)
+
+
+def test_bad_options(digits_clean, synth_bank):
+    from metagate.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        make_env(digits_clean, synth_bank, reward="f1")
+    with pytest.raises(ConfigError):
+        make_env(digits_clean, synth_bank, batch_size=10**6)
+    with pytest.raises(ConfigError):
+        make_env(digits_clean, synth_bank, alpha=1.5)
