@@ -6,9 +6,10 @@ Protocol (every choice on the ``select`` split, never on ``meta`` or ``test``):
    ``select`` accuracy (ties: lower ``select`` NLL) wins.
 2. meta learning rates: ``meta/table`` over ``--table-lrs``, ``meta/net`` over ``--net-lrs``,
    tuning seed, best ``select`` accuracy. Both meta gates start from the tuned mix
-   (label ``alpha*``, each teacher ``(1 - alpha*) / K``, ``tau*``) and use ``--meta-normalize``
-   (``column``: each column's batch mean is held at that mix, so the gate only moves label and
-   teacher weight *between units*).
+   (label ``alpha*``, each teacher ``(1 - alpha*) / K``, ``tau*``) and, by default, learn only the
+   label column (``--meta-columns label``): every unit keeps the tuned teacher signal while the
+   gate raises the label weight where the label helps the clean validation loss and lowers it
+   where it hurts (corrupted labels).
 3. evaluation seeds: ``ce``, ``fixed`` (AMAL's 0.1/0.9 split, tau 4), ``fixed-tuned``, ``hard``,
    ``meta/table``, ``meta/net``; test accuracy, NLL, ECE, the corrupted-label AUROC of the
    teacher share, mean label weight / teacher share on clean vs corrupted units; mean ± std and
@@ -73,9 +74,10 @@ def main() -> None:
     p.add_argument("--tune-seed", type=int, default=100)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
     p.add_argument("--taus", type=float, nargs="+", default=[2.0, 4.0])
-    p.add_argument("--table-lrs", type=float, nargs="+", default=[500.0, 2000.0, 8000.0])
-    p.add_argument("--net-lrs", type=float, nargs="+", default=[1e-3, 1e-2])
-    p.add_argument("--meta-normalize", default="column")
+    p.add_argument("--table-lrs", type=float, nargs="+", default=[2000.0, 8000.0])
+    p.add_argument("--net-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    p.add_argument("--meta-columns", default="label")
+    p.add_argument("--meta-normalize", default="none")
     p.add_argument("--meta-lookahead", default="all")
     p.add_argument("--out", default="/tmp/meta_bench/quality")
     args = p.parse_args()
@@ -104,7 +106,8 @@ def main() -> None:
 
     k = args.teachers
     base = {"meta_init_label": alpha, "meta_init_teacher": (1 - alpha) / k, "meta_tau": tau,
-            "meta_normalize": args.meta_normalize, "meta_lookahead": args.meta_lookahead}
+            "meta_normalize": args.meta_normalize, "meta_lookahead": args.meta_lookahead,
+            "meta_columns": args.meta_columns}
     print(f"[2] meta learning rates on select (seed {args.tune_seed})", flush=True)
     meta_cfg: dict[str, dict[str, Any]] = {}
     for param, lrs in (("table", args.table_lrs), ("net", args.net_lrs)):

@@ -223,6 +223,14 @@ def test_net_and_split_and_amal_pass(digits_noisy):
     torch.testing.assert_close(res.weights.mean(0), torch.tensor([0.1, 0.9, 0.9, 0.9]))
     assert any(not torch.equal(a, b) for a, b in zip(w0, gate.parameters()))
 
+    gate = MetaGate(param="table", columns="label", init_label=0.2, init_teacher=0.4)
+    tr = _trainer(digits_noisy, gate, k=3)
+    tr.train_step(_batch(tr))
+    res = tr.train_step(_batch(tr))
+    assert gate.param.raw.shape == (len(digits_noisy.train), 1)
+    torch.testing.assert_close(res.weights[:, 1:], torch.full((32, 3), 0.4))  # teachers held
+    assert (res.weights[:, 0] != 0.2).all()  # the label weight learned
+
     gate = MetaGate(schedule="amal", val_batch=64)
     tr = _trainer(digits_noisy, gate, arch="mlp-bn")
     before = _state(tr.student)

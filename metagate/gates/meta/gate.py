@@ -34,7 +34,14 @@ from metagate.gates.meta.lookahead import (
     logit_gradients,
     resolve_names,
 )
-from metagate.gates.meta.params import WeightNet, WeightTable, expand_columns, init_row, normalize_weights
+from metagate.gates.meta.params import (
+    WeightNet,
+    WeightTable,
+    expand_columns,
+    init_row,
+    learned_init,
+    normalize_weights,
+)
 from metagate.gates.meta.schedule import AMAL_PRESET, MetaSchedule
 from metagate.gates.registry import register
 from metagate.losses import unit_losses
@@ -50,7 +57,8 @@ class MetaGate(Gate):
     :param param: ``table`` (AMAL, per unit id) | ``net`` (Meta-Weight-Net over unit features)
     :param backend: ``func`` | ``higher`` | ``closed-form``; ``None``: ``func``, or
         ``closed-form`` under the ``amal`` schedule
-    :param columns: ``all`` (label and every teacher) | ``split`` (label vs one shared teacher weight)
+    :param columns: ``all`` (label and every teacher) | ``split`` (label vs one shared teacher weight) |
+        ``label`` (label weight only; teachers held at ``init_teacher``)
     :param transform: table only: ``clamp`` (AMAL) | ``sigmoid`` | ``softmax``
     :param lookahead: parameters of the virtual step: ``all`` | ``last`` (the head) | name prefixes
     :param meta_every: steps between look-aheads (``every`` schedule)
@@ -96,8 +104,8 @@ class MetaGate(Gate):
         if amal and backend != "closed-form":
             raise ConfigError("--meta-schedule amal uses the closed-form backend (AMAL's look-ahead); "
                               f"drop --meta-backend {backend}")
-        if columns not in ("all", "split"):
-            raise ConfigError(f"--meta-columns must be all or split, got {columns!r}")
+        if columns not in ("all", "split", "label"):
+            raise ConfigError(f"--meta-columns must be all, split or label, got {columns!r}")
         if normalize not in ("none", "unit", "column"):
             raise ConfigError(f"--meta-normalize must be none, unit or column, got {normalize!r}")
         if not tau > 0:
@@ -124,9 +132,10 @@ class MetaGate(Gate):
         self._feat: Tensor | None = None
         self._last_pass_epoch = -1
         self.updates = 0
-        self._log_loss, self._log_norm, self._log_n = 0.0, 0.0, 0
-        self.last_meta_loss = float("nan")
-        self.last_hypergrad_norm = float("nan")
+        self._log_loss: Tensor | float = 0.0
+        self._log_norm: Tensor | float = 0.0
+        self._log_n = 0
+        self._last_loss = self._last_norm = torch.tensor(float("nan"))
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -138,7 +147,7 @@ class MetaGate(Gate):
         self.dtype = next(student.parameters()).dtype
         self.num_teachers = k
         self.target_row = init_row(k, self.init_label, self.init_teacher)
-        init = self.target_row[:2] if self.columns == "split" else self.target_row
+        init = learned_init(self.target_row, self.columns)
         if self.param_kind == "table":
             self.param = WeightTable(len(trainer.task.train), init, self.transform)
         else:
@@ -151,6 +160,7 @@ class MetaGate(Gate):
         self.meta_x, self.meta_y = meta.x.to(trainer.device, self.dtype), meta.y.to(trainer.device)
         self._gen = torch.Generator().manual_seed(7919 + int(trainer.config.seed))
         self._order: Tensor = torch.empty(0, dtype=torch.long)
+        self._pos = len(meta)  # forces a shuffle on first use
         vb = self.val_batch or (1000 if self.schedule.kind == "amal" else trainer.config.batch_size)
         self._vb = min(vb, len(meta))
         if self.backend == "closed-form":
@@ -161,12 +171,16 @@ class MetaGate(Gate):
         self._feat = inputs[0].detach()
 
     def _next_val(self) -> tuple[Tensor, Tensor]:
-        """The next ``meta``-split batch (reshuffled each pass, seeded); never ``select``."""
-        if self._order.numel() < self._vb:
+        """The next ``meta``-split batch (reshuffled each pass, seeded); never ``select``.
+
+        The split is permuted once per pass; batches are contiguous slices (no per-step gather).
+        """
+        if self._pos + self._vb > len(self.meta_y):
             self._order = torch.randperm(len(self.meta_y), generator=self._gen)
-        idx, self._order = self._order[: self._vb], self._order[self._vb:]
-        idx = idx.to(self.meta_y.device)
-        return self.meta_x[idx], self.meta_y[idx]
+            idx = self._order.to(self.meta_y.device)
+            self._shuf_x, self._shuf_y, self._pos = self.meta_x[idx], self.meta_y[idx], 0
+        a, self._pos = self._pos, self._pos + self._vb
+        return self._shuf_x[a : self._pos], self._shuf_y[a : self._pos]
 
     # -- weights ---------------------------------------------------------------------------------
     def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
@@ -185,7 +199,7 @@ class MetaGate(Gate):
         else:
             feats = unit_features(student_logits, teacher_logits, labels, progress).to(self.dtype)
             raw, leaves = self.param(feats), list(self.param.parameters())
-        w = expand_columns(raw, self.num_teachers, self.columns)
+        w = expand_columns(raw, self.num_teachers, self.columns, self.target_row)
         return normalize_weights(w, self.normalize, self.target_row, mask), leaves, ids
 
     def _view_weights(self, view: UnitView) -> tuple[Tensor, list[Tensor], Tensor | None]:
@@ -264,11 +278,21 @@ class MetaGate(Gate):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self.last_meta_loss = float(val.detach())
-        self.last_hypergrad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-        self._log_loss += self.last_meta_loss
-        self._log_norm += self.last_hypergrad_norm
+        self._last_loss = val.detach()
+        self._last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        self._log_loss = self._log_loss + self._last_loss  # tensors: no host sync per step
+        self._log_norm = self._log_norm + self._last_norm
         self._log_n += 1
+
+    @property
+    def last_meta_loss(self) -> float:
+        """Validation CE at the look-ahead of the latest meta update."""
+        return float(self._last_loss)
+
+    @property
+    def last_hypergrad_norm(self) -> float:
+        """L2 norm of the latest hypergradient (w.r.t. the touched table rows or the net)."""
+        return float(self._last_norm)
 
     def amal_pass(self, trainer: Any) -> None:
         """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`.schedule`)."""
@@ -306,7 +330,7 @@ class MetaGate(Gate):
         assert self.param is not None
         return {"param": self.param.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "updates": self.updates, "last_pass_epoch": self._last_pass_epoch,
-                "val_rng": self._gen.get_state(), "val_order": self._order}
+                "val_rng": self._gen.get_state(), "val_order": self._order, "val_pos": self._pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         assert self.param is not None
@@ -314,7 +338,12 @@ class MetaGate(Gate):
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates, self._last_pass_epoch = int(state["updates"]), int(state["last_pass_epoch"])
         self._gen.set_state(state["val_rng"])
-        self._order = state["val_order"]
+        self._order, self._pos = state["val_order"], int(state["val_pos"])
+        if self._order.numel():
+            idx = self._order.to(self.meta_y.device)
+            self._shuf_x, self._shuf_y = self.meta_x[idx], self.meta_y[idx]
+        else:
+            self._pos = len(self.meta_y)
 
     def hparams(self) -> dict[str, Any]:
         return {"meta_param": self.param_kind, "meta_backend": self.backend, "meta_columns": self.columns,
@@ -326,8 +355,8 @@ class MetaGate(Gate):
 
     def log(self, logger: Any, step: int) -> None:
         if self._log_n:
-            logger.scalar("meta/loss", self._log_loss / self._log_n, step)
-            logger.scalar("meta/hypergrad_norm", self._log_norm / self._log_n, step)
+            logger.scalar("meta/loss", float(self._log_loss) / self._log_n, step)
+            logger.scalar("meta/hypergrad_norm", float(self._log_norm) / self._log_n, step)
         logger.scalar("meta/updates", float(self.updates), step)
         if isinstance(self.param, WeightTable):
             raw = self.param.raw.detach()
@@ -343,8 +372,9 @@ class MetaGate(Gate):
                        help="meta: per-unit weight table (AMAL) or a net over unit features (default: table)")
         g.add_argument("--meta-backend", choices=list(BACKENDS), default=None,
                        help="meta: hypergradient backend (default: func; closed-form under --meta-schedule amal)")
-        g.add_argument("--meta-columns", choices=["all", "split"], default="all",
-                       help="meta: learn every column, or only the label/KD split (default: all)")
+        g.add_argument("--meta-columns", choices=["all", "split", "label"], default="all",
+                       help="meta: learn every column; only the label/KD split (one shared teacher weight); or only "
+                            "the label weight, teachers held at --meta-init-teacher (default: all)")
         g.add_argument("--meta-transform", choices=["clamp", "sigmoid", "softmax"], default="clamp",
                        help="meta table: clamp to [1e-7, 2) as AMAL, 2*sigmoid, or softmax over columns "
                             "(default: clamp)")

@@ -10,7 +10,8 @@
 
 ``columns="all"`` learns every column; ``columns="split"`` learns only the label/KD split
 (two values per unit: the label weight and one weight shared by every teacher), which
-leaves the teacher mix to another gate.
+leaves the teacher mix to another gate; ``columns="label"`` learns only the label weight and
+holds every teacher at its initial weight (the teachers' signal is kept on every unit).
 
 :func:`normalize_weights` optionally rescales the weights within a batch.
 """
@@ -35,11 +36,25 @@ def init_row(num_teachers: int, init_label: float, init_teacher: float) -> Tenso
     return row
 
 
-def expand_columns(w: Tensor, num_teachers: int, columns: str) -> Tensor:
-    """``split``: ``[N, 2] -> [N, 1+K]`` (the teacher value repeated); ``all``: unchanged."""
+def expand_columns(w: Tensor, num_teachers: int, columns: str, init: Tensor | None = None) -> Tensor:
+    """Learned columns to ``[N, 1+K]``.
+
+    ``all``: unchanged; ``split``: ``[N, 2]``, the teacher value repeated; ``label``: ``[N, 1]``,
+    the teachers held at their initial weights ``init[1:]``.
+    """
     if columns == "all":
         return w
-    return torch.cat([w[:, :1], w[:, 1:2].expand(-1, num_teachers)], 1)
+    if columns == "split":
+        return torch.cat([w[:, :1], w[:, 1:2].expand(-1, num_teachers)], 1)
+    assert init is not None, "columns='label' needs the initial row"
+    return torch.cat([w[:, :1], init[1:].to(w).expand(w.shape[0], -1)], 1)
+
+
+def learned_init(init: Tensor, columns: str) -> Tensor:
+    """The learned part of the initial row for ``columns`` (``all`` | ``split`` | ``label``)."""
+    if columns not in ("all", "split", "label"):
+        raise ConfigError(f"--meta-columns must be all, split or label, got {columns!r}")
+    return {"all": init, "split": init[:2], "label": init[:1]}[columns]
 
 
 def _check_init(init: Tensor, upper: float) -> None:
@@ -114,7 +129,7 @@ class WeightNet(nn.Module):
 
     :param num_features: ``F``
     :param init: ``[J]`` initial row (label first); teachers must share one value
-    :param columns: ``all`` | ``split``
+    :param columns: ``all`` | ``split`` | ``label``
     :param hidden: encoder width
     """
 
@@ -128,7 +143,7 @@ class WeightNet(nn.Module):
         p = init.double() / SIGMOID_SCALE
         logit = torch.log(p / (1 - p))
         with torch.no_grad():
-            for lin, b in ((self.label_out, logit[0]), (self.teacher_out, logit[1])):
+            for lin, b in ((self.label_out, logit[0]), (self.teacher_out, logit[-1])):
                 lin.weight.normal_(0.0, 1e-2)
                 lin.bias.fill_(float(b))
 
@@ -137,6 +152,8 @@ class WeightNet(nn.Module):
         h = self.enc(feats)  # [N, K, H]
         pooled = h.mean(1)
         label = self.label_out(pooled)  # [N, 1]
+        if self.columns == "label":
+            return SIGMOID_SCALE * torch.sigmoid(label)
         teach = self.teacher_out(h).squeeze(-1) if self.columns == "all" else self.teacher_out(pooled)
         return SIGMOID_SCALE * torch.sigmoid(torch.cat([label, teach], 1))
 
