@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-lr", type=float, default=3e-3, help="agent learning rate")
     g.add_argument("--gamma", type=float, default=0.9, help="discount")
     g.add_argument("--gae-lambda", type=float, default=0.9, help="GAE lambda")
-    g.add_argument("--hidden", type=int, default=32, help="policy encoder width")
+    g.add_argument("--hidden", type=int, default=16, help="policy encoder width")
     g.add_argument("--shared-log-std", type=float, default=-0.5,
                    help="initial log-std of the per-teacher exploration noise")
     g.add_argument("--unit-log-std", type=float, default=None,

@@ -60,7 +60,7 @@ class TrainConfig:
     :param schedule: ``cosine`` (per step, to 0) or ``constant``
     """
 
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9

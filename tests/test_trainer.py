@@ -189,8 +189,8 @@ def test_fashion_missing_data_dir_message(tmp_path):
 def test_distillation_beats_nothing_sanity(digits_noisy, digits_bank):
     """Weights used by the fixed gate are recorded per unit; diagnostics are well-formed."""
     bank, _ = digits_bank
-    m = _trainer(digits_noisy, bank, FixedGate(0.3, 2.0), epochs=2).fit()
+    m = _trainer(digits_noisy, bank, FixedGate(0.3, 2.0), epochs=6).fit()
     assert m["gate/mean_w_label"] == pytest.approx(0.3)
     assert m["gate/teacher_share"] == pytest.approx(0.7)
     assert m["diag/auroc_teacher_share"] == pytest.approx(0.5)
-    assert m["test/acc"] > 0.5
+    assert m["test/acc"] > 0.7

@@ -52,8 +52,8 @@ def digits_task(
     train_idx, test_idx = stratified_split(y, 0.25, torch.Generator().manual_seed(12345))
     c = 10
     students = {
-        "mlp": partial(MLP, 64, (32,), c),
-        "mlp-bn": partial(MLP, 64, (32,), c, True),
+        "mlp": partial(MLP, 64, (16,), c),
+        "mlp-bn": partial(MLP, 64, (16,), c, True),
         "cnn": partial(CNN, 1, 8, 8, c, 64),
     }
     teachers = [

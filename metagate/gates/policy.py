@@ -73,6 +73,7 @@ class _RLGate(Gate):
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
         self.antithetic = True
+        self._alpha_t = torch.tensor(self.alpha)
 
     # subclasses provide the policy
     policy: nn.Module
@@ -201,7 +202,7 @@ class ReinforceGate(_RLGate):
     """
 
     def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
-                 hidden: int = 32, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
+                 hidden: int = 16, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
                  val_size: int = 512, shared_noise: bool = True, log_std: float | None = None,
                  shared_log_std: float = -0.5) -> None:
         if mode not in MODES:
@@ -232,7 +233,7 @@ class ReinforceGate(_RLGate):
                        help="reinforce: per-unit teacher weights (softmax) or Bernoulli teacher selection")
         g.add_argument("--rl-temperature", type=float, default=0.25,
                        help="reinforce: softmax temperature mapping teacher logits in [-1, 1] to weights")
-        g.add_argument("--rl-hidden", type=int, default=32, help="reinforce: policy encoder width")
+        g.add_argument("--rl-hidden", type=int, default=16, help="reinforce: policy encoder width")
         g.add_argument("--rl-log-std", type=float, default=None,
                        help="reinforce: initial log-std of per-unit exploration noise (default: off; only the "
                             "per-teacher noise held over an episode, the low-variance choice)")
@@ -303,7 +304,7 @@ class PolicyGate(_RLGate):
         self.policy.train(online)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
-        return split_kd_share(torch.tensor(self.alpha), teacher_probs(action.clamp(-1, 1), self.temperature))
+        return split_kd_share(self._alpha_t, teacher_probs(action.clamp(-1, 1), self.temperature))
 
     def setup(self, trainer: Trainer) -> None:
         super().setup(trainer)
