@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -85,9 +86,11 @@ def reliability_figure(probs: Tensor, labels: Tensor, title: str = "", n_bins: i
     width = 1.0 / n_bins
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     has = (b["count"] > 0).numpy()
-    ax.bar(centers[has], b["accuracy"].numpy()[has], width=width, edgecolor="black", label="accuracy")
-    ax.bar(centers[has], (b["confidence"] - b["accuracy"]).numpy()[has], bottom=b["accuracy"].numpy()[has],
-           width=width, color="red", alpha=0.3, edgecolor="red", label="gap")
+    acc, conf = b["accuracy"].numpy()[has], b["confidence"].numpy()[has]
+    ax.bar(centers[has], acc, width=width, color="tab:blue", alpha=0.8, edgecolor="black", label="accuracy")
+    # the gap between each bin's mean confidence and its accuracy, hatched over the bar
+    ax.bar(centers[has], abs(conf - acc), bottom=np.minimum(conf, acc), width=width, fill=False, hatch="//",
+           edgecolor="red", lw=0.8, label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")

@@ -66,7 +66,7 @@ class ReinforcePolicy(nn.Module):
     :param shared_log_std: log-std of per-teacher noise shared by the batch's units (``None``: off)
     """
 
-    def __init__(self, mode: str = "weights", num_features: int = NUM_FEATURES, hidden: int = 32,
+    def __init__(self, mode: str = "weights", num_features: int = NUM_FEATURES, hidden: int = 16,
                  temperature: float = 0.25, log_std: float | None = None, shared_log_std: float | None = -0.5) -> None:
         super().__init__()
         if mode not in MODES:
@@ -97,7 +97,8 @@ class ReinforcePolicy(nn.Module):
         """Action ``[N, K]`` -> ``W [N, 1+K]`` with label weight ``alpha``."""
         if self.mode == "select":
             return selection_weights(action, alpha)
-        return split_kd_share(torch.tensor(alpha), teacher_probs(action.clamp(-1, 1), self.temperature))
+        return split_kd_share(torch.tensor(alpha, device=action.device), teacher_probs(action.clamp(-1, 1),
+                                                                                     self.temperature))
 
 
 class ReinforceLearner:

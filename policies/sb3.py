@@ -38,7 +38,7 @@ class TeacherWeightingPolicy(ActorCriticPolicy):
         observation_space: spaces.Space,
         action_space: spaces.Space,
         lr_schedule: Any,
-        hidden: int = 32,
+        hidden: int = 16,
         log_std_init: float | None = None,
         shared_log_std_init: float | None = -0.5,
         weight_temperature: float = 0.25,

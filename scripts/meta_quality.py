@@ -80,7 +80,15 @@ def main() -> None:
     p.add_argument("--meta-normalize", default="none")
     p.add_argument("--meta-lookahead", default="all")
     p.add_argument("--out", default="/tmp/meta_bench/quality")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--report", default=None, help="only print the tables of an existing quality.json")
     args = p.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from metagate.run import DistillConfig, load_task, load_teachers
     from metagate.trainer import TrainConfig
@@ -134,8 +142,19 @@ def main() -> None:
         log["results"] = results
         (out / "quality.json").write_text(json.dumps(log, indent=2))
 
+    report(log)
+
+
+def report(log: dict[str, Any]) -> None:
+    """Print the comparison tables from a ``quality.json`` log (complete seeds only)."""
     from metagate.report import table
 
+    results, args = log["results"], argparse.Namespace(**log["args"])
+    alpha, tau, meta_cfg = log["fixed_tuned"]["alpha"], log["fixed_tuned"]["tau"], log["meta_configs"]
+    n = min(len(rs) for rs in results.values())
+    results = {g: rs[:n] for g, rs in results.items()}
+    seeds = args.seeds[:n]
+    task_key = f"{args.task} noise {args.noise}"
     ref = results["fixed-tuned"]
     rows = []
     for name, rs in results.items():
@@ -147,7 +166,7 @@ def main() -> None:
                      fmt_ms([r.get("diag/auroc_teacher_share", math.nan) for r in rs], 1, 3),
                      " ".join(f"{d:+.2f}" for d in diff), " ".join(f"{d:+.3f}" for d in dnll),
                      " ".join(f"{d:+.3f}" for d in dece)])
-    print(f"\n{task.key}, student {args.student}, {args.epochs} epochs, seeds {args.seeds}; "
+    print(f"\n{task_key}, student {args.student}, {args.epochs} epochs, seeds {seeds}; "
           f"fixed-tuned alpha {alpha} tau {tau}; meta: {json.dumps(meta_cfg)}")
     print(table(["gate", "seeds", "test acc %", "test NLL", "test ECE", "AUROC", "Δacc vs tuned (per seed)",
                  "ΔNLL", "ΔECE"], rows))
@@ -156,7 +175,7 @@ def main() -> None:
         wrows.append([name] + [fmt_ms([r.get(key, math.nan) for r in rs], 1, 3) for key in KEYS[4:]])
     print(table(["gate", "w_label clean", "w_label corrupted", "teacher share clean", "teacher share corrupted"],
                 wrows))
-    print(f"\nwritten {out / 'quality.json'}")
+    print(f"\nresults in {args.out}/quality.json")
 
 
 if __name__ == "__main__":
