@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from metagate.data.task import Task, TeacherSpec, build_task
 from metagate.errors import ConfigError, InputError
@@ -36,6 +37,26 @@ def get_task(name: str, **kwargs: object) -> Task:
     return TASKS[name](**kwargs)
 
 
+TEACHER_WIDTHS = (16, 24, 32, 20, 28)
+
+
+def image_models(size: int, num_classes: int, mlp_hidden: int, teacher_epochs: int, teacher_lr: float,
+                 teacher_batch: int) -> tuple[dict[str, Callable[[], nn.Module]], list[TeacherSpec]]:
+    """Students (``mlp``, ``mlp-bn``, ``cnn``) and CNN teachers of growing width for square 1-channel images.
+
+    Teachers are CNNs (stronger than the default MLP student); students are small on purpose.
+    """
+    c = num_classes
+    students: dict[str, Callable[[], nn.Module]] = {
+        "mlp": partial(MLP, size * size, (mlp_hidden,), c),
+        "mlp-bn": partial(MLP, size * size, (mlp_hidden,), c, True),
+        "cnn": partial(CNN, 1, size, 8, c, 64),
+    }
+    teachers = [TeacherSpec(f"cnn{w}", partial(CNN, 1, size, w, c, 128), epochs=teacher_epochs, lr=teacher_lr,
+                            batch_size=teacher_batch) for w in TEACHER_WIDTHS]
+    return students, teachers
+
+
 @register_task("digits")
 def digits_task(
     noise: float = 0.0, noise_type: str = "symmetric", data_seed: int = 0, val_fraction: float = 0.1, **_: object
@@ -51,15 +72,7 @@ def digits_task(
 
     train_idx, test_idx = stratified_split(y, 0.25, torch.Generator().manual_seed(12345))
     c = 10
-    students = {
-        "mlp": partial(MLP, 64, (16,), c),
-        "mlp-bn": partial(MLP, 64, (16,), c, True),
-        "cnn": partial(CNN, 1, 8, 8, c, 64),
-    }
-    teachers = [
-        TeacherSpec(f"cnn{w}", partial(CNN, 1, 8, w, c, 128), epochs=30, lr=2e-3, batch_size=64)
-        for w in (16, 24, 32, 20, 28)
-    ]
+    students, teachers = image_models(8, c, mlp_hidden=16, teacher_epochs=30, teacher_lr=2e-3, teacher_batch=64)
     return build_task("digits", x[train_idx], y[train_idx], x[test_idx], y[test_idx], c, students, teachers,
                       noise, noise_type, val_fraction, data_seed)
 
@@ -120,14 +133,6 @@ def fashion_task(
     xtr, ytr = load("train")
     xte, yte = load("t10k")
     c = 10
-    students = {
-        "mlp": partial(MLP, 784, (128,), c),
-        "mlp-bn": partial(MLP, 784, (128,), c, True),
-        "cnn": partial(CNN, 1, 28, 8, c, 64),
-    }
-    teachers = [
-        TeacherSpec(f"cnn{w}", partial(CNN, 1, 28, w, c, 128), epochs=8, lr=1e-3, batch_size=128)
-        for w in (16, 24, 32, 20, 28)
-    ]
+    students, teachers = image_models(28, c, mlp_hidden=128, teacher_epochs=8, teacher_lr=1e-3, teacher_batch=128)
     return build_task("fashion", xtr, ytr, xte, yte, c, students, teachers, noise, noise_type, val_fraction,
                       data_seed)
