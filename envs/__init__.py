@@ -4,6 +4,7 @@ Importing this package (``import metagate`` does) registers ``metagate/TeacherWe
 """
 
 from gymnasium.envs.registration import register, registry
+
 from metagate.envs.teacher_weighting import TeacherWeightingEnv
 
 ENV_ID = "metagate/TeacherWeighting-v0"

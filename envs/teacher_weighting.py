@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gymnasium import spaces
-from metagate.policies.core import split_kd_share, teacher_probs
 
 from metagate.data.task import Batch, Task
 from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES, unit_features
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
+from metagate.policies.core import split_kd_share, teacher_probs
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
@@ -51,6 +51,10 @@ class TeacherWeightingEnv(gym.Env):
     :param reward: ``loss`` (validation CE improvement) or ``acc`` (validation accuracy improvement)
     :param reward_scale: multiplies the reward
     :param val_size: size of the fixed ``meta`` subset the reward is measured on
+    :param reward_every: measure the validation loss every this many steps (and at the episode's end);
+        the improvement since the last measurement is the reward of that step, other steps get 0.
+        Per-step improvements are mostly noise anyway (momentum spreads a step's effect over the next
+        ones), and validating less often keeps the env step close to a bare trainer step.
     :param lr: student learning rate (cosine schedule over the episode by default)
     :param momentum: student SGD momentum
     """
@@ -74,6 +78,7 @@ class TeacherWeightingEnv(gym.Env):
         reward: str = "loss",
         reward_scale: float = 10.0,
         val_size: int = 256,
+        reward_every: int = 5,
         lr: float = 0.05,
         momentum: float = 0.9,
         optimizer: str = "sgd",
@@ -86,6 +91,8 @@ class TeacherWeightingEnv(gym.Env):
             raise ConfigError(f"reward must be 'loss' or 'acc', got {reward!r}")
         if episode_steps < 1:
             raise ConfigError(f"episode_steps must be >= 1, got {episode_steps}")
+        if reward_every < 1:
+            raise ConfigError(f"reward_every must be >= 1, got {reward_every}")
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
@@ -100,7 +107,7 @@ class TeacherWeightingEnv(gym.Env):
         self.student_arch = student
         self.batch_size, self.episode_steps = int(batch_size), int(episode_steps)
         self.alpha, self.tau, self.temperature = float(alpha), float(tau), float(temperature)
-        self.reward_kind, self.reward_scale = reward, float(reward_scale)
+        self.reward_kind, self.reward_scale, self.reward_every = reward, float(reward_scale), int(reward_every)
         self.train_config = dict(batch_size=self.batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
                                  schedule=schedule,
                                  epochs=1, device=device, progress=False, eval_test_every_epoch=False)
@@ -174,14 +181,16 @@ class TeacherWeightingEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         w = self.weights_from_action(action)
         res = self.trainer.train_step(self._batch, GateOutput(w, self.tau))
-        val = self._validate()
-        delta = (self._val - val) if self.reward_kind == "loss" else (val - self._val)
-        reward = self.reward_scale * delta
-        if not math.isfinite(reward):
-            reward = -self.reward_scale
-        self._val = val
         self._t += 1
         truncated = self._t >= self.episode_steps
+        reward, val = 0.0, self._val
+        if truncated or self._t % self.reward_every == 0:
+            val = self._validate()
+            delta = (self._val - val) if self.reward_kind == "loss" else (val - self._val)
+            reward = self.reward_scale * delta
+            if not math.isfinite(reward):
+                reward = -self.reward_scale
+            self._val = val
         self._batch = next(self._iter)
         obs = self._observe(self._batch)
         kd = w[:, 1:] / w[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)

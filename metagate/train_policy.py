@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reward", default="loss", choices=["loss", "acc"], help="validation loss or accuracy improvement")
     g.add_argument("--reward-scale", type=float, default=10.0, help="reward multiplier")
     g.add_argument("--val-size", type=int, default=256, help="size of the fixed meta subset for the reward")
+    g.add_argument("--reward-every", type=int, default=5, help="validate (and reward) every this many steps")
     g.add_argument("--lr", type=float, default=0.05, help="student learning rate")
     g.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
     g = p.add_argument_group("agent")
@@ -89,7 +90,7 @@ def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(teachers=args.teachers, adversarial_teacher=args.adversarial_teacher, noise=args.noise,
                 data_seed=args.data_seed, student=args.student, batch_size=args.batch_size,
                 episode_steps=args.episode_steps, alpha=args.alpha, tau=args.tau, temperature=args.temperature,
-                reward=args.reward, reward_scale=args.reward_scale, val_size=args.val_size, lr=args.lr,
+                reward=args.reward, reward_scale=args.reward_scale, val_size=args.val_size, reward_every=args.reward_every, lr=args.lr,
                 momentum=args.momentum, cache_dir=args.cache_dir, device="cpu")
 
 

@@ -8,11 +8,11 @@ import math
 from typing import Any, Protocol
 
 import torch
-from metagate.policies.core import TeacherGaussian, TeacherLogitHead, selection_weights, split_kd_share, teacher_probs
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES
+from metagate.policies.core import TeacherGaussian, TeacherLogitHead, selection_weights, split_kd_share, teacher_probs
 
 MODES = ("weights", "select")
 

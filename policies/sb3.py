@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 from gymnasium import spaces
-from metagate.policies.core import TeacherEncoder, TeacherGaussian, TeacherLogitHead, teacher_probs
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
+
+from metagate.policies.core import TeacherEncoder, TeacherGaussian, TeacherLogitHead, teacher_probs
 
 
 class TeacherWeightingPolicy(ActorCriticPolicy):

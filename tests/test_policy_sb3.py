@@ -81,11 +81,10 @@ def test_teacher_gaussian_density(unit, shared):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A short PPO run (a few hundred steps on digits with planted teachers) through train-policy."""
-    from metagate.envs import TeacherWeightingEnv
-    from metagate.envs.synthetic import synthetic_bank
-
     from metagate.cli import build_parser
     from metagate.data import get_task
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs.synthetic import synthetic_bank
     from metagate.train_policy import train_policy
 
     task = get_task("digits")
@@ -131,11 +130,10 @@ def test_save_load_round_trip_gives_identical_actions(trained):
 
 
 def test_a2c_runs(tmp_path):
-    from metagate.envs import TeacherWeightingEnv
-    from metagate.envs.synthetic import synthetic_bank
-
     from metagate.cli import build_parser
     from metagate.data import get_task
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs.synthetic import synthetic_bank
     from metagate.gates.policy import load_sb3_policy
     from metagate.train_policy import train_policy
 
@@ -149,9 +147,8 @@ def test_a2c_runs(tmp_path):
 
 
 def test_distill_with_trained_policy(trained, tmp_path, capsys):
-    from metagate.envs.synthetic import synthetic_bank
-
     from metagate.data import get_task
+    from metagate.envs.synthetic import synthetic_bank
     from metagate.gates.policy import PolicyGate
     from metagate.trainer import TrainConfig, Trainer
 
