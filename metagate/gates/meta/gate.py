@@ -369,41 +369,39 @@ class MetaGate(Gate):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("meta gate (ALM-KD / AMAL, Meta-Weight-Net)")
         g.add_argument("--meta-param", choices=["table", "net"], default="table",
-                       help="meta: per-unit weight table (AMAL) or a net over unit features (default: table)")
+                       help="meta: per-unit weight table (AMAL) or a net over unit features")
         g.add_argument("--meta-backend", choices=list(BACKENDS), default=None,
-                       help="meta: hypergradient backend (default: func; closed-form under --meta-schedule amal)")
+                       help="meta: hypergradient backend (unset: func; closed-form under --meta-schedule amal)")
         g.add_argument("--meta-columns", choices=["all", "split", "label"], default="all",
                        help="meta: learn every column; only the label/KD split (one shared teacher weight); or only "
-                            "the label weight, teachers held at --meta-init-teacher (default: all)")
+                            "the label weight, teachers held at --meta-init-teacher")
         g.add_argument("--meta-transform", choices=["clamp", "sigmoid", "softmax"], default="clamp",
-                       help="meta table: clamp to [1e-7, 2) as AMAL, 2*sigmoid, or softmax over columns "
-                            "(default: clamp)")
+                       help="meta table: clamp to [1e-7, 2) as AMAL, 2*sigmoid, or softmax over columns")
         g.add_argument("--meta-lookahead", default="all",
                        help="meta: parameters of the virtual step: all, last (the head) or comma-separated "
-                            "name prefixes (default: all)")
-        g.add_argument("--meta-every", type=int, default=1, help="meta: steps between look-aheads (default: 1)")
+                            "name prefixes")
+        g.add_argument("--meta-every", type=int, default=1, help="meta: steps between look-aheads")
         g.add_argument("--meta-lr", type=float, default=None,
-                       help="meta learning rate (default: 1500 for the table with plain SGD, as AMAL; "
+                       help="meta learning rate (unset: 1500 for the table with plain SGD, as AMAL; "
                             "1e-3 for the net with Adam)")
         g.add_argument("--meta-schedule", choices=["every", "amal"], default="every",
                        help="meta: a look-ahead every --meta-every steps, or AMAL's preset (full closed-form "
-                            "pass every 10 epochs from epoch 10, groups of 3 batches, 5 iterations, lr 1500) "
-                            "(default: every)")
-        g.add_argument("--meta-tau", type=float, default=4.0, help="meta: KD temperature (default: 4.0)")
+                            "pass every 10 epochs from epoch 10, groups of 3 batches, 5 iterations, lr 1500)")
+        g.add_argument("--meta-tau", type=float, default=4.0, help="meta: KD temperature")
         g.add_argument("--meta-init-label", type=float, default=0.1,
-                       help="meta: initial label weight (default: 0.1, AMAL)")
+                       help="meta: initial label weight (AMAL: 0.1)")
         g.add_argument("--meta-init-teacher", type=float, default=0.9,
-                       help="meta: initial weight of each teacher column (default: 0.9, AMAL)")
+                       help="meta: initial weight of each teacher column (AMAL: 0.9)")
         g.add_argument("--meta-normalize", choices=["none", "unit", "column"], default="none",
                        help="meta: none (AMAL); unit: rows sum to the initial row sum; column: per batch, each "
-                            "column's mean is held at its initial value (default: none)")
+                            "column's mean is held at its initial value")
         g.add_argument("--meta-val-batch", type=int, default=0,
-                       help="meta: validation batch size from the meta split (default: 0 = the training batch "
+                       help="meta: validation batch size from the meta split (0: the training batch "
                             "size; 1000 under amal)")
-        g.add_argument("--meta-hidden", type=int, default=32, help="meta net: hidden width (default: 32)")
+        g.add_argument("--meta-hidden", type=int, default=32, help="meta net: hidden width")
         g.add_argument("--meta-inner-iters", type=int, default=None,
-                       help="meta: updates per look-ahead (default: 1; 5 under amal)")
-        g.add_argument("--meta-fit", type=int, default=3, help="meta amal: mini-batches per group (default: 3)")
+                       help="meta: updates per look-ahead (unset: 1; 5 under amal)")
+        g.add_argument("--meta-fit", type=int, default=3, help="meta amal: mini-batches per group")
         g.add_argument("--meta-no-reuse", action="store_true",
                        help="meta func: forward the training batch again instead of reusing the real forward")
 
