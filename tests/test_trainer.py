@@ -80,6 +80,7 @@ class _Evil:
         return (print, ("executed!",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_loading_never_unpickles_code(digits_noisy, digits_bank, tmp_path):
     bank, _ = digits_bank
     path = tmp_path / "evil.pt"
