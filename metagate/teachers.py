@@ -134,11 +134,16 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
                       schedule="cosine", weight_decay=0.0, seed=seed, device=device, progress=progress,
                       eval_test_every_epoch=False)
     trainer = Trainer(task, model, CEGate(), None, cfg)
+    from tqdm.auto import tqdm
+
     best: dict[str, Any] = {"acc": -1.0}
     patience = 0
+    bar = tqdm(total=cfg.epochs * trainer.steps_per_epoch, desc=f"teacher {spec.name}", unit="step", leave=False,
+               disable=not progress, dynamic_ncols=True)
     while trainer.epoch < cfg.epochs:
-        trainer.run_epoch()
+        trainer.run_epoch(bar)
         acc = trainer.evaluate("select")["acc"]
+        bar.set_postfix(select_acc=f"{acc:.3f}")
         if acc > best["acc"]:
             best = {"acc": acc, "state": copy.deepcopy(model.state_dict()), "epoch": trainer.epoch}
             patience = 0
@@ -146,6 +151,7 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
             patience += 1
             if patience >= 3:
                 break
+    bar.close()
     model.load_state_dict(best["state"])
     stats = {"select_acc": best["acc"], "test_acc": trainer.evaluate("test")["acc"], "epoch": best["epoch"]}
     return model.cpu().eval(), stats
