@@ -57,6 +57,8 @@ def best(results: dict[str, dict]) -> str:
 
 def fmt_ms(vals: list[float], scale: float = 1.0, digits: int = 4) -> str:
     vals = [v * scale for v in vals]
+    if any(math.isnan(v) for v in vals):
+        return "-"
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
