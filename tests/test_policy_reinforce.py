@@ -166,3 +166,21 @@ def test_cli_distill_reinforce_and_resume(digits_bank, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--rl-episode", "0", "--overwrite"]) == 2
     assert "--rl-episode" in capsys.readouterr().err
+
+
+def test_meta_plus_policy_composes(digits_bank, tmp_path):
+    """--gate meta+policy: the meta gate's label weight and KD share, the policy's teacher distribution."""
+    from metagate.cli import main
+    from metagate.gates.policy import MetaPolicyGate
+    from metagate.run import build_gate
+
+    gate = build_gate("meta+policy", {"meta_columns": "split", "meta_param": "net"})
+    assert isinstance(gate, MetaPolicyGate)
+    run = tmp_path / "run"
+    assert main(["distill", "--task", "digits", "--noise", "0.4", "--gate", "meta+policy", "--meta-columns", "split",
+                 "--teachers", "3", "--adversarial-teacher", "--epochs", "1", "--logdir", str(run), "--device", "cpu",
+                 "--no-progress"]) == 0
+    import json
+
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0 < m["gate/mean_w_label"] and m["gate/mean_w_teacher2"] >= 0

@@ -327,3 +327,74 @@ def policy_quality(weights: Tensor) -> dict[str, float]:
     kd = weights[:, 1:]
     share = kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
     return {f"teacher{j}": float(v) for j, v in enumerate(share.mean(0).tolist()) if not math.isnan(v)}
+
+
+@register("meta+policy")
+class MetaPolicyGate(Gate):
+    """Composition: the meta gate learns the label/KD split, a policy weights the teachers inside it.
+
+    Per step: the meta gate's look-ahead (``before_step``) and weights give each unit's label weight
+    and total teacher weight (the sum of its teacher columns; ``--meta-columns split`` learns exactly
+    that); the policy gate (``reinforce``, or ``policy`` with ``--policy PATH``) gives the per-unit
+    distribution over teachers; :func:`split_kd_share` combines them. Both learn in the same step:
+    the meta gate from its look-ahead (which uses its own teacher columns), the policy from the
+    validation reward of its episodes.
+
+    :param meta: a :class:`metagate.gates.meta.MetaGate`
+    :param policy: a :class:`ReinforceGate` or :class:`PolicyGate`
+    """
+
+    trusted_weights = True
+
+    def __init__(self, meta: Gate, policy: _RLGate) -> None:
+        self.meta, self.policy_gate = meta, policy
+        self.uses_teachers = True
+
+    def setup(self, trainer: Trainer) -> None:
+        self.meta.setup(trainer)
+        self.policy_gate.setup(trainer)
+
+    def before_step(self, ctx: StepContext) -> None:
+        self.meta.before_step(ctx)
+        self.policy_gate.before_step(ctx)
+
+    def weights(self, view: UnitView) -> GateOutput:
+        m = self.meta.weights(view)
+        p = self.policy_gate.weights(view).weights
+        kd = p[:, 1:]
+        probs = kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
+        no_teacher = kd.sum(1) <= 0  # a selection policy chose no teacher: keep the meta row as it is
+        w = split_kd_share(m.weights[:, 0], probs, kd_share=m.weights[:, 1:].sum(1))
+        if bool(no_teacher.any()):
+            w = torch.where(no_teacher.unsqueeze(1), m.weights, w)
+        return GateOutput(w, m.tau)
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.meta.after_step(ctx)
+        self.policy_gate.after_step(ctx)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.meta.parameters()) + list(self.policy_gate.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta.state_dict(), "policy": self.policy_gate.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.meta.load_state_dict(state["meta"])
+        self.policy_gate.load_state_dict(state["policy"])
+
+    def hparams(self) -> dict[str, Any]:
+        return {**self.meta.hparams(), **{f"policy_{k}": v for k, v in self.policy_gate.hparams().items()}}
+
+    def log(self, logger: Any, step: int) -> None:
+        self.meta.log(logger, step)
+        self.policy_gate.log(logger, step)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MetaPolicyGate:
+        from metagate.gates.registry import get_gate_class
+
+        meta = get_gate_class("meta").from_args(args)
+        policy: _RLGate = PolicyGate.from_args(args) if getattr(args, "policy", None) else \
+            ReinforceGate.from_args(args)
+        return cls(meta, policy)
