@@ -32,6 +32,8 @@ VARIANTS = {
     "meta func (all, no reuse)": ("meta", {"meta_backend": "func", "meta_lookahead": "all", "meta_no_reuse": True}),
     "meta higher (all)": ("meta", {"meta_backend": "higher", "meta_lookahead": "all"}),
     "meta closed-form": ("meta", {"meta_backend": "closed-form"}),
+    "meta func (last, val 64)": ("meta", {"meta_backend": "func", "meta_lookahead": "last", "meta_val_batch": 64}),
+    "meta closed-form (val 64)": ("meta", {"meta_backend": "closed-form", "meta_val_batch": 64}),
 }
 
 
@@ -61,7 +63,7 @@ def build(task_name: str, arch: str, k: int, batch_size: int, steps: int, varian
 
 
 def time_all(args: argparse.Namespace, arch: str) -> dict[str, float]:
-    fns, batches = build(args.task, arch, args.teachers, args.batch_size, args.steps, list(VARIANTS))
+    fns, batches = build(args.task, arch, args.teachers, args.batch_size, args.steps, args.variants)
     for fn in fns.values():  # warm-up
         for b in batches[:5]:
             fn(b)
@@ -121,10 +123,13 @@ def main() -> None:
     p.add_argument("--mem-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants to time (fixed is always included)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--student-one", default="mlp", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fixed", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.variants = ["fixed"] + [v for v in args.variants if v != "fixed"]
     torch.set_num_threads(args.threads)
     if args.child:
         peak_memory_child(args)
