@@ -121,6 +121,7 @@ class TeacherWeightingEnv(gym.Env):
         self._val_x = task.meta.x[idx].to(self.device)
         self._val_y = task.meta.y[idx].to(self.device)
         self.trainer: Trainer | None = None
+        self._logits: torch.Tensor | None = None
         self._gate = FixedGate(self.alpha, self.tau)
         self._t = 0
 
@@ -133,15 +134,14 @@ class TeacherWeightingEnv(gym.Env):
                     yield batch
             epoch += 1
 
-    @torch.no_grad()
     def _observe(self, batch: Batch) -> np.ndarray:
+        """Features of ``batch`` from the student's train-mode forward, whose logits (and graph) the next
+        ``train_step`` reuses: the observation costs no extra forward pass."""
         assert self.trainer is not None
         student = self.trainer.student
-        was_training = student.training
-        student.eval()
-        logits = student(batch.x)
-        student.train(was_training)
-        feats = unit_features(logits, self.bank.lookup(batch.ids), batch.y, self.trainer.progress)
+        student.train()
+        self._logits = student(batch.x)
+        feats = unit_features(self._logits, self.bank.lookup(batch.ids), batch.y, self.trainer.progress)
         return feats.clamp_(0.0, FEATURE_HIGH).cpu().numpy()
 
     @torch.no_grad()
@@ -180,7 +180,8 @@ class TeacherWeightingEnv(gym.Env):
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         w = self.weights_from_action(action)
-        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau))
+        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau), logits=self._logits)
+        self._logits = None
         self._t += 1
         truncated = self._t >= self.episode_steps
         reward, val = 0.0, self._val

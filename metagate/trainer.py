@@ -195,17 +195,21 @@ class Trainer:
             view.teacher_log_probs_fn = teacher_log_probs
         return view
 
-    def train_step(self, batch: Batch, decision: GateOutput | None = None) -> StepResult:
+    def train_step(self, batch: Batch, decision: GateOutput | None = None,
+                   logits: Tensor | None = None) -> StepResult:
         """One student update on ``batch``.
 
         :param batch: training units (ids index the training split)
         :param decision: weights chosen by an outside driver; ``None`` asks the gate
+        :param logits: the student's train-mode logits of ``batch`` (with their graph) at the current
+            parameters, when an outside driver already needed them (the env's observation); ``None``
+            runs the forward here
         """
         student = self.student
         student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.step)
-        logits = student(batch.x)
+        logits = student(batch.x) if logits is None else logits
         view = self.make_view(batch, logits)
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:

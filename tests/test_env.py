@@ -115,3 +115,30 @@ def test_bad_options(digits_clean, synth_bank):
         make_env(digits_clean, synth_bank, batch_size=10**6)
     with pytest.raises(ConfigError):
         make_env(digits_clean, synth_bank, alpha=1.5)
+
+
+def test_env_step_equals_a_plain_trainer_step(digits_clean, synth_bank):
+    """The env reuses its observation's forward for the update: same student as train_step's own forward."""
+    from metagate.gates.base import GateOutput
+    from metagate.gates.fixed import FixedGate
+    from metagate.trainer import TrainConfig, Trainer
+
+    env = make_env(digits_clean, synth_bank, episode_steps=6)
+    _, info = env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    batches, actions = [], []
+    for _ in range(4):
+        a = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        batches.append(env._batch)
+        actions.append(a)
+        env.step(a)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(info["student_seed"])
+        student = digits_clean.make_student()
+    tr = Trainer(digits_clean, student, FixedGate(), synth_bank,
+                 TrainConfig(seed=info["student_seed"], **env.train_config))
+    tr.total_steps = env.episode_steps
+    for b, a in zip(batches, actions):
+        tr.train_step(b, GateOutput(env.weights_from_action(a), env.tau))
+    for (k, p), q in zip(tr.student.state_dict().items(), env.trainer.student.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=k)

@@ -180,3 +180,17 @@ def test_policy_gate_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ConfigError):
         PolicyGate(path=bad)
+
+
+def test_cli_distill_gate_policy(trained, digits_bank, tmp_path, capsys):
+    from metagate.cli import main
+
+    _, out, _ = trained
+    run = tmp_path / "run"
+    assert main(["distill", "--task", "digits", "--noise", "0.4", "--teachers", "3", "--adversarial-teacher",
+                 "--gate", "policy", "--policy", str(out), "--epochs", "1", "--logdir", str(run), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert "gate/mean_w_teacher2" in capsys.readouterr().out
+    assert main(["distill", "--task", "digits", "--noise", "0.4", "--gate", "policy", "--policy",
+                 str(tmp_path / "nope.zip"), "--epochs", "1", "--logdir", str(tmp_path / "r2"), "--device", "cpu",
+                 "--no-progress"]) == 2

@@ -51,7 +51,7 @@ class _RLGate(Gate):
     trusted_weights = True
 
     def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 5,
-                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 256) -> None:
+                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
         if not tau > 0:
@@ -187,7 +187,7 @@ class _RLGate(Gate):
         g.add_argument("--rl-lr", type=float, default=1e-2, help="policy/reinforce: policy learning rate (Adam)")
         g.add_argument("--rl-baseline-decay", type=float, default=0.9,
                        help="policy/reinforce: moving-average decay of the reward baseline")
-        g.add_argument("--rl-val-size", type=int, default=256,
+        g.add_argument("--rl-val-size", type=int, default=128,
                        help="policy/reinforce: size of the fixed meta subset the reward is measured on")
 
 
@@ -203,7 +203,7 @@ class ReinforceGate(_RLGate):
 
     def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
                  hidden: int = 16, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
-                 val_size: int = 256, shared_noise: bool = True, log_std: float | None = None,
+                 val_size: int = 128, shared_noise: bool = True, log_std: float | None = None,
                  shared_log_std: float = -0.5) -> None:
         if mode not in MODES:
             raise ConfigError(f"--rl-mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -290,7 +290,7 @@ class PolicyGate(_RLGate):
 
     def __init__(self, policy: nn.Module | None = None, path: str | Path | None = None, alpha: float | None = None,
                  tau: float | None = None, online: bool = False, episode: int = 5, lr: float = 1e-3,
-                 baseline_decay: float = 0.9, val_size: int = 256) -> None:
+                 baseline_decay: float = 0.9, val_size: int = 128) -> None:
         if policy is None:
             if path is None:
                 raise ConfigError("--gate policy needs --policy PATH (a zip from `metagate train-policy`)")
