@@ -23,7 +23,8 @@ fashion-data:
 	  echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or pass --data-dir)"
 
 demo: $(STAMP) fashion-data
-	$(BIN)/metagate compare --task digits --noise 0.4 --gates ce fixed hard --seeds 0 1 2 --logdir runs/demo
+	$(BIN)/metagate compare --task digits --noise 0.4 --gates ce fixed hard meta reinforce --meta-param net \
+	  --seeds 0 1 2 --logdir runs/demo
 
 test: $(STAMP) fashion-data
 	$(BIN)/ruff check .

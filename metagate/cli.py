@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     for name, (add, run) in COMMANDS.items():
-        sp = sub.add_parser(name, formatter_class=F)
+        doc = (run.__doc__ or "").strip().splitlines()
+        sp = sub.add_parser(name, formatter_class=F, help=doc[0] if doc else None)
         add(sp)
         sp.set_defaults(func=run)
     return parser

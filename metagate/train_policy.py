@@ -134,6 +134,7 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    """train a teacher-weighting policy (PPO/A2C) on the gymnasium env; save a zip"""
     train_policy(args)
     out = Path(args.out)
     print(f"saved {out if out.suffix == '.zip' else out.with_suffix('.zip')}; deploy with "
