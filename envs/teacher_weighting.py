@@ -24,10 +24,9 @@ from gymnasium import spaces
 
 from metagate.data.task import Batch, Task
 from metagate.errors import ConfigError
-from metagate.features import NUM_FEATURES, unit_features
+from metagate.features import NUM_FEATURES, TeacherFeatureCache
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
-from metagate.policies.core import split_kd_share, teacher_probs
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
@@ -123,6 +122,9 @@ class TeacherWeightingEnv(gym.Env):
         self.trainer: Trainer | None = None
         self._logits: torch.Tensor | None = None
         self._gate = FixedGate(self.alpha, self.tau)
+        # teacher-only features of every training unit, once: an observation only adds KL and student features
+        self._features = TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
+        self._alpha_col = torch.full((self.batch_size, 1), self.alpha, device=self.device)
         self._t = 0
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -141,8 +143,8 @@ class TeacherWeightingEnv(gym.Env):
         student = self.trainer.student
         student.train()
         self._logits = student(batch.x)
-        feats = unit_features(self._logits, self.bank.lookup(batch.ids), batch.y, self.trainer.progress)
-        return feats.clamp_(0.0, FEATURE_HIGH).cpu().numpy()
+        feats = self._features.features(self._logits, batch.ids.to(self.device), self.trainer.progress)
+        return feats.cpu().numpy()  # clamped to [0, FEATURE_HIGH]
 
     @torch.no_grad()
     def _validate(self) -> float:
@@ -158,7 +160,10 @@ class TeacherWeightingEnv(gym.Env):
         """Action ``[B, K]`` -> gate weights ``W [B, 1+K]`` (clipped to the box first)."""
         a = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.device)
         a = a.reshape(-1, self.num_teachers).clamp(-1.0, 1.0)
-        return split_kd_share(torch.tensor(self.alpha), teacher_probs(a, self.temperature))
+        probs = torch.softmax(a.mul_(1.0 / self.temperature), -1).mul_(1.0 - self.alpha)  # split_kd_share
+        col = self._alpha_col if a.shape[0] == self.batch_size else \
+            torch.full((a.shape[0], 1), self.alpha, device=self.device)
+        return torch.cat([col, probs], 1)
 
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

@@ -20,6 +20,7 @@ For each unit and teacher, ``F = 11`` normalised float32 features:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,3 +78,93 @@ def view_features(view: UnitView) -> Tensor:
     if view.teacher_logits is None:
         raise ValueError("unit features need teacher logits")
     return unit_features(view.student_logits, view.teacher_logits, view.labels, view.progress)
+
+
+FEATURE_HIGH = 5.0  # every feature lies in [0, 5] (CE and KL are clamped there)
+
+
+class TeacherFeatureCache:
+    """:func:`unit_features` for a fixed teacher bank and fixed training labels, fast.
+
+    The teacher-only features (confidence, p(label), entropy, CE to the label, agreement) of every
+    training unit are computed once; per step only the KL to the student and the student features
+    are computed, with a handful of fused ops: one batched matrix product scores the student's
+    log-probabilities against the teachers' probabilities, the label one-hot and its own
+    probabilities (cross-entropies, CE to the label, entropy) at once.
+
+    ``cache.features(student_logits, ids, progress)`` equals
+    ``unit_features(student_logits, teacher_logits[ids], labels[ids], progress).clamp(0, FEATURE_HIGH)``
+    (the clamp every gate applies anyway; a no-op for ``progress`` in ``[0, 1]``) up to float rounding.
+
+    :param teacher_logits: ``[N, K, C]`` logits of all training units
+    :param labels: ``[N]`` their (possibly noisy) labels
+    """
+
+    def __init__(self, teacher_logits: Tensor, labels: Tensor) -> None:
+        with torch.no_grad():
+            t = teacher_logits.detach().float()
+            n, k, c = t.shape
+            if labels.shape != (n,):
+                raise ValueError(f"labels must be [{n}], got {tuple(labels.shape)}")
+            self.num_units, self.num_teachers, self.num_classes = n, k, c
+            log_c = math.log(c)
+            self.log_c = log_c
+            y = labels.to(t.device).clamp_min(0)
+            log_pt = F.log_softmax(t, -1)
+            pt = log_pt.exp()
+            yk = y.view(n, 1, 1).expand(n, k, 1)
+            t_conf, t_arg = pt.max(-1)
+            static = torch.zeros(n, k, NUM_FEATURES, device=t.device)
+            static[..., 0] = t_conf
+            static[..., 1] = pt.gather(-1, yk).squeeze(-1)
+            neg_ent = (pt * log_pt).sum(-1) / log_c
+            static[..., 2] = -neg_ent
+            static[..., 3] = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, 5)
+            static[..., 4] = neg_ent  # KL = sum p_t log p_t - sum p_t log p_s: the step subtracts the second term
+            static[..., 5] = (t_arg == y.view(n, 1)).float()
+            self.static = static
+            # rows dotted with the student's log-probs each step: teachers' probabilities, the label's one-hot
+            self.rows = torch.cat([pt, F.one_hot(y, c).to(pt.dtype).unsqueeze(1)], 1) / log_c  # [N, K+1, C]
+            # student features from [p1, p2, log p_s(y) / log C, sum p_s log p_s / log C]
+            mix = torch.zeros(4, 4, device=t.device)
+            mix[0, 0] = 1.0  # confidence
+            mix[0, 1], mix[1, 1] = 1.0, -1.0  # margin
+            mix[3, 2] = -1.0  # entropy
+            mix[2, 3] = -1.0  # CE to the label
+            self.mix = mix
+
+    @classmethod
+    def for_trainer(cls, trainer: Any) -> TeacherFeatureCache | None:
+        """The cache of a trainer's teacher bank and training labels (``None`` without teachers)."""
+        bank = getattr(trainer, "bank", None)
+        if bank is None:
+            return None
+        return cls(bank.logits, trainer.train_y)
+
+    def covers(self, view: UnitView) -> bool:
+        """Whether ``view`` holds whole training units with ids (their teachers and labels are the cached ones)."""
+        ids = view.ids
+        return ids is not None and ids.ndim == 1 and ids.shape[0] == view.num_units \
+            and view.num_teachers == self.num_teachers and self.num_classes > 1
+
+    @torch.no_grad()
+    def features(self, student_logits: Tensor, ids: Tensor, progress: float = 0.0) -> Tensor:
+        """Clamped unit features ``[B, K, F]`` of training units ``ids`` (see the class docstring)."""
+        k = self.num_teachers
+        log_ps = F.log_softmax(student_logits.detach().float(), -1)
+        ps = log_ps.exp()
+        x = self.static[ids]  # a fresh copy: filled in place below
+        rows = torch.cat([self.rows[ids], ps.unsqueeze(1) * (1.0 / self.log_c)], 1)  # [B, K+2, C]
+        r = torch.bmm(rows, log_ps.unsqueeze(-1)).squeeze(-1)  # [B, K+2]
+        x[..., 4].sub_(r[:, :k])
+        z = torch.cat([ps.topk(2, -1).values, r[:, k:]], 1)  # [B, 4]
+        x[..., 6:10] = (z @ self.mix).unsqueeze(1)
+        x[..., 10] = float(progress)
+        return x.clamp_(0.0, FEATURE_HIGH)
+
+    def view_features(self, view: UnitView) -> Tensor:
+        """Clamped features of a gate's view: cached when :meth:`covers` holds, else :func:`unit_features`."""
+        if self.covers(view):
+            assert view.ids is not None
+            return self.features(view.student_logits, view.ids, view.progress)
+        return view_features(view).clamp_(0.0, FEATURE_HIGH)

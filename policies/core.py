@@ -71,6 +71,57 @@ class TeacherLogitHead(nn.Module):
         return torch.tanh(out) if self.bounded else out
 
 
+class FrozenLogitHead:
+    """Fast no-grad forward of a :class:`TeacherLogitHead` for acting (the policy's training uses the module).
+
+    With ``K`` teachers the DeepSets encoder is one plain MLP on the units' flattened features
+    ``[B, K*F]``: block-diagonal layers for the shared ``phi`` (``kron(I_K, W)``), ``kron(I_K, W_a) +
+    kron(1/K, W_b)`` for ``rho`` on ``[phi(x_k), mean_j phi(x_j)]``, and the head with the centering
+    folded in. Four matrix products instead of a dozen small ops and module calls. The matrices are
+    rebuilt when a parameter changes (its version counter moves) or ``K`` changes.
+
+    :param head: the module (shared, not copied)
+    """
+
+    def __init__(self, head: TeacherLogitHead) -> None:
+        self.head = head
+        self.params = list(head.parameters())
+        self._key: tuple[int, ...] | None = None
+        self._mats: list[tuple[Tensor, Tensor]] = []
+
+    def _build(self, k: int) -> None:
+        enc, hd = self.head.encoder, self.head.head
+        l1, l2, r = enc.phi[0], enc.phi[2], enc.rho[0]
+        h = enc.hidden
+        w = l1.weight
+        eye = torch.eye(k, dtype=w.dtype, device=w.device)
+        w_rho = torch.kron(eye, r.weight[:, :h]) + torch.kron(torch.full_like(eye, 1.0 / k), r.weight[:, h:])
+        w_out, b_out = torch.kron(eye, hd.weight), hd.bias.repeat(k)
+        if self.head.centered:  # subtracting the mean over teachers is linear: fold it into the head
+            center = eye - 1.0 / k
+            w_out, b_out = center @ w_out, center @ b_out
+        # stored [out, in] and used transposed (as F.linear does): MKL is fastest that way for narrow outputs
+        self._mats = [(l1.bias.repeat(k), torch.block_diag(*[w] * k).t()),
+                      (l2.bias.repeat(k), torch.block_diag(*[l2.weight] * k).t()),
+                      (r.bias.repeat(k), w_rho.t()),
+                      (b_out, w_out.t())]
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        """:param x: ``[B, K, F]``. :return: ``[B, K]`` -- the module's output up to float rounding."""
+        b, k, f = x.shape
+        key = (k, *(p._version for p in self.params))
+        if key != self._key:
+            self._build(k)
+            self._key = key
+        (b1, w1), (b2, w2), (b3, w3), (b4, w4) = self._mats
+        z = torch.addmm(b1, x.reshape(b, k * f), w1).relu_()
+        z = torch.addmm(b2, z, w2).relu_()
+        z = torch.addmm(b3, z, w3).relu_()
+        z = torch.addmm(b4, z, w4)
+        return z.tanh_() if self.head.bounded else z
+
+
 class TeacherGaussian:
     """Gaussian over per-unit teacher logits ``[n, B, K]`` with state-independent log-stds.
 
@@ -96,6 +147,12 @@ class TeacherGaussian:
     @property
     def num_units(self) -> int:
         return int(self.mean.shape[-2])
+
+    def units(self, start: int, stop: int) -> TeacherGaussian:
+        """The distribution of units ``start:stop`` (same log-stds)."""
+        sub = TeacherGaussian.__new__(TeacherGaussian)
+        sub.mean, sub.var_u, sub.var_t = self.mean[..., start:stop, :], self.var_u, self.var_t
+        return sub
 
     def sample(self, shared_noise: Tensor | None = None) -> Tensor:
         """Draw actions; ``shared_noise`` (``[..., 1, K]`` standard normal) fixes the per-teacher term,

@@ -39,6 +39,10 @@ class BernoulliSelection:
         lp = -nn.functional.binary_cross_entropy_with_logits(self.logits, a, reduction="none")
         return lp.sum((-1, -2))
 
+    def units(self, start: int, stop: int) -> BernoulliSelection:
+        """The distribution of units ``start:stop``."""
+        return BernoulliSelection(self.logits[..., start:stop, :])
+
     def entropy(self) -> Tensor:
         p = torch.sigmoid(self.logits)
         return nn.functional.binary_cross_entropy_with_logits(self.logits, p, reduction="none").sum((-1, -2))
@@ -126,7 +130,7 @@ class ReinforceLearner:
             raise ConfigError(f"baseline decay must be in [0, 1), got {baseline_decay}")
         self.policy = policy
         self.params = list(params) if params is not None else [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=True)
         self.decay, self.entropy_coef, self.antithetic = float(baseline_decay), float(entropy_coef), bool(antithetic)
         self.baseline: float | None = None
         self.reward_var = 0.0
@@ -143,10 +147,26 @@ class ReinforceLearner:
         self.buffer.append((features.detach(), action.detach()))
 
     def _episode_logp(self, buffer: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        feats = torch.cat([f for f, _ in buffer], -3)
-        acts = torch.cat([a for _, a in buffer], -2)
+        return self._episodes_logp([buffer])[0]
+
+    def _episodes_logp(self, buffers: list[list[tuple[Tensor, Tensor]]]) -> list[tuple[Tensor, Tensor]]:
+        """Per episode ``(log pi / steps, entropy / steps)``; one policy forward for all of them when the
+        distribution can be split along the unit axis (``units(start, stop)``)."""
+        feats = torch.cat([f for buf in buffers for f, _ in buf], -3)
         dist = self.policy.distribution(feats)
-        return dist.log_prob(acts) / len(buffer), dist.entropy() / len(buffer)
+        out, start = [], 0
+        for buf in buffers:
+            n = sum(int(f.shape[-3]) for f, _ in buf)
+            if len(buffers) == 1:
+                sub = dist
+            elif hasattr(dist, "units"):
+                sub = dist.units(start, start + n)
+            else:
+                sub = self.policy.distribution(torch.cat([f for f, _ in buf], -3))
+            start += n
+            acts = torch.cat([a for _, a in buf], -2)
+            out.append((sub.log_prob(acts) / len(buf), sub.entropy() / len(buf)))
+        return out
 
     def surrogate(self, advantage: float, buffer: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """``-advantage * log pi(episode) / steps`` (minus the entropy bonus).
@@ -182,8 +202,9 @@ class ReinforceLearner:
                 self.reward_var = self.decay * self.reward_var + (1 - self.decay) * half * half \
                     if self.episodes > 2 else half * half
                 adv = max(-5.0, min(5.0, half / math.sqrt(self.reward_var + 1e-12)))
-                if half != 0:
-                    self._step(self.surrogate(adv, buf1) + self.surrogate(-adv, buffer))
+                if half != 0:  # both episodes of the pair scored in one forward
+                    (lp1, ent1), (lp2, ent2) = self._episodes_logp([buf1, buffer])
+                    self._step(-adv * (lp1 - lp2) - self.entropy_coef * (ent1 + ent2))
                 stats["advantage"] = float(adv)
         else:
             adv = delta / math.sqrt(self.reward_var + 1e-12) if self.reward_var > 0 else 0.0

@@ -24,16 +24,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import view_features
+from metagate.features import FEATURE_HIGH, TeacherFeatureCache, view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
-from metagate.policies.core import split_kd_share, teacher_probs
-from metagate.policies.reinforce import MODES, ReinforceLearner, ReinforcePolicy
+from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, split_kd_share
+from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.trainer import Trainer
 
-FEATURE_HIGH = 5.0
+#: layers whose output does not depend on train/eval mode
+_MODE_FREE = (nn.Sequential, nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, nn.Conv2d, nn.MaxPool2d, nn.Tanh, nn.GELU)
+
+__all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy", "policy_quality"]
 
 
 class _RLGate(Gate):
@@ -72,25 +75,71 @@ class _RLGate(Gate):
         self._kd_n = 0
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
+        self._offset: Tensor | None = None
         self.antithetic = True
-        self._alpha_t = torch.tensor(self.alpha)
+        self.temperature = 0.25
+        self._features: TeacherFeatureCache | None = None
+        self._fast_head: FrozenLogitHead | None = None
+        self._alpha_cols: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 
     # subclasses provide the policy
     policy: nn.Module
 
-    def _act(self, features: Tensor, learning: bool) -> Tensor:
-        dist = self.policy.distribution(features)
-        if not learning:
-            return dist.mode()
-        k = features.shape[-2]
-        if self._noise is None or self._noise.shape[-1] != k:  # per-teacher noise, held over the episode
+    def _head(self) -> FrozenLogitHead | None:
+        """Fast acting forward of the policy's teacher-logit head (``None``: use ``policy.distribution``)."""
+        head = getattr(self.policy, "net", None) or getattr(self.policy, "actor", None)
+        if not isinstance(head, TeacherLogitHead):
+            return None
+        if self._fast_head is None or self._fast_head.head is not head:
+            self._fast_head = FrozenLogitHead(head)
+        return self._fast_head
+
+    def _episode_noise(self, k: int, like: Tensor) -> Tensor:
+        """Per-teacher noise ``[1, K]``, held over the episode (mirrored in the second of an antithetic pair)."""
+        if self._noise is None or self._noise.shape[-1] != k:
             assert self.learner is not None
             if self.learner.antithetic and not self.learner.first_of_pair and self._prev_noise is not None \
                     and self._prev_noise.shape[-1] == k:
                 self._noise = -self._prev_noise  # mirrored second episode of the pair
             else:
-                self._noise = torch.randn(1, k, device=features.device, dtype=features.dtype)
-        return dist.sample(self._noise)
+                self._noise = torch.randn(1, k, device=like.device, dtype=like.dtype)
+            self._offset = None
+        return self._noise
+
+    @torch.no_grad()
+    def _act(self, features: Tensor, learning: bool) -> Tensor:
+        head = self._head()
+        k = features.shape[-2]
+        if head is None:  # any policy with ``distribution``
+            dist = self.policy.distribution(features)
+            return dist.sample(self._episode_noise(k, features)) if learning else dist.mode()
+        mean = head(features)
+        if getattr(self.policy, "mode", "weights") == "select":
+            dist = BernoulliSelection(mean)
+            return dist.sample() if learning else dist.mode()
+        if not learning:
+            return mean
+        # TeacherGaussian.sample, fused: mean + sigma_u * eta + sigma_t * eps (eps held over the episode;
+        # sigma_t is constant within an episode: the policy only changes when an episode closes)
+        noise = self._episode_noise(k, features)
+        unit = getattr(self.policy, "unit_log_std", None)
+        action = mean + unit.exp() * torch.randn_like(mean) if unit is not None else mean
+        shared = getattr(self.policy, "shared_log_std", None)
+        if shared is not None:
+            if self._offset is None or self._offset.device != mean.device:
+                self._offset = shared.exp() * noise
+            action = action + self._offset
+        return action
+
+    def _softmax_weights(self, action: Tensor) -> Tensor:
+        """Action ``[N, K]`` -> ``W = [alpha, (1 - alpha) softmax(clip(a, -1, 1) / T)]`` (:func:`split_kd_share`)."""
+        probs = torch.softmax(action.clamp(-1.0, 1.0).mul_(1.0 / self.temperature), -1)
+        key = (action.shape[0], action.device, action.dtype)
+        col = self._alpha_cols.get(key)
+        if col is None:
+            col = self._alpha_cols[key] = torch.full((action.shape[0], 1), self.alpha, device=action.device,
+                                                     dtype=action.dtype)
+        return torch.cat([col, probs.mul_(1.0 - self.alpha)], 1)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         raise NotImplementedError
@@ -104,6 +153,12 @@ class _RLGate(Gate):
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(meta), generator=g)[: min(self.val_size, len(meta))]
         self._val_x, self._val_y = meta.x[idx].to(dev), meta.y[idx].to(dev)
+        # a student of modes-agnostic layers only (plain MLP) needs no eval/train switch for the reward
+        from metagate.models import MLP
+
+        self._mode_free = all(type(m) in (*_MODE_FREE, MLP) for m in trainer.student.modules())
+        # teacher-only features of every training unit, computed once (per step: KL and student features)
+        self._features = TeacherFeatureCache.for_trainer(trainer)
         if self.learn and self.learner is None:
             self.learner = ReinforceLearner(self.policy, lr=self.lr, baseline_decay=self.baseline_decay,
                                             antithetic=self.antithetic)
@@ -111,16 +166,19 @@ class _RLGate(Gate):
     def weights(self, view: UnitView) -> GateOutput:
         if view.teacher_logits is None or view.num_teachers == 0:
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
-        feats = view_features(view).clamp_(0.0, FEATURE_HIGH)
+        cache = self._features
+        feats = cache.view_features(view) if cache is not None else view_features(view).clamp_(0.0, FEATURE_HIGH)
         learning = self.learn and self._trainer is not None and self.policy.training
-        with torch.no_grad():
-            action = self._act(feats, learning)
+        action = self._act(feats, learning)
         if learning:
             assert self.learner is not None
             self.learner.record(feats, action)
         w = self._weights_from_action(action).to(view.student_logits.dtype)
         kd = w[:, 1:].sum(0)
-        self._kd_sum = kd if self._kd_sum is None or self._kd_sum.shape != kd.shape else self._kd_sum + kd
+        if self._kd_sum is None or self._kd_sum.shape != kd.shape:
+            self._kd_sum = kd
+        else:
+            self._kd_sum.add_(kd)
         self._kd_n += w.shape[0]
         return GateOutput(w, self.tau)
 
@@ -129,6 +187,8 @@ class _RLGate(Gate):
         """Student CE on the fixed ``meta`` subset (eval mode; the trainer switches back to train)."""
         assert self._trainer is not None
         student = self._trainer.student
+        if getattr(self, "_mode_free", False):  # same output in either mode: skip the recursive switch
+            return float(F.cross_entropy(student(self._val_x), self._val_y))
         was = student.training
         student.eval()
         loss = float(F.cross_entropy(student(self._val_x), self._val_y))
@@ -140,7 +200,7 @@ class _RLGate(Gate):
             return
         if self._val_start is None:  # first step of the run (or after a resume): no reward yet
             self.learner.buffer.clear()
-            self._noise = None
+            self._noise = self._offset = None
             self._val_start = self.validation_loss()
             return
         self._t += 1
@@ -150,7 +210,7 @@ class _RLGate(Gate):
         reward = 100.0 * (self._val_start - val)  # scaled validation improvement over the episode
         self._last = self.learner.finish(reward)
         self._val_start = val
-        self._prev_noise, self._noise = self._noise, None
+        self._prev_noise, self._noise, self._offset = self._noise, None, None
 
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():
@@ -175,6 +235,7 @@ class _RLGate(Gate):
         self.policy.load_state_dict(state["policy"])
         self._t = int(state.get("t", 0))
         self._val_start = None  # re-measured on the restored student
+        self._offset = None  # the restored exploration scale
         if self.learner is not None and "learner" in state:
             self.learner.load_state_dict(state["learner"])
 
@@ -217,7 +278,9 @@ class ReinforceGate(_RLGate):
                                       shared_log_std=shared_log_std if shared_noise else None)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
-        return self.policy.gate_weights(action, self.alpha)
+        if self.mode == "select":
+            return self.policy.gate_weights(action, self.alpha)
+        return self._softmax_weights(action)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau, "rl_mode": self.mode, "rl_temperature": self.temperature,
@@ -304,7 +367,7 @@ class PolicyGate(_RLGate):
         self.policy.train(online)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
-        return split_kd_share(self._alpha_t, teacher_probs(action.clamp(-1, 1), self.temperature))
+        return self._softmax_weights(action)
 
     def setup(self, trainer: Trainer) -> None:
         super().setup(trainer)

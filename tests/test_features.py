@@ -1,0 +1,62 @@
+"""Unit features: the cached fast path equals the plain function; the fast policy head equals the module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _bank(n=200, k=3, c=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, c, generator=g) * 3, torch.randint(0, c, (n,), generator=g)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0, 30.0])
+def test_teacher_feature_cache_matches_unit_features(scale):
+    from metagate.features import FEATURE_HIGH, TeacherFeatureCache, unit_features
+
+    logits, labels = _bank()
+    cache = TeacherFeatureCache(logits, labels)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, logits.shape[0], (64,), generator=g)
+    s = torch.randn(64, 10, generator=g, requires_grad=True) * scale
+    ref = unit_features(s, logits[ids], labels[ids], 0.37).clamp(0, FEATURE_HIGH)
+    got = cache.features(s, ids, 0.37)
+    assert got.shape == ref.shape and got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_view_features_falls_back_without_ids():
+    from metagate.features import TeacherFeatureCache, unit_features
+    from metagate.gates.base import UnitView
+
+    logits, labels = _bank(n=20)
+    cache = TeacherFeatureCache(logits, labels)
+    s = torch.randn(20, 10)
+    ids = torch.arange(20)
+    with_ids = UnitView(s, logits, labels, torch.ones(20), ids, (20, 1), 0.5)
+    without = UnitView(s, logits, labels, torch.ones(20), None, (20, 1), 0.5)
+    ref = unit_features(s, logits, labels, 0.5).clamp(0, 5)
+    torch.testing.assert_close(cache.view_features(with_ids), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cache.view_features(without), ref)
+
+
+@pytest.mark.parametrize("mode", ["weights", "select"])
+def test_frozen_head_matches_module_and_tracks_updates(mode):
+    from metagate.policies import ReinforcePolicy
+    from metagate.policies.core import FrozenLogitHead
+
+    torch.manual_seed(0)
+    pol = ReinforcePolicy(mode)
+    with torch.no_grad():
+        for p in pol.parameters():
+            p.normal_(std=0.5)
+    fast = FrozenLogitHead(pol.net)
+    for k in (3, 5, 3):
+        x = torch.rand(17, k, 11) * 2
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), pol.mean_logits(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a parameter update is picked up
+        pol.net.head.weight.add_(1.0)
+        x = torch.rand(17, 3, 11)
+        torch.testing.assert_close(fast(x), pol.mean_logits(x), atol=1e-5, rtol=1e-5)
