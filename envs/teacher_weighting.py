@@ -185,7 +185,8 @@ class TeacherWeightingEnv(gym.Env):
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         w = self.weights_from_action(action)
-        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau), logits=self._logits)
+        # softmax weights cannot be negative; NaN actions still surface as a non-finite loss
+        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau, trusted=True), logits=self._logits)
         self._logits = None
         self._t += 1
         truncated = self._t >= self.episode_steps

@@ -217,7 +217,7 @@ class Trainer:
             out = self.gate.weights(view)
             trusted = self._trusted
         else:
-            out, trusted = decision, False
+            out, trusted = decision, decision.trusted
         w = out.weights.detach()  # the real step never sends gradient into the gate
         if w.shape != (view.num_units, 1 + self.num_teachers):
             raise InputError(f"gate weights have shape {tuple(w.shape)}, expected "

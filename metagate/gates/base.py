@@ -29,10 +29,13 @@ class GateOutput:
 
     :param weights: ``[N, 1+K]`` non-negative weights (column 0 = label)
     :param tau: scalar or ``[N]`` KD temperature
+    :param trusted: the weights are valid by construction (e.g. a softmax); the trainer then skips
+        its per-step NaN/negative check of an outside driver's decision
     """
 
     weights: Tensor
     tau: Tensor | float = 1.0
+    trusted: bool = False
 
 
 @dataclass
