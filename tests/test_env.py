@@ -142,3 +142,17 @@ def test_env_step_equals_a_plain_trainer_step(digits_clean, synth_bank):
         tr.train_step(b, GateOutput(env.weights_from_action(a), env.tau))
     for (k, p), q in zip(tr.student.state_dict().items(), env.trainer.student.state_dict().values()):
         torch.testing.assert_close(p, q, msg=k)
+
+
+def test_nan_action_is_reported_not_trained_on(digits_clean, synth_bank):
+    from metagate.errors import InputError
+
+    env = make_env(digits_clean, synth_bank)
+    env.reset(seed=0)
+    before = [p.detach().clone() for p in env.trainer.student.parameters()]
+    action = np.zeros(env.action_space.shape, dtype=np.float32)
+    action[0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        env.step(action)
+    for p, q in zip(before, env.trainer.student.parameters()):
+        assert torch.equal(p, q)  # the failed step did not move the student
