@@ -15,6 +15,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread avoids oversubscribing a shared CPU (steps get far slower otherwise).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits_noisy():
     from metagate.data import get_task

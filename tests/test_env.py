@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing a shared CPU (100x slower steps otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bandit_features(n: int = 32) -> torch.Tensor:
