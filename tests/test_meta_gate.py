@@ -278,3 +278,70 @@ def test_nn_module_without_feature_protocol_is_refused(digits_noisy):
     bank = TeacherBank(torch.randn(len(digits_noisy.train), 1, 10), ["t"])
     with pytest.raises(ConfigError, match="feature"):
         Trainer(digits_noisy, Plain(), gate, bank, TrainConfig(device="cpu", progress=False))
+
+
+# -- fast paths ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_closed_form_hypergrad_and_jvp_match_func(batch_norm):
+    """The hand-derived closed form and the forward-mode look-ahead equal func's autograd hypergradient."""
+    from metagate.gates.meta.lookahead import closed_form_hypergrad, jvp_lookahead_hypergrad
+
+    model, x, xv, yv, w, loss_fn = _problem(batch_norm, seed=2)
+    t, y = loss_fn.keywords["t"], loss_fn.keywords["y"]
+    lr = 0.3
+    gf = _grad(func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr), w)
+    z = model(x)
+    g = kd_logit_gradients(z, t, y, 2.0)
+    before = _state(model)
+    for logits in (z, None):
+        val, dw = jvp_lookahead_hypergrad(model, w, g, x, xv, yv, lr, scale=1.0 / N, train_logits=logits)
+        torch.testing.assert_close(dw, gf, atol=1e-12, rtol=0)
+    _assert_state_equal(model, before)
+    assert all(p.grad is None for p in model.parameters())
+    z.sum().backward()  # the real forward's graph was kept for the real step
+    # closed form by hand == autograd through closed_form_val_logits == func on the last layer
+    with frozen_buffers(model):
+        h, z = forward_features(model, x)
+        with torch.no_grad():
+            hv, zv = forward_features(model, xv)
+    gl = kd_logit_gradients(z, t, y, 2.0)
+    scale = torch.rand(N, dtype=torch.float64)
+    auto = torch.nn.functional.cross_entropy(closed_form_val_logits(w, gl, h.detach(), hv, zv, lr, scale), yv)
+    val, dw = closed_form_hypergrad(w, gl, h.detach(), hv, zv, yv, lr, scale)
+    torch.testing.assert_close(val, auto.detach(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(dw, _grad(auto, w), atol=1e-12, rtol=0)
+    vf = func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr, names=resolve_names(model, "last"))
+    val, dw = closed_form_hypergrad(w, gl, h.detach(), hv, zv, yv, lr, 1.0 / N)
+    torch.testing.assert_close(dw, _grad(vf, w), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{"backend": "func", "lookahead": "all"}, {"backend": "func", "lookahead": "last"},
+                                {"backend": "closed-form"}])
+@pytest.mark.parametrize("arch", ["mlp", "mlp-bn"])
+def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
+    """One meta update + real step of the gate (fast paths) equals the reference autograd path."""
+    def run(reference):
+        gate = MetaGate(meta_lr=1e3, **kw)
+        tr = _trainer(digits_noisy, gate, arch=arch, dtype=torch.float64)
+        tr.unit_weights = tr.unit_weights.double()  # the trainer's record is float32
+        batch = _batch(tr)
+        if reference:  # plain func look-ahead of the pure function over the same parameters
+            gate._head_only = gate._forward_mode = False
+            gate.backend = "func"
+        tr.train_step(batch)
+        return gate.param.raw.detach().clone(), _state(tr.student)
+
+    raw_f, st_f = run(False)
+    raw_r, st_r = run(True)
+    torch.testing.assert_close(raw_f, raw_r, atol=1e-6, rtol=0)
+    for k in st_r:
+        torch.testing.assert_close(st_f[k], st_r[k], atol=1e-6, rtol=0)
+
+
+def test_channels_last_val_batch_is_the_same_batch(digits_noisy):
+    from metagate.gates.meta.gate import channels_last
+
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    assert torch.equal(channels_last(x), x) and channels_last(x).stride()[1] == 1
+    x3 = torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    assert torch.equal(channels_last(x3), x3)

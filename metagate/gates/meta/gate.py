@@ -25,13 +25,15 @@ from metagate.features import NUM_FEATURES, unit_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.meta.lookahead import (
     check_feature_protocol,
+    closed_form_hypergrad,
     closed_form_val_logits,
     features_and_logits,
     forward_features,
     func_lookahead_loss,
+    head_lookahead_loss,
     higher_lookahead_loss,
+    jvp_lookahead_hypergrad,
     kd_logit_gradients,
-    logit_gradients,
     resolve_names,
 )
 from metagate.gates.meta.params import (
@@ -47,6 +49,14 @@ from metagate.gates.registry import register
 from metagate.losses import unit_losses
 
 BACKENDS = ("func", "higher", "closed-form")
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x [B, C, H, W]`` with channels-last strides (a zero-copy restride when ``C == 1``)."""
+    b, c, h, w = x.shape
+    if c == 1:
+        return x.contiguous().as_strided(x.shape, (h * w, 1, w, 1))
+    return x.contiguous(memory_format=torch.channels_last)
 DEFAULT_META_LR = {"table": 1500.0, "net": 1e-3}
 
 
@@ -135,7 +145,12 @@ class MetaGate(Gate):
         self._log_loss: Tensor | float = 0.0
         self._log_norm: Tensor | float = 0.0
         self._log_n = 0
-        self._last_loss = self._last_norm = torch.tensor(float("nan"))
+        # (meta loss, hypergradient tensors) of recent updates, reduced in batches (no per-step work)
+        self._hist: list[tuple[Tensor, list[Tensor]]] = []
+        self._hist_done = 0  # leading entries of _hist already counted in the log sums
+        self._pending: tuple[UnitView, Tensor] | None = None  # table rows after the meta update
+        self._scale_key: tuple[int, int] | None = None
+        self._scale: Tensor | float | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -160,11 +175,26 @@ class MetaGate(Gate):
         self.meta_x, self.meta_y = meta.x.to(trainer.device, self.dtype), meta.y.to(trainer.device)
         self._gen = torch.Generator().manual_seed(7919 + int(trainer.config.seed))
         self._order: Tensor = torch.empty(0, dtype=torch.long)
+        self._order_dev: Tensor = self._order
         self._pos = len(meta)  # forces a shuffle on first use
+        # image batches of a conv student go channels-last: the same values, but the CPU conv/pool kernels
+        # of the validation forward are ~2x faster than on NCHW (max-pooling NCHW is the slow part)
+        self._conv = self.meta_x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in student.modules())
+        # batch norm makes the double backward of the create_graph look-ahead costly (many elementwise
+        # ops on the activations): with it, the func backend takes the forward-mode route (same result);
+        # without it (plain MLPs) the double backward is the cheaper one
+        self._forward_mode = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
         vb = self.val_batch or (1000 if self.schedule.kind == "amal" else trainer.config.batch_size)
         self._vb = min(vb, len(meta))
+        # a virtual step of the head alone is written out explicitly (no functional_call) and needs
+        # the penultimate features of the real forward
+        self._head_only = (self.backend == "closed-form" or (
+            self.backend == "func" and callable(getattr(student, "features", None))
+            and isinstance(getattr(student, "head", None), nn.Linear)
+            and set(self.names) <= {"head.weight", "head.bias"}))
         if self.backend == "closed-form":
             check_feature_protocol(student)
+        if self._head_only:
             student.head.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -173,14 +203,16 @@ class MetaGate(Gate):
     def _next_val(self) -> tuple[Tensor, Tensor]:
         """The next ``meta``-split batch (reshuffled each pass, seeded); never ``select``.
 
-        The split is permuted once per pass; batches are contiguous slices (no per-step gather).
+        The split's order is permuted once per pass; each step gathers only its own rows (gathering
+        the whole split once per pass costs more per step than the batch's rows).
         """
         if self._pos + self._vb > len(self.meta_y):
             self._order = torch.randperm(len(self.meta_y), generator=self._gen)
-            idx = self._order.to(self.meta_y.device)
-            self._shuf_x, self._shuf_y, self._pos = self.meta_x[idx], self.meta_y[idx], 0
+            self._order_dev, self._pos = self._order.to(self.meta_y.device), 0
         a, self._pos = self._pos, self._pos + self._vb
-        return self._shuf_x[a : self._pos], self._shuf_y[a : self._pos]
+        idx = self._order_dev[a : self._pos]
+        xv = self.meta_x.index_select(0, idx)
+        return (channels_last(xv) if self._conv else xv), self.meta_y.index_select(0, idx)
 
     # -- weights ---------------------------------------------------------------------------------
     def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
@@ -209,9 +241,20 @@ class MetaGate(Gate):
                                  view.mask)
 
     def weights(self, view: UnitView) -> GateOutput:
+        pending, self._pending = self._pending, None
         with torch.no_grad():
-            w = self._view_weights(view)[0].detach()
+            if pending is not None and pending[0] is view:  # the table rows the meta update just wrote
+                assert self.param is not None
+                w = expand_columns(self.param.transform_rows(pending[1]), self.num_teachers, self.columns,
+                                   self.target_row)
+                w = normalize_weights(w, self.normalize, self.target_row, view.mask)
+            else:
+                w = self._view_weights(view)[0].detach()
         return GateOutput(w, self.tau)
+
+    #: positive by construction (clamped table, sigmoid/softmax, sigmoid net); a NaN still surfaces in
+    #: the trainer's finite-loss check, which then runs the weight check
+    trusted_weights = True
 
     # -- meta updates ----------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
@@ -237,23 +280,34 @@ class MetaGate(Gate):
             return unit_losses(z, t, y, self.tau)
 
         xv, yv = self._next_val()
-        if self.backend == "closed-form":
+        if self._head_only:
             feat = self._feat
             if feat is None or feat.shape[0] != view.num_units:
-                raise ConfigError("closed-form meta step: no penultimate features of this batch were captured "
+                raise ConfigError("last-layer meta step: no penultimate features of this batch were captured "
                                   "(call it right after the student's forward)")
-            g = (kd_logit_gradients(view.student_logits, t, y, self.tau) if t is not None
-                 else logit_gradients(view.student_logits, loss_fn))
-            h = feat.detach()
             hv, zv = features_and_logits(student, xv)
-            m = mask.to(self.dtype)
-            scale = m / m.sum().clamp_min(1)
+            if self.backend == "closed-form":
+                self._closed_form(view, feat, hv, zv, yv, lr)
+                return
+            z = view.student_logits.detach().requires_grad_(True)
             for _ in range(self.inner_iters):
                 w, leaves, ids = self._view_weights(view)
-                val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, lr, scale), yv)
-                self._apply(val, leaves, ids, retain_graph=False)
+                val = head_lookahead_loss(student.head, z, feat, w, loss_fn, hv, yv, lr, self.names, mask)
+                self._apply(val, leaves, ids, retain_graph=False, view=view)
             return
         reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
+        if self.backend == "func" and self._forward_mode:  # first-order backward + forward-mode product
+            tlp = view.teacher_log_probs(self.tau) if view.teacher_log_probs_fn is not None else None
+            g = kd_logit_gradients(view.student_logits, t, y, self.tau,
+                                   tlp if tlp is not None and tlp.dtype == self.dtype else None)
+            scale = self._unit_scale(mask)
+            xt = channels_last(x) if self._conv and x.dim() == 4 else x
+            for _ in range(self.inner_iters):
+                w, leaves, ids = self._view_weights(view)
+                val, dw = jvp_lookahead_hypergrad(student, w, g, xt, xv, yv, lr, self.names, scale,
+                                                  train_logits=view.student_logits if reuse else None)
+                self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
+            return
         for _ in range(self.inner_iters):
             w, leaves, ids = self._view_weights(view)
             if self.backend == "func":
@@ -261,38 +315,94 @@ class MetaGate(Gate):
                                           train_logits=view.student_logits if reuse else None)
             else:
                 val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask)
-            self._apply(val, leaves, ids, retain_graph=reuse)
+            self._apply(val, leaves, ids, retain_graph=reuse, view=view)
 
-    def _apply(self, val: Tensor, leaves: list[Tensor], ids: Tensor | None, retain_graph: bool) -> None:
+    def _unit_scale(self, mask: Tensor) -> Tensor | float:
+        """``mask / sum(mask)``, a plain ``1/N`` when nothing is masked (cached while the trainer hands
+        the same, unmodified mask tensor: one host sync per new mask, none per step)."""
+        key = (id(mask), mask._version)
+        if key != self._scale_key or self._scale is None:
+            m = mask.to(self.dtype)
+            self._scale = 1.0 / m.numel() if bool((m == 1).all()) else m / m.sum().clamp_min(1)
+            self._scale_key, self._scale_mask = key, mask  # the reference keeps the id valid
+        return self._scale
+
+    def _closed_form(self, view: UnitView, h: Tensor, hv: Tensor, zv: Tensor, yv: Tensor, lr: float) -> None:
+        """AMAL's closed form: hypergradient w.r.t. ``W`` by hand; autograd only from ``W`` to the
+        table rows / net when ``W`` is not the rows themselves."""
+        tlp = view.teacher_log_probs(self.tau) if view.teacher_log_probs_fn is not None else None
+        if tlp is not None and tlp.dtype != self.dtype:  # keep a float64 student's gradients exact
+            tlp = None
+        g = kd_logit_gradients(view.student_logits, view.teacher_logits, view.labels, self.tau, tlp)
+        scale = self._unit_scale(view.mask)
+        for _ in range(self.inner_iters):
+            w, leaves, ids = self._view_weights(view)
+            val, dw = closed_form_hypergrad(w, g, h, hv, zv, yv, lr, scale)
+            self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
+
+    @staticmethod
+    def _leaf_grads(w: Tensor, leaves: list[Tensor], dw: Tensor) -> list[Tensor]:
+        if len(leaves) == 1 and w is leaves[0]:  # clamp table, all columns, no normalisation: W = rows
+            return [dw]
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(leaves, torch.autograd.grad(w, leaves, dw, allow_unused=True))]
+
+    def _apply(self, val: Tensor, leaves: list[Tensor], ids: Tensor | None, retain_graph: bool,
+               view: UnitView | None = None) -> None:
         """Hypergradient of ``val`` w.r.t. ``leaves`` and one meta update (table rows or net)."""
-        assert self.param is not None
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(leaves, torch.autograd.grad(val, leaves, retain_graph=retain_graph,
                                                              allow_unused=True))]
+        self._apply_grads(val, grads, ids, view)
+
+    def _apply_grads(self, val: Tensor, grads: list[Tensor], ids: Tensor | None, view: UnitView | None) -> None:
+        assert self.param is not None
         if isinstance(self.param, WeightTable):
             assert ids is not None
-            self.param.sgd_rows(ids, grads[0], self.meta_lr)
+            rows = self.param.sgd_rows(ids, grads[0], self.meta_lr)
+            self._pending = (view, rows) if view is not None else None
         else:
-            for p, g in zip(leaves, grads):
+            for p, g in zip(self.param.parameters(), grads):
                 p.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self._last_loss = val.detach()
-        self._last_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        self._log_loss = self._log_loss + self._last_loss  # tensors: no host sync per step
-        self._log_norm = self._log_norm + self._last_norm
-        self._log_n += 1
+        self._hist.append((val.detach(), grads))
+        if len(self._hist) >= self.HIST_FLUSH:
+            self._flush_hist()
+
+    #: updates whose (loss, hypergradient) are kept before they are reduced into the log sums
+    HIST_FLUSH = 256
+
+    @staticmethod
+    def _norm(grads: list[Tensor]) -> Tensor:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def _flush_hist(self) -> None:
+        """Reduce the kept updates into the log sums: a few batched ops, no host sync."""
+        new = self._hist[self._hist_done:]
+        if not new:
+            return
+        losses = torch.stack([v for v, _ in new])
+        if all(len(g) == 1 for _, g in new):  # the table: one [n, J] tensor per update
+            norms = torch.stack(torch._foreach_norm([g[0] for _, g in new]))
+        else:
+            norms = torch.stack([self._norm(g) for _, g in new])
+        self._log_loss = self._log_loss + losses.sum()
+        self._log_norm = self._log_norm + norms.sum()
+        self._log_n += len(new)
+        self._hist, self._hist_done = self._hist[-1:], 1  # keep the latest for last_meta_loss/_norm
+
 
     @property
     def last_meta_loss(self) -> float:
         """Validation CE at the look-ahead of the latest meta update."""
-        return float(self._last_loss)
+        return float(self._hist[-1][0]) if self._hist else float("nan")
 
     @property
     def last_hypergrad_norm(self) -> float:
         """L2 norm of the latest hypergradient (w.r.t. the touched table rows or the net)."""
-        return float(self._last_norm)
+        return float(self._norm(self._hist[-1][1])) if self._hist else float("nan")
 
     def amal_pass(self, trainer: Any) -> None:
         """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`.schedule`)."""
@@ -319,6 +429,7 @@ class MetaGate(Gate):
                     w, leaves, _ = self.live_weights(ids, z, t, y, trainer.progress)
                     val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, trainer.lr, scale), yv)
                     self._apply(val, leaves, ids, retain_graph=False)
+            self._pending = None
         finally:
             student.train(was_training)
 
@@ -339,10 +450,8 @@ class MetaGate(Gate):
         self.updates, self._last_pass_epoch = int(state["updates"]), int(state["last_pass_epoch"])
         self._gen.set_state(state["val_rng"])
         self._order, self._pos = state["val_order"], int(state["val_pos"])
-        if self._order.numel():
-            idx = self._order.to(self.meta_y.device)
-            self._shuf_x, self._shuf_y = self.meta_x[idx], self.meta_y[idx]
-        else:
+        self._order_dev = self._order.to(self.meta_y.device)
+        if not self._order.numel():
             self._pos = len(self.meta_y)
 
     def hparams(self) -> dict[str, Any]:
@@ -354,6 +463,7 @@ class MetaGate(Gate):
                 "meta_inner_iters": self.inner_iters, "meta_hidden": self.hidden}
 
     def log(self, logger: Any, step: int) -> None:
+        self._flush_hist()
         if self._log_n:
             logger.scalar("meta/loss", float(self._log_loss) / self._log_n, step)
             logger.scalar("meta/hypergrad_norm", float(self._log_norm) / self._log_n, step)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -38,6 +39,17 @@ from metagate.losses import reduce_weighted
 
 #: ``loss_fn(student_logits [N, C]) -> unit losses [N, 1+K]``
 LossFn = Callable[[Tensor], Tensor]
+
+_EYES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``[N, C]`` one-hot rows of ``dtype`` (rows of a cached identity: one op per call)."""
+    key = (num_classes, dtype, labels.device)
+    eye = _EYES.get(key)
+    if eye is None:
+        eye = _EYES[key] = torch.eye(num_classes, dtype=dtype, device=labels.device)
+    return eye.index_select(0, labels)
 
 
 @contextmanager
@@ -136,6 +148,104 @@ def func_lookahead_loss(
     return F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
 
 
+def head_lookahead_loss(
+    head: nn.Linear,
+    logits: Tensor,
+    features: Tensor,
+    weights: Tensor,
+    loss_fn: LossFn,
+    val_features: Tensor,
+    val_y: Tensor,
+    lr: float,
+    names: Sequence[str] = ("head.weight", "head.bias"),
+    mask: Tensor | None = None,
+) -> Tensor:
+    """:func:`func_lookahead_loss` when only the linear ``head`` moves, with its step written out.
+
+    The inner gradient is still taken by autograd (``create_graph``, any ``loss_fn``), but only
+    w.r.t. the training logits: ``dL/dW_head = G^T H``, ``dL/db = sum_i G_i`` with ``G = dL/dz``.
+    No ``functional_call``, no student graph (so no ``retain_graph`` for the real step).
+
+    :param head: the student's head (not modified)
+    :param logits: ``[N, C]`` training logits at the current parameters (detached inside)
+    :param features: ``[N, D]`` the head's inputs for those logits
+    :param weights: ``[N, 1+K]`` (differentiable)
+    :param val_features: ``[M, D]`` penultimate features of the validation batch (no graph)
+    :param names: ``head.weight`` and/or ``head.bias``: the parameters stepped
+    :return: scalar validation CE at the virtual head, differentiable w.r.t. ``weights``
+    """
+    z = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        inner = reduce_weighted(loss_fn(z), weights, mask)
+        (gz,) = torch.autograd.grad(inner, z, create_graph=True)
+    h = features.detach()
+    wt, b = head.weight.detach(), (head.bias.detach() if head.bias is not None else None)
+    if "head.weight" in names:
+        wt = wt - lr * (gz.T @ h)
+    if b is not None and "head.bias" in names:
+        b = b - lr * gz.sum(0)
+    return F.cross_entropy(F.linear(val_features, wt, b), val_y)
+
+
+def jvp_lookahead_hypergrad(
+    model: nn.Module,
+    weights: Tensor,
+    logit_grads: Tensor,
+    x: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    lr: float,
+    names: Sequence[str] | None = None,
+    scale: Tensor | float = 1.0,
+    train_logits: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The :func:`func_lookahead_loss` hypergradient without a second-order graph.
+
+    The inner gradient is linear in ``W``: ``grad = J^T G`` with ``J = d z / d theta`` (the
+    training logits) and ``G_i = scale_i sum_j w_ij g_ij`` (``g_ij``: :func:`kd_logit_gradients`).
+    With ``v = grad_theta' CE_val(theta')`` the hypergradient is therefore
+
+        d CE_val / d w_ij = -lr * scale_i * <g_ij, (J v)_i>
+
+    and ``J v`` is one forward-mode product (``torch.func.jvp``). Cost: a first-order backward
+    of the training batch (through the real forward's graph when ``train_logits`` is given, which
+    is kept for the real step), a forward and backward of the validation batch at ``theta'``, and
+    a forward-mode pass of the training batch; no double backward (which batch norm makes costly).
+    Exact for losses whose per-unit logit gradients are ``logit_grads`` (the gate's loss columns).
+
+    :param weights: ``[N, J]`` (used detached); :param logit_grads: ``[N, J, C]``
+    :param x: training inputs ``[N, ...]`` (forwarded with cloned buffers for the product)
+    :param scale: ``[N]`` or scalar reduction factor of each unit (``mask_i / sum mask``)
+    :param train_logits: the real forward's logits of ``x`` (graph kept), else ``x`` is forwarded
+    :return: ``(val CE, d val CE / d weights [N, J])``, detached
+    """
+    named = dict(model.named_parameters())
+    names = list(named) if names is None else list(names)
+    s = scale.reshape(-1, 1) if torch.is_tensor(scale) else scale
+    g = torch.bmm(weights.detach().unsqueeze(1), logit_grads).squeeze(1) * s  # dL/dz [N, C]
+    const = {n: p.detach() for n, p in named.items()}
+    with torch.enable_grad():
+        if train_logits is None:
+            leaves = [named[n].detach().requires_grad_(True) for n in names]
+            state = {**const, **dict(zip(names, leaves)), **{n: b.clone() for n, b in model.named_buffers()}}
+            train_logits = functional_call(model, state, (x,))
+            grads = torch.autograd.grad(train_logits, leaves, g, allow_unused=True)
+        else:
+            grads = torch.autograd.grad(train_logits, [named[n] for n in names], g, retain_graph=True,
+                                        allow_unused=True)
+        moved = [n for n, gr in zip(names, grads) if gr is not None]
+        new = [(const[n] - lr * gr).requires_grad_(True) for n, gr in zip(names, grads) if gr is not None]
+        state = {**const, **dict(zip(moved, new)), **{n: b.clone() for n, b in model.named_buffers()}}
+        val = F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
+        v = torch.autograd.grad(val, new)
+    with torch.no_grad(), fwAD.dual_level():  # forward mode: J v in one pass over the training batch
+        state = {**const, **{n: fwAD.make_dual(const[n], t) for n, t in zip(moved, v)},
+                 **{n: b.clone() for n, b in model.named_buffers()}}
+        jv = fwAD.unpack_dual(functional_call(model, state, (x,))).tangent
+        dw = torch.bmm(logit_grads, jv.unsqueeze(-1)).squeeze(-1) * (s * -lr)
+    return val.detach(), dw
+
+
 def higher_lookahead_loss(
     model: nn.Module,
     weights: Tensor,
@@ -164,20 +274,27 @@ def higher_lookahead_loss(
         return F.cross_entropy(fmodel(val_x), val_y)
 
 
-def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor, labels: Tensor, tau: float) -> Tensor:
+def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, tau: float,
+                       teacher_log_probs: Tensor | None = None) -> Tensor:
     """Analytic :func:`logit_gradients` of :func:`metagate.losses.unit_losses` (scalar ``tau``).
 
     ``d CE / dz = softmax(z) - onehot(y)``; ``d tau^2 KL(p_t || softmax(z/tau)) / dz =
     tau * (softmax(z/tau) - softmax(t/tau))``.
 
     :param logits: ``[N, C]``; :param teacher_logits: ``[N, K, C]``; :param labels: ``[N]``
+    :param teacher_log_probs: optional ``log_softmax(t / tau)`` ``[N, K, C]`` (the bank's cache);
+        used instead of ``teacher_logits`` when given
     :return: ``[N, 1+K, C]``
     """
     z = logits.detach()
-    ce = torch.softmax(z, -1)
-    ce = ce - F.one_hot(labels, z.shape[-1]).to(z.dtype)
+    ce = torch.softmax(z, -1).sub_(one_hot(labels, z.shape[-1], z.dtype))
     q = torch.softmax(z / tau, -1).unsqueeze(1)
-    kd = tau * (q - torch.softmax(teacher_logits.to(z.dtype) / tau, -1))
+    if teacher_log_probs is not None:
+        p = teacher_log_probs.to(z.dtype).exp()
+    else:
+        assert teacher_logits is not None
+        p = torch.softmax(teacher_logits.to(z.dtype) / tau, -1)
+    kd = (q - p).mul_(tau)
     return torch.cat([ce.unsqueeze(1), kd], 1)
 
 
@@ -224,6 +341,41 @@ def closed_form_val_logits(
     g = (weights.unsqueeze(-1) * logit_grads).sum(1) * s  # [N, C]
     kernel = val_features @ features.T + 1.0  # [M, N]
     return val_logits - lr * (kernel @ g)
+
+
+@torch.no_grad()
+def closed_form_hypergrad(
+    weights: Tensor,
+    logit_grads: Tensor,
+    features: Tensor,
+    val_features: Tensor,
+    val_logits: Tensor,
+    val_y: Tensor,
+    lr: float,
+    scale: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`closed_form_val_logits` and its validation CE differentiated by hand (no autograd).
+
+    With ``G = scale * sum_j w_j g_j`` and ``z_val' = z_val - lr * (H_val (G^T H)^T + 1 G)``,
+    ``P = (softmax(z_val') - onehot(y_val)) / M`` is ``d CE / d z_val'``, so
+
+        d CE / d G = -lr * (H (H_val^T P) + 1 sum_m P_m),   d CE / d w_ij = scale_i <g_ij, d CE / d G_i>
+
+    Only small matrix products: the head's virtual step ``G^T H`` (``[C, D]``) is formed
+    instead of the ``[M, N]`` kernel.
+
+    :return: ``(val CE, d val CE / d weights [N, J])``, both detached
+    """
+    s = scale.reshape(-1, 1) if torch.is_tensor(scale) else scale
+    gl = logit_grads
+    g = torch.bmm(weights.detach().unsqueeze(1), gl).squeeze(1) * s  # [N, C]
+    zv = torch.addmm(val_logits - lr * g.sum(0), val_features, (g.T @ features).T, alpha=-lr)
+    lsm = torch.log_softmax(zv, -1)
+    val = -lsm.gather(1, val_y.unsqueeze(1)).mean()
+    p = lsm.exp_().sub_(one_hot(val_y, zv.shape[-1], zv.dtype))  # M * d CE / d z_val'
+    dg = torch.addmm(p.sum(0), features, val_features.T @ p)  # -M/lr * d CE / d G
+    dw = torch.bmm(gl, dg.unsqueeze(-1)).squeeze(-1)
+    return val, dw * (s * (-lr / zv.shape[0]))
 
 
 def check_feature_protocol(model: nn.Module) -> None:

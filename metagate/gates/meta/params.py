@@ -106,11 +106,17 @@ class WeightTable(nn.Module):
         return self.raw.detach()[ids].requires_grad_(True)
 
     @torch.no_grad()
-    def sgd_rows(self, ids: Tensor, grad: Tensor, lr: float) -> None:
-        """Plain SGD on rows ``ids`` (repeated ids accumulate), then AMAL's projection (``clamp``)."""
+    def sgd_rows(self, ids: Tensor, grad: Tensor, lr: float) -> Tensor:
+        """Plain SGD on rows ``ids`` (repeated ids accumulate), then AMAL's projection (``clamp``).
+
+        :return: the updated raw rows ``[n, J]`` (equal to ``raw[ids]`` afterwards)
+        """
         self.raw.index_add_(0, ids, grad.to(self.raw.dtype), alpha=-lr)
+        rows = self.raw[ids]
         if self.transform == "clamp":
-            self.raw[ids] = self.raw[ids].clamp(CLAMP_MIN, CLAMP_MAX)
+            rows = rows.clamp_(CLAMP_MIN, CLAMP_MAX)
+            self.raw[ids] = rows
+        return rows
 
     @torch.no_grad()
     def project(self) -> None:
