@@ -240,7 +240,7 @@ class Trainer:
         self._stat_weights += w.sum(0)
         self._stat_n += losses.shape[0]
         if batch.ids is not None and w.shape[0] == batch.ids.shape[0]:
-            self.unit_weights[batch.ids] = w
+            self.unit_weights[batch.ids] = w.to(self.unit_weights.dtype)
         self.step += 1
         return StepResult(loss.detach(), losses, w)
 
