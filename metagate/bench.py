@@ -84,14 +84,17 @@ def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int
         for b in batches[:10]:
             step(b)
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for name, step in variants.items():
-            times[name].append(time_steps(step, batches, device))
+    names = list(variants)
+    for r in range(repeats):  # rotate the order so no variant always runs first or last
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(time_steps(variants[name], batches, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {}
     rows = []
     for arch in args.students:

@@ -163,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="step-time ratios of gates vs a hand-written KD step", formatter_class=F)
     p.add_argument("--task", default="fashion", help="task whose shapes to use (digits | fashion)")
     p.add_argument("--batch-size", type=int, default=128, help="units per step")
-    p.add_argument("--steps", type=int, default=200, help="timed steps per repeat")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median is reported)")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=30, help="interleaved repeats, order rotated (median reported)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1 gives steadier ratios on a shared CPU; 0 keeps torch's default)")
     p.add_argument("--teachers", type=int, default=3, help="number of teachers K")
     p.add_argument("--students", nargs="+", default=["mlp", "cnn"], help="student architectures")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

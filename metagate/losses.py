@@ -68,6 +68,7 @@ def unit_losses(
     labels: Tensor,
     tau: Tensor | float = 1.0,
     teacher_log_probs: Tensor | None = None,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """All loss columns of DESIGN.md: ``[N, 1+K]``, column 0 = CE to the label.
 
@@ -76,8 +77,12 @@ def unit_losses(
     :param labels: ``[N]``
     :param tau: scalar or ``[N]``
     :param teacher_log_probs: optional precomputed teacher log-probabilities at ``tau``
+    :param student_log_probs: optional precomputed ``log_softmax(student_logits)`` (with graph) for CE
     """
-    ce = ce_per_unit(student_logits, labels).unsqueeze(1)
+    if student_log_probs is not None:
+        ce = F.nll_loss(student_log_probs, labels, reduction="none").unsqueeze(1)
+    else:
+        ce = ce_per_unit(student_logits, labels).unsqueeze(1)
     if teacher_log_probs is None and (teacher_logits is None or teacher_logits.shape[1] == 0):
         return ce
     return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs)], dim=1)

@@ -150,13 +150,29 @@ class Trainer:
         self.total_steps = max(1, self.steps_per_epoch * config.epochs)
         self.step, self.epoch = 0, 0
         k = self.num_teachers
-        self.unit_weights = torch.zeros(len(task.train), 1 + k, device=self.device)
+        self._unit_weights = torch.zeros(len(task.train), 1 + k, device=self.device)
+        self._pending_weights: list[tuple[Tensor, Tensor]] = []
         self._reset_stats()
         self.history: list[dict[str, float]] = []
         gate.setup(self)
         self._trusted = bool(getattr(gate, "trusted_weights", False))
 
     # -- properties ------------------------------------------------------------------------------
+    @property
+    def unit_weights(self) -> Tensor:
+        """``[N_train, 1+K]`` the weights last used for each training unit."""
+        if self._pending_weights:
+            buf = self._unit_weights
+            for ids, w in self._pending_weights:
+                buf[ids] = w.to(buf.dtype)
+            self._pending_weights.clear()
+        return self._unit_weights
+
+    @unit_weights.setter
+    def unit_weights(self, value: Tensor) -> None:
+        self._pending_weights.clear()
+        self._unit_weights = value
+
     @property
     def num_teachers(self) -> int:
         return 0 if self.bank is None else self.bank.num_teachers
@@ -179,10 +195,11 @@ class Trainer:
     def make_view(self, batch: Batch, student_logits: Tensor) -> UnitView:
         """The gate's view of ``batch`` (teacher logits looked up by unit id)."""
         bank, ids = self.bank, batch.ids
-        t = bank.lookup(ids) if bank is not None else None
         n = student_logits.shape[0]
         mask = batch.mask.reshape(-1) if batch.mask is not None else _ones(n, student_logits.device)
-        view = UnitView(student_logits, t, batch.y.reshape(-1), mask, ids, (n, 1), self.progress)
+        t = (lambda: bank.lookup(ids)) if bank is not None else None  # gathered only if a gate reads it
+        view = UnitView(student_logits, t, batch.y.reshape(-1), mask, ids, (n, 1), self.progress,
+                        num_teachers=self.num_teachers)
         if bank is not None:
             memo: dict[float, Tensor] = {}
 
@@ -206,7 +223,8 @@ class Trainer:
             runs the forward here
         """
         student = self.student
-        student.train()
+        if not student.training:  # Module.train() walks every submodule: skip when already set
+            student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.step)
         logits = student(batch.x) if logits is None else logits
@@ -226,8 +244,10 @@ class Trainer:
             check_weights(w)
         tau = out.tau.detach() if torch.is_tensor(out.tau) else out.tau
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
-        losses = unit_losses(logits, view.teacher_logits, view.labels, tau, t_logp)
-        loss = reduce_weighted(losses, w, view.mask)
+        s_logp = view._student_log_probs  # reuse the gate's log-softmax if it made one
+        teacher_logits = None if t_logp is not None else view.teacher_logits
+        losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
+        loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
         if not torch.isfinite(loss):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
@@ -236,11 +256,13 @@ class Trainer:
         losses = losses.detach()
         ctx.output, ctx.losses = out, losses
         self.gate.after_step(ctx)
-        self._stat_losses += losses.sum(0)
-        self._stat_weights += w.sum(0)
-        self._stat_n += losses.shape[0]
+        # bookkeeping is deferred (no tensor ops per step): reduced when an epoch ends or someone reads it
+        self._step_losses.append(losses)
         if batch.ids is not None and w.shape[0] == batch.ids.shape[0]:
-            self.unit_weights[batch.ids] = w.to(self.unit_weights.dtype)
+            self._pending_weights.append((batch.ids, w))
+        if len(self._step_losses) >= 1024:  # an outside driver may never end an epoch: stay bounded
+            self._step_losses = [torch.cat(self._step_losses)]
+            _ = self.unit_weights
         self.step += 1
         return StepResult(loss.detach(), losses, w)
 
@@ -270,21 +292,17 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
         self.epoch += 1
-        n = max(self._stat_n, 1)
         k = self.num_teachers
         names = ["label"] + [f"teacher{j}" for j in range(k)]
-        lw = (self._stat_losses / n).tolist()
-        ww = (self._stat_weights / n).tolist()
+        lw = (torch.cat(self._step_losses).mean(0).tolist() if self._step_losses else [float("nan")] * (1 + k))
+        ww = self.unit_weights.mean(0).tolist()  # every unit is visited once per epoch
         stats = {f"loss_{nm}": v for nm, v in zip(names, lw)}
         stats.update({f"weight_{nm}": v for nm, v in zip(names, ww)})
         stats["loss"] = float(sum(a * b for a, b in zip(lw, ww)))  # approximate weighted mean
         return stats
 
     def _reset_stats(self) -> None:
-        k = self.num_teachers
-        self._stat_losses = torch.zeros(1 + k, device=self.device)
-        self._stat_weights = torch.zeros(1 + k, device=self.device)
-        self._stat_n = 0
+        self._step_losses: list[Tensor] = []
 
     @torch.no_grad()
     def predict(self, split: Split, batch_size: int = 2048) -> Tensor:

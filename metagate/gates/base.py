@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -38,51 +37,91 @@ class GateOutput:
     trusted: bool = False
 
 
-@dataclass
 class UnitView:
     """Everything a gate may look at for the units of one batch.
 
-    Units are flattened: ``N = B * T`` (``T = 1`` for classification).
+    Units are flattened: ``N = B * T`` (``T = 1`` for classification). Teacher tensors are served
+    lazily: the trainer hands a lookup into the teacher bank, so a gate that never reads raw teacher
+    logits (e.g. ``fixed``) costs no gather.
 
-    :param student_logits: ``[N, C]`` (detached view for features; the loss uses the live tensor)
-    :param teacher_logits: ``[N, K, C]`` or ``None``
+    :param student_logits: ``[N, C]`` the live logits (gates read them detached)
+    :param teacher_logits: ``[N, K, C]``, ``None`` (no teachers), or a zero-argument callable
+        returning them on first access
     :param labels: ``[N]``
     :param mask: ``[N]`` 0/1
     :param ids: ``[B]`` training-unit ids (dataset indices) or ``None``
     :param seq_shape: ``(B, T)``
     :param progress: fraction of training done, in ``[0, 1]``
+    :param extras: free-form additions for gates that compose
+    :param teacher_log_probs_fn: ``tau -> [N, K, C]`` teacher log-probabilities (the trainer serves
+        them from the bank's per-temperature cache)
+    :param num_teachers: ``K`` when ``teacher_logits`` is a callable
     """
 
-    student_logits: Tensor
-    teacher_logits: Tensor | None
-    labels: Tensor
-    mask: Tensor
-    ids: Tensor | None
-    seq_shape: tuple[int, int]
-    progress: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
-    #: ``tau -> [N, K, C]`` teacher log-probabilities (the trainer serves them from the bank's cache)
-    teacher_log_probs_fn: Callable[[float], Tensor] | None = None
+    def __init__(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | Callable[[], Tensor] | None,
+        labels: Tensor,
+        mask: Tensor,
+        ids: Tensor | None,
+        seq_shape: tuple[int, int],
+        progress: float = 0.0,
+        extras: dict[str, Any] | None = None,
+        teacher_log_probs_fn: Callable[[float], Tensor] | None = None,
+        num_teachers: int | None = None,
+    ) -> None:
+        self.student_logits, self.labels, self.mask, self.ids = student_logits, labels, mask, ids
+        self.seq_shape, self.progress = seq_shape, progress
+        self.extras: dict[str, Any] = {} if extras is None else extras
+        self.teacher_log_probs_fn = teacher_log_probs_fn
+        if callable(teacher_logits):
+            if num_teachers is None:
+                raise ValueError("num_teachers is required with a lazy teacher lookup")
+            self._teacher_lookup: Callable[[], Tensor] | None = teacher_logits
+            self._teacher_logits: Tensor | None = None
+            self._k = int(num_teachers)
+        else:
+            self._teacher_lookup = None
+            self._teacher_logits = teacher_logits
+            self._k = 0 if teacher_logits is None else int(teacher_logits.shape[1])
+        self._student_log_probs: Tensor | None = None
+
+    @property
+    def teacher_logits(self) -> Tensor | None:
+        """``[N, K, C]`` or ``None``."""
+        if self._teacher_logits is None and self._teacher_lookup is not None:
+            self._teacher_logits = self._teacher_lookup()
+        return self._teacher_logits
 
     @property
     def num_teachers(self) -> int:
-        return 0 if self.teacher_logits is None else int(self.teacher_logits.shape[1])
+        return self._k
 
     @property
     def num_units(self) -> int:
         return int(self.labels.shape[0])
 
-    @cached_property
+    @property
+    def student_log_probs_graph(self) -> Tensor:
+        """``[N, C]`` student log-probabilities *with* their graph; the trainer reuses them for the
+        CE column when a gate has asked for them (one log-softmax per step)."""
+        if self._student_log_probs is None:
+            self._student_log_probs = F.log_softmax(self.student_logits, dim=-1)
+        return self._student_log_probs
+
+    @property
     def student_log_probs(self) -> Tensor:
-        """``[N, C]`` detached."""
-        return F.log_softmax(self.student_logits.detach(), dim=-1)
+        """``[N, C]`` detached student log-probabilities."""
+        return self.student_log_probs_graph.detach()
 
     def teacher_log_probs(self, tau: float = 1.0) -> Tensor:
         """``[N, K, C]`` log-probabilities of the teachers at temperature ``tau``."""
         if self.teacher_log_probs_fn is not None:
             return self.teacher_log_probs_fn(tau)
-        assert self.teacher_logits is not None
-        return F.log_softmax(self.teacher_logits / tau, dim=-1)
+        t = self.teacher_logits
+        assert t is not None
+        return F.log_softmax(t / tau, dim=-1)
 
 
 @dataclass

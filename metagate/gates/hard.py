@@ -132,10 +132,9 @@ class HardGate(Gate):
             raise ConfigError("the hard gate needs at least one teacher")
         if self._gold_log_pt is not None and view.ids is not None and view.seq_shape[1] == 1:
             assert self._rows is not None
-            s = view.student_logits.detach()
-            log_ps = s.gather(1, view.labels.unsqueeze(1)).squeeze(1) - torch.logsumexp(s, 1)
-            over = (log_ps > self._gold_log_pt[view.ids]).unsqueeze(1)
-            w = torch.where(over, self._rows[1], self._rows[0]).to(s.dtype)
+            log_ps = view.student_log_probs.gather(1, view.labels.unsqueeze(1))  # reused by the CE column
+            over = log_ps > self._gold_log_pt[view.ids].unsqueeze(1)
+            w = torch.where(over, self._rows[1], self._rows[0])
             return GateOutput(w, self.teacher_tau)
         b, t = view.seq_shape
         k, c = view.teacher_logits.shape[1:]
