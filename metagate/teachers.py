@@ -139,7 +139,7 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
     best: dict[str, Any] = {"acc": -1.0}
     patience = 0
     bar = tqdm(total=cfg.epochs * trainer.steps_per_epoch, desc=f"teacher {spec.name}", unit="step", leave=False,
-               disable=not progress, dynamic_ncols=True)
+               disable=True if not progress else None, dynamic_ncols=True)
     while trainer.epoch < cfg.epochs:
         trainer.run_epoch(bar)
         acc = trainer.evaluate("select")["acc"]

@@ -326,7 +326,8 @@ class Trainer:
 
         remaining = (self.config.epochs - self.epoch) * self.steps_per_epoch
         bar = tqdm(total=remaining, desc=f"{self.gate.name}", unit="step", leave=False,
-                   disable=not self.config.progress, dynamic_ncols=True)
+                   disable=True if not self.config.progress else None,  # None: auto-off when not a TTY
+                   dynamic_ncols=True)
         try:
             while self.epoch < self.config.epochs:
                 stats = self.run_epoch(bar)
