@@ -45,20 +45,20 @@ def kd_per_unit(
         (the teacher bank caches it per temperature)
     :return: ``[N, K]``
     """
-    if not torch.is_tensor(tau):
-        tau_u = torch.tensor(float(tau), dtype=student_logits.dtype, device=student_logits.device)
-        tau_s, tau_t = tau_u, tau_u
+    if not torch.is_tensor(tau):  # python scalar: no tensor ops to build
+        tau_s = tau_t = float(tau)
+        scale: Tensor | float = float(tau) ** 2
     else:
         tau_u = tau.to(student_logits.dtype)
         tau_s = tau_u.reshape(-1, 1)
         tau_t = tau_u.reshape(-1, 1, 1)
+        scale = tau_u.reshape(-1, 1) ** 2 if tau_u.ndim else tau_u**2
     log_q = F.log_softmax(student_logits / tau_s, dim=-1).unsqueeze(1)  # [N, 1, C]
     if teacher_log_probs is None:
         assert teacher_logits is not None
         teacher_log_probs = F.log_softmax(teacher_logits / tau_t, dim=-1)
     log_p = teacher_log_probs  # [N, K, C]
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, K]
-    scale = tau_u.reshape(-1, 1) ** 2 if tau_u.ndim else tau_u**2
     return kl * scale
 
 

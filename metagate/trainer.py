@@ -248,7 +248,7 @@ class Trainer:
         teacher_logits = None if t_logp is not None else view.teacher_logits
         losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
         loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
