@@ -7,6 +7,11 @@ from torch import Tensor
 from metagate.metrics import auroc
 
 
+def teacher_share(unit_weights: Tensor) -> Tensor:
+    """``[N]`` share of each unit's total weight that goes to the teachers."""
+    return unit_weights[:, 1:].sum(1) / unit_weights.sum(1).clamp_min(1e-12)
+
+
 def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None) -> dict[str, float]:
     """Summaries of ``W [N, 1+K]`` (the weights last used for each training unit).
 
@@ -24,7 +29,7 @@ def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None) -> dict[str
         out[f"gate/mean_w_teacher{j}"] = m
     if w.shape[1] == 1:
         return out
-    share = w[:, 1:].sum(1) / w.sum(1).clamp_min(1e-12)
+    share = teacher_share(w)
     out["gate/teacher_share"] = float(share.mean())
     if corrupted is not None and corrupted.any() and (~corrupted).any():
         c = corrupted.bool()

@@ -95,14 +95,16 @@ def logits_fingerprint(task_fingerprint: str, ids: Tensor, teacher: nn.Module) -
 
 def cached_logits(
     teacher: nn.Module, name: str, task: Task, cache_dir: Path | None, device: torch.device | str = "cpu",
-    rebuild: bool = False,
+    rebuild: bool = False, task_fingerprint: str | None = None,
 ) -> Tensor:
     """Training-split logits of ``teacher``, from the cache when it matches, else computed and cached.
 
+    :param task_fingerprint: ``task.fingerprint()`` when the caller already has it (hashing the data is
+        the costly part)
     :raises StaleCacheError: the cached logits were computed for other data, ids or weights
     """
     ids = torch.arange(len(task.train))
-    fp = logits_fingerprint(task.fingerprint(), ids, teacher)
+    fp = logits_fingerprint(task_fingerprint or task.fingerprint(), ids, teacher)
     path = None if cache_dir is None else Path(cache_dir) / task.key / f"logits-{name}.pt"
     if path is not None and path.exists() and not rebuild:
         blob = safe_load(path, "teacher logits cache")
@@ -216,5 +218,6 @@ def load_or_train_teachers(
 def build_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
                device: str | torch.device = "cpu", rebuild: bool = False) -> TeacherBank:
     """Stack each teacher's cached training-split logits into a :class:`TeacherBank`."""
-    logits = [cached_logits(m, n, task, cache_dir, device, rebuild) for m, n in zip(modules, names)]
+    fp = task.fingerprint()
+    logits = [cached_logits(m, n, task, cache_dir, device, rebuild, fp) for m, n in zip(modules, names)]
     return TeacherBank(torch.stack(logits, dim=1), names)

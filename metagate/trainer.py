@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
-from metagate.diagnostics import gate_diagnostics
+from metagate.diagnostics import gate_diagnostics, teacher_share
 from metagate.errors import CheckpointError, ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.io import atomic_save, safe_load
@@ -140,6 +140,7 @@ class Trainer:
                              f"task {task.name!r} has {task.num_classes}")
         self.train_x = task.train.x.to(self.device)
         self.train_y = task.train.y.to(self.device)
+        self.corrupted = task.corrupted.to(self.device)
         params = list(self.student.parameters())
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -345,9 +346,12 @@ class Trainer:
                     on_epoch_end(self, record)
         finally:
             bar.close()
+        if self.history and "test/acc" in self.history[-1]:  # the last epoch already evaluated this state
+            return {k: v for k, v in self.history[-1].items() if not k.startswith("train/")}
         return self.final_metrics()
 
     def final_metrics(self) -> dict[str, float]:
+        """Test and select metrics plus gate diagnostics of the current student."""
         out = {f"test/{k}": v for k, v in self.evaluate("test").items()}
         out.update({f"select/{k}": v for k, v in self.evaluate("select").items()})
         out.update(self.weight_diagnostics())
@@ -357,7 +361,7 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return gate_diagnostics(self.unit_weights, self.task.corrupted.to(self.device))
+        return gate_diagnostics(self.unit_weights, self.corrupted)
 
     def _log_epoch(self, record: dict[str, float]) -> None:
         lg = self.logger
@@ -366,8 +370,7 @@ class Trainer:
         for tag, v in record.items():
             lg.scalar(tag, v, self.step)
         w = self.unit_weights
-        total = w.sum(1).clamp_min(1e-12)
-        corrupted = self.task.corrupted.to(self.device)
+        corrupted = self.corrupted
         cols = ["label"] + [f"teacher{j}" for j in range(self.num_teachers)]
         for j, name in enumerate(cols):
             lg.histogram(f"weights/{name}", w[:, j], self.step)
@@ -375,7 +378,7 @@ class Trainer:
                 lg.histogram(f"weights_corrupted/{name}", w[corrupted, j], self.step)
                 lg.histogram(f"weights_clean/{name}", w[~corrupted, j], self.step)
         if self.num_teachers:
-            share = w[:, 1:].sum(1) / total
+            share = teacher_share(w)
             lg.histogram("weights/teacher_share", share, self.step)
             if corrupted.any():
                 lg.histogram("weights_corrupted/teacher_share", share[corrupted], self.step)
