@@ -24,13 +24,11 @@ from gymnasium import spaces
 
 from metagate.data.task import Batch, Task
 from metagate.errors import ConfigError
-from metagate.features import NUM_FEATURES, TeacherFeatureCache
+from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
-
-FEATURE_HIGH = 5.0  # unit features lie in [0, 5] (CE/KL are clamped there)
 
 
 class TeacherWeightingEnv(gym.Env):

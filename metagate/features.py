@@ -32,6 +32,7 @@ TEACHER_FEATURES = ("t_conf", "t_p_label", "t_entropy", "t_ce", "t_kl", "t_agree
 STUDENT_FEATURES = ("s_conf", "s_margin", "s_entropy", "s_ce", "progress")
 FEATURE_NAMES = TEACHER_FEATURES + STUDENT_FEATURES
 NUM_FEATURES = len(FEATURE_NAMES)
+FEATURE_HIGH = 5.0  # every feature lies in [0, 5] (CE and KL are clamped there)
 
 
 @torch.no_grad()
@@ -58,15 +59,15 @@ def unit_features(
     t_conf, t_arg = pt.max(-1)
     t_plab = pt.gather(-1, yk).squeeze(-1)
     t_ent = -(pt * log_pt).sum(-1) / log_c
-    t_ce = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, 5)
-    t_kl = ((pt * (log_pt - log_ps.unsqueeze(1))).sum(-1) / log_c).clamp(0, 5)
+    t_ce = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH)
+    t_kl = ((pt * (log_pt - log_ps.unsqueeze(1))).sum(-1) / log_c).clamp(0, FEATURE_HIGH)
     t_agree = (t_arg == y.view(n, 1)).float()
     top2 = ps.topk(2, -1).values if c > 1 else torch.cat([ps, torch.zeros_like(ps)], -1)
     s_feats = torch.stack([
         top2[:, 0],
         top2[:, 0] - top2[:, 1],
         -(ps * log_ps).sum(-1) / log_c,
-        (-log_ps.gather(-1, y.view(n, 1)).squeeze(-1) / log_c).clamp(0, 5),
+        (-log_ps.gather(-1, y.view(n, 1)).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH),
         torch.full((n,), float(progress), device=s.device),
     ], -1)  # [N, 5]
     t_feats = torch.stack([t_conf, t_plab, t_ent, t_ce, t_kl, t_agree], -1)  # [N, K, 6]
@@ -80,7 +81,13 @@ def view_features(view: UnitView) -> Tensor:
     return unit_features(view.student_logits, view.teacher_logits, view.labels, view.progress)
 
 
-FEATURE_HIGH = 5.0  # every feature lies in [0, 5] (CE and KL are clamped there)
+def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | None = None) -> Tensor:
+    """Features of a gate's view clamped to ``[0, FEATURE_HIGH]``: from ``cache`` when it covers the
+    view's units, else :func:`unit_features`."""
+    if cache is not None and cache.covers(view):
+        assert view.ids is not None
+        return cache.features(view.student_logits, view.ids, view.progress)
+    return view_features(view).clamp_(0.0, FEATURE_HIGH)
 
 
 class TeacherFeatureCache:
@@ -119,7 +126,7 @@ class TeacherFeatureCache:
             static[..., 1] = pt.gather(-1, yk).squeeze(-1)
             neg_ent = (pt * log_pt).sum(-1) / log_c
             static[..., 2] = -neg_ent
-            static[..., 3] = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, 5)
+            static[..., 3] = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH)
             static[..., 4] = neg_ent  # KL = sum p_t log p_t - sum p_t log p_s: the step subtracts the second term
             static[..., 5] = (t_arg == y.view(n, 1)).float()
             self.static = static
@@ -164,7 +171,4 @@ class TeacherFeatureCache:
 
     def view_features(self, view: UnitView) -> Tensor:
         """Clamped features of a gate's view: cached when :meth:`covers` holds, else :func:`unit_features`."""
-        if self.covers(view):
-            assert view.ids is not None
-            return self.features(view.student_logits, view.ids, view.progress)
-        return view_features(view).clamp_(0.0, FEATURE_HIGH)
+        return clamped_view_features(view, self)

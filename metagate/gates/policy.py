@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, TeacherFeatureCache, view_features
+from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, split_kd_share
@@ -166,8 +166,7 @@ class _RLGate(Gate):
     def weights(self, view: UnitView) -> GateOutput:
         if view.teacher_logits is None or view.num_teachers == 0:
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
-        cache = self._features
-        feats = cache.view_features(view) if cache is not None else view_features(view).clamp_(0.0, FEATURE_HIGH)
+        feats = clamped_view_features(view, self._features)
         learning = self.learn and self._trainer is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
