@@ -62,7 +62,7 @@ class TeacherBank:
 
     def lookup(self, ids: Tensor) -> Tensor:
         """``[B, K, C]`` logits of units ``ids``."""
-        return self.logits[ids]
+        return rows(self.logits, ids)
 
     def log_probs(self, tau: float) -> Tensor:
         """``[N, K, C]`` ``log_softmax(logits / tau)``, computed once per temperature."""
@@ -74,6 +74,11 @@ class TeacherBank:
     def to(self, device: torch.device | str) -> TeacherBank:
         return TeacherBank(self.logits.to(device), self.names) if self.logits.device != torch.device(device) \
             else self
+
+
+def rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]``; ``index_select`` for 1-D ids (several times faster than advanced indexing on CPU)."""
+    return table.index_select(0, ids) if ids.ndim == 1 else table[ids]
 
 
 @torch.no_grad()

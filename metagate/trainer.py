@@ -28,6 +28,7 @@ from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics, reliability_figure
 from metagate.teachers import TeacherBank
+from metagate.teachers import rows as _rows
 
 CHECKPOINT_VERSION = 1
 
@@ -207,7 +208,7 @@ class Trainer:
             def teacher_log_probs(tau: float) -> Tensor:  # served from the bank's per-tau cache
                 lp = memo.get(tau)
                 if lp is None:
-                    lp = memo[tau] = bank.log_probs(tau)[ids]
+                    lp = memo[tau] = _rows(bank.log_probs(tau), ids)
                 return lp
 
             view.teacher_log_probs_fn = teacher_log_probs
@@ -283,7 +284,7 @@ class Trainer:
         bs = self.config.batch_size
         for i in range(0, order.numel(), bs):
             idx = order[i : i + bs]
-            yield Batch(self.train_x[idx], self.train_y[idx], idx)
+            yield Batch(self.train_x.index_select(0, idx), self.train_y.index_select(0, idx), idx)
 
     def run_epoch(self, bar: Any = None) -> dict[str, float]:
         """Train one epoch; return the mean of each loss column and weight column."""
