@@ -27,6 +27,7 @@ from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
+from metagate.modes import eval_mode, is_mode_free
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
@@ -139,7 +140,8 @@ class TeacherWeightingEnv(gym.Env):
         ``train_step`` reuses: the observation costs no extra forward pass."""
         assert self.trainer is not None
         student = self.trainer.student
-        student.train()
+        if not student.training:  # Module.train() walks every submodule
+            student.train()
         self._logits = student(batch.x)
         feats = self._features.features(self._logits, batch.ids.to(self.device), self.trainer.progress)
         return feats.cpu().numpy()  # clamped to [0, FEATURE_HIGH]
@@ -147,9 +149,8 @@ class TeacherWeightingEnv(gym.Env):
     @torch.no_grad()
     def _validate(self) -> float:
         assert self.trainer is not None
-        student = self.trainer.student
-        student.eval()
-        logits = student(self._val_x)
+        with eval_mode(self.trainer.student, self._mode_free) as student:
+            logits = student(self._val_x)
         if self.reward_kind == "acc":
             return float((logits.argmax(-1) == self._val_y).float().mean())
         return float(F.cross_entropy(logits, self._val_y))
@@ -172,6 +173,7 @@ class TeacherWeightingEnv(gym.Env):
             student = self.task.make_student(self.student_arch)
         cfg = TrainConfig(seed=student_seed, **self.train_config)  # type: ignore[arg-type]
         self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
+        self._mode_free = is_mode_free(student)
         self.trainer.total_steps = self.episode_steps  # progress and the lr schedule span the episode
         self._iter = self._batches(self.trainer)
         self._batch = next(self._iter)
@@ -198,8 +200,10 @@ class TeacherWeightingEnv(gym.Env):
             self._val = val
         self._batch = next(self._iter)
         obs = self._observe(self._batch)
-        kd = w[:, 1:] / w[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
-        info = {"val": val, "train_loss": float(res.loss), "teacher_weights": kd.cpu().numpy()}
+        kd = w[:, 1:].cpu().numpy()  # the softmax scaled by 1 - alpha: divide it out in numpy (cheap)
+        if self.alpha < 1.0:
+            kd = kd / (1.0 - self.alpha)
+        info = {"val": val, "train_loss": float(res.loss), "teacher_weights": kd}
         return obs, float(reward), False, truncated, info
 
 

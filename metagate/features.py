@@ -86,7 +86,8 @@ def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | None = No
     view's units, else :func:`unit_features`."""
     if cache is not None and cache.covers(view):
         assert view.ids is not None
-        return cache.features(view.student_logits, view.ids, view.progress)
+        log_ps = view.student_log_probs.float()  # the trainer reuses this log-softmax for the CE column
+        return cache.flat_features(log_ps, view.ids, view.progress).view(-1, cache.num_teachers, NUM_FEATURES)
     return view_features(view).clamp_(0.0, FEATURE_HIGH)
 
 
@@ -94,10 +95,12 @@ class TeacherFeatureCache:
     """:func:`unit_features` for a fixed teacher bank and fixed training labels, fast.
 
     The teacher-only features (confidence, p(label), entropy, CE to the label, agreement) of every
-    training unit are computed once; per step only the KL to the student and the student features
-    are computed, with a handful of fused ops: one batched matrix product scores the student's
-    log-probabilities against the teachers' probabilities, the label one-hot and its own
-    probabilities (cross-entropies, CE to the label, entropy) at once.
+    training unit are computed once. Per step the features are one affine map of a few numbers per
+    unit, ``x = static[ids] + u @ M + progress * e``, clamped: ``u`` holds the student's
+    log-probabilities scored against each teacher's probabilities and the label (one batched matrix
+    product), its top-2 probabilities and its negative entropy; the constant ``M`` routes them to the
+    KL and student-feature columns of every teacher. About a dozen ops, none of them a slow
+    ``__setitem__``.
 
     ``cache.features(student_logits, ids, progress)`` equals
     ``unit_features(student_logits, teacher_logits[ids], labels[ids], progress).clamp(0, FEATURE_HIGH)``
@@ -121,24 +124,29 @@ class TeacherFeatureCache:
             pt = log_pt.exp()
             yk = y.view(n, 1, 1).expand(n, k, 1)
             t_conf, t_arg = pt.max(-1)
-            static = torch.zeros(n, k, NUM_FEATURES, device=t.device)
-            static[..., 0] = t_conf
-            static[..., 1] = pt.gather(-1, yk).squeeze(-1)
             neg_ent = (pt * log_pt).sum(-1) / log_c
-            static[..., 2] = -neg_ent
-            static[..., 3] = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH)
-            static[..., 4] = neg_ent  # KL = sum p_t log p_t - sum p_t log p_s: the step subtracts the second term
-            static[..., 5] = (t_arg == y.view(n, 1)).float()
-            self.static = static
+            zeros = torch.zeros_like(t_conf)
+            static = torch.stack([
+                t_conf, pt.gather(-1, yk).squeeze(-1), -neg_ent,
+                (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH),
+                neg_ent,  # KL = sum p_t log p_t - sum p_t log p_s: the step subtracts the second term
+                (t_arg == y.view(n, 1)).float(), *[zeros] * len(STUDENT_FEATURES),
+            ], -1)  # [N, K, F]
+            self.static = static.reshape(n, k * NUM_FEATURES).contiguous()
             # rows dotted with the student's log-probs each step: teachers' probabilities, the label's one-hot
             self.rows = torch.cat([pt, F.one_hot(y, c).to(pt.dtype).unsqueeze(1)], 1) / log_c  # [N, K+1, C]
-            # student features from [p1, p2, log p_s(y) / log C, sum p_s log p_s / log C]
-            mix = torch.zeros(4, 4, device=t.device)
-            mix[0, 0] = 1.0  # confidence
-            mix[0, 1], mix[1, 1] = 1.0, -1.0  # margin
-            mix[3, 2] = -1.0  # entropy
-            mix[2, 3] = -1.0  # CE to the label
-            self.mix = mix
+            # u = [p_t . log p_s / log C (K), log p_s(y) / log C, top-1 p_s, top-2 p_s, sum p_s log p_s]
+            mix = torch.zeros(k + 4, k, NUM_FEATURES, device=t.device)
+            for j in range(k):
+                mix[j, j, 4] = -1.0  # KL
+            mix[k + 1, :, 6] = 1.0  # confidence
+            mix[k + 1, :, 7], mix[k + 2, :, 7] = 1.0, -1.0  # margin
+            mix[k + 3, :, 8] = -1.0 / log_c  # entropy
+            mix[k, :, 9] = -1.0  # CE to the label
+            self.mix = mix.reshape(k + 4, k * NUM_FEATURES)
+            prog = torch.zeros(k, NUM_FEATURES, device=t.device)
+            prog[:, 10] = 1.0
+            self.progress_row = prog.reshape(-1)
 
     @classmethod
     def for_trainer(cls, trainer: Any) -> TeacherFeatureCache | None:
@@ -154,20 +162,22 @@ class TeacherFeatureCache:
         return ids is not None and ids.ndim == 1 and ids.shape[0] == view.num_units \
             and view.num_teachers == self.num_teachers and self.num_classes > 1
 
-    @torch.no_grad()
+    def flat_features(self, log_ps: Tensor, ids: Tensor, progress: float = 0.0) -> Tensor:
+        """Clamped unit features flattened over teachers, ``[B, K*F]``, from the student's detached
+        float32 log-probabilities ``log_ps [B, C]`` (no graph: every input is a plain tensor)."""
+        ps = log_ps.exp()
+        r = torch.bmm(self.rows.index_select(0, ids), log_ps.unsqueeze(-1)).squeeze(-1)  # [B, K+1]
+        u = torch.cat([r, ps.topk(2, -1).values, (ps * log_ps).sum(-1, keepdim=True)], 1)  # [B, K+4]
+        x = torch.addmm(self.static.index_select(0, ids), u, self.mix)
+        if progress:
+            x.add_(self.progress_row, alpha=float(progress))
+        return x.clamp_(0.0, FEATURE_HIGH)
+
     def features(self, student_logits: Tensor, ids: Tensor, progress: float = 0.0) -> Tensor:
         """Clamped unit features ``[B, K, F]`` of training units ``ids`` (see the class docstring)."""
-        k = self.num_teachers
-        log_ps = F.log_softmax(student_logits.detach().float(), -1)
-        ps = log_ps.exp()
-        x = self.static[ids]  # a fresh copy: filled in place below
-        rows = torch.cat([self.rows[ids], ps.unsqueeze(1) * (1.0 / self.log_c)], 1)  # [B, K+2, C]
-        r = torch.bmm(rows, log_ps.unsqueeze(-1)).squeeze(-1)  # [B, K+2]
-        x[..., 4].sub_(r[:, :k])
-        z = torch.cat([ps.topk(2, -1).values, r[:, k:]], 1)  # [B, 4]
-        x[..., 6:10] = (z @ self.mix).unsqueeze(1)
-        x[..., 10] = float(progress)
-        return x.clamp_(0.0, FEATURE_HIGH)
+        with torch.no_grad():
+            log_ps = F.log_softmax(student_logits.detach().float(), -1)
+            return self.flat_features(log_ps, ids, progress).view(-1, self.num_teachers, NUM_FEATURES)
 
     def view_features(self, view: UnitView) -> Tensor:
         """Clamped features of a gate's view: cached when :meth:`covers` holds, else :func:`unit_features`."""

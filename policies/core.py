@@ -89,6 +89,7 @@ class FrozenLogitHead:
         self._key: tuple[int, ...] | None = None
         self._mats: list[tuple[Tensor, Tensor]] = []
 
+    @torch.no_grad()
     def _build(self, k: int) -> None:
         enc, hd = self.head.encoder, self.head.head
         l1, l2, r = enc.phi[0], enc.phi[2], enc.rho[0]
@@ -106,9 +107,8 @@ class FrozenLogitHead:
                       (r.bias.repeat(k), w_rho.t()),
                       (b_out, w_out.t())]
 
-    @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        """:param x: ``[B, K, F]``. :return: ``[B, K]`` -- the module's output up to float rounding."""
+        """:param x: ``[B, K, F]`` (no grad). :return: ``[B, K]`` -- the module's output up to float rounding."""
         b, k, f = x.shape
         key = (k, *(p._version for p in self.params))
         if key != self._key:

@@ -24,17 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
+from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
+from metagate.modes import eval_mode, is_mode_free
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.trainer import Trainer
-
-#: layers whose output does not depend on train/eval mode
-_MODE_FREE = (nn.Sequential, nn.Linear, nn.ReLU, nn.Flatten, nn.Identity, nn.Conv2d, nn.MaxPool2d, nn.Tanh, nn.GELU)
 
 __all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy", "policy_quality"]
 
@@ -49,12 +47,15 @@ class _RLGate(Gate):
     :param lr: policy learning rate
     :param baseline_decay: moving-average decay of the reward baseline
     :param val_size: size of the fixed ``meta`` subset the reward is measured on
+    :param update_units: units of each step the REINFORCE update scores (a random subset: the batch's
+        first units). With the default per-teacher noise the episode's log-probability gradient is a
+        mean over its units, so a subset keeps it unbiased at a fraction of the cost.
     """
 
     trusted_weights = True
 
-    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 5,
-                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128) -> None:
+    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 10,
+                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128, update_units: int = 32) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
         if not tau > 0:
@@ -63,6 +64,8 @@ class _RLGate(Gate):
             raise ConfigError(f"--rl-episode must be >= 1, got {episode}")
         if val_size < 1:
             raise ConfigError(f"--rl-val-size must be >= 1, got {val_size}")
+        if update_units < 1:
+            raise ConfigError(f"--rl-update-units must be >= 1, got {update_units}")
         self.alpha, self.tau, self.learn = float(alpha), float(tau), bool(learn)
         self.episode, self.lr, self.baseline_decay, self.val_size = int(episode), float(lr), float(baseline_decay), \
             int(val_size)
@@ -71,8 +74,8 @@ class _RLGate(Gate):
         self._val_start: float | None = None
         self._t = 0
         self._last: dict[str, float] = {}
-        self._kd_sum: Tensor | None = None
-        self._kd_n = 0
+        self._logged: list[Tensor] = []
+        self.update_units = int(update_units)
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
         self._offset: Tensor | None = None
@@ -106,13 +109,15 @@ class _RLGate(Gate):
             self._offset = None
         return self._noise
 
-    @torch.no_grad()
     def _act(self, features: Tensor, learning: bool) -> Tensor:
+        """Actions ``[B, K]`` for features ``[B, K, F]`` (no graph: features are plain tensors, the fast
+        head's matrices are built without grad, and ``policy.distribution`` runs under ``no_grad``)."""
         head = self._head()
         k = features.shape[-2]
         if head is None:  # any policy with ``distribution``
-            dist = self.policy.distribution(features)
-            return dist.sample(self._episode_noise(k, features)) if learning else dist.mode()
+            with torch.no_grad():
+                dist = self.policy.distribution(features)
+                return dist.sample(self._episode_noise(k, features)) if learning else dist.mode()
         mean = head(features)
         if getattr(self.policy, "mode", "weights") == "select":
             dist = BernoulliSelection(mean)
@@ -123,11 +128,11 @@ class _RLGate(Gate):
         # sigma_t is constant within an episode: the policy only changes when an episode closes)
         noise = self._episode_noise(k, features)
         unit = getattr(self.policy, "unit_log_std", None)
-        action = mean + unit.exp() * torch.randn_like(mean) if unit is not None else mean
+        action = mean + unit.detach().exp() * torch.randn_like(mean) if unit is not None else mean
         shared = getattr(self.policy, "shared_log_std", None)
         if shared is not None:
             if self._offset is None or self._offset.device != mean.device:
-                self._offset = shared.exp() * noise
+                self._offset = shared.detach().exp() * noise
             action = action + self._offset
         return action
 
@@ -153,10 +158,7 @@ class _RLGate(Gate):
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(meta), generator=g)[: min(self.val_size, len(meta))]
         self._val_x, self._val_y = meta.x[idx].to(dev), meta.y[idx].to(dev)
-        # a student of modes-agnostic layers only (plain MLP) needs no eval/train switch for the reward
-        from metagate.models import MLP
-
-        self._mode_free = all(type(m) in (*_MODE_FREE, MLP) for m in trainer.student.modules())
+        self._mode_free = is_mode_free(trainer.student)  # e.g. a plain MLP: the reward needs no mode switch
         # teacher-only features of every training unit, computed once (per step: KL and student features)
         self._features = TeacherFeatureCache.for_trainer(trainer)
         if self.learn and self.learner is None:
@@ -164,35 +166,35 @@ class _RLGate(Gate):
                                             antithetic=self.antithetic)
 
     def weights(self, view: UnitView) -> GateOutput:
-        if view.teacher_logits is None or view.num_teachers == 0:
+        k = view.num_teachers  # not ``view.teacher_logits``: that would gather the raw logits
+        if k == 0:
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
-        feats = clamped_view_features(view, self._features)
+        cache = self._features
+        if cache is not None and cache.covers(view):  # the trainer reuses this log-softmax for the CE column
+            assert view.ids is not None
+            feats = cache.flat_features(view.student_log_probs.float(), view.ids, view.progress) \
+                .view(-1, k, NUM_FEATURES)
+        else:
+            feats = clamped_view_features(view)
         learning = self.learn and self._trainer is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
             assert self.learner is not None
-            self.learner.record(feats, action)
-        w = self._weights_from_action(action).to(view.student_logits.dtype)
-        kd = w[:, 1:].sum(0)
-        if self._kd_sum is None or self._kd_sum.shape != kd.shape:
-            self._kd_sum = kd
-        else:
-            self._kd_sum.add_(kd)
-        self._kd_n += w.shape[0]
+            m = self.update_units  # batches are random draws: their first units are a random subset
+            self.learner.record(feats[:m], action[:m])
+        w = self._weights_from_action(action)
+        if w.dtype != view.student_logits.dtype:
+            w = w.to(view.student_logits.dtype)
+        if len(self._logged) < 4096:  # reduced when logged (no per-step ops); bounded for outside drivers
+            self._logged.append(w)
         return GateOutput(w, self.tau)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Student CE on the fixed ``meta`` subset (eval mode; the trainer switches back to train)."""
         assert self._trainer is not None
-        student = self._trainer.student
-        if getattr(self, "_mode_free", False):  # same output in either mode: skip the recursive switch
+        with eval_mode(self._trainer.student, self._mode_free) as student:
             return float(F.cross_entropy(student(self._val_x), self._val_y))
-        was = student.training
-        student.eval()
-        loss = float(F.cross_entropy(student(self._val_x), self._val_y))
-        student.train(was)
-        return loss
 
     def after_step(self, ctx: StepContext) -> None:
         if not (self.learn and self.learner is not None and self.policy.training):
@@ -214,10 +216,10 @@ class _RLGate(Gate):
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():
             logger.scalar(f"policy/{k}", v, step)
-        if self._kd_sum is not None and self._kd_n:
-            for j, v in enumerate((self._kd_sum / self._kd_n).tolist()):
+        if self._logged:
+            for j, v in enumerate(torch.cat(self._logged)[:, 1:].mean(0).tolist()):
                 logger.scalar(f"policy/mean_w_teacher{j}", v, step)
-            self._kd_sum, self._kd_n = None, 0
+            self._logged.clear()
         for name in ("unit_log_std", "shared_log_std"):
             p = getattr(self.policy, name, None)
             if isinstance(p, torch.Tensor):
@@ -243,12 +245,15 @@ class _RLGate(Gate):
 
     @staticmethod
     def _add_rl_arguments(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--rl-episode", type=int, default=5, help="policy/reinforce: steps per REINFORCE episode")
+        g.add_argument("--rl-episode", type=int, default=10,
+                       help="policy/reinforce: steps per REINFORCE episode (the reward is measured at its ends)")
         g.add_argument("--rl-lr", type=float, default=1e-2, help="policy/reinforce: policy learning rate (Adam)")
         g.add_argument("--rl-baseline-decay", type=float, default=0.9,
                        help="policy/reinforce: moving-average decay of the reward baseline")
         g.add_argument("--rl-val-size", type=int, default=128,
                        help="policy/reinforce: size of the fixed meta subset the reward is measured on")
+        g.add_argument("--rl-update-units", type=int, default=32,
+                       help="policy/reinforce: units per step scored by the REINFORCE update (a random subset)")
 
 
 @register("reinforce")
@@ -262,12 +267,12 @@ class ReinforceGate(_RLGate):
     """
 
     def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
-                 hidden: int = 16, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
+                 hidden: int = 16, episode: int = 10, lr: float = 1e-2, baseline_decay: float = 0.9,
                  val_size: int = 128, shared_noise: bool = True, log_std: float | None = None,
-                 shared_log_std: float = -0.5) -> None:
+                 shared_log_std: float = -0.5, update_units: int = 32) -> None:
         if mode not in MODES:
             raise ConfigError(f"--rl-mode must be one of {', '.join(MODES)}, got {mode!r}")
-        super().__init__(alpha, tau, True, episode, lr, baseline_decay, val_size)
+        super().__init__(alpha, tau, True, episode, lr, baseline_decay, val_size, update_units)
         self.mode, self.temperature, self.hidden, self.shared_noise = mode, float(temperature), int(hidden), \
             bool(shared_noise)
         if not shared_noise and log_std is None:
@@ -284,7 +289,8 @@ class ReinforceGate(_RLGate):
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau, "rl_mode": self.mode, "rl_temperature": self.temperature,
                 "rl_episode": self.episode, "rl_lr": self.lr, "rl_baseline_decay": self.baseline_decay,
-                "rl_val_size": self.val_size, "rl_shared_noise": self.shared_noise,
+                "rl_val_size": self.val_size, "rl_update_units": self.update_units,
+                "rl_shared_noise": self.shared_noise,
                 "rl_log_std": "off" if self.log_std_init is None else self.log_std_init,
                 "rl_shared_log_std": self.shared_log_std_init}
 
@@ -312,6 +318,7 @@ class ReinforceGate(_RLGate):
         return cls(mode=args.rl_mode, alpha=getattr(args, "alpha", 0.5), tau=getattr(args, "tau", 4.0),
                    temperature=args.rl_temperature, hidden=args.rl_hidden, episode=args.rl_episode, lr=args.rl_lr,
                    baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size,
+                   update_units=args.rl_update_units,
                    shared_noise=not args.rl_no_shared_noise, log_std=args.rl_log_std,
                    shared_log_std=args.rl_shared_log_std)
 
@@ -351,8 +358,8 @@ class PolicyGate(_RLGate):
     """
 
     def __init__(self, policy: nn.Module | None = None, path: str | Path | None = None, alpha: float | None = None,
-                 tau: float | None = None, online: bool = False, episode: int = 5, lr: float = 1e-3,
-                 baseline_decay: float = 0.9, val_size: int = 128) -> None:
+                 tau: float | None = None, online: bool = False, episode: int = 10, lr: float = 1e-3,
+                 baseline_decay: float = 0.9, val_size: int = 128, update_units: int = 32) -> None:
         if policy is None:
             if path is None:
                 raise ConfigError("--gate policy needs --policy PATH (a zip from `metagate train-policy`)")
@@ -360,7 +367,7 @@ class PolicyGate(_RLGate):
         self.path = str(path) if path is not None else ""
         a = float(getattr(policy, "label_alpha", 0.5)) if alpha is None else alpha
         t = float(getattr(policy, "kd_tau", 4.0)) if tau is None else tau
-        super().__init__(a, t, online, episode, lr, baseline_decay, val_size)
+        super().__init__(a, t, online, episode, lr, baseline_decay, val_size, update_units)
         self.policy = policy
         self.temperature = float(getattr(policy, "weight_temperature", 0.25))
         self.policy.train(online)
@@ -381,7 +388,8 @@ class PolicyGate(_RLGate):
         alpha = args.alpha if getattr(args, "alpha", 0.5) != 0.5 else None  # 0.5 = the flag's default
         tau = args.tau if getattr(args, "tau", 4.0) != 4.0 else None
         return cls(path=args.policy, alpha=alpha, tau=tau, online=args.online, episode=args.rl_episode,
-                   lr=args.rl_lr, baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size)
+                   lr=args.rl_lr, baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size,
+                   update_units=args.rl_update_units)
 
 
 def policy_quality(weights: Tensor) -> dict[str, float]:
