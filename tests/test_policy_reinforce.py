@@ -177,3 +177,28 @@ def test_meta_plus_policy_composes(digits_bank, tmp_path):
 
     m = json.loads((run / "metrics.json").read_text())
     assert 0 < m["gate/mean_w_label"] and m["gate/mean_w_teacher2"] >= 0
+
+
+def test_update_on_unit_subsets_is_unbiased():
+    """Shared per-teacher noise: the episode's log-probability gradient is a mean over its units, so the
+    mean of the gradients on the chunks of a partition (what ``--rl-update-units`` scores, one random
+    chunk per step) equals the full gradient."""
+    from metagate.policies import ReinforcePolicy
+
+    torch.manual_seed(0)
+    pol = ReinforcePolicy("weights", shared_log_std=-0.5)
+    feats = torch.rand(4, 32, 3, 11)  # 4 steps of 32 units
+    eps = torch.randn(1, 3)
+
+    def grad(f: torch.Tensor) -> torch.Tensor:
+        pol.zero_grad()
+        dist = pol.distribution(f.reshape(-1, 3, 11))
+        with torch.no_grad():
+            act = dist.mean + dist.var_t.sqrt() * eps  # the sample the episode held
+        dist.log_prob(act).backward()
+        return torch.cat([p.grad.reshape(-1) for p in pol.net.parameters()])
+
+    full = grad(feats)
+    chunks = torch.stack([grad(feats[:, i * 8:(i + 1) * 8]) for i in range(4)]).mean(0)
+    assert full.abs().max() > 1e-4
+    torch.testing.assert_close(chunks, full, rtol=1e-4, atol=1e-6)
