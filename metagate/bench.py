@@ -2,8 +2,11 @@
 
 All variants run in one process, interleaved, on the same student architecture (same
 initial weights), the same batches and the same cached teacher logits; we report the
-median per-step time of each and its ratio to the hand-written step. Teacher logits are
-random tensors of the real shape: step time does not depend on their values.
+median per-step time of each and its ratio to the hand-written step and to the trainer
+with the ``fixed`` gate. Teacher logits are random tensors of the real shape: step time
+does not depend on their values. ``--gates`` adds learned gates, each given as
+``name`` or ``name:option=value,...`` (options as in ``metagate distill --help``, e.g.
+``meta:meta_backend=closed-form`` or ``reinforce:rl_episode=5``).
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from metagate.data import Batch, get_task
-from metagate.gates.fixed import FixedGate
-from metagate.gates.hard import HardGate
+from metagate.errors import ConfigError
+from metagate.gates.base import Gate
 from metagate.report import table
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer, resolve_device
@@ -56,9 +61,33 @@ def time_steps(step: Callable[[Batch], None], batches: list[Batch], device: torc
     return (time.perf_counter() - t0) / len(batches)
 
 
+def parse_gate_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"meta:meta_backend=closed-form,meta_val_batch=64"`` -> ``("meta", {...})`` (values read as YAML
+    scalars: data, never code)."""
+    name, _, rest = spec.partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--gates {spec!r}: options are key=value pairs separated by commas")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return name.strip(), opts
+
+
+def build_bench_gate(spec: str) -> Gate:
+    from metagate.run import build_gate
+
+    name, opts = parse_gate_spec(spec)
+    return build_gate(name, opts)
+
+
 def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int, repeats: int,
-                  device: torch.device, extra: dict[str, Callable] | None = None) -> dict[str, float]:
-    """Median per-step seconds of each variant for one student architecture."""
+                  device: torch.device, extra: dict[str, Callable] | None = None,
+                  gates: tuple[str, ...] = ("fixed", "hard")) -> dict[str, float]:
+    """Median per-step seconds of each variant for one student architecture.
+
+    :param gates: gate specs run through the shared trainer (see :func:`parse_gate_spec`)
+    """
     task = get_task(task_name)
     torch.manual_seed(0)
     n, c = len(task.train), task.num_classes
@@ -75,9 +104,9 @@ def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int
     s0 = copy.deepcopy(init).to(device)
     opt = torch.optim.SGD(s0.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     variants["hand-written KD"] = handwritten_kd_step(s0, opt, bank.logits, 0.5, 4.0)
-    for name, gate in (("trainer + fixed", FixedGate(0.5, 4.0)), ("trainer + hard", HardGate())):
-        tr = Trainer(task, copy.deepcopy(init), gate, bank, cfg)
-        variants[name] = tr.train_step
+    for spec in dict.fromkeys(("fixed", *gates)):  # the fixed gate is every ratio's second reference
+        tr = Trainer(task, copy.deepcopy(init), build_bench_gate(spec), bank, cfg)
+        variants[f"trainer + {spec}"] = tr.train_step
     for name, factory in (extra or {}).items():
         variants[name] = factory(task, copy.deepcopy(init), bank, cfg)
     for step in variants.values():  # warm-up
@@ -98,12 +127,13 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results = {}
     rows = []
     for arch in args.students:
-        res = bench_student(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device)
+        res = bench_student(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device,
+                            gates=tuple(args.gates))
         results[arch] = res
-        ref = res["hand-written KD"]
+        ref, fixed = res["hand-written KD"], res["trainer + fixed"]
         for name, t in res.items():
-            rows.append([arch, name, f"{t * 1e3:.3f}", f"{t / ref:.3f}x"])
+            rows.append([arch, name, f"{t * 1e3:.3f}", f"{t / ref:.3f}x", f"{t / fixed:.3f}x"])
     print(f"task {args.task}, K={args.teachers}, batch {args.batch_size}, {args.steps} steps x {args.repeats} "
           f"repeats (median), device {device}, torch threads {torch.get_num_threads()}")
-    print(table(["student", "variant", "ms/step", "ratio to hand-written"], rows))
+    print(table(["student", "variant", "ms/step", "ratio to hand-written", "ratio to trainer + fixed"], rows))
     return results

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (1 gives steadier ratios on a shared CPU; 0 keeps torch's default)")
     p.add_argument("--teachers", type=int, default=3, help="number of teachers K")
     p.add_argument("--students", nargs="+", default=["mlp", "cnn"], help="student architectures")
+    p.add_argument("--gates", nargs="+", default=["fixed", "hard"],
+                   help="gates through the trainer: NAME or NAME:option=value,... (e.g. meta:meta_backend=closed-form)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_bench)
 

@@ -93,3 +93,26 @@ def test_yaml_config_is_data(tmp_path, digits_bank):
 
     with pytest.raises(ConfigError):
         config_from_args(build_parser().parse_args(["distill", "--config", str(bad)]))
+
+
+def test_bench_runs_learned_gates_and_reports_ratios(capsys, one_thread):
+    assert main(["bench", "--task", "digits", "--students", "mlp", "--steps", "2", "--repeats", "1",
+                 "--gates", "reinforce", "meta:meta_backend=closed-form,meta_val_batch=32"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio to trainer + fixed" in out
+    for variant in ("hand-written KD", "trainer + fixed", "trainer + reinforce",
+                    "trainer + meta:meta_backend=closed-form,meta_val_batch=32"):
+        assert variant in out
+
+
+def test_bench_gate_specs_are_data():
+    from metagate.bench import parse_gate_spec
+    from metagate.errors import ConfigError
+
+    assert parse_gate_spec("meta:meta_backend=closed-form,meta-lr=0.5,meta_no_reuse=true") == \
+        ("meta", {"meta_backend": "closed-form", "meta_lr": 0.5, "meta_no_reuse": True})
+    assert parse_gate_spec("fixed") == ("fixed", {})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_gate_spec("meta:closed-form")
+    assert main(["bench", "--task", "digits", "--students", "mlp", "--gates", "meta:no_such_option=1",
+                 "--steps", "1"]) == 2
