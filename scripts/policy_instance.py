@@ -34,18 +34,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--noise", type=float, default=0.0, help="symmetric label noise (teachers see clean labels)")
+    p.add_argument("--alpha", type=float, default=0.5, help="label weight of every gate")
     args = p.parse_args()
     one_thread()
-    task = get_task(args.task)
+    task = get_task(args.task, noise=args.noise)
     bank = synthetic_bank(task, accuracies=(0.95, 0.95), good_classes=([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]),
                           adversarial=False)
     y = task.clean_train_labels
     right = (y >= 5).long()  # index of the right teacher of every unit
     gates = {
-        "fixed": lambda: FixedGate(),
-        "reinforce (shared noise)": lambda: ReinforceGate(),
-        "reinforce (per-unit noise)": lambda: ReinforceGate(shared_noise=False, log_std=-1.0),
-        "reinforce select": lambda: ReinforceGate(mode="select"),
+        "fixed": lambda: FixedGate(alpha=args.alpha),
+        "reinforce (shared noise)": lambda: ReinforceGate(alpha=args.alpha),
+        "reinforce (per-unit noise)": lambda: ReinforceGate(alpha=args.alpha, shared_noise=False, log_std=-1.0),
+        "reinforce select": lambda: ReinforceGate(alpha=args.alpha, mode="select"),
     }
     res: dict[str, dict[str, list[float]]] = {g: {"acc": [], "right": []} for g in gates}
     for seed in args.seeds:
@@ -63,11 +65,10 @@ def main() -> None:
             res[name]["acc"].append(acc)
             res[name]["right"].append(right_w)
             print(f"seed {seed} {name:28s} test acc {acc:.4f}  weight on the right teacher {right_w:.3f}", flush=True)
-    print(f"\n{args.task}: 2 teachers, each right on half of the classes; epochs={args.epochs} "
-          f"batch={args.batch_size} seeds={args.seeds}")
+    print(f"\n{args.task} (label noise {args.noise}, alpha {args.alpha}): 2 teachers, each right on half of "
+          f"the classes; epochs={args.epochs} batch={args.batch_size} seeds={args.seeds}")
     for name, r in res.items():
         print(f"{name:28s} acc {mean_std(r['acc']):>18s}   right-teacher weight {mean_std(r['right']):>18s}")
-
 
 
 if __name__ == "__main__":

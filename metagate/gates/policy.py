@@ -47,15 +47,18 @@ class _RLGate(Gate):
     :param lr: policy learning rate
     :param baseline_decay: moving-average decay of the reward baseline
     :param val_size: size of the fixed ``meta`` subset the reward is measured on
-    :param update_units: units of each step the REINFORCE update scores (a random subset: the batch's
-        first units). With the default per-teacher noise the episode's log-probability gradient is a
-        mean over its units, so a subset keeps it unbiased at a fraction of the cost.
+    :param update_units: units of each step the REINFORCE update scores (``None``: all; else a random
+        subset, the batch's first units). With per-teacher noise the episode's log-probability gradient
+        is a mean over its units, so a subset keeps it unbiased and cheaper, but noisier: on digits
+        with two half-right teachers 8 of 32 units cut the weight learned on the right teacher from
+        0.90 to 0.59, while the planted-teacher result on fashion is unchanged at 32 of 128.
     """
 
     trusted_weights = True
 
-    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 10,
-                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128, update_units: int = 32) -> None:
+    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 5,
+                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128,
+                 update_units: int | None = None) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
         if not tau > 0:
@@ -64,7 +67,7 @@ class _RLGate(Gate):
             raise ConfigError(f"--rl-episode must be >= 1, got {episode}")
         if val_size < 1:
             raise ConfigError(f"--rl-val-size must be >= 1, got {val_size}")
-        if update_units < 1:
+        if update_units is not None and update_units < 1:
             raise ConfigError(f"--rl-update-units must be >= 1, got {update_units}")
         self.alpha, self.tau, self.learn = float(alpha), float(tau), bool(learn)
         self.episode, self.lr, self.baseline_decay, self.val_size = int(episode), float(lr), float(baseline_decay), \
@@ -75,7 +78,7 @@ class _RLGate(Gate):
         self._t = 0
         self._last: dict[str, float] = {}
         self._logged: list[Tensor] = []
-        self.update_units = int(update_units)
+        self.update_units = None if update_units is None else int(update_units)
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
         self._offset: Tensor | None = None
@@ -181,7 +184,7 @@ class _RLGate(Gate):
         if learning:
             assert self.learner is not None
             m = self.update_units  # batches are random draws: their first units are a random subset
-            self.learner.record(feats[:m], action[:m])
+            self.learner.record(feats if m is None else feats[:m], action if m is None else action[:m])
         w = self._weights_from_action(action)
         if w.dtype != view.student_logits.dtype:
             w = w.to(view.student_logits.dtype)
@@ -245,15 +248,16 @@ class _RLGate(Gate):
 
     @staticmethod
     def _add_rl_arguments(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--rl-episode", type=int, default=10,
+        g.add_argument("--rl-episode", type=int, default=5,
                        help="policy/reinforce: steps per REINFORCE episode (the reward is measured at its ends)")
         g.add_argument("--rl-lr", type=float, default=1e-2, help="policy/reinforce: policy learning rate (Adam)")
         g.add_argument("--rl-baseline-decay", type=float, default=0.9,
                        help="policy/reinforce: moving-average decay of the reward baseline")
         g.add_argument("--rl-val-size", type=int, default=128,
                        help="policy/reinforce: size of the fixed meta subset the reward is measured on")
-        g.add_argument("--rl-update-units", type=int, default=32,
-                       help="policy/reinforce: units per step scored by the REINFORCE update (a random subset)")
+        g.add_argument("--rl-update-units", type=int, default=None,
+                       help="policy/reinforce: units per step scored by the REINFORCE update (a random subset; "
+                            "default all). Cheaper, unbiased, noisier")
 
 
 @register("reinforce")
@@ -267,9 +271,9 @@ class ReinforceGate(_RLGate):
     """
 
     def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
-                 hidden: int = 16, episode: int = 10, lr: float = 1e-2, baseline_decay: float = 0.9,
+                 hidden: int = 16, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
                  val_size: int = 128, shared_noise: bool = True, log_std: float | None = None,
-                 shared_log_std: float = -0.5, update_units: int = 32) -> None:
+                 shared_log_std: float = -0.5, update_units: int | None = None) -> None:
         if mode not in MODES:
             raise ConfigError(f"--rl-mode must be one of {', '.join(MODES)}, got {mode!r}")
         super().__init__(alpha, tau, True, episode, lr, baseline_decay, val_size, update_units)
@@ -289,7 +293,7 @@ class ReinforceGate(_RLGate):
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau, "rl_mode": self.mode, "rl_temperature": self.temperature,
                 "rl_episode": self.episode, "rl_lr": self.lr, "rl_baseline_decay": self.baseline_decay,
-                "rl_val_size": self.val_size, "rl_update_units": self.update_units,
+                "rl_val_size": self.val_size, "rl_update_units": self.update_units or "all",
                 "rl_shared_noise": self.shared_noise,
                 "rl_log_std": "off" if self.log_std_init is None else self.log_std_init,
                 "rl_shared_log_std": self.shared_log_std_init}
@@ -358,8 +362,8 @@ class PolicyGate(_RLGate):
     """
 
     def __init__(self, policy: nn.Module | None = None, path: str | Path | None = None, alpha: float | None = None,
-                 tau: float | None = None, online: bool = False, episode: int = 10, lr: float = 1e-3,
-                 baseline_decay: float = 0.9, val_size: int = 128, update_units: int = 32) -> None:
+                 tau: float | None = None, online: bool = False, episode: int = 5, lr: float = 1e-3,
+                 baseline_decay: float = 0.9, val_size: int = 128, update_units: int | None = None) -> None:
         if policy is None:
             if path is None:
                 raise ConfigError("--gate policy needs --policy PATH (a zip from `metagate train-policy`)")
