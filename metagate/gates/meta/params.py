@@ -103,7 +103,7 @@ class WeightTable(nn.Module):
 
     def rows(self, ids: Tensor) -> Tensor:
         """Raw rows of ``ids`` as a fresh leaf (so a hypergradient is ``[n, J]``, not table-sized)."""
-        return self.raw.detach()[ids].requires_grad_(True)
+        return self.raw.detach().index_select(0, ids).requires_grad_(True)
 
     @torch.no_grad()
     def sgd_rows(self, ids: Tensor, grad: Tensor, lr: float) -> Tensor:
@@ -111,11 +111,11 @@ class WeightTable(nn.Module):
 
         :return: the updated raw rows ``[n, J]`` (equal to ``raw[ids]`` afterwards)
         """
-        self.raw.index_add_(0, ids, grad.to(self.raw.dtype), alpha=-lr)
-        rows = self.raw[ids]
+        # index_select / index_copy_: several times cheaper than advanced indexing and __setitem__ on CPU
+        self.raw.index_add_(0, ids, grad.to(self.raw.dtype).mul(-lr))  # index_add_'s alpha is ~3x slower
+        rows = self.raw.index_select(0, ids)
         if self.transform == "clamp":
-            rows = rows.clamp_(CLAMP_MIN, CLAMP_MAX)
-            self.raw[ids] = rows
+            self.raw.index_copy_(0, ids, rows.clamp_(CLAMP_MIN, CLAMP_MAX))  # repeated ids: equal rows
         return rows
 
     @torch.no_grad()
