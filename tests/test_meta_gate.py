@@ -13,6 +13,7 @@ from torch import nn
 from metagate.data.task import Batch, Split
 from metagate.errors import ConfigError
 from metagate.gates.meta import MetaGate
+from metagate.gates.meta.analytic import LinearLookahead, linear_hypergrad, plain_mlp_layers
 from metagate.gates.meta.lookahead import (
     closed_form_val_logits,
     forward_features,
@@ -282,9 +283,9 @@ def test_nn_module_without_feature_protocol_is_refused(digits_noisy):
 
 # -- fast paths ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_closed_form_hypergrad_and_jvp_match_func(batch_norm):
+def test_closed_form_by_hand_and_jvp_match_func(batch_norm):
     """The hand-derived closed form and the forward-mode look-ahead equal func's autograd hypergradient."""
-    from metagate.gates.meta.lookahead import closed_form_hypergrad, jvp_lookahead_hypergrad
+    from metagate.gates.meta.lookahead import jvp_lookahead_hypergrad
 
     model, x, xv, yv, w, loss_fn = _problem(batch_norm, seed=2)
     t, y = loss_fn.keywords["t"], loss_fn.keywords["y"]
@@ -299,7 +300,7 @@ def test_closed_form_hypergrad_and_jvp_match_func(batch_norm):
     _assert_state_equal(model, before)
     assert all(p.grad is None for p in model.parameters())
     z.sum().backward()  # the real forward's graph was kept for the real step
-    # closed form by hand == autograd through closed_form_val_logits == func on the last layer
+    # the closed form by hand == autograd through closed_form_val_logits == func on the last layer
     with frozen_buffers(model):
         h, z = forward_features(model, x)
         with torch.no_grad():
@@ -307,33 +308,42 @@ def test_closed_form_hypergrad_and_jvp_match_func(batch_norm):
     gl = kd_logit_gradients(z, t, y, 2.0)
     scale = torch.rand(N, dtype=torch.float64)
     auto = torch.nn.functional.cross_entropy(closed_form_val_logits(w, gl, h.detach(), hv, zv, lr, scale), yv)
-    val, dw = closed_form_hypergrad(w, gl, h.detach(), hv, zv, yv, lr, scale)
+    with torch.no_grad():
+        la = LinearLookahead([model.head], [h.detach()], hv, [(True, True)])
+        val, dw = linear_hypergrad(la, w, gl, yv, lr, scale)
     torch.testing.assert_close(val, auto.detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(dw, _grad(auto, w), atol=1e-12, rtol=0)
     vf = func_lookahead_loss(model, w, loss_fn, x, xv, yv, lr, names=resolve_names(model, "last"))
-    val, dw = closed_form_hypergrad(w, gl, h.detach(), hv, zv, yv, lr, 1.0 / N)
+    with torch.no_grad():
+        val, dw = linear_hypergrad(la, w, gl, yv, lr, 1.0 / N)
+    torch.testing.assert_close(val, vf.detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(dw, _grad(vf, w), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("kw", [{"backend": "func", "lookahead": "all"}, {"backend": "func", "lookahead": "last"},
-                                {"backend": "closed-form"}])
+                                {"backend": "closed-form"}, {"backend": "func", "lookahead": "body.1"},
+                                {"backend": "func", "lookahead": "all", "param": "net", "normalize": "column",
+                                 "meta_lr": 1e-3},  # Adam: a larger step magnifies float32 teacher probabilities
+                                {"backend": "closed-form", "transform": "sigmoid", "inner_iters": 2}])
 @pytest.mark.parametrize("arch", ["mlp", "mlp-bn"])
 def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
     """One meta update + real step of the gate (fast paths) equals the reference autograd path."""
     def run(reference):
-        gate = MetaGate(meta_lr=1e3, **kw)
+        gate = MetaGate(**{"meta_lr": 1e3, **kw})
         tr = _trainer(digits_noisy, gate, arch=arch, dtype=torch.float64)
         tr.unit_weights = tr.unit_weights.double()  # the trainer's record is float32
         batch = _batch(tr)
+        assert reference or gate._route == ("jvp" if arch == "mlp-bn" and kw.get("lookahead") in ("all", "body.1")
+                                            else "linear")
         if reference:  # plain func look-ahead of the pure function over the same parameters
-            gate._head_only = gate._forward_mode = False
-            gate.backend = "func"
+            gate._route, gate.backend = "autograd", "func"
         tr.train_step(batch)
-        return gate.param.raw.detach().clone(), _state(tr.student)
+        return [p.detach().clone() for p in gate.param.parameters()], _state(tr.student)
 
     raw_f, st_f = run(False)
     raw_r, st_r = run(True)
-    torch.testing.assert_close(raw_f, raw_r, atol=1e-6, rtol=0)
+    for a, b in zip(raw_f, raw_r):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for k in st_r:
         torch.testing.assert_close(st_f[k], st_r[k], atol=1e-6, rtol=0)
 
@@ -345,3 +355,95 @@ def test_channels_last_val_batch_is_the_same_batch(digits_noisy):
     assert torch.equal(channels_last(x), x) and channels_last(x).stride()[1] == 1
     x3 = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     assert torch.equal(channels_last(x3), x3)
+
+
+@pytest.mark.parametrize("hidden", [(7,), (7, 6), (3, 4, 5)])
+@pytest.mark.parametrize("d_in", [5, 40])
+def test_linear_lookahead_matches_func_on_plain_mlps(hidden, d_in):
+    """The hand-written look-ahead over any subset of a plain ReLU MLP's layers equals func (float64); with a
+    wide input layer it takes the data-kernel route."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    model = MLP(d_in, hidden, C).double()
+    layers = plain_mlp_layers(model)
+    assert layers is not None and layers[-1] is model.head
+    x, xv = torch.randn(N, d_in, generator=g, dtype=torch.float64), torch.randn(M, d_in, generator=g, dtype=torch.float64)
+    y, yv = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (M,), generator=g)
+    t = 2 * torch.randn(N, K, C, generator=g, dtype=torch.float64)
+    w = (0.2 + torch.rand(N, 1 + K, generator=g, dtype=torch.float64)).requires_grad_(True)
+    mask = (torch.rand(N, generator=g) > 0.2).double()
+    acts, a = [], x
+    for i, lin in enumerate(layers):  # each layer's training input
+        acts.append(a)
+        a = lin(a) if i + 1 == len(layers) else torch.relu(lin(a))
+    gl = kd_logit_gradients(a, t, y, 2.0)
+    prefixes = [n.rsplit(".", 1)[0] for n, _ in model.named_parameters()][::2]
+    specs = ["all", "last", "head.weight", "head.bias", prefixes[0], f"{prefixes[0]}.bias",
+             f"{prefixes[0]}.weight,head.bias", prefixes[len(prefixes) // 2]]
+    for spec in specs:
+        names = resolve_names(model, spec)
+        vf = func_lookahead_loss(model, w, partial(_losses, t=t, y=y), x, xv, yv, 0.3, names, mask=mask)
+        stepped = [(f"{p}.weight" in names, f"{p}.bias" in names) for p in prefixes]
+        low = min(i for i, st in enumerate(stepped) if any(st))
+        with torch.no_grad():
+            xl = xv
+            for lin in layers[:low]:
+                xl = torch.relu(lin(xl))
+            la = LinearLookahead(layers[low:], acts[low:], xl, stepped[low:])
+            assert la.kernel == (low == 0 and stepped[0][0] and d_in == 40 and hidden[0] == 7)
+            val, dw = linear_hypergrad(la, w, gl, yv, 0.3, mask / mask.sum())
+        torch.testing.assert_close(val, vf.detach(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(dw, _grad(vf, w), atol=1e-12, rtol=0)
+
+
+def test_plain_mlp_detection(digits_noisy):
+    assert plain_mlp_layers(digits_noisy.make_student("mlp")) is not None
+    for arch in ("mlp-bn", "cnn"):
+        assert plain_mlp_layers(digits_noisy.make_student(arch)) is None
+
+    class Scaled(MLP):
+        def features(self, x):
+            return 2 * super().features(x)
+
+    assert plain_mlp_layers(Scaled(5, (4,), 3)) is None
+
+
+@pytest.mark.parametrize("backend,lookahead", [("func", "all"), ("closed-form", "last")])
+def test_linear_route_recomputes_inputs_for_foreign_logits(digits_noisy, backend, lookahead):
+    """When the view's logits are not those of the last hooked forward, the train inputs are recomputed."""
+    tables = []
+    for foreign in (False, True):
+        gate = MetaGate(backend=backend, lookahead=lookahead, meta_lr=1e3)
+        tr = _trainer(digits_noisy, gate, arch="mlp", dtype=torch.float64)
+        batch = _batch(tr)
+        logits = tr.student(batch.x)
+        if foreign:
+            tr.student(batch.x[:5])  # another forward overwrites what the hooks kept
+        gate.meta_step(tr.make_view(batch, logits), batch.x, tr.lr)
+        tables.append(gate.param.raw.detach().clone())
+    torch.testing.assert_close(tables[1], tables[0], atol=1e-12, rtol=0)
+
+
+def test_table_sgd_rows_accumulates_repeated_ids():
+    tab = WeightTable(6, torch.tensor([0.1, 0.9]), "clamp")
+    ids = torch.tensor([1, 3, 1, 5])
+    grad = torch.tensor([[1.0, -1.0], [0.5, 0.5], [2.0, 0.0], [-3.0, 3.0]]) * 1e-3
+    ref = tab.raw.detach().clone()
+    ref.index_add_(0, ids, grad, alpha=-100.0)
+    ref.clamp_(1e-7, 2.0 - 1e-7)
+    rows = tab.sgd_rows(ids, grad, 100.0)
+    torch.testing.assert_close(tab.raw.detach(), ref)
+    torch.testing.assert_close(rows, ref[ids])
+
+
+def test_val_batches_follow_the_seeded_permutation(digits_noisy):
+    gate = MetaGate(val_batch=16)
+    _trainer(digits_noisy, gate, arch="mlp")
+    seen = []
+    for _ in range(3):
+        xv, yv = gate._next_val()
+        order = gate._order[gate._pos - 16 : gate._pos]
+        torch.testing.assert_close(xv, gate.meta_x[order])
+        torch.testing.assert_close(yv, gate.meta_y[order])
+        seen.append(order)
+    assert len(set(torch.cat(seen).tolist())) == 48  # one pass: no repeats

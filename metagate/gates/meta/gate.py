@@ -14,6 +14,8 @@ AMAL; Adam for the net); the student's ``.grad`` is never touched by the meta st
 from __future__ import annotations
 
 import argparse
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,14 +25,13 @@ from torch import Tensor, nn
 from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES, unit_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.meta.analytic import LinearLookahead, linear_hypergrad, plain_mlp_layers
 from metagate.gates.meta.lookahead import (
     check_feature_protocol,
-    closed_form_hypergrad,
     closed_form_val_logits,
     features_and_logits,
     forward_features,
     func_lookahead_loss,
-    head_lookahead_loss,
     higher_lookahead_loss,
     jvp_lookahead_hypergrad,
     kd_logit_gradients,
@@ -82,7 +83,9 @@ class MetaGate(Gate):
     :param hidden: width of the net
     :param inner_iters: meta updates per look-ahead (``None``: 1, or 5 under ``amal``)
     :param fit: ``amal``: mini-batches per group
-    :param reuse_forward: ``func``: reuse the real step's forward of the training batch
+    :param reuse_forward: ``func``: reuse the real step's forward of the training batch (its graph, or
+        the activations the hand-written look-ahead needs); ``False`` runs the autograd reference path
+        (double backward, or forward mode with batch norm) with a forward of its own
     """
 
     def __init__(
@@ -139,7 +142,6 @@ class MetaGate(Gate):
         self.normalize, self.val_batch, self.hidden = normalize, int(val_batch), int(hidden)
         self.fit, self.reuse_forward = int(fit), bool(reuse_forward)
         self.param: nn.Module | None = None
-        self._feat: Tensor | None = None
         self._last_pass_epoch = -1
         self.updates = 0
         self._log_loss: Tensor | float = 0.0
@@ -151,6 +153,13 @@ class MetaGate(Gate):
         self._pending: tuple[UnitView, Tensor] | None = None  # table rows after the meta update
         self._scale_key: tuple[int, int] | None = None
         self._scale: Tensor | float | None = None
+        self._val_bufs: tuple[Tensor, Tensor] | None = None
+        # the hand-written ("linear") look-ahead: its layers, what moves, and the real forward's inputs
+        self._stack: list[nn.Linear] = []
+        self._below: list[nn.Linear] | None = None  # MLP layers under the stack; None: features(x)
+        self._stepped: list[tuple[bool, bool]] = []
+        self._caps: dict[int, Tensor] = {}
+        self._out_ref: Callable[[], Tensor | None] | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, trainer: Any) -> None:
@@ -186,19 +195,53 @@ class MetaGate(Gate):
         self._forward_mode = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
         vb = self.val_batch or (1000 if self.schedule.kind == "amal" else trainer.config.batch_size)
         self._vb = min(vb, len(meta))
-        # a virtual step of the head alone is written out explicitly (no functional_call) and needs
-        # the penultimate features of the real forward
-        self._head_only = (self.backend == "closed-form" or (
-            self.backend == "func" and callable(getattr(student, "features", None))
-            and isinstance(getattr(student, "head", None), nn.Linear)
-            and set(self.names) <= {"head.weight", "head.bias"}))
         if self.backend == "closed-form":
             check_feature_protocol(student)
-        if self._head_only:
-            student.head.register_forward_hook(self._capture)
+        self._route = self._choose_route(student)
 
-    def _capture(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        self._feat = inputs[0].detach()
+    def _choose_route(self, student: nn.Module) -> str:
+        """How the look-ahead is computed: ``linear`` (by hand, :mod:`.analytic`: the head of a feature-protocol
+        student, or any layers of a plain ReLU MLP), ``jvp`` (forward mode, with batch norm), ``autograd``
+        (``func``'s double backward) or ``higher``."""
+        if self.backend == "higher":
+            return "higher"
+        mlp = plain_mlp_layers(student)
+        head_only = callable(getattr(student, "features", None)) and isinstance(getattr(student, "head", None),
+                                                                               nn.Linear) \
+            and set(self.names) <= {"head.weight", "head.bias"}
+        if self.backend == "func" and not self.reuse_forward:  # the reference path, with a forward of its own
+            return "jvp" if self._forward_mode else "autograd"
+        if mlp is not None:
+            names = {id(p): n for n, p in student.named_parameters()}
+            stepped = [(names[id(lin.weight)] in self.names, lin.bias is not None and names[id(lin.bias)] in self.names)
+                       for lin in mlp]
+            low = min(i for i, st in enumerate(stepped) if any(st))
+            self._stack, self._below, self._stepped = mlp[low:], mlp[:low], stepped[low:]
+            # the real forward's inputs of the stack's layers (the lowest MLP layer's is the batch itself)
+            for i, lin in enumerate(self._stack):
+                if low + i > 0:
+                    lin.register_forward_hook(self._capture_hook(i, last=lin is student.head))
+            return "linear"
+        if head_only or self.backend == "closed-form":
+            head = student.head
+            self._stack, self._below, self._stepped = [head], None, [("head.weight" in self.names or
+                                                                      self.backend == "closed-form",
+                                                                      "head.bias" in self.names or
+                                                                      self.backend == "closed-form")]
+            head.register_forward_hook(self._capture_hook(0, last=True))
+            return "linear"
+        return "jvp" if self._forward_mode else "autograd"
+
+    def _capture_hook(self, i: int, last: bool) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        """A forward hook keeping layer ``i``'s input (and, for the head, which logits it made)."""
+        caps = self._caps
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            caps[i] = inputs[0].detach()
+            if last:
+                self._out_ref = weakref.ref(output)
+
+        return hook
 
     def _next_val(self) -> tuple[Tensor, Tensor]:
         """The next ``meta``-split batch (reshuffled each pass, seeded); never ``select``.
@@ -211,11 +254,17 @@ class MetaGate(Gate):
             self._order_dev, self._pos = self._order.to(self.meta_y.device), 0
         a, self._pos = self._pos, self._pos + self._vb
         idx = self._order_dev[a : self._pos]
-        xv = self.meta_x.index_select(0, idx)
-        return (channels_last(xv) if self._conv else xv), self.meta_y.index_select(0, idx)
+        if self._val_bufs is None:
+            self._val_bufs = (self.meta_x.new_empty((self._vb, *self.meta_x.shape[1:])),
+                              self.meta_y.new_empty((self._vb,)))
+        # into the same buffers every step: a fresh 400 KB batch is mmapped, and its page faults cost
+        # more than the gather itself (nothing holds a batch past the meta step)
+        xv = torch.index_select(self.meta_x, 0, idx, out=self._val_bufs[0])
+        yv = torch.index_select(self.meta_y, 0, idx, out=self._val_bufs[1])
+        return (channels_last(xv) if self._conv else xv), yv
 
     # -- weights ---------------------------------------------------------------------------------
-    def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+    def live_weights(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                      progress: float, mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """``W [N, 1+K]`` with a graph to the leaves that the meta update moves.
 
@@ -229,15 +278,18 @@ class MetaGate(Gate):
             leaf = self.param.rows(ids)
             raw, leaves = self.param.transform_rows(leaf), [leaf]
         else:
+            assert teacher_logits is not None
             feats = unit_features(student_logits, teacher_logits, labels, progress).to(self.dtype)
             raw, leaves = self.param(feats), list(self.param.parameters())
         w = expand_columns(raw, self.num_teachers, self.columns, self.target_row)
         return normalize_weights(w, self.normalize, self.target_row, mask), leaves, ids
 
     def _view_weights(self, view: UnitView) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        if view.teacher_logits is None:
+        if not view.num_teachers:
             raise ConfigError("the meta gate needs teacher logits")
-        return self.live_weights(view.ids, view.student_logits, view.teacher_logits, view.labels, view.progress,
+        # the table never reads the teachers' logits: do not make the view gather them
+        t = None if isinstance(self.param, WeightTable) else view.teacher_logits
+        return self.live_weights(view.ids, view.student_logits, t, view.labels, view.progress,
                                  view.mask)
 
     def weights(self, view: UnitView) -> GateOutput:
@@ -274,33 +326,14 @@ class MetaGate(Gate):
         :param lr: virtual step size
         """
         student = self.trainer.student
-        t, y, mask = view.teacher_logits, view.labels, view.mask
-
-        def loss_fn(z: Tensor) -> Tensor:
-            return unit_losses(z, t, y, self.tau)
-
         xv, yv = self._next_val()
-        if self._head_only:
-            feat = self._feat
-            if feat is None or feat.shape[0] != view.num_units:
-                raise ConfigError("last-layer meta step: no penultimate features of this batch were captured "
-                                  "(call it right after the student's forward)")
-            hv, zv = features_and_logits(student, xv)
-            if self.backend == "closed-form":
-                self._closed_form(view, feat, hv, zv, yv, lr)
-                return
-            z = view.student_logits.detach().requires_grad_(True)
-            for _ in range(self.inner_iters):
-                w, leaves, ids = self._view_weights(view)
-                val = head_lookahead_loss(student.head, z, feat, w, loss_fn, hv, yv, lr, self.names, mask)
-                self._apply(val, leaves, ids, retain_graph=False, view=view)
+        if self._route == "linear":
+            self._linear_step(view, x, xv, yv, lr)
             return
         reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
-        if self.backend == "func" and self._forward_mode:  # first-order backward + forward-mode product
-            tlp = view.teacher_log_probs(self.tau) if view.teacher_log_probs_fn is not None else None
-            g = kd_logit_gradients(view.student_logits, t, y, self.tau,
-                                   tlp if tlp is not None and tlp.dtype == self.dtype else None)
-            scale = self._unit_scale(mask)
+        if self._route == "jvp":  # first-order backward + forward-mode product
+            g = self._logit_grads(view, view.student_log_probs)
+            scale = self._unit_scale(view.mask)
             xt = channels_last(x) if self._conv and x.dim() == 4 else x
             for _ in range(self.inner_iters):
                 w, leaves, ids = self._view_weights(view)
@@ -308,14 +341,69 @@ class MetaGate(Gate):
                                                   train_logits=view.student_logits if reuse else None)
                 self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
             return
+
+        def loss_fn(z: Tensor) -> Tensor:
+            return unit_losses(z, view.teacher_logits, view.labels, self.tau)
+
         for _ in range(self.inner_iters):
             w, leaves, ids = self._view_weights(view)
-            if self.backend == "func":
-                val = func_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask,
+            if self._route == "autograd":
+                val = func_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, view.mask,
                                           train_logits=view.student_logits if reuse else None)
             else:
-                val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, mask)
+                val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, view.mask)
             self._apply(val, leaves, ids, retain_graph=reuse, view=view)
+
+    def _linear_step(self, view: UnitView, x: Tensor, xv: Tensor, yv: Tensor, lr: float) -> None:
+        """The look-ahead by hand (:mod:`.analytic`); autograd only from ``W`` to the table rows / net
+        when ``W`` is not the rows themselves."""
+        lsm = view.student_log_probs  # made with its graph: the real step reuses it for its CE column
+        with torch.no_grad():
+            la = LinearLookahead(self._stack, self._train_inputs(view, x), self._val_input(xv), self._stepped)
+            g = self._logit_grads(view, lsm)
+            scale = self._unit_scale(view.mask)
+            for _ in range(self.inner_iters):
+                with torch.enable_grad():  # a graph from W to the net / transformed rows (none for raw rows)
+                    w, leaves, ids = self._view_weights(view)
+                val, dw = linear_hypergrad(la, w, g, yv, lr, scale)
+                self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
+
+    def _train_inputs(self, view: UnitView, x: Tensor) -> list[Tensor]:
+        """The stack's inputs in the real forward that made ``view.student_logits`` (kept by the hooks),
+        or, when those logits came from elsewhere, from a forward of ``x`` without a graph."""
+        n = view.num_units
+        out = self._out_ref() if self._out_ref is not None else None
+        low_is_input = self._below is not None and not self._below  # the lowest MLP layer: its input is x
+        if out is view.student_logits:
+            return [x.reshape(n, -1) if i == 0 and low_is_input else self._caps[i] for i in range(len(self._stack))]
+        student = self.trainer.student
+        if self._below is None:
+            return [features_and_logits(student, x)[0]]
+        a, ins = x.reshape(n, -1), []
+        for lin in self._below + self._stack:  # under no_grad
+            ins.append(a)
+            a = F.linear(a, lin.weight, lin.bias).relu_()
+        return ins[len(self._below):]
+
+    def _val_input(self, xv: Tensor) -> Tensor:
+        """The lowest stacked layer's input for the validation batch at the current parameters."""
+        if self._below is None:  # the head of a feature-protocol student (batch-norm statistics untouched)
+            return features_and_logits(self.trainer.student, xv)[0]
+        a = xv.reshape(xv.shape[0], -1)
+        for lin in self._below:  # under no_grad
+            a = F.linear(a, lin.weight, lin.bias).relu_()
+        return a
+
+    def _logit_grads(self, view: UnitView, student_log_probs: Tensor | None = None) -> Tensor:
+        """``[N, 1+K, C]`` per-unit logit gradients of every loss column (analytic).
+
+        :param student_log_probs: the view's student log-probabilities, if made (saves a softmax)
+        """
+        tlp = view.teacher_log_probs(self.tau) if view.teacher_log_probs_fn is not None else None
+        if tlp is not None and tlp.dtype != self.dtype:  # keep a float64 student's gradients exact
+            tlp = None
+        return kd_logit_gradients(view.student_logits, None if tlp is not None else view.teacher_logits,
+                                  view.labels, self.tau, tlp, student_log_probs)
 
     def _unit_scale(self, mask: Tensor) -> Tensor | float:
         """``mask / sum(mask)``, a plain ``1/N`` when nothing is masked (cached while the trainer hands
@@ -326,19 +414,6 @@ class MetaGate(Gate):
             self._scale = 1.0 / m.numel() if bool((m == 1).all()) else m / m.sum().clamp_min(1)
             self._scale_key, self._scale_mask = key, mask  # the reference keeps the id valid
         return self._scale
-
-    def _closed_form(self, view: UnitView, h: Tensor, hv: Tensor, zv: Tensor, yv: Tensor, lr: float) -> None:
-        """AMAL's closed form: hypergradient w.r.t. ``W`` by hand; autograd only from ``W`` to the
-        table rows / net when ``W`` is not the rows themselves."""
-        tlp = view.teacher_log_probs(self.tau) if view.teacher_log_probs_fn is not None else None
-        if tlp is not None and tlp.dtype != self.dtype:  # keep a float64 student's gradients exact
-            tlp = None
-        g = kd_logit_gradients(view.student_logits, view.teacher_logits, view.labels, self.tau, tlp)
-        scale = self._unit_scale(view.mask)
-        for _ in range(self.inner_iters):
-            w, leaves, ids = self._view_weights(view)
-            val, dw = closed_form_hypergrad(w, g, h, hv, zv, yv, lr, scale)
-            self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
 
     @staticmethod
     def _leaf_grads(w: Tensor, leaves: list[Tensor], dw: Tensor) -> list[Tensor]:

@@ -17,6 +17,10 @@ no weight decay), at the student's current learning rate.
   second-order graph, only per-unit logit gradients and penultimate features. It needs the
   **feature protocol** of :mod:`metagate.models`: the student exposes ``features(x) -> [B, D]``
   and ``head`` (an ``nn.Linear(D, C)``) with ``forward(x) == head(features(x))``.
+* :func:`jvp_lookahead_hypergrad` -- the ``func`` hypergradient by forward mode (no double backward).
+
+The gate's fast path for linear layers (the head, or a plain ReLU MLP) differentiates by hand:
+:mod:`.analytic`.
 
 Neither backend moves the real student's parameters or buffers: parameters are detached
 copies, and batch-norm buffers are cloned (``func``) or snapshotted and restored
@@ -148,45 +152,6 @@ def func_lookahead_loss(
     return F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
 
 
-def head_lookahead_loss(
-    head: nn.Linear,
-    logits: Tensor,
-    features: Tensor,
-    weights: Tensor,
-    loss_fn: LossFn,
-    val_features: Tensor,
-    val_y: Tensor,
-    lr: float,
-    names: Sequence[str] = ("head.weight", "head.bias"),
-    mask: Tensor | None = None,
-) -> Tensor:
-    """:func:`func_lookahead_loss` when only the linear ``head`` moves, with its step written out.
-
-    The inner gradient is still taken by autograd (``create_graph``, any ``loss_fn``), but only
-    w.r.t. the training logits: ``dL/dW_head = G^T H``, ``dL/db = sum_i G_i`` with ``G = dL/dz``.
-    No ``functional_call``, no student graph (so no ``retain_graph`` for the real step).
-
-    :param head: the student's head (not modified)
-    :param logits: ``[N, C]`` training logits at the current parameters (detached inside)
-    :param features: ``[N, D]`` the head's inputs for those logits
-    :param weights: ``[N, 1+K]`` (differentiable)
-    :param val_features: ``[M, D]`` penultimate features of the validation batch (no graph)
-    :param names: ``head.weight`` and/or ``head.bias``: the parameters stepped
-    :return: scalar validation CE at the virtual head, differentiable w.r.t. ``weights``
-    """
-    z = logits.detach().requires_grad_(True)
-    with torch.enable_grad():
-        inner = reduce_weighted(loss_fn(z), weights, mask)
-        (gz,) = torch.autograd.grad(inner, z, create_graph=True)
-    h = features.detach()
-    wt, b = head.weight.detach(), (head.bias.detach() if head.bias is not None else None)
-    if "head.weight" in names:
-        wt = wt - lr * (gz.T @ h)
-    if b is not None and "head.bias" in names:
-        b = b - lr * gz.sum(0)
-    return F.cross_entropy(F.linear(val_features, wt, b), val_y)
-
-
 def jvp_lookahead_hypergrad(
     model: nn.Module,
     weights: Tensor,
@@ -275,7 +240,7 @@ def higher_lookahead_loss(
 
 
 def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, tau: float,
-                       teacher_log_probs: Tensor | None = None) -> Tensor:
+                       teacher_log_probs: Tensor | None = None, student_log_probs: Tensor | None = None) -> Tensor:
     """Analytic :func:`logit_gradients` of :func:`metagate.losses.unit_losses` (scalar ``tau``).
 
     ``d CE / dz = softmax(z) - onehot(y)``; ``d tau^2 KL(p_t || softmax(z/tau)) / dz =
@@ -284,18 +249,21 @@ def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor | None, labels: Te
     :param logits: ``[N, C]``; :param teacher_logits: ``[N, K, C]``; :param labels: ``[N]``
     :param teacher_log_probs: optional ``log_softmax(t / tau)`` ``[N, K, C]`` (the bank's cache);
         used instead of ``teacher_logits`` when given
-    :return: ``[N, 1+K, C]``
+    :param student_log_probs: optional ``log_softmax(logits)`` (e.g. the view's, which the real step
+        reuses): its ``exp`` replaces a softmax
+    :return: ``[N, 1+K, C]``, stored as ``[1+K, C, N]`` (the layout of :mod:`.analytic`)
     """
-    z = logits.detach()
-    ce = torch.softmax(z, -1).sub_(one_hot(labels, z.shape[-1], z.dtype))
-    q = torch.softmax(z / tau, -1).unsqueeze(1)
+    z = logits.detach().t()  # class-major [C, N]: the softmax over dim 0 is the fast CPU kernel
+    p_s = student_log_probs.detach().t().exp() if student_log_probs is not None else torch.softmax(z, 0)
+    ce = p_s.sub_(one_hot(labels, z.shape[0], z.dtype).t())
+    q = torch.softmax(z / tau, 0)
     if teacher_log_probs is not None:
         p = teacher_log_probs.to(z.dtype).exp()
     else:
         assert teacher_logits is not None
         p = torch.softmax(teacher_logits.to(z.dtype) / tau, -1)
-    kd = (q - p).mul_(tau)
-    return torch.cat([ce.unsqueeze(1), kd], 1)
+    kd = (q - p.permute(1, 2, 0)).mul_(tau)  # [K, C, N]
+    return torch.cat([ce.unsqueeze(0), kd], 0).permute(2, 0, 1)
 
 
 def logit_gradients(logits: Tensor, loss_fn: LossFn) -> Tensor:
@@ -341,41 +309,6 @@ def closed_form_val_logits(
     g = (weights.unsqueeze(-1) * logit_grads).sum(1) * s  # [N, C]
     kernel = val_features @ features.T + 1.0  # [M, N]
     return val_logits - lr * (kernel @ g)
-
-
-@torch.no_grad()
-def closed_form_hypergrad(
-    weights: Tensor,
-    logit_grads: Tensor,
-    features: Tensor,
-    val_features: Tensor,
-    val_logits: Tensor,
-    val_y: Tensor,
-    lr: float,
-    scale: Tensor | float,
-) -> tuple[Tensor, Tensor]:
-    """:func:`closed_form_val_logits` and its validation CE differentiated by hand (no autograd).
-
-    With ``G = scale * sum_j w_j g_j`` and ``z_val' = z_val - lr * (H_val (G^T H)^T + 1 G)``,
-    ``P = (softmax(z_val') - onehot(y_val)) / M`` is ``d CE / d z_val'``, so
-
-        d CE / d G = -lr * (H (H_val^T P) + 1 sum_m P_m),   d CE / d w_ij = scale_i <g_ij, d CE / d G_i>
-
-    Only small matrix products: the head's virtual step ``G^T H`` (``[C, D]``) is formed
-    instead of the ``[M, N]`` kernel.
-
-    :return: ``(val CE, d val CE / d weights [N, J])``, both detached
-    """
-    s = scale.reshape(-1, 1) if torch.is_tensor(scale) else scale
-    gl = logit_grads
-    g = torch.bmm(weights.detach().unsqueeze(1), gl).squeeze(1) * s  # [N, C]
-    zv = torch.addmm(val_logits - lr * g.sum(0), val_features, (g.T @ features).T, alpha=-lr)
-    lsm = torch.log_softmax(zv, -1)
-    val = -lsm.gather(1, val_y.unsqueeze(1)).mean()
-    p = lsm.exp_().sub_(one_hot(val_y, zv.shape[-1], zv.dtype))  # M * d CE / d z_val'
-    dg = torch.addmm(p.sum(0), features, val_features.T @ p)  # -M/lr * d CE / d G
-    dw = torch.bmm(gl, dg.unsqueeze(-1)).squeeze(-1)
-    return val, dw * (s * (-lr / zv.shape[0]))
 
 
 def check_feature_protocol(model: nn.Module) -> None:
