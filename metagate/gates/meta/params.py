@@ -105,12 +105,14 @@ class WeightTable(nn.Module):
         """Raw rows of ``ids`` as a fresh leaf (so a hypergradient is ``[n, J]``, not table-sized)."""
         return self.raw.detach().index_select(0, ids).requires_grad_(True)
 
-    @torch.no_grad()
     def sgd_rows(self, ids: Tensor, grad: Tensor, lr: float) -> Tensor:
         """Plain SGD on rows ``ids`` (repeated ids accumulate), then AMAL's projection (``clamp``).
 
         :return: the updated raw rows ``[n, J]`` (equal to ``raw[ids]`` afterwards)
         """
+        if torch.is_grad_enabled():  # a no_grad decorator would cost more than the caller's usual no_grad
+            with torch.no_grad():
+                return self.sgd_rows(ids, grad, lr)
         # index_select / index_copy_: several times cheaper than advanced indexing and __setitem__ on CPU
         self.raw.index_add_(0, ids, grad.to(self.raw.dtype).mul(-lr))  # index_add_'s alpha is ~3x slower
         rows = self.raw.index_select(0, ids)
