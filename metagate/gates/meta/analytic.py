@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagate.gates.meta.lookahead import one_hot
+from metagate.gates.meta.lookahead import one_hot_t
 from metagate.models import MLP, FeatureModel
 
 #: ``grad * 1[act > 0]`` in one kernel (ReLU's backward)
@@ -89,12 +89,25 @@ class LinearLookahead:
         out0, in0 = self.w[0].shape
         # data kernel for the lowest layer when it is cheaper than forming its step explicitly
         self.kernel = self.stepped[0][0] and m * n * (in0 + 2 * out0) < (2 * n + m) * in0 * out0
-        self.K = val_input @ self.a[0].t() if self.kernel else None  # [M, N]
+        self.K = self._centered_kernel(val_input) if self.kernel else None  # [M, N]
         self.base_t = _affine_t(self.w[0], self.b[0], self.val_t) if (self.kernel or not self.stepped[0][0]) \
             else None
 
+    def _centered_kernel(self, val_input: Tensor) -> Tensor:
+        """``K - (rank-one terms)``: the kernel of the inputs centred on the training batch's mean ``mu``.
+
+        ``K = Kc + k_val 1^T + 1 k_train^T + k_c 1 1^T`` with ``Kc = (a'_0 - mu)(a_0 - mu)^T``. Raw image inputs
+        share a large common part (e.g. the background), so ``K``'s entries are large and nearly equal; in
+        float32 their rounding would swamp the small differences the look-ahead depends on. The rank-one
+        terms are applied separately (exactly).
+        """
+        mu = self.a[0].mean(0)
+        xc, vc = self.a[0] - mu, val_input - mu
+        self.k_val, self.k_train, self.k_c = vc @ mu, xc @ mu, mu @ mu
+        return vc @ xc.t()
+
     def hypergrad(self, d_top: Tensor, val_y: Tensor) -> tuple[Tensor, Tensor]:
-        """Validation CE at theta' and ``t_L^T`` (``-M d CE / d D_L``) for the step ``D_L = lr * G``.
+        """Validation CE at theta' and its gradient w.r.t. the step ``D_L = lr * G`` (``-t_L^T / M``).
 
         Training-side quantities of the hidden layers are unit-major (``[N, out_l]``, like the inputs
         ``a_{l-1}`` whose ReLU masks they take: an elementwise op over mixed layouts is several times slower),
@@ -102,7 +115,7 @@ class LinearLookahead:
 
         :param d_top: ``[C, N]`` ``(lr * G)^T``, the step's gradient w.r.t. the training logits
         :param val_y: ``[M]`` validation labels
-        :return: ``(val CE, t_L^T [C, N])``
+        :return: ``(val CE, d CE / d D_L^T [C, N])``
         """
         w, a, top = self.w, self.a, len(self.w) - 1
         if not top and self.base_t is None:  # the head's weight moves: the common case, written out
@@ -113,7 +126,7 @@ class LinearLookahead:
         xs, ws = self._forward(d)
         lsm = torch.log_softmax(xs[-1], 0)  # [C, M]
         val = F.nll_loss(lsm.t(), val_y)
-        e = lsm.exp_().sub_(one_hot(val_y, lsm.shape[0], lsm.dtype).t())
+        e = lsm.exp_().sub_(one_hot_t(val_y, lsm.shape[0], lsm.dtype))
         r: list[Tensor | None] = [None] * (top + 1)
         for lay in range(top, -1, -1):
             r[lay] = self._direct(lay, e, xs[lay])
@@ -130,7 +143,7 @@ class LinearLookahead:
             else:
                 t = below @ w[lay].t() if rl is None else torch.addmm(rl, below, w[lay].t())
         assert t is not None
-        return val, t
+        return val, t * (-1.0 / val_y.shape[0])
 
     def _head(self, d: Tensor, val_y: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`hypergrad` when the stack is the head alone and its weight moves (fewer Python steps)."""
@@ -142,9 +155,11 @@ class LinearLookahead:
             u = torch.addmm((b - d.sum(1) if sb else b).unsqueeze(1), wl, x)
         lsm = torch.log_softmax(u, 0)
         val = F.nll_loss(lsm.t(), val_y)
-        e = lsm.exp_().sub_(one_hot(val_y, lsm.shape[0], lsm.dtype).t())
+        e = lsm.exp_().sub_(one_hot_t(val_y, lsm.shape[0], lsm.dtype))
         grad_w = e @ x.t()
-        return val, (torch.addmm(e.sum(1, keepdim=True), grad_w, h.t()) if sb else grad_w @ h.t())
+        m = -1.0 / val_y.shape[0]
+        return val, (torch.addmm(e.sum(1, keepdim=True), grad_w, h.t(), beta=m, alpha=m) if sb
+                     else (grad_w @ h.t()).mul_(m))
 
     def _forward(self, d: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Validation forward at theta': every layer's input (then the logits), ``[in_l, M]``, and the
@@ -153,10 +168,14 @@ class LinearLookahead:
         for lay, (sw, sb) in enumerate(self.stepped):
             x, dl = xs[-1], d[lay]
             if lay == 0 and self.base_t is not None:
-                u = self.base_t if not sb else self.base_t - dl.sum(0).unsqueeze(1)
-                if sw:
+                if sw:  # u' = base - K D - [bias] 1 sum D, with K's rank-one terms written out
                     assert self.K is not None
-                    u = torch.addmm(u, dl.t(), self.K.t(), alpha=-1)
+                    s0 = dl.sum(0)
+                    col = torch.addmv(s0 * (self.k_c + sb), dl.t(), self.k_train)
+                    u = torch.addr(torch.addmm(self.base_t - col.unsqueeze(1), dl.t(), self.K.t(), alpha=-1),
+                                   s0, self.k_val, alpha=-1)
+                else:
+                    u = self.base_t if not sb else self.base_t - dl.sum(0).unsqueeze(1)
                 ws.append(self.w[0])  # unused: nothing below the lowest layer
             else:
                 wl = torch.addmm(self.w[lay], dl.t(), self.a[lay], alpha=-1) if sw else self.w[lay]
@@ -180,10 +199,12 @@ class LinearLookahead:
         n = self.a[lay].shape[0]
         if not sw:
             return e_sum.expand(-1, n) if top else e_sum.t().expand(n, -1)
-        if lay == 0 and self.K is not None:  # K^T e  (unit-major), or e K (the head)
+        if lay == 0 and self.K is not None:  # K^T e (unit-major), or e K (the head), K's rank-one terms apart
+            es = e_sum.squeeze(1)
+            c = torch.addmv(es * (self.k_c + sb), e, self.k_val)  # [out]
             if top:
-                return torch.addmm(e_sum, e, self.K) if sb else e @ self.K
-            return torch.addmm(e_sum.t(), self.K.t(), e.t()) if sb else self.K.t() @ e.t()
+                return torch.addr(torch.addmm(c.unsqueeze(1), e, self.K), es, self.k_train)
+            return torch.addr(torch.addmm(c.unsqueeze(0), self.K.t(), e.t()), self.k_train, es)
         grad_w = e @ x.t()  # [out, in]
         if top:
             return torch.addmm(e_sum, grad_w, self.a[lay].t()) if sb else grad_w @ self.a[lay].t()
@@ -201,16 +222,15 @@ def linear_hypergrad(la: LinearLookahead, weights: Tensor, logit_grads: Tensor, 
 
     :param la: the step's :class:`LinearLookahead`
     :param weights: ``[N, J]``
-    :param logit_grads: ``[N, J, C]`` per-unit gradients of each loss column w.r.t. the logits; fastest
-        when stored as ``[J, C, N]`` (as :func:`metagate.gates.meta.lookahead.kd_logit_gradients` does)
+    :param logit_grads: ``[N, J, C]`` per-unit gradients of each loss column w.r.t. the logits
+        (:func:`metagate.gates.meta.lookahead.kd_logit_gradients`)
     :param val_y: ``[M]`` validation labels
     :param lr: virtual step size
     :param scale: ``[N]`` or scalar reduction factor of each unit (``mask_i / sum mask``)
     :return: ``(val CE, d val CE / d weights [N, J])`` (run under ``torch.no_grad()``)
     """
-    s = scale.reshape(1, -1) if torch.is_tensor(scale) else scale
-    g = logit_grads.permute(1, 2, 0)  # [J, C, N]
-    d = (weights.t().unsqueeze(1) * g).sum(0).mul_(s * lr)  # (lr * G)^T
-    val, t = la.hypergrad(d, val_y)
-    dw = (g * t).sum(1).mul_(s * (-lr / val_y.shape[0]))  # [J, N]
-    return val, dw.t()
+    s = scale.reshape(-1, 1, 1) if torch.is_tensor(scale) else scale
+    g = logit_grads * (s * lr)  # each unit's share of the step
+    d = torch.bmm(weights.unsqueeze(1), g).squeeze(1)  # lr * G  [N, C]
+    val, t = la.hypergrad(d.t(), val_y)
+    return val, torch.bmm(g, t.t().unsqueeze(2)).squeeze(2)

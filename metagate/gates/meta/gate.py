@@ -177,6 +177,9 @@ class MetaGate(Gate):
         else:
             self.param = WeightNet(NUM_FEATURES, init, self.columns, self.hidden)
         self.param.to(device=trainer.device, dtype=self.dtype)
+        # W is the table's raw rows themselves (AMAL's default): no autograd from W to the leaves
+        self._raw_rows = (self.param_kind == "table" and self.transform == "clamp" and self.columns == "all"
+                          and self.normalize == "none")
         # the table takes plain SGD steps on the touched rows only (as AMAL); the net uses Adam
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=self.meta_lr)
         self.names = resolve_names(student, self.lookahead)
@@ -294,6 +297,8 @@ class MetaGate(Gate):
 
     def weights(self, view: UnitView) -> GateOutput:
         pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is view and self._raw_rows:  # W is the rows just written
+            return GateOutput(pending[1], self.tau)
         with torch.no_grad():
             if pending is not None and pending[0] is view:  # the table rows the meta update just wrote
                 assert self.param is not None
@@ -325,11 +330,11 @@ class MetaGate(Gate):
         :param x: the batch's inputs ``[N, ...]`` (forwarded again unless the forward is reused)
         :param lr: virtual step size
         """
+        if self._route == "linear":
+            self._linear_step(view, x, lr)
+            return
         student = self.trainer.student
         xv, yv = self._next_val()
-        if self._route == "linear":
-            self._linear_step(view, x, xv, yv, lr)
-            return
         reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
         if self._route == "jvp":  # first-order backward + forward-mode product
             g = self._logit_grads(view, view.student_log_probs)
@@ -354,16 +359,24 @@ class MetaGate(Gate):
                 val = higher_lookahead_loss(student, w, loss_fn, x, xv, yv, lr, self.names, view.mask)
             self._apply(val, leaves, ids, retain_graph=reuse, view=view)
 
-    def _linear_step(self, view: UnitView, x: Tensor, xv: Tensor, yv: Tensor, lr: float) -> None:
+    def _linear_step(self, view: UnitView, x: Tensor, lr: float) -> None:
         """The look-ahead by hand (:mod:`.analytic`); autograd only from ``W`` to the table rows / net
         when ``W`` is not the rows themselves."""
         lsm = view.student_log_probs  # made with its graph: the real step reuses it for its CE column
         with torch.no_grad():
-            la = LinearLookahead(self._stack, self._train_inputs(view, x), self._val_input(xv), self._stepped)
+            # the training side first, while the real forward's tensors are still in cache
             g = self._logit_grads(view, lsm)
             scale = self._unit_scale(view.mask)
+            train_inputs = self._train_inputs(view, x)
+            xv, yv = self._next_val()
+            la = LinearLookahead(self._stack, train_inputs, self._val_input(xv), self._stepped)
             for _ in range(self.inner_iters):
-                with torch.enable_grad():  # a graph from W to the net / transformed rows (none for raw rows)
+                if self._raw_rows and view.ids is not None:
+                    w = self.param.raw.index_select(0, view.ids)  # type: ignore[union-attr]
+                    val, dw = linear_hypergrad(la, w, g, yv, lr, scale)
+                    self._apply_grads(val, [dw], view.ids, view)
+                    continue
+                with torch.enable_grad():  # a graph from W to the net / transformed rows
                     w, leaves, ids = self._view_weights(view)
                 val, dw = linear_hypergrad(la, w, g, yv, lr, scale)
                 self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)

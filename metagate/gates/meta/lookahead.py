@@ -47,13 +47,22 @@ LossFn = Callable[[Tensor], Tensor]
 _EYES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
-def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """``[N, C]`` one-hot rows of ``dtype`` (rows of a cached identity: one op per call)."""
-    key = (num_classes, dtype, labels.device)
+def _eye(num_classes: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (num_classes, dtype, device)
     eye = _EYES.get(key)
     if eye is None:
-        eye = _EYES[key] = torch.eye(num_classes, dtype=dtype, device=labels.device)
-    return eye.index_select(0, labels)
+        eye = _EYES[key] = torch.eye(num_classes, dtype=dtype, device=device)
+    return eye
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``[N, C]`` one-hot rows of ``dtype`` (rows of a cached identity: one op per call)."""
+    return _eye(num_classes, dtype, labels.device).index_select(0, labels)
+
+
+def one_hot_t(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """``[C, N]`` one-hot columns, contiguous (columns of the cached identity)."""
+    return _eye(num_classes, dtype, labels.device).index_select(1, labels)
 
 
 @contextmanager
@@ -251,19 +260,25 @@ def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor | None, labels: Te
         used instead of ``teacher_logits`` when given
     :param student_log_probs: optional ``log_softmax(logits)`` (e.g. the view's, which the real step
         reuses): its ``exp`` replaces a softmax
-    :return: ``[N, 1+K, C]``, stored as ``[1+K, C, N]`` (the layout of :mod:`.analytic`)
+    :return: ``[N, 1+K, C]``
     """
-    z = logits.detach().t()  # class-major [C, N]: the softmax over dim 0 is the fast CPU kernel
-    p_s = student_log_probs.detach().t().exp() if student_log_probs is not None else torch.softmax(z, 0)
-    ce = p_s.sub_(one_hot(labels, z.shape[0], z.dtype).t())
-    q = torch.softmax(z / tau, 0)
+    z = logits.detach()
+    p_s = student_log_probs.detach().exp() if student_log_probs is not None else _softmax_rows(z)
+    ce = p_s.sub_(one_hot(labels, z.shape[-1], z.dtype))
+    q = _softmax_rows(z / tau)
     if teacher_log_probs is not None:
         p = teacher_log_probs.to(z.dtype).exp()
     else:
         assert teacher_logits is not None
         p = torch.softmax(teacher_logits.to(z.dtype) / tau, -1)
-    kd = (q - p.permute(1, 2, 0)).mul_(tau)  # [K, C, N]
-    return torch.cat([ce.unsqueeze(0), kd], 0).permute(2, 0, 1)
+    kd = (q.unsqueeze(1) - p).mul_(tau)
+    return torch.cat([ce.unsqueeze(1), kd], 1)
+
+
+def _softmax_rows(z: Tensor) -> Tensor:
+    """``softmax(z, -1)`` of ``[N, C]``, by the dim-0 kernel on the transposed view: ~3x faster on CPU when
+    ``C`` is small (equal up to float rounding; the result has ``z``'s layout)."""
+    return torch.softmax(z.t(), 0).t()
 
 
 def logit_gradients(logits: Tensor, loss_fn: LossFn) -> Tensor:
