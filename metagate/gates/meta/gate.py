@@ -208,32 +208,34 @@ class MetaGate(Gate):
         (``func``'s double backward) or ``higher``."""
         if self.backend == "higher":
             return "higher"
-        mlp = plain_mlp_layers(student)
-        head_only = callable(getattr(student, "features", None)) and isinstance(getattr(student, "head", None),
-                                                                               nn.Linear) \
-            and set(self.names) <= {"head.weight", "head.bias"}
         if self.backend == "func" and not self.reuse_forward:  # the reference path, with a forward of its own
             return "jvp" if self._forward_mode else "autograd"
+        mlp = plain_mlp_layers(student)
         if mlp is not None:
-            names = {id(p): n for n, p in student.named_parameters()}
-            stepped = [(names[id(lin.weight)] in self.names, lin.bias is not None and names[id(lin.bias)] in self.names)
-                       for lin in mlp]
-            low = min(i for i, st in enumerate(stepped) if any(st))
-            self._stack, self._below, self._stepped = mlp[low:], mlp[:low], stepped[low:]
-            # the real forward's inputs of the stack's layers (the lowest MLP layer's is the batch itself)
-            for i, lin in enumerate(self._stack):
-                if low + i > 0:
-                    lin.register_forward_hook(self._capture_hook(i, last=lin is student.head))
+            self._setup_linear(student, mlp, is_mlp=True)
             return "linear"
-        if head_only or self.backend == "closed-form":
-            head = student.head
-            self._stack, self._below, self._stepped = [head], None, [("head.weight" in self.names or
-                                                                      self.backend == "closed-form",
-                                                                      "head.bias" in self.names or
-                                                                      self.backend == "closed-form")]
-            head.register_forward_hook(self._capture_hook(0, last=True))
+        if callable(getattr(student, "features", None)) and isinstance(getattr(student, "head", None), nn.Linear) \
+                and set(self.names) <= {"head.weight", "head.bias"}:  # always so for closed-form
+            self._setup_linear(student, [student.head], is_mlp=False)
             return "linear"
         return "jvp" if self._forward_mode else "autograd"
+
+    def _setup_linear(self, student: nn.Module, layers: list[nn.Linear], is_mlp: bool) -> None:
+        """The stack of the hand-written look-ahead: ``layers`` (a plain MLP's, or the head alone) from the lowest
+        one that moves; forward hooks keep the real forward's inputs of its layers (an MLP's input layer
+        reads the batch itself).
+
+        :param is_mlp: ``layers`` are all the layers of a plain MLP (else the head of a feature-protocol student)
+        """
+        names = {id(p): n for n, p in student.named_parameters()}
+        stepped = [(names[id(lin.weight)] in self.names, lin.bias is not None and names[id(lin.bias)] in self.names)
+                   for lin in layers]
+        low = min(i for i, st in enumerate(stepped) if any(st))
+        self._stack, self._stepped = layers[low:], stepped[low:]
+        self._below = layers[:low] if is_mlp else None
+        for i, lin in enumerate(self._stack):
+            if low + i > 0 or not is_mlp:
+                lin.register_forward_hook(self._capture_hook(i, last=lin is student.head))
 
     def _capture_hook(self, i: int, last: bool) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         """A forward hook keeping layer ``i``'s input (and, for the head, which logits it made)."""
