@@ -29,6 +29,8 @@ VARIANTS = {
     "fixed": ("fixed", {"alpha": 0.1, "tau": 4.0}),
     "meta func (all)": ("meta", {"meta_backend": "func", "meta_lookahead": "all"}),
     "meta func (last)": ("meta", {"meta_backend": "func", "meta_lookahead": "last"}),
+    "meta func (all, difference)": ("meta", {"meta_backend": "func", "meta_lookahead": "all",
+                                             "meta_product": "difference"}),
     "meta func (all, no reuse)": ("meta", {"meta_backend": "func", "meta_lookahead": "all", "meta_no_reuse": True}),
     "meta higher (all)": ("meta", {"meta_backend": "higher", "meta_lookahead": "all"}),
     "meta closed-form": ("meta", {"meta_backend": "closed-form"}),

@@ -107,6 +107,7 @@ class MetaGate(Gate):
         inner_iters: int | None = None,
         fit: int = AMAL_PRESET["fit"],  # type: ignore[assignment]
         reuse_forward: bool = True,
+        product: str = "forward",
     ) -> None:
         amal = schedule == "amal"
         backend = backend or ("closed-form" if amal else "func")
@@ -123,6 +124,9 @@ class MetaGate(Gate):
             raise ConfigError(f"--meta-normalize must be none, unit or column, got {normalize!r}")
         if not tau > 0:
             raise ConfigError(f"--meta-tau must be > 0, got {tau}")
+        if product not in ("forward", "difference"):
+            raise ConfigError(f"--meta-product must be forward or difference, got {product!r}")
+        self.product = product
         self.meta_lr = float(meta_lr if meta_lr is not None else (AMAL_PRESET["meta_lr"] if amal
                                                                    else DEFAULT_META_LR[param]))
         if not self.meta_lr > 0:
@@ -345,7 +349,8 @@ class MetaGate(Gate):
             for _ in range(self.inner_iters):
                 w, leaves, ids = self._view_weights(view)
                 val, dw = jvp_lookahead_hypergrad(student, w, g, xt, xv, yv, lr, self.names, scale,
-                                                  train_logits=view.student_logits if reuse else None)
+                                                  train_logits=view.student_logits if reuse else None,
+                                                  product=self.product)
                 self._apply_grads(val, self._leaf_grads(w, leaves, dw), ids, view)
             return
 
@@ -550,7 +555,7 @@ class MetaGate(Gate):
                 "meta_every": self.schedule.every, "meta_schedule": self.schedule.kind, "meta_lr": self.meta_lr,
                 "meta_tau": self.tau, "meta_init_label": self.init_label, "meta_init_teacher": self.init_teacher,
                 "meta_normalize": self.normalize, "meta_val_batch": self.val_batch,
-                "meta_inner_iters": self.inner_iters, "meta_hidden": self.hidden}
+                "meta_inner_iters": self.inner_iters, "meta_hidden": self.hidden, "meta_product": self.product}
 
     def log(self, logger: Any, step: int) -> None:
         self._flush_hist()
@@ -604,6 +609,9 @@ class MetaGate(Gate):
         g.add_argument("--meta-fit", type=int, default=3, help="meta amal: mini-batches per group")
         g.add_argument("--meta-no-reuse", action="store_true",
                        help="meta func: forward the training batch again instead of reusing the real forward")
+        g.add_argument("--meta-product", default="forward", choices=["forward", "difference"],
+                       help="meta func with batch norm: the look-ahead's Jacobian-vector product by forward-mode "
+                            "AD (exact) or a central difference (two plain forwards; ~1%% error in float32)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MetaGate:
@@ -612,4 +620,5 @@ class MetaGate(Gate):
                    meta_lr=args.meta_lr, schedule=args.meta_schedule, tau=args.meta_tau,
                    init_label=args.meta_init_label, init_teacher=args.meta_init_teacher,
                    normalize=args.meta_normalize, val_batch=args.meta_val_batch, hidden=args.meta_hidden,
-                   inner_iters=args.meta_inner_iters, fit=args.meta_fit, reuse_forward=not args.meta_no_reuse)
+                   inner_iters=args.meta_inner_iters, fit=args.meta_fit, reuse_forward=not args.meta_no_reuse,
+                   product=args.meta_product)
