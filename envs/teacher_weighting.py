@@ -27,6 +27,7 @@ from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
+from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
@@ -174,6 +175,7 @@ class TeacherWeightingEnv(gym.Env):
         cfg = TrainConfig(seed=student_seed, **self.train_config)  # type: ignore[arg-type]
         self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
         self._mode_free = is_mode_free(student)
+        self._val_x = for_model(student, self._val_x)
         self.trainer.total_steps = self.episode_steps  # progress and the lr schedule span the episode
         self._iter = self._batches(self.trainer)
         self._batch = next(self._iter)

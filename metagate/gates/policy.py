@@ -27,6 +27,7 @@ from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
+from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
@@ -160,7 +161,7 @@ class _RLGate(Gate):
         meta = trainer.task.meta  # the clean split gates may learn from (never ``select``)
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(meta), generator=g)[: min(self.val_size, len(meta))]
-        self._val_x, self._val_y = meta.x[idx].to(dev), meta.y[idx].to(dev)
+        self._val_x, self._val_y = for_model(trainer.student, meta.x[idx].to(dev)), meta.y[idx].to(dev)
         self._mode_free = is_mode_free(trainer.student)  # e.g. a plain MLP: the reward needs no mode switch
         # teacher-only features of every training unit, computed once (per step: KL and student features)
         self._features = TeacherFeatureCache.for_trainer(trainer)

@@ -47,17 +47,12 @@ from metagate.gates.meta.params import (
 )
 from metagate.gates.meta.schedule import AMAL_PRESET, MetaSchedule
 from metagate.gates.registry import register
+from metagate.layout import channels_last, is_conv
 from metagate.losses import unit_losses
 
 BACKENDS = ("func", "higher", "closed-form")
 
 
-def channels_last(x: Tensor) -> Tensor:
-    """``x [B, C, H, W]`` with channels-last strides (a zero-copy restride when ``C == 1``)."""
-    b, c, h, w = x.shape
-    if c == 1:
-        return x.contiguous().as_strided(x.shape, (h * w, 1, w, 1))
-    return x.contiguous(memory_format=torch.channels_last)
 DEFAULT_META_LR = {"table": 1500.0, "net": 1e-3}
 
 
@@ -195,7 +190,7 @@ class MetaGate(Gate):
         self._pos = len(meta)  # forces a shuffle on first use
         # image batches of a conv student go channels-last: the same values, but the CPU conv/pool kernels
         # of the validation forward are ~2x faster than on NCHW (max-pooling NCHW is the slow part)
-        self._conv = self.meta_x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in student.modules())
+        self._conv = self.meta_x.dim() == 4 and is_conv(student)
         # batch norm makes the double backward of the create_graph look-ahead costly (many elementwise
         # ops on the activations): with it, the func backend takes the forward-mode route (same result);
         # without it (plain MLPs) the double backward is the cheaper one
