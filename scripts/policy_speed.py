@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--episode", type=int, default=5, help="reinforce: steps per episode (--rl-episode)")
+    p.add_argument("--update-units", type=int, default=None, help="reinforce: --rl-update-units (default all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = DistillConfig(task=args.task, noise=args.noise, teachers=args.teachers, adversarial_teacher=True,
@@ -49,7 +51,8 @@ def main() -> None:
         return Trainer(task, task.make_student(args.student), gate, bank,
                        TrainConfig(epochs=50, batch_size=bs, device="cpu", progress=False))
 
-    fixed, rl = trainer(FixedGate()), trainer(ReinforceGate())
+    fixed = trainer(FixedGate())
+    rl = trainer(ReinforceGate(episode=args.episode, update_units=args.update_units))
     batches = [b for b in fixed.epoch_batches(0) if len(b) == bs][: args.steps]
     env = TeacherWeightingEnv(task, bank, batch_size=bs, episode_steps=10**9, student=args.student)
     env.reset(seed=0)
@@ -75,7 +78,8 @@ def main() -> None:
         times["env"].append(time_env())
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.task} student={args.student or task.default_student} B={bs} K={bank.num_teachers} "
-          f"threads={args.threads} steps={len(batches)} repeats={args.repeats}")
+          f"threads={args.threads} steps={len(batches)} repeats={args.repeats} "
+          f"episode={args.episode} update_units={args.update_units or 'all'}")
     for k, v in med.items():
         print(f"  {k:10s} {1e3 * v:8.3f} ms/step")
     print(f"  env step / trainer step      {med['env'] / med['fixed']:.3f}x  (target <= 1.5)")
