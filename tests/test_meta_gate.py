@@ -456,14 +456,27 @@ def test_table_sgd_rows_accumulates_repeated_ids():
     torch.testing.assert_close(rows, ref[ids])
 
 
-def test_val_batches_follow_the_seeded_permutation(digits_noisy):
-    gate = MetaGate(val_batch=16)
-    _trainer(digits_noisy, gate, arch="mlp")
-    seen = []
-    for _ in range(3):
-        xv, yv = gate._next_val()
-        order = gate._order[gate._pos - 16 : gate._pos]
-        torch.testing.assert_close(xv, gate.meta_x[order])
-        torch.testing.assert_close(yv, gate.meta_y[order])
-        seen.append(order)
-    assert len(set(torch.cat(seen).tolist())) == 48  # one pass: no repeats
+def test_val_batches_are_seeded_slices_of_a_shuffled_meta_split(digits_noisy):
+    """Validation batches: slices of a once-shuffled copy of ``meta`` (never ``select``), no repeats
+    within a pass, members mixing between passes, the same batches for the same seed."""
+    def batches(seed, n):
+        gate = MetaGate(val_batch=16)
+        _trainer(digits_noisy, gate, arch="mlp", seed=seed)
+        return gate, [gate._next_val() for _ in range(n)]
+
+    gate, got = batches(0, 60)
+    meta = digits_noisy.meta
+    assert sorted(gate.meta_y.tolist()) == sorted(meta.y.tolist())
+    rows = {tuple(r.tolist()): i for i, r in enumerate(meta.x.reshape(len(meta), -1))}
+    ids = [[rows[tuple(r.tolist())] for r in xv.reshape(len(xv), -1)] for xv, _ in got]
+    for (xv, yv), i in zip(got, ids):
+        assert len(xv) == 16 and torch.equal(yv, meta.y[i])
+    per_pass = (len(meta) - 15) // 16  # the fewest batches a pass can have
+    first = [u for b in ids[:per_pass] for u in b]
+    assert len(set(first)) == len(first)  # no repeats within a pass
+    together = {frozenset(b) for b in ids}
+    assert len(together) > per_pass + 1  # later passes regroup the units
+    _, again = batches(0, 60)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again))
+    _, other = batches(1, 3)
+    assert not torch.equal(other[0][0], got[0][0])
