@@ -60,3 +60,24 @@ def test_frozen_head_matches_module_and_tracks_updates(mode):
         pol.net.head.weight.add_(1.0)
         x = torch.rand(17, 3, 11)
         torch.testing.assert_close(fast(x), pol.mean_logits(x), atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_head_follows_the_learners_optimizer_steps():
+    """The gate's cached head is rebuilt after every REINFORCE update (a fused optimizer that skips the
+    parameters' version counters would leave it stale: the gate would act with the initial policy)."""
+    from metagate.policies import ReinforceLearner, ReinforcePolicy
+    from metagate.policies.core import FrozenLogitHead
+
+    torch.manual_seed(0)
+    pol = ReinforcePolicy("weights", shared_log_std=-0.5)
+    fast = FrozenLogitHead(pol.net)
+    learner = ReinforceLearner(pol, lr=0.1, antithetic=True)
+    x = torch.rand(32, 3, 11)
+    before = fast(x).clone()
+    for reward in (1.0, -1.0, 2.0, -2.0):
+        learner.record(x, torch.rand(32, 3))
+        learner.finish(reward)
+    with torch.no_grad():
+        now = pol.mean_logits(x)
+    assert (now - before).abs().max() > 1e-4  # the policy moved
+    torch.testing.assert_close(fast(x), now, atol=1e-5, rtol=1e-5)
