@@ -30,7 +30,9 @@ def eval_mode(model: nn.Module, mode_free: bool | None = None) -> Iterator[nn.Mo
 
     :param mode_free: :func:`is_mode_free` computed once by the caller (``None``: compute it)
     """
-    if mode_free if mode_free is not None else is_mode_free(model):
+    if mode_free is None:
+        mode_free = is_mode_free(model)
+    if mode_free:
         yield model
         return
     was = model.training

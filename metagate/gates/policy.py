@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache, clamped_view_features
+from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
 from metagate.layout import for_model
@@ -170,16 +170,9 @@ class _RLGate(Gate):
                                             antithetic=self.antithetic)
 
     def weights(self, view: UnitView) -> GateOutput:
-        k = view.num_teachers  # not ``view.teacher_logits``: that would gather the raw logits
-        if k == 0:
+        if view.num_teachers == 0:  # not ``view.teacher_logits``: that would gather the raw logits
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
-        cache = self._features
-        if cache is not None and cache.covers(view):  # the trainer reuses this log-softmax for the CE column
-            assert view.ids is not None
-            feats = cache.flat_features(view.student_log_probs.float(), view.ids, view.progress) \
-                .view(-1, k, NUM_FEATURES)
-        else:
-            feats = clamped_view_features(view)
+        feats = clamped_view_features(view, self._features)
         learning = self.learn and self._trainer is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
