@@ -7,7 +7,7 @@ the student's test accuracy of: equal-weight ``fixed`` KD, the best single teach
 the mean KD-internal weight each gate gave the adversarial teacher.
 
     METAGATE_CACHE=/tmp/mgcache OMP_NUM_THREADS=1 python scripts/policy_adversarial.py \
-        --task fashion --noise 0.4 --seeds 0 1 2 3 4 --epochs 10 --timesteps 4000
+        --task fashion --noise 0.4 --seeds 0 1 2 3 4 --epochs 10 --timesteps 5000
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--teachers", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--timesteps", type=int, default=4000, help="PPO env steps")
+    p.add_argument("--timesteps", type=int, default=5000, help="PPO env steps")
+    p.add_argument("--agent-seed", type=int, default=0, help="PPO seed (its students' seeds follow from it)")
     p.add_argument("--policy", default=None, help="reuse a trained policy zip instead of training one")
     p.add_argument("--student", default=None)
     p.add_argument("--out", default="runs/policy_adversarial")
@@ -59,11 +60,11 @@ def main() -> None:
 
     policy_path = args.policy
     if "policy" in args.gates and policy_path is None:
-        policy_path = str(out / f"ppo-{args.task}.zip")
+        policy_path = str(out / f"ppo-{args.task}-agent{args.agent_seed}.zip")
         t0 = time.perf_counter()
         env = TeacherWeightingEnv(task, bank, batch_size=64, episode_steps=60)
         targs = build_parser().parse_args(["train-policy", "--task", args.task, "--algo", "ppo", "--timesteps",
-                                           str(args.timesteps), "--out", policy_path, "--seed", "0"])
+                                           str(args.timesteps), "--out", policy_path, "--seed", str(args.agent_seed)])
         train_policy(targs, env=env)
         print(f"PPO: {args.timesteps} env steps in {time.perf_counter() - t0:.1f}s -> {policy_path}", flush=True)
 
