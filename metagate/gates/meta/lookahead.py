@@ -17,7 +17,8 @@ no weight decay), at the student's current learning rate.
   second-order graph, only per-unit logit gradients and penultimate features. It needs the
   **feature protocol** of :mod:`metagate.models`: the student exposes ``features(x) -> [B, D]``
   and ``head`` (an ``nn.Linear(D, C)``) with ``forward(x) == head(features(x))``.
-* :func:`jvp_lookahead_hypergrad` -- the ``func`` hypergradient by forward mode (no double backward).
+* :func:`jvp_lookahead_hypergrad` -- the ``func`` hypergradient by forward mode (no double backward); its
+  Jacobian-vector product can come by hand from the real forward's activations (:mod:`.linearize`).
 
 The gate's fast path for linear layers (the head, or a plain ReLU MLP) differentiates by hand:
 :mod:`.analytic`.
@@ -174,6 +175,7 @@ def jvp_lookahead_hypergrad(
     train_logits: Tensor | None = None,
     product: str = "forward",
     step: float = 1e-3,
+    jv_fn: Callable[[dict[str, Tensor]], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The :func:`func_lookahead_loss` hypergradient without a second-order graph.
 
@@ -199,6 +201,8 @@ def jvp_lookahead_hypergrad(
         ``O(e^2)``)
     :param step: ``difference`` only: the parameter step ``e |v|`` relative to ``|theta|`` (of the moved
         parameters)
+    :param jv_fn: ``forward`` only: ``J v`` of the training logits from the moved parameters' tangents by name
+        (``[N, C]``), made by hand from the real forward's activations (:mod:`.linearize`); ``None``: forward mode
     :return: ``(val CE, d val CE / d weights [N, J])``, detached
     """
     named = dict(model.named_parameters())
@@ -223,6 +227,8 @@ def jvp_lookahead_hypergrad(
     with torch.no_grad():
         if product == "difference":
             jv = _difference_product(model, const, moved, list(v), x, step)
+        elif jv_fn is not None:
+            jv = jv_fn(dict(zip(moved, v)))
         else:
             with fwAD.dual_level():  # forward mode: J v in one pass over the training batch
                 state = {**const, **{n: fwAD.make_dual(const[n], t) for n, t in zip(moved, v)},
