@@ -196,6 +196,10 @@ def _affine_tangent(mod: nn.Conv2d | nn.Linear, u: Tensor, out: Tensor, t: Tenso
     :param t: the input's tangent, shaped as ``u``
     """
     f = _conv if isinstance(mod, nn.Conv2d) else _linear
+    if dw is not None and dw.stride() != mod.weight.stride():
+        # dW in the weight's own layout: a channels-last dW (the gradient of the channels-last validation pass) can
+        # make the convolution's output channels-last, and elementwise ops over mixed layouts are several times slower
+        dw = torch.empty_like(mod.weight).copy_(dw)
     res = f(mod, u, dw, db) if dw is not None else None
     if t is not None:
         inner = f(mod, t, mod.weight, db if dw is None else None)
@@ -230,29 +234,28 @@ def _batch_norm_tangent(mod: nn.modules.batchnorm._BatchNorm, u: Tensor, t: Tens
     dims = [0] + list(range(2, u.dim()))
     shape = [1, -1] + [1] * (u.dim() - 2)
     batch = training or mod.running_mean is None
-    need_x = dgamma is not None or (batch and t is not None)  # x = (u - mean) r enters the tangent
-    xhat = None
+    # x = uc r with uc = u - mean: uc is formed (when x enters the tangent) and r folded into x's coefficient
+    need_x = dgamma is not None or (batch and t is not None)
+    uc = None
     if batch:  # two passes (mean, then the centred square): var_mean's Welford kernel is ~20x slower on NCHW
         uc = u - u.mean(dims, keepdim=True)
-        var = (uc * uc).mean(dims)
-        r = torch.rsqrt(var + mod.eps)
-        xhat = uc.mul_(r.reshape(shape)) if need_x else None
+        r = torch.rsqrt((uc * uc).mean(dims) + mod.eps)
     else:
         assert mod.running_mean is not None and mod.running_var is not None
         r = torch.rsqrt(mod.running_var + mod.eps)
         if need_x:
-            xhat = (u - mod.running_mean.reshape(shape)).mul_(r.reshape(shape))
+            uc = u - mod.running_mean.reshape(shape)
     gamma_r = r if mod.weight is None else mod.weight * r
     # t_out = a t + b x + c with per-channel a, b, c; the batch statistics' terms fold into b and c:
     # gamma r (t - mean(t) - x mean(x t)) = gamma r t - (gamma r mean(x t)) x - gamma r mean(t)
     b, c = dgamma, dbeta
     if t is not None and batch:
-        assert xhat is not None
-        m_xt = (xhat * t).mean(dims)
+        assert uc is not None
+        m_xt = (uc * t).mean(dims) * r
         b = -gamma_r * m_xt if b is None else b - gamma_r * m_xt
         m_t = t.mean(dims)
         c = -gamma_r * m_t if c is None else c - gamma_r * m_t
-    out = xhat.mul_(b.reshape(shape)) if b is not None and xhat is not None else None  # in place: x is ours
+    out = uc.mul_((b * r).reshape(shape)) if b is not None and uc is not None else None  # in place: uc is ours
     if t is not None:
         out = t * gamma_r.reshape(shape) if out is None else out.addcmul_(t, gamma_r.reshape(shape))
     if c is not None:
