@@ -248,12 +248,19 @@ class Trainer:
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
         s_logp = view._student_log_probs  # reuse the gate's log-softmax if it made one
         teacher_logits = None if t_logp is not None else view.teacher_logits
-        losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
-        loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
+        grad = out.logit_grad if decision is None else None
+        if grad is not None and grad.shape != logits.shape:
+            raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
+        with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
+            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
+            loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if grad is None:
+            loss.backward()
+        else:
+            logits.backward(grad.detach())
         self.optimizer.step()
         losses = losses.detach()
         ctx.output, ctx.losses = out, losses

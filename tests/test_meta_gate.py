@@ -480,3 +480,30 @@ def test_val_batches_are_seeded_slices_of_a_shuffled_meta_split(digits_noisy):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(got, again))
     _, other = batches(1, 3)
     assert not torch.equal(other[0][0], got[0][0])
+
+
+@pytest.mark.parametrize("kw,arch", [({"backend": "closed-form"}, "mlp"), ({"backend": "func"}, "mlp-bn"),
+                                     ({"backend": "func", "param": "net"}, "mlp")])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gate_logit_gradient_equals_autograd_of_the_weighted_loss(digits_noisy, kw, arch, masked):
+    """The logit gradient the gate hands the real step (from its look-ahead's per-column gradients) is the
+    autograd gradient of the trainer's weighted loss at the returned weights (float64, with a padding mask)."""
+    from metagate.losses import reduce_weighted
+
+    gate = MetaGate(**kw)
+    tr = _trainer(digits_noisy, gate, arch=arch, dtype=torch.float64)
+    b = _batch(tr)
+    mask = (torch.arange(32) % 5 != 0).to(torch.float64) if masked else None
+    batch = Batch(b.x, b.y, b.ids, None if mask is None else mask.view(-1, 1))
+    logits = tr.student(batch.x)
+    view = tr.make_view(batch, logits)
+    gate.before_step(type("Ctx", (), {"trainer": tr, "view": view, "batch": batch, "step": 0})())
+    out = gate.weights(view)
+    assert out.logit_grad is not None
+    z = logits.detach().requires_grad_(True)
+    loss = reduce_weighted(unit_losses(z, view.teacher_logits.to(z.dtype), view.labels, out.tau), out.weights.detach(),
+                           None if mask is None else view.mask)
+    ref = torch.autograd.grad(loss, z)[0]
+    torch.testing.assert_close(out.logit_grad, ref, rtol=1e-10, atol=1e-12)
+    # the trainer takes it: a batch without a look-ahead falls back to autograd (no stale gradient)
+    assert gate._grads is None and gate.weights(tr.make_view(batch, tr.student(batch.x))).logit_grad is None

@@ -30,11 +30,16 @@ class GateOutput:
     :param tau: scalar or ``[N]`` KD temperature
     :param trusted: the weights are valid by construction (e.g. a softmax); the trainer then skips
         its per-step NaN/negative check of an outside driver's decision
+    :param logit_grad: ``[N, C]`` the gradient of the weighted loss (the trainer's reduction included) w.r.t.
+        the student's logits at these weights and ``tau``, when the gate already has it (the meta gate's
+        look-ahead computes the per-column gradients anyway). The trainer then backpropagates it from the
+        logits instead of differentiating the loss columns again; it must be exact (tested against autograd)
     """
 
     weights: Tensor
     tau: Tensor | float = 1.0
     trusted: bool = False
+    logit_grad: Tensor | None = None
 
 
 class UnitView:

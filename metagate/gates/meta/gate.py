@@ -151,6 +151,9 @@ class MetaGate(Gate):
         self._hist: list[tuple[Tensor, list[Tensor]]] = []
         self._hist_done = 0  # leading entries of _hist already counted in the log sums
         self._pending: tuple[UnitView, Tensor] | None = None  # table rows after the meta update
+        # (view, per-column logit gradients [N, J, C], unit scale) of the latest look-ahead: the real step's
+        # logit gradient is then one product away (GateOutput.logit_grad)
+        self._grads: tuple[UnitView, Tensor, Tensor | float] | None = None
         self._scale_key: tuple[int, int] | None = None
         self._scale: Tensor | float | None = None
         # the hand-written ("linear") look-ahead: its layers, what moves, and the real forward's inputs
@@ -311,7 +314,7 @@ class MetaGate(Gate):
     def weights(self, view: UnitView) -> GateOutput:
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is view and self._raw_rows:  # W is the rows just written
-            return GateOutput(pending[1], self.tau)
+            return self._output(view, pending[1])
         with torch.no_grad():
             if pending is not None and pending[0] is view:  # the table rows the meta update just wrote
                 assert self.param is not None
@@ -320,7 +323,19 @@ class MetaGate(Gate):
                 w = normalize_weights(w, self.normalize, self.target_row, view.mask)
             else:
                 w = self._view_weights(view)[0].detach()
-        return GateOutput(w, self.tau)
+        return self._output(view, w)
+
+    def _output(self, view: UnitView, w: Tensor) -> GateOutput:
+        """The decision, with the real step's logit gradient ``scale_i sum_j w_ij g_ij`` when this batch's
+        look-ahead left its per-column gradients (the trainer then skips differentiating the loss columns)."""
+        grads, self._grads = self._grads, None
+        if grads is None or grads[0] is not view or grads[1].dtype != w.dtype:
+            return GateOutput(w, self.tau)
+        _, g, scale = grads
+        with torch.no_grad():
+            lg = torch.bmm(w.unsqueeze(1), g).squeeze(1)
+            lg = lg.mul_(scale.unsqueeze(1) if torch.is_tensor(scale) else scale)
+        return GateOutput(w, self.tau, logit_grad=lg)
 
     #: positive by construction (clamped table, sigmoid/softmax, sigmoid net); a NaN still surfaces in
     #: the trainer's finite-loss check, which then runs the weight check
@@ -352,6 +367,7 @@ class MetaGate(Gate):
         if self._route == "jvp":  # first-order backward + Jacobian-vector product
             g = self._logit_grads(view, view.student_log_probs)
             scale = self._unit_scale(view.mask)
+            self._grads = (view, g, scale)
             # channels-last convs are ~2x faster for plain forwards (the difference product), but train-mode
             # batch norm on that layout is ~100x less precise in float32 (relative error 1e-4 vs 4e-7), and
             # forward mode is no faster on it: the exact product keeps the batch as it is
@@ -393,6 +409,7 @@ class MetaGate(Gate):
             # the training side first, while the real forward's tensors are still in cache
             g = self._logit_grads(view, lsm)
             scale = self._unit_scale(view.mask)
+            self._grads = (view, g, scale)
             train_inputs = self._train_inputs(view, x)
             xv, yv = self._next_val()
             la = LinearLookahead(self._stack, train_inputs, self._val_input(xv), self._stepped)
