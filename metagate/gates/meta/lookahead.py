@@ -66,6 +66,12 @@ def one_hot_t(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return _eye(num_classes, dtype, labels.device).index_select(1, labels)
 
 
+def cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of ``model``'s buffers by name, for a ``functional_call`` whose batch-norm statistics must not move
+    the real student's."""
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
 @contextmanager
 def frozen_buffers(model: nn.Module) -> Iterator[None]:
     """Run a block and then restore every buffer of ``model`` that it changed.
@@ -135,7 +141,7 @@ def func_lookahead_loss(
     """
     named = dict(model.named_parameters())
     names = list(named) if names is None else list(names)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}  # BN stats of the virtual step
+    buffers = cloned_buffers(model)  # BN stats of the virtual step
     if train_logits is not None:
         leaves = [named[n] for n in names]
         logits = train_logits
@@ -213,7 +219,7 @@ def jvp_lookahead_hypergrad(
     with torch.enable_grad():
         if train_logits is None:
             leaves = [named[n].detach().requires_grad_(True) for n in names]
-            state = {**const, **dict(zip(names, leaves)), **{n: b.clone() for n, b in model.named_buffers()}}
+            state = {**const, **dict(zip(names, leaves)), **cloned_buffers(model)}
             train_logits = functional_call(model, state, (x,))
             grads = torch.autograd.grad(train_logits, leaves, g, allow_unused=True)
         else:
@@ -221,7 +227,7 @@ def jvp_lookahead_hypergrad(
                                         allow_unused=True)
         moved = [n for n, gr in zip(names, grads) if gr is not None]
         new = [(const[n] - lr * gr).requires_grad_(True) for n, gr in zip(names, grads) if gr is not None]
-        state = {**const, **dict(zip(moved, new)), **{n: b.clone() for n, b in model.named_buffers()}}
+        state = {**const, **dict(zip(moved, new)), **cloned_buffers(model)}
         val = F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
         v = torch.autograd.grad(val, new)
     with torch.no_grad():
@@ -232,7 +238,7 @@ def jvp_lookahead_hypergrad(
         else:
             with fwAD.dual_level():  # forward mode: J v in one pass over the training batch
                 state = {**const, **{n: fwAD.make_dual(const[n], t) for n, t in zip(moved, v)},
-                         **{n: b.clone() for n, b in model.named_buffers()}}
+                         **cloned_buffers(model)}
                 jv = fwAD.unpack_dual(functional_call(model, state, (x,))).tangent
         dw = torch.bmm(logit_grads, jv.unsqueeze(-1)).squeeze(-1) * (s * -lr)
     return val.detach(), dw
@@ -251,7 +257,7 @@ def _difference_product(model: nn.Module, const: dict[str, Tensor], moved: list[
         for sign in (1.0, -1.0):
             torch.set_rng_state(rng)
             state = {**const, **{n: const[n] + (sign * e) * t for n, t in zip(moved, v)},
-                     **{n: b.clone() for n, b in model.named_buffers()}}
+                     **cloned_buffers(model)}
             outs.append(functional_call(model, state, (x,)))
     return (outs[0] - outs[1]) / (2.0 * e)
 
@@ -389,7 +395,7 @@ def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     handle = model.head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))  # type: ignore[union-attr]
     try:
         state = {n: p.detach() for n, p in model.named_parameters()}
-        state.update({n: b.clone() for n, b in model.named_buffers()})
+        state.update(cloned_buffers(model))
         with torch.no_grad():
             z = functional_call(model, state, (x,))
     finally:
