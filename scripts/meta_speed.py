@@ -2,7 +2,8 @@
 
 All variants run in one process, interleaved, through the shared trainer's ``train_step``,
 on the same student architecture (same initial weights), the same batches and the same
-(random, right-shaped) teacher logits; a meta look-ahead every step. Reported: median
+(random, right-shaped) teacher logits; a meta look-ahead every step; the order of the variants
+rotates from round to round. Reported: median
 ms/step over ``--repeats`` rounds, the ratio to ``fixed``, and the peak extra resident
 memory of ``--mem-steps`` steps of each variant measured in a fresh subprocess
 (peak RSS ``VmHWM`` during the steps, reset via ``/proc/self/clear_refs``, minus the RSS
@@ -70,8 +71,11 @@ def time_all(args: argparse.Namespace, arch: str) -> dict[str, float]:
         for b in batches[:5]:
             fn(b)
     times: dict[str, list[float]] = {v: [] for v in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(args.repeats):
+        # rotate the order each round: a variant run right after a heavy one starts with colder caches
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             t0 = time.perf_counter()
             for b in batches:
                 fn(b)
