@@ -29,6 +29,7 @@ from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
+from metagate.policies.core import action_weights
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
@@ -162,11 +163,7 @@ class TeacherWeightingEnv(gym.Env):
     def weights_from_action(self, action: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Action ``[B, K]`` -> gate weights ``W [B, 1+K]`` (clipped to the box first)."""
         a = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.device)
-        a = a.reshape(-1, self.num_teachers).clamp(-1.0, 1.0)
-        probs = torch.softmax(a.mul_(1.0 / self.temperature), -1).mul_(1.0 - self.alpha)  # split_kd_share
-        col = self._alpha_col if a.shape[0] == self.batch_size else \
-            torch.full((a.shape[0], 1), self.alpha, device=self.device)
-        return torch.cat([col, probs], 1)
+        return action_weights(a.reshape(-1, self.num_teachers), self.alpha, self.temperature, self._alpha_col)
 
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

@@ -235,6 +235,19 @@ def split_kd_share(label_weight: Tensor, teacher_probs: Tensor, kd_share: Tensor
     return torch.cat([lw.unsqueeze(1), kd.unsqueeze(1) * teacher_probs], 1)
 
 
+def action_weights(action: Tensor, alpha: float, temperature: float, alpha_col: Tensor | None = None) -> Tensor:
+    """Actions ``[N, K]`` -> ``W = [alpha, (1 - alpha) softmax(clip(a, -1, 1) / T)]``: :func:`split_kd_share` of
+    :func:`teacher_probs` in a few ops, the one mapping shared by the env (training) and the policy gates
+    (deployment).
+
+    :param alpha_col: a cached ``[N, 1]`` column of ``alpha`` (else one is made)
+    """
+    probs = torch.softmax(action.clamp(-1.0, 1.0).mul_(1.0 / temperature), -1).mul_(1.0 - alpha)
+    if alpha_col is None or alpha_col.shape[0] != action.shape[0]:
+        alpha_col = torch.full((action.shape[0], 1), alpha, device=action.device, dtype=action.dtype)
+    return torch.cat([alpha_col, probs], 1)
+
+
 def selection_weights(selected: Tensor, alpha: float) -> Tensor:
     """Bernoulli selection ``[N, K]`` (0/1) -> ``W [N, 1+K]``.
 

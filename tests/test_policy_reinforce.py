@@ -138,6 +138,23 @@ def test_split_kd_share_and_selection_weights():
     torch.testing.assert_close(selection_weights(sel, 0.4), torch.tensor([[0.4, 0.3, 0.0, 0.3], [1.0, 0, 0, 0]]))
 
 
+def test_action_weights_is_split_kd_share_of_teacher_probs():
+    """The fast action -> weights mapping of the env and the policy gates equals the reference composition."""
+    from metagate.data import get_task
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs.synthetic import synthetic_bank
+    from metagate.policies import split_kd_share, teacher_probs
+    from metagate.policies.core import action_weights
+
+    a = torch.randn(6, 3) * 2  # beyond the action box: clipped first
+    ref = split_kd_share(torch.tensor(0.3), teacher_probs(a.clamp(-1, 1), 0.25))
+    torch.testing.assert_close(action_weights(a.clone(), 0.3, 0.25), ref)
+    torch.testing.assert_close(action_weights(a.clone(), 0.3, 0.25, torch.full((6, 1), 0.3)), ref)
+    task = get_task("digits")
+    env = TeacherWeightingEnv(task, synthetic_bank(task), batch_size=6, alpha=0.3)
+    torch.testing.assert_close(env.weights_from_action(a.numpy()), ref)
+
+
 def test_cli_distill_reinforce_and_resume(digits_bank, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -29,7 +29,7 @@ from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.registry import register
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
-from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, split_kd_share
+from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,14 +141,13 @@ class _RLGate(Gate):
         return action
 
     def _softmax_weights(self, action: Tensor) -> Tensor:
-        """Action ``[N, K]`` -> ``W = [alpha, (1 - alpha) softmax(clip(a, -1, 1) / T)]`` (:func:`split_kd_share`)."""
-        probs = torch.softmax(action.clamp(-1.0, 1.0).mul_(1.0 / self.temperature), -1)
+        """Action ``[N, K]`` -> ``W [N, 1+K]`` (:func:`action_weights`, with a cached ``alpha`` column)."""
         key = (action.shape[0], action.device, action.dtype)
         col = self._alpha_cols.get(key)
         if col is None:
             col = self._alpha_cols[key] = torch.full((action.shape[0], 1), self.alpha, device=action.device,
                                                      dtype=action.dtype)
-        return torch.cat([col, probs.mul_(1.0 - self.alpha)], 1)
+        return action_weights(action, self.alpha, self.temperature, col)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         raise NotImplementedError
