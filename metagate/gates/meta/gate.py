@@ -52,8 +52,6 @@ from metagate.layout import channels_last, is_conv
 from metagate.losses import unit_losses
 
 BACKENDS = ("func", "higher", "closed-form")
-
-
 DEFAULT_META_LR = {"table": 1500.0, "net": 1e-3}
 
 
@@ -472,19 +470,23 @@ class MetaGate(Gate):
         return self._scale
 
     @staticmethod
-    def _leaf_grads(w: Tensor, leaves: list[Tensor], dw: Tensor) -> list[Tensor]:
+    def _grads_wrt(out: Tensor, leaves: list[Tensor], grad_out: Tensor | None = None,
+               retain_graph: bool = False) -> list[Tensor]:
+        """``d out / d leaves`` (times ``grad_out``), zeros for leaves ``out`` does not reach."""
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(leaves, torch.autograd.grad(out, leaves, grad_out, retain_graph=retain_graph,
+                                                            allow_unused=True))]
+
+    @classmethod
+    def _leaf_grads(cls, w: Tensor, leaves: list[Tensor], dw: Tensor) -> list[Tensor]:
         if len(leaves) == 1 and w is leaves[0]:  # clamp table, all columns, no normalisation: W = rows
             return [dw]
-        return [torch.zeros_like(p) if g is None else g
-                for p, g in zip(leaves, torch.autograd.grad(w, leaves, dw, allow_unused=True))]
+        return cls._grads_wrt(w, leaves, dw)
 
     def _apply(self, val: Tensor, leaves: list[Tensor], ids: Tensor | None, retain_graph: bool,
                view: UnitView | None = None) -> None:
         """Hypergradient of ``val`` w.r.t. ``leaves`` and one meta update (table rows or net)."""
-        grads = [torch.zeros_like(p) if g is None else g
-                 for p, g in zip(leaves, torch.autograd.grad(val, leaves, retain_graph=retain_graph,
-                                                             allow_unused=True))]
-        self._apply_grads(val, grads, ids, view)
+        self._apply_grads(val, self._grads_wrt(val, leaves, retain_graph=retain_graph), ids, view)
 
     def _apply_grads(self, val: Tensor, grads: list[Tensor], ids: Tensor | None, view: UnitView | None) -> None:
         assert self.param is not None
@@ -523,7 +525,6 @@ class MetaGate(Gate):
         self._log_norm = self._log_norm + norms.sum()
         self._log_n += len(new)
         self._hist, self._hist_done = self._hist[-1:], 1  # keep the latest for last_meta_loss/_norm
-
 
     @property
     def last_meta_loss(self) -> float:
