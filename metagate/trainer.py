@@ -246,7 +246,7 @@ class Trainer:
             check_weights(w)
         tau = out.tau.detach() if torch.is_tensor(out.tau) else out.tau
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
-        s_logp = view._student_log_probs  # reuse the gate's log-softmax if it made one
+        s_logp = view.made_student_log_probs  # reuse the gate's log-softmax if it made one
         teacher_logits = None if t_logp is not None else view.teacher_logits
         grad = out.logit_grad if decision is None else None
         if grad is not None and grad.shape != logits.shape:

@@ -120,6 +120,11 @@ class UnitView:
         """``[N, C]`` detached student log-probabilities."""
         return self.student_log_probs_graph.detach()
 
+    @property
+    def made_student_log_probs(self) -> Tensor | None:
+        """The log-softmax (with graph) if a gate has asked for it, else ``None`` -- never computes it."""
+        return self._student_log_probs
+
     def teacher_log_probs(self, tau: float = 1.0) -> Tensor:
         """``[N, K, C]`` log-probabilities of the teachers at temperature ``tau``."""
         if self.teacher_log_probs_fn is not None:
