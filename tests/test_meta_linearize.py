@@ -87,7 +87,7 @@ def test_chain_jvp_equals_forward_mode(kind, spec, mode):
                 if n in moved}
     fn = lin.product(z)
     assert fn is not None
-    for mod, (_, u, idx, _) in zip(lin.mods, lin._caps):
+    for mod, (_, u, idx, _) in zip(lin.mods, lin.kept_for(z)):
         if isinstance(mod, nn.MaxPool2d):  # autograd's saved argmax is max_pool2d_with_indices'; none without a graph
             assert (idx is None) == (mode == "no-grad")
             if idx is not None:

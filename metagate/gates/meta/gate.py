@@ -14,8 +14,6 @@ AMAL; Adam for the net); the student's ``.grad`` is never touched by the meta st
 from __future__ import annotations
 
 import argparse
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +24,7 @@ from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES, unit_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.meta.analytic import LinearLookahead, linear_hypergrad, plain_mlp_layers
+from metagate.gates.meta.capture import ForwardCapture
 from metagate.gates.meta.linearize import Linearization, linear_chain
 from metagate.gates.meta.lookahead import (
     check_feature_protocol,
@@ -158,8 +157,7 @@ class MetaGate(Gate):
         self._stack: list[nn.Linear] = []
         self._below: list[nn.Linear] | None = None  # MLP layers under the stack; None: features(x)
         self._stepped: list[tuple[bool, bool]] = []
-        self._caps: dict[int, Tensor] = {}
-        self._out_ref: Callable[[], Tensor | None] | None = None
+        self._capture: ForwardCapture | None = None  # the stack's inputs in the real forward
         # the forward-mode route's J v by hand from the real forward's activations (None: forward-mode AD)
         self._lin: Linearization | None = None
 
@@ -246,20 +244,7 @@ class MetaGate(Gate):
         low = min(i for i, st in enumerate(stepped) if any(st))
         self._stack, self._stepped = layers[low:], stepped[low:]
         self._below = layers[:low] if is_mlp else None
-        for i, lin in enumerate(self._stack):
-            if low + i > 0 or not is_mlp:
-                lin.register_forward_hook(self._capture_hook(i, last=lin is student.head))
-
-    def _capture_hook(self, i: int, last: bool) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-        """A forward hook keeping layer ``i``'s input (and, for the head, which logits it made)."""
-        caps = self._caps
-
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            caps[i] = inputs[0].detach()
-            if last:
-                self._out_ref = weakref.ref(output)
-
-        return hook
+        self._capture = ForwardCapture(self._stack)
 
     def _next_val(self) -> tuple[Tensor, Tensor]:
         """The next ``meta``-split batch (seeded); never ``select``.
@@ -426,10 +411,9 @@ class MetaGate(Gate):
         """The stack's inputs in the real forward that made ``view.student_logits`` (kept by the hooks),
         or, when those logits came from elsewhere, from a forward of ``x`` without a graph."""
         n = view.num_units
-        out = self._out_ref() if self._out_ref is not None else None
-        low_is_input = self._below is not None and not self._below  # the lowest MLP layer: its input is x
-        if out is view.student_logits:
-            return [x.reshape(n, -1) if i == 0 and low_is_input else self._caps[i] for i in range(len(self._stack))]
+        kept = self._capture.kept_for(view.student_logits) if self._capture is not None else None
+        if kept is not None:
+            return [k.input for k in kept]
         student = self.trainer.student
         if self._below is None:
             return [features_and_logits(student, x)[0]]

@@ -23,14 +23,13 @@ student keeps forward-mode AD.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from metagate.gates.meta.capture import ForwardCapture, Kept
 from metagate.models import CNN, MLP, FeatureModel
 
 #: module types with a tangent rule (exact types: a subclass may change ``forward``)
@@ -77,14 +76,19 @@ def linear_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return chain
 
 
-class Linearization:
-    """Forward hooks that keep the activations of the student's forward, and ``J v`` of its logits from them.
+def _kept_output(module: nn.Module, output: Tensor) -> Tensor | None:
+    """What a tangent rule reads besides the input: max-pooling's argmax (the indices autograd saved, if any;
+    else ``None`` and the rule recomputes them), every other module's output."""
+    if isinstance(module, nn.MaxPool2d):
+        gf = output.grad_fn
+        return getattr(gf, "_saved_result1", None) if type(gf).__name__ == "MaxPool2DWithIndicesBackward0" else None
+    return output.detach()
 
-    Only the modules from the lowest one with a moved parameter are hooked (below it every tangent is zero), and
-    only forwards in grad mode are kept (a training step's; evaluation's large batches are not held). Each hook
-    records the forward it belongs to; :meth:`product` checks that every kept activation comes from the forward
-    that made the given logits. Capture can be paused (:attr:`active`) around forwards that must not overwrite
-    it (the look-ahead's own).
+
+class Linearization(ForwardCapture):
+    """``J v`` of the student's logits from the activations of its real forward (kept by forward hooks).
+
+    Only the modules from the lowest one with a moved parameter are hooked (below it every tangent is zero).
 
     :param chain: from :func:`linear_chain`
     :param moved: names of the parameters that take the virtual step (the tangent's support)
@@ -92,17 +96,11 @@ class Linearization:
 
     def __init__(self, chain: Sequence[tuple[str, nn.Module]], moved: Sequence[str]) -> None:
         stepped = set(moved)
-        self.names = [[f"{name}.{p}" if f"{name}.{p}" in stepped else None for p in ("weight", "bias")]
-                      for name, _ in chain]
-        low = min(i for i, nm in enumerate(self.names) if any(nm))
-        self.mods = [m for _, m in chain[low:]]
-        self.names = self.names[low:]
-        self.active = True
-        self._gen = 0  # forwards seen (the first hooked module starts one)
-        self._caps: list[tuple[int, Tensor, Tensor | None, bool]] = [(-1, torch.empty(0), None, False)] * len(self.mods)
-        self._out_ref: Callable[[], Tensor | None] | None = None
-        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(i)) for i, m in
-                                                enumerate(self.mods)]
+        names = [[f"{name}.{p}" if f"{name}.{p}" in stepped else None for p in ("weight", "bias")]
+                 for name, _ in chain]
+        low = min(i for i, nm in enumerate(names) if any(nm))
+        self.names = names[low:]
+        super().__init__([m for _, m in chain[low:]], extra=_kept_output)
 
     @staticmethod
     def covers(chain: Sequence[tuple[str, nn.Module]] | None, moved: Sequence[str]) -> bool:
@@ -112,58 +110,31 @@ class Linearization:
         own = {f"{name}.{p}" for name, m in chain for p, _ in m.named_parameters(recurse=False)}
         return set(moved) <= own
 
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for h in self._handles:
-            h.remove()
-
-    def _hook(self, i: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-        """Module ``i``'s hook: keep what its tangent rule reads (input, output, pooling indices, mode)."""
-        last = i == len(self.mods) - 1
-        caps = self._caps
-
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if not self.active or not torch.is_grad_enabled():  # no real step's forward: keep no large activations
-                return
-            if i == 0:
-                self._gen += 1
-            extra: Tensor | None = output.detach()
-            if isinstance(module, nn.MaxPool2d):  # the argmax autograd saved (no second pooling), if any
-                gf = output.grad_fn
-                extra = getattr(gf, "_saved_result1", None) if type(gf).__name__ == \
-                    "MaxPool2DWithIndicesBackward0" else None
-            caps[i] = (self._gen, inputs[0].detach(), extra, module.training)
-            if last:
-                self._out_ref = weakref.ref(output)
-
-        return hook
-
     def product(self, logits: Tensor) -> ProductFn | None:
         """``J v`` at the forward that made ``logits``, or ``None`` when the kept activations are not all from
         that forward (another forward ran since, or capture was paused): the caller then runs forward mode.
 
         :param logits: ``[N, C]`` the real forward's logits (the head's output)
         """
-        out = self._out_ref() if self._out_ref is not None else None
-        caps = list(self._caps)  # later forwards replace entries, never the tensors kept here
-        if out is not logits or any(c[0] != caps[-1][0] for c in caps):
+        kept = self.kept_for(logits)
+        if kept is None:
             return None
-        return lambda tangents: chain_jvp(self.mods, self.names, caps, tangents)
+        return lambda tangents: chain_jvp(self.mods, self.names, kept, tangents)
 
 
 def chain_jvp(mods: Sequence[nn.Module], names: Sequence[Sequence[str | None]],
-              caps: Sequence[tuple[int, Tensor, Tensor | None, bool]], tangents: dict[str, Tensor]) -> Tensor:
+              kept: Sequence[Kept], tangents: dict[str, Tensor]) -> Tensor:
     """The tangent of the chain's output along ``tangents`` (run under ``torch.no_grad()``).
 
     :param mods: the chain's modules from the lowest one that moves
     :param names: per module, the names of its moved (weight, bias), ``None`` when constant
-    :param caps: per module ``(forward id, input, output or pooling indices, training)`` of one forward
+    :param kept: per module, what its hook kept from one forward (``extra``: its output, or max-pooling's indices)
     :param tangents: the moved parameters' tangents by name (shapes of the parameters)
     :return: the output's tangent (``[N, C]`` logits)
     """
     t: Tensor | None = None
     for i, mod in enumerate(mods):
-        _, u, extra, training = caps[i]
+        _, u, extra, training = kept[i]
         nw, nb = names[i]
         dw = tangents.get(nw) if nw is not None else None
         db = tangents.get(nb) if nb is not None else None
@@ -182,7 +153,7 @@ def chain_jvp(mods: Sequence[nn.Module], names: Sequence[Sequence[str | None]],
         else:  # Flatten
             t = t.flatten(mod.start_dim, mod.end_dim)
     if t is None:  # no moved parameter had a tangent
-        head_out = caps[-1][2]
+        head_out = kept[-1].extra
         assert head_out is not None
         return torch.zeros_like(head_out)
     return t

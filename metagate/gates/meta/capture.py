@@ -1,0 +1,78 @@
+"""Forward hooks that keep the activations of the student's real training forward, for look-aheads that reuse
+them instead of running a forward of their own (the hand-written linear look-ahead, the hand-written ``J v``)."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+#: what a hook keeps besides a module's input: ``(module, output) -> tensor or None``
+ExtraFn = Callable[[nn.Module, Tensor], Tensor | None]
+
+
+class Kept(NamedTuple):
+    """What one module's hook kept from one forward."""
+
+    forward: int  #: which forward (counted by the first hooked module)
+    input: Tensor  #: the module's input, detached
+    extra: Tensor | None  #: what the ``extra`` function returned
+    training: bool  #: the module's mode in that forward
+
+
+class ForwardCapture:
+    """Forward hooks on ``mods`` (in forward order; the last one's output is the logits) that keep each one's input
+    from the latest forward run in grad mode -- a training step's; evaluation's large batches are not held.
+
+    :meth:`kept_for` hands the kept activations out only when every one of them comes from the forward that made
+    the given logits (else a later forward, or a paused capture, replaced some). Capture can be paused
+    (:attr:`active`) around forwards that must not overwrite it, e.g. a look-ahead's own.
+
+    :param mods: the modules to hook, in forward order
+    :param extra: what else to keep per module, from its output (default: nothing)
+    """
+
+    def __init__(self, mods: Sequence[nn.Module], extra: ExtraFn | None = None) -> None:
+        self.mods = list(mods)
+        self.active = True
+        self._forwards = 0
+        self._kept = [Kept(-1, torch.empty(0), None, False)] * len(self.mods)
+        self._out_ref: Callable[[], Tensor | None] | None = None
+        self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(i, extra))
+                                                for i, m in enumerate(self.mods)]
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for h in self._handles:
+            h.remove()
+
+    def _hook(self, i: int, extra: ExtraFn | None) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        last = i == len(self.mods) - 1
+        kept = self._kept
+
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.active or not torch.is_grad_enabled():
+                return
+            if i == 0:
+                self._forwards += 1
+            kept[i] = Kept(self._forwards, inputs[0].detach(), None if extra is None else extra(module, output),
+                           module.training)
+            if last:
+                self._out_ref = weakref.ref(output)
+
+        return hook
+
+    def kept_for(self, logits: Tensor) -> list[Kept] | None:
+        """Per module, what was kept from the forward that made ``logits``; ``None`` when not all of it is.
+
+        :param logits: ``[N, C]`` the real forward's logits (the last module's output)
+        """
+        out = self._out_ref() if self._out_ref is not None else None
+        kept = list(self._kept)  # later forwards replace entries, never the tensors kept here
+        if out is not logits or any(k.forward != kept[-1].forward for k in kept):
+            return None
+        return kept
