@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from metagate.metrics import auroc
@@ -12,14 +14,85 @@ def teacher_share(unit_weights: Tensor) -> Tensor:
     return unit_weights[:, 1:].sum(1) / unit_weights.sum(1).clamp_min(1e-12)
 
 
-def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None) -> dict[str, float]:
+def teacher_right(teacher_logits: Tensor, clean_labels: Tensor) -> Tensor:
+    """``[N, K]`` bool: teacher ``k``'s top class is unit ``i``'s clean label (the ground truth a gate never sees)."""
+    return teacher_logits.argmax(-1) == clean_labels.to(teacher_logits.device).view(-1, 1)
+
+
+def teacher_trust(unit_weights: Tensor, right: Tensor) -> dict[str, float]:
+    """How a gate's KD weight follows the teachers' per-unit correctness.
+
+    * ``diag/kd_on_right_teachers``: share of all KD weight that goes to a teacher right on its unit,
+      ``sum_ik w_ik r_ik / sum_ik w_ik``;
+    * ``diag/kd_on_right_teachers_equal``: the same if each unit's KD weight were split equally (the
+      ``fixed`` gate's value; it moves with *which units* get KD weight);
+    * ``diag/teacher_choice_gain``: the first minus the second -- what choosing *between* teachers gained
+      (0 for any gate that splits KD equally, > 0 when a gate favours the teachers right on each unit);
+    * ``diag/kd_share_teacher{k}_right`` / ``_wrong``: teacher ``k``'s mean share of its unit's KD weight on
+      the units where it is right / wrong (equal weights: ``1/K`` on both).
+
+    :param unit_weights: ``[N, 1+K]``
+    :param right: ``[N, K]`` bool, from :func:`teacher_right`
+    """
+    kd = unit_weights.detach().float()[:, 1:]
+    r = right.to(kd.device, kd.dtype)
+    total = kd.sum(1)
+    out: dict[str, float] = {}
+    denom = float(total.sum())
+    if denom > 0:
+        out["diag/kd_on_right_teachers"] = float((kd * r).sum()) / denom
+        out["diag/kd_on_right_teachers_equal"] = float((total * r.mean(1)).sum()) / denom
+        out["diag/teacher_choice_gain"] = out["diag/kd_on_right_teachers"] - out["diag/kd_on_right_teachers_equal"]
+    share = kd / total.clamp_min(1e-12).unsqueeze(1)
+    has_kd = total > 0
+    for k in range(kd.shape[1]):
+        for name, sel in (("right", right[:, k]), ("wrong", ~right[:, k])):
+            sel = sel.to(kd.device) & has_kd
+            if sel.any():
+                out[f"diag/kd_share_teacher{k}_{name}"] = float(share[sel, k].mean())
+    return out
+
+
+def teacher_trust_figure(diag: dict[str, float], names: list[str] | None = None, title: str = "") -> Any:
+    """Bar chart of :func:`teacher_trust`: each teacher's share of the KD weight where it is right vs wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = 0
+    while f"diag/kd_share_teacher{k}_right" in diag or f"diag/kd_share_teacher{k}_wrong" in diag:
+        k += 1
+    labels = names if names is not None and len(names) == k else [f"teacher{j}" for j in range(k)]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * k, 3.2))
+    xs = range(k)
+    for off, kind, color in ((-0.2, "right", "tab:green"), (0.2, "wrong", "tab:red")):
+        vals = [diag.get(f"diag/kd_share_teacher{j}_{kind}", float("nan")) for j in xs]
+        ax.bar([x + off for x in xs], vals, width=0.4, color=color, label=f"where it is {kind}")
+    if k:
+        ax.axhline(1.0 / k, color="gray", lw=1, ls="--", label="equal weights")
+    ax.set_xticks(list(xs), labels, rotation=20)
+    ax.set_ylabel("share of the unit's KD weight")
+    ax.set_ylim(0, 1)
+    on_right, base = diag.get("diag/kd_on_right_teachers"), diag.get("diag/kd_on_right_teachers_equal")
+    if on_right is not None and base is not None:
+        title = f"{title}  KD on right teachers {on_right:.3f} (equal {base:.3f})".strip()
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None,
+                     right: Tensor | None = None) -> dict[str, float]:
     """Summaries of ``W [N, 1+K]`` (the weights last used for each training unit).
 
     * ``gate/teacher_share``: mean of ``sum_k w_k / sum_j w_j``;
     * ``gate/mean_w{j}``: mean weight of each column (a planted bad teacher shows up here);
     * with label noise: ``diag/auroc_teacher_share`` -- AUROC of the teacher share for predicting
       "this label was corrupted" (1 = the gate hands every corrupted unit to the teachers) --
-      and the mean label weight / teacher share on corrupted vs clean units.
+      and the mean label weight / teacher share on corrupted vs clean units;
+    * with ``right`` (``[N, K]``, each teacher's per-unit correctness): :func:`teacher_trust`.
     """
     w = unit_weights.detach().float()
     out: dict[str, float] = {}
@@ -38,4 +111,6 @@ def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None) -> dict[str
         out["diag/w_label_clean"] = float(w[~c, 0].mean())
         out["diag/teacher_share_corrupted"] = float(share[c].mean())
         out["diag/teacher_share_clean"] = float(share[~c].mean())
+    if right is not None:
+        out.update(teacher_trust(w, right))
     return out

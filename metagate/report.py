@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 MAIN_METRICS = ("test/acc", "test/nll", "test/ece", "test/mce", "test/brier")
-DIAG_METRICS = ("gate/teacher_share", "diag/auroc_teacher_share", "diag/w_label_clean", "diag/w_label_corrupted")
+DIAG_METRICS = ("gate/teacher_share", "diag/auroc_teacher_share", "diag/w_label_clean", "diag/w_label_corrupted",
+                "diag/kd_on_right_teachers", "diag/kd_on_right_teachers_equal", "diag/teacher_choice_gain")
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -53,7 +54,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def comparison_table(results: dict[str, list[dict[str, Any]]], keys: Sequence[str] = (*MAIN_METRICS[:4],
-                     "diag/auroc_teacher_share")) -> str:
+                     "diag/auroc_teacher_share", "diag/teacher_choice_gain")) -> str:
     """``gate -> [per-seed results]`` as mean ± std (accuracy in %)."""
     rows = []
     for gate, runs in results.items():
@@ -62,7 +63,9 @@ def comparison_table(results: dict[str, list[dict[str, Any]]], keys: Sequence[st
             vals = [r.get(k, float("nan")) for r in runs]
             scale = 100.0 if k.endswith("/acc") else 1.0
             m, sd = mean_std([v * scale for v in vals])
-            row.append("-" if math.isnan(m) else (f"{m:.2f} ± {sd:.2f}" if scale == 100 else f"{m:.4f} ± {sd:.4f}"))
+            d = 2 if scale == 100 else 4
+            m = round(m, d) + 0.0  # no "-0.0000" for a rounding residue
+            row.append("-" if math.isnan(m) else f"{m:.{d}f} ± {sd:.{d}f}")
         rows.append(row)
     header = ["gate", "seeds", *[k.replace("/acc", "/acc%") for k in keys]]
     return table(header, rows)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
-from metagate.diagnostics import gate_diagnostics, teacher_share
+from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
 from metagate.errors import CheckpointError, ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.io import atomic_save, safe_load
@@ -142,6 +142,9 @@ class Trainer:
         self.train_x = task.train.x.to(self.device)
         self.train_y = task.train.y.to(self.device)
         self.corrupted = task.corrupted.to(self.device)
+        # each teacher's per-unit correctness against the clean labels: ground truth for diagnostics only
+        self.teacher_right = teacher_right(self.bank.logits, task.clean_train_labels) if (
+            self.bank is not None and self.bank.logits.shape[0] == task.clean_train_labels.shape[0]) else None
         params = list(self.student.parameters())
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -369,7 +372,7 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return gate_diagnostics(self.unit_weights, self.corrupted)
+        return gate_diagnostics(self.unit_weights, self.corrupted, self.teacher_right)
 
     def _log_epoch(self, record: dict[str, float]) -> None:
         lg = self.logger
@@ -401,6 +404,10 @@ class Trainer:
         logits = self.predict(self.task.test)
         fig = reliability_figure(torch.softmax(logits.double(), -1), self.task.test.y, title="test")
         self.logger.figure("test/reliability", fig, self.step)
+        if self.teacher_right is not None and self.step > 0:
+            names = self.bank.names if self.bank is not None else None
+            fig = teacher_trust_figure(self.weight_diagnostics(), names, title=self.gate.name)
+            self.logger.figure("diag/teacher_trust", fig, self.step)
         keep = {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float) and v == v}
         self.logger.hparams(hparams, keep)
         self.logger.flush()

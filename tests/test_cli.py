@@ -33,13 +33,13 @@ def test_distill_end_to_end_writes_tensorboard(digits_bank, tmp_path, capsys):
     tags = acc.Tags()
     for t in ("train/loss_label", "train/loss_teacher0", "train/loss_teacher2", "train/weight_label",
               "test/acc", "test/nll", "test/ece", "select/acc", "gate/teacher_share", "diag/auroc_teacher_share",
-              "gate/mean_w_teacher1"):
+              "gate/mean_w_teacher1", "diag/kd_on_right_teachers", "diag/kd_share_teacher2_wrong"):
         assert t in tags["scalars"], t
     assert len(acc.Scalars("test/acc")) == 3  # one per epoch
     for t in ("weights/label", "weights/teacher0", "weights/teacher2", "weights/teacher_share",
               "weights_corrupted/label", "weights_clean/label"):
         assert t in tags["histograms"], t
-    assert "test/reliability" in tags["images"]
+    assert "test/reliability" in tags["images"] and "diag/teacher_trust" in tags["images"]
     assert any("hparams" in t for t in acc.PluginTagToContent("hparams")) or acc.PluginTagToContent("hparams")
     saved = json.loads((run / "hparams.json").read_text())
     assert saved["hparams"]["gate"] == "hard" and "test_acc" in saved["metrics"]

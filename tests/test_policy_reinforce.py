@@ -124,6 +124,7 @@ def test_adversarial_teacher_weight_decreases_on_digits(digits_bank):
     assert float(end[2]) < float(start[2]) - 0.1
     diag = tr.weight_diagnostics()
     assert diag["gate/mean_w_teacher2"] < diag["gate/mean_w_teacher0"]
+    assert diag["diag/teacher_choice_gain"] > 0.03  # KD weight moved to the teachers right on each unit (0.077)
 
 
 def test_split_kd_share_and_selection_weights():

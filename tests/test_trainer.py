@@ -194,4 +194,36 @@ def test_distillation_beats_nothing_sanity(digits_noisy, digits_bank):
     assert m["gate/mean_w_label"] == pytest.approx(0.3)
     assert m["gate/teacher_share"] == pytest.approx(0.7)
     assert m["diag/auroc_teacher_share"] == pytest.approx(0.5)
+    # equal teacher weights: KD on right teachers is the equal-split base rate, every teacher 1/3 everywhere
+    assert m["diag/kd_on_right_teachers"] == pytest.approx(m["diag/kd_on_right_teachers_equal"])
+    assert m["diag/teacher_choice_gain"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.5 < m["diag/kd_on_right_teachers"] < 1.0  # digits CNN teachers are mostly right
+    assert m["diag/kd_share_teacher0_right"] == pytest.approx(1 / 3) == m["diag/kd_share_teacher2_wrong"]
     assert m["test/acc"] > 0.7
+
+
+def test_teacher_trust_golden_values():
+    """Hand-computed: 3 units, 2 teachers; teacher 0 right on units 0 and 1, teacher 1 on units 1 and 2."""
+    from metagate.diagnostics import teacher_right, teacher_trust, teacher_trust_figure
+
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0]],   # unit 0 (label 0): t0 right, t1 wrong
+                           [[0.0, 5.0], [0.0, 5.0]],   # unit 1 (label 1): both right
+                           [[5.0, 0.0], [0.0, 5.0]]])  # unit 2 (label 1): t0 wrong, t1 right
+    right = teacher_right(logits, torch.tensor([0, 1, 1]))
+    assert right.tolist() == [[True, False], [True, True], [False, True]]
+    w = torch.tensor([[0.5, 0.4, 0.1],    # KD 0.5: 0.4 on the right teacher
+                      [0.0, 0.5, 0.5],    # KD 1.0: all on right teachers
+                      [0.2, 0.6, 0.2]])   # KD 0.8: 0.2 on the right teacher
+    d = teacher_trust(w, right)
+    assert d["diag/kd_on_right_teachers"] == pytest.approx((0.4 + 1.0 + 0.2) / 2.3)
+    assert d["diag/kd_on_right_teachers_equal"] == pytest.approx((0.5 * 0.5 + 1.0 * 1.0 + 0.8 * 0.5) / 2.3)
+    assert d["diag/teacher_choice_gain"] == pytest.approx((1.6 - 1.65) / 2.3)
+    assert d["diag/kd_share_teacher0_right"] == pytest.approx((0.8 + 0.5) / 2)
+    assert d["diag/kd_share_teacher0_wrong"] == pytest.approx(0.75)
+    assert d["diag/kd_share_teacher1_right"] == pytest.approx((0.5 + 0.25) / 2)
+    assert d["diag/kd_share_teacher1_wrong"] == pytest.approx(0.2)
+    fig = teacher_trust_figure(d, ["a", "b"], title="x")
+    assert len(fig.axes[0].patches) == 4
+    # a unit with no KD weight (label only) counts in neither share
+    d2 = teacher_trust(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), right[:2])
+    assert d2["diag/kd_share_teacher0_right"] == pytest.approx(1.0) and "diag/kd_share_teacher0_wrong" not in d2
