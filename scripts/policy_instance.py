@@ -5,8 +5,11 @@ confidently wrong on 5-9, teacher 1 the reverse (optionally a third, uniformly m
 weights average a right and a wrong teacher on every unit; a weighting that follows each unit's
 features can pick the right one. Compares ``fixed`` (equal weights), ``reinforce`` (shared
 per-teacher exploration noise, the default), ``reinforce`` with per-unit noise only (Yuan et al.'s
-per-instance exploration) and ``reinforce --rl-mode select``; reports test accuracy and the mean
-KD-internal weight on the *right* teacher of each unit.
+per-instance exploration) and ``reinforce --rl-mode select``; reports test accuracy, the mean
+KD-internal weight on the *right* teacher of each unit, the teacher-choice gain (``diag/``) and the
+share of units trained on their label alone. A control, ``label-only at random``, is ``fixed`` with a
+random share of units (select's measured share, per seed) trained on their label alone: it tells
+whether select gains by choosing teachers or by dropping KD on some units.
 
     python scripts/policy_instance.py --task digits --seeds 0 1 2 --epochs 30 --batch-size 32
 """
@@ -17,15 +20,33 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy_common import mean_std, one_thread  # noqa: E402
 
 from metagate.data import get_task  # noqa: E402
 from metagate.envs.synthetic import synthetic_bank  # noqa: E402
+from metagate.gates.base import GateOutput, UnitView  # noqa: E402
 from metagate.gates.fixed import FixedGate  # noqa: E402
 from metagate.gates.policy import ReinforceGate  # noqa: E402
 from metagate.trainer import TrainConfig, Trainer, seed_everything  # noqa: E402
+
+
+class RandomLabelOnly(FixedGate):
+    """``fixed``, except that a random ``rate`` of each batch's units learn from their label alone."""
+
+    def __init__(self, alpha: float, rate: float) -> None:
+        super().__init__(alpha=alpha)
+        self.rate = float(rate)
+
+    def weights(self, view: UnitView) -> GateOutput:
+        out = super().weights(view)
+        drop = torch.rand(view.num_units, device=out.weights.device) < self.rate
+        label_only = torch.zeros_like(out.weights[0])
+        label_only[0] = 1.0
+        return GateOutput(torch.where(drop.unsqueeze(1), label_only, out.weights), out.tau)
 
 
 def main() -> None:
@@ -48,9 +69,12 @@ def main() -> None:
         "reinforce (shared noise)": lambda: ReinforceGate(alpha=args.alpha),
         "reinforce (per-unit noise)": lambda: ReinforceGate(alpha=args.alpha, shared_noise=False, log_std=-1.0),
         "reinforce select": lambda: ReinforceGate(alpha=args.alpha, mode="select"),
+        "label-only at random": lambda: RandomLabelOnly(args.alpha, select_rate),
     }
-    res: dict[str, dict[str, list[float]]] = {g: {"acc": [], "right": []} for g in gates}
+    keys = ("acc", "right", "gain", "label_only")
+    res: dict[str, dict[str, list[float]]] = {g: {k: [] for k in keys} for g in gates}
     for seed in args.seeds:
+        select_rate = 0.0
         for name, make in gates.items():
             seed_everything(seed)
             tr = Trainer(task, task.make_student(), make(), bank,
@@ -61,14 +85,20 @@ def main() -> None:
             w = tr.unit_weights[:, 1:]
             share = w / w.sum(1, keepdim=True).clamp_min(1e-12)
             right_w = float(share.gather(1, right.view(-1, 1)).mean())
+            label_only = float((w.sum(1) <= 0).float().mean())  # units of the last epoch with no KD weight
+            if name == "reinforce select":
+                select_rate = label_only
             acc = tr.evaluate("test")["acc"]
-            res[name]["acc"].append(acc)
-            res[name]["right"].append(right_w)
-            print(f"seed {seed} {name:28s} test acc {acc:.4f}  weight on the right teacher {right_w:.3f}", flush=True)
+            gain = tr.weight_diagnostics()["diag/teacher_choice_gain"]
+            for k, v in zip(keys, (acc, right_w, gain, label_only)):
+                res[name][k].append(v)
+            print(f"seed {seed} {name:28s} test acc {acc:.4f}  weight on the right teacher {right_w:.3f}  "
+                  f"teacher-choice gain {gain:+.4f}  label-only units {label_only:.3f}", flush=True)
     print(f"\n{args.task} (label noise {args.noise}, alpha {args.alpha}): 2 teachers, each right on half of "
           f"the classes; epochs={args.epochs} batch={args.batch_size} seeds={args.seeds}")
     for name, r in res.items():
-        print(f"{name:28s} acc {mean_std(r['acc']):>18s}   right-teacher weight {mean_std(r['right']):>18s}")
+        print(f"{name:28s} acc {mean_std(r['acc']):>18s}   right-teacher weight {mean_std(r['right']):>18s}   "
+              f"gain {mean_std(r['gain']):>18s}   label-only {mean_std(r['label_only']):>18s}")
 
 
 if __name__ == "__main__":
