@@ -84,15 +84,16 @@ def main() -> None:
             results[g].append(r)
             adv = r.get(f"kd_w{k - 1}", float("nan")) if g != "single" else float("nan")
             print(f"seed {seed} {g:9s} test acc {r['test_acc']:.4f}  adv KD weight {adv:.4f}  "
-                  f"({r['seconds']:.1f}s)", flush=True)
+                  f"teacher-choice gain {r['teacher_choice_gain']:+.4f}  ({r['seconds']:.1f}s)", flush=True)
         (out / "results.json").write_text(json.dumps({"args": vars(args), "teachers": bank.names,
                                                       "results": results}, indent=2))
     print(f"\n{args.task} noise={args.noise} K={k} (last = adversarial), epochs={args.epochs}, seeds={args.seeds}")
-    print(f"{'gate':10s} {'test acc':>18s} {'adv KD weight':>18s}")
+    print(f"{'gate':10s} {'test acc':>18s} {'adv KD weight':>18s} {'teacher-choice gain':>20s}")
     for g, rs in results.items():
         acc = mean_std([r["test_acc"] for r in rs])
         adv = mean_std([r[f"kd_w{k - 1}"] for r in rs]) if g != "single" else "-"
-        print(f"{g:10s} {acc:>18s} {adv:>18s}")
+        gain = mean_std([r["teacher_choice_gain"] for r in rs]) if g != "single" else "-"
+        print(f"{g:10s} {acc:>18s} {adv:>18s} {gain:>20s}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 def run_gate(task: Any, bank: TeacherBank, gate: Gate, seed: int, epochs: int, student: str | None = None,
              batch_size: int = 128) -> dict[str, float]:
-    """One distillation run in memory; test metrics plus the mean KD-internal weight of each teacher."""
+    """One distillation run in memory; test metrics, the mean KD-internal weight of each teacher and the
+    teacher-choice gain (``diag/teacher_choice_gain``)."""
     seed_everything(seed)
     tr = Trainer(task, task.make_student(student), gate, bank,
                  TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", progress=False,
@@ -29,6 +30,7 @@ def run_gate(task: Any, bank: TeacherBank, gate: Gate, seed: int, epochs: int, s
     for j, v in enumerate(share.mean(0).tolist()):
         out[f"kd_w{j}"] = v
     out["seconds"] = time.perf_counter() - t0
+    out["teacher_choice_gain"] = tr.weight_diagnostics().get("diag/teacher_choice_gain", float("nan"))
     return out
 
 
