@@ -39,6 +39,8 @@ def single_teacher(bank: TeacherBank, j: int) -> TeacherBank:
 
 
 def mean_std(xs: list[float]) -> str:
+    """``mean ± std`` of the finite values (``-`` when there are none)."""
+    xs = [x for x in xs if x == x]
     if not xs:
         return "-"
     if len(xs) == 1:
