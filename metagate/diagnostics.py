@@ -14,6 +14,12 @@ def teacher_share(unit_weights: Tensor) -> Tensor:
     return unit_weights[:, 1:].sum(1) / unit_weights.sum(1).clamp_min(1e-12)
 
 
+def kd_shares(unit_weights: Tensor) -> Tensor:
+    """``[N, K]`` each teacher's share of its unit's KD weight, ``w_k / sum_j w_j`` (0 where a unit has none)."""
+    kd = unit_weights[:, 1:]
+    return kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def teacher_right(teacher_logits: Tensor, clean_labels: Tensor) -> Tensor:
     """``[N, K]`` bool: teacher ``k``'s top class is unit ``i``'s clean label (the ground truth a gate never sees)."""
     return teacher_logits.argmax(-1) == clean_labels.to(teacher_logits.device).view(-1, 1)
@@ -34,7 +40,8 @@ def teacher_trust(unit_weights: Tensor, right: Tensor) -> dict[str, float]:
     :param unit_weights: ``[N, 1+K]``
     :param right: ``[N, K]`` bool, from :func:`teacher_right`
     """
-    kd = unit_weights.detach().float()[:, 1:]
+    w = unit_weights.detach().float()
+    kd = w[:, 1:]
     r = right.to(kd.device, kd.dtype)
     total = kd.sum(1)
     out: dict[str, float] = {}
@@ -43,7 +50,7 @@ def teacher_trust(unit_weights: Tensor, right: Tensor) -> dict[str, float]:
         out["diag/kd_on_right_teachers"] = float((kd * r).sum()) / denom
         out["diag/kd_on_right_teachers_equal"] = float((total * r.mean(1)).sum()) / denom
         out["diag/teacher_choice_gain"] = out["diag/kd_on_right_teachers"] - out["diag/kd_on_right_teachers_equal"]
-    share = kd / total.clamp_min(1e-12).unsqueeze(1)
+    share = kd_shares(w)
     has_kd = total > 0
     for k in range(kd.shape[1]):
         for name, sel in (("right", right[:, k]), ("wrong", ~right[:, k])):

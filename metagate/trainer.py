@@ -404,9 +404,8 @@ class Trainer:
         logits = self.predict(self.task.test)
         fig = reliability_figure(torch.softmax(logits.double(), -1), self.task.test.y, title="test")
         self.logger.figure("test/reliability", fig, self.step)
-        if self.teacher_right is not None and self.step > 0:
-            names = self.bank.names if self.bank is not None else None
-            fig = teacher_trust_figure(self.weight_diagnostics(), names, title=self.gate.name)
+        if self.teacher_right is not None and self.bank is not None and self.step > 0:
+            fig = teacher_trust_figure(self.weight_diagnostics(), self.bank.names, title=self.gate.name)
             self.logger.figure("diag/teacher_trust", fig, self.step)
         keep = {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float) and v == v}
         self.logger.hparams(hparams, keep)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES
-from metagate.policies.core import TeacherGaussian, TeacherLogitHead, selection_weights, split_kd_share, teacher_probs
+from metagate.policies.core import TeacherGaussian, TeacherLogitHead, action_weights, selection_weights
 
 MODES = ("weights", "select")
 
@@ -101,8 +101,7 @@ class ReinforcePolicy(nn.Module):
         """Action ``[N, K]`` -> ``W [N, 1+K]`` with label weight ``alpha``."""
         if self.mode == "select":
             return selection_weights(action, alpha)
-        return split_kd_share(torch.tensor(alpha, device=action.device), teacher_probs(action.clamp(-1, 1),
-                                                                                     self.temperature))
+        return action_weights(action, alpha, self.temperature)
 
 
 def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:

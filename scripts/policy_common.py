@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from metagate.diagnostics import kd_shares
 from metagate.gates.base import Gate
 from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer, seed_everything
@@ -25,9 +26,7 @@ def run_gate(task: Any, bank: TeacherBank, gate: Gate, seed: int, epochs: int, s
     for _ in range(epochs):
         tr.run_epoch()
     out = {f"test_{k}": v for k, v in tr.evaluate("test").items()}
-    w = tr.unit_weights[:, 1:]
-    share = w / w.sum(1, keepdim=True).clamp_min(1e-12)
-    for j, v in enumerate(share.mean(0).tolist()):
+    for j, v in enumerate(kd_shares(tr.unit_weights).mean(0).tolist()):
         out[f"kd_w{j}"] = v
     out["seconds"] = time.perf_counter() - t0
     out["teacher_choice_gain"] = tr.weight_diagnostics().get("diag/teacher_choice_gain", float("nan"))

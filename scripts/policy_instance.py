@@ -34,6 +34,7 @@ from policy_common import mean_std, one_thread  # noqa: E402
 
 from metagate.data import get_task  # noqa: E402
 from metagate.data.task import Split, Task, inject_noise  # noqa: E402
+from metagate.diagnostics import kd_shares  # noqa: E402
 from metagate.envs.synthetic import synthetic_bank  # noqa: E402
 from metagate.gates.base import GateOutput, UnitView  # noqa: E402
 from metagate.gates.fixed import FixedGate  # noqa: E402
@@ -113,7 +114,7 @@ def main() -> None:
             for _ in range(args.epochs):
                 tr.run_epoch()
             w = tr.unit_weights[:, 1:]
-            share = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+            share = kd_shares(tr.unit_weights)
             right_w = float(share.gather(1, right.view(-1, 1)).mean()) if right is not None else float("nan")
             label_only = float((w.sum(1) <= 0).float().mean())  # units of the last epoch with no KD weight
             if name == "reinforce select":

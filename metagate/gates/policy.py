@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metagate.diagnostics import kd_shares
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
@@ -391,8 +392,7 @@ class PolicyGate(_RLGate):
 
 def policy_quality(weights: Tensor) -> dict[str, float]:
     """Mean KD-internal weight of every teacher, ``w_k / sum_j w_j`` over units (diagnostic)."""
-    kd = weights[:, 1:]
-    share = kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
+    share = kd_shares(weights)
     return {f"teacher{j}": float(v) for j, v in enumerate(share.mean(0).tolist()) if not math.isnan(v)}
 
 

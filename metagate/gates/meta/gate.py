@@ -233,8 +233,7 @@ class MetaGate(Gate):
 
     def _setup_linear(self, student: nn.Module, layers: list[nn.Linear], is_mlp: bool) -> None:
         """The stack of the hand-written look-ahead: ``layers`` (a plain MLP's, or the head alone) from the lowest
-        one that moves; forward hooks keep the real forward's inputs of its layers (an MLP's input layer
-        reads the batch itself).
+        one that moves; forward hooks keep the real forward's inputs of its layers.
 
         :param is_mlp: ``layers`` are all the layers of a plain MLP (else the head of a feature-protocol student)
         """
