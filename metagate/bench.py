@@ -16,6 +16,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,6 +60,20 @@ def time_steps(step: Callable[[Batch], None], batches: list[Batch], device: torc
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / len(batches)
+
+
+def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median of each timing run over ``repeats`` interleaved rounds, the order rotated each round (a run right
+    after a heavy one starts with colder caches; so none is always first or last).
+
+    :param runs: name -> a callable that times one round and returns its seconds per step
+    """
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(runs[name]())
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def parse_gate_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -112,12 +127,8 @@ def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int
     for step in variants.values():  # warm-up
         for b in batches[:10]:
             step(b)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    names = list(variants)
-    for r in range(repeats):  # rotate the order so no variant always runs first or last
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(time_steps(variants[name], batches, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return interleaved_medians({name: partial(time_steps, step, batches, device) for name, step in variants.items()},
+                               repeats)
 
 
 def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:

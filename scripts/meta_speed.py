@@ -19,10 +19,9 @@ import copy
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 
 import torch
 
@@ -66,21 +65,14 @@ def build(task_name: str, arch: str, k: int, batch_size: int, steps: int, varian
 
 
 def time_all(args: argparse.Namespace, arch: str) -> dict[str, float]:
+    from metagate.bench import interleaved_medians, time_steps
+
     fns, batches = build(args.task, arch, args.teachers, args.batch_size, args.steps, args.variants)
     for fn in fns.values():  # warm-up
         for b in batches[:5]:
             fn(b)
-    times: dict[str, list[float]] = {v: [] for v in fns}
-    names = list(fns)
-    for r in range(args.repeats):
-        # rotate the order each round: a variant run right after a heavy one starts with colder caches
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn = fns[name]
-            t0 = time.perf_counter()
-            for b in batches:
-                fn(b)
-            times[name].append((time.perf_counter() - t0) / len(batches))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return interleaved_medians({name: partial(time_steps, fn, batches, torch.device("cpu")) for name, fn in fns.items()},
+                               args.repeats)
 
 
 def peak_memory_child(args: argparse.Namespace) -> None:

@@ -16,12 +16,13 @@ Interleaved repeats; the median per-step time is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
+from metagate.bench import interleaved_medians, time_steps
 from metagate.envs import TeacherWeightingEnv
 from metagate.gates.fixed import FixedGate
 from metagate.gates.policy import PolicyGate, ReinforceGate
@@ -63,29 +64,19 @@ def main() -> None:
     env.reset(seed=0)
     action = np.zeros(env.action_space.shape, np.float32)
 
-    def time_trainer(tr):
-        t0 = time.perf_counter()
-        for b in batches:
-            tr.train_step(b)
-        return (time.perf_counter() - t0) / len(batches)
-
     def time_env():
         t0 = time.perf_counter()
         for _ in batches:
             env.step(action)
         return (time.perf_counter() - t0) / len(batches)
 
-    runs = {"fixed": lambda: time_trainer(fixed), "reinforce": lambda: time_trainer(rl),
-            "deployed": lambda: time_trainer(deployed), "env": time_env}
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu = torch.device("cpu")
+    runs = {name: partial(time_steps, tr.train_step, batches, cpu)
+            for name, tr in (("fixed", fixed), ("reinforce", rl), ("deployed", deployed))}
+    runs["env"] = time_env
     for run in runs.values():  # warm-up
         run()
-    order = list(runs)
-    for _ in range(args.repeats):
-        order = order[1:] + order[:1]  # rotate: a run after a heavy one starts with colder caches
-        for k in order:
-            times[k].append(runs[k]())
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(runs, args.repeats)
     print(f"{args.task} student={args.student or task.default_student} B={bs} K={bank.num_teachers} "
           f"threads={args.threads} steps={len(batches)} repeats={args.repeats} "
           f"episode={args.episode} update_units={args.update_units or 'all'}")
