@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
+from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache
@@ -30,7 +31,6 @@ from metagate.gates.fixed import FixedGate
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.policies.core import action_weights
-from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
 

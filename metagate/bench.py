@@ -24,11 +24,11 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from metagate.bank import TeacherBank
 from metagate.data import Batch, get_task
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate
 from metagate.report import table
-from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer, resolve_device
 
 

@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
 from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
 from metagate.gates import GATES, Gate, get_gate_class
 from metagate.logger import Logger
-from metagate.teachers import TeacherBank, build_bank, default_cache_dir, load_or_train_teachers, teacher_logits
+from metagate.teachers import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
 
 

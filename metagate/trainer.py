@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metagate.bank import TeacherBank, rows
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
@@ -27,8 +28,6 @@ from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics, reliability_figure
-from metagate.teachers import TeacherBank
-from metagate.teachers import rows as _rows
 
 CHECKPOINT_VERSION = 1
 
@@ -211,7 +210,7 @@ class Trainer:
             def teacher_log_probs(tau: float) -> Tensor:  # served from the bank's per-tau cache
                 lp = memo.get(tau)
                 if lp is None:
-                    lp = memo[tau] = _rows(bank.log_probs(tau), ids)
+                    lp = memo[tau] = rows(bank.log_probs(tau), ids)
                 return lp
 
             view.teacher_log_probs_fn = teacher_log_probs

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Split
 from metagate.errors import ConfigError
 from metagate.gates.meta import MetaGate
@@ -27,7 +28,6 @@ from metagate.gates.meta.lookahead import (
 from metagate.gates.meta.params import WeightNet, WeightTable, normalize_weights
 from metagate.losses import unit_losses
 from metagate.models import MLP
-from metagate.teachers import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
 N, M, D, C, K = 12, 9, 5, 4, 2
