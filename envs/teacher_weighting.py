@@ -125,7 +125,7 @@ class TeacherWeightingEnv(gym.Env):
         self._val_y = task.meta.y[idx].to(self.device)
         self.trainer: Trainer | None = None
         self._logits: torch.Tensor | None = None
-        self._gate = FixedGate(self.alpha, self.tau)
+        self._gate = FixedGate(alpha=self.alpha, tau=self.tau)
         # teacher-only features of every training unit, once: an observation only adds KL and student features
         self._features = TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
         self._alpha_col = torch.full((self.batch_size, 1), self.alpha, device=self.device)
@@ -176,7 +176,7 @@ class TeacherWeightingEnv(gym.Env):
         self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
         self._mode_free = is_mode_free(student)
         self._val_x = for_model(student, self._val_x)
-        self.trainer.total_steps = self.episode_steps  # progress and the lr schedule span the episode
+        self.trainer.set_total_steps(self.episode_steps)  # progress and the lr schedule span the episode
         self._iter = self._batches(self.trainer)
         self._batch = next(self._iter)
         self._t = 0

@@ -149,12 +149,12 @@ class TeacherFeatureCache:
             self.progress_row = prog.reshape(-1)
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> TeacherFeatureCache | None:
-        """The cache of a trainer's teacher bank and training labels (``None`` without teachers)."""
-        bank = getattr(trainer, "bank", None)
+    def for_run(cls, run: Any) -> TeacherFeatureCache | None:
+        """The cache of a run's teacher bank and training labels (``None`` without teachers)."""
+        bank = getattr(run, "bank", None)
         if bank is None:
             return None
-        return cls(bank.logits, trainer.train_y)
+        return cls(bank.logits, run.train_y)
 
     def covers(self, view: UnitView) -> bool:
         """Whether ``view`` holds whole training units with ids (their teachers and labels are the cached ones)."""

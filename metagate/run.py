@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,46 +13,62 @@ from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_lo
 from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
-from metagate.gates import GATES, Gate, get_gate_class
+from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
 from metagate.logger import Logger
+from metagate.options import Options, option, option_values
 from metagate.teachers import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
 
 
 @dataclass
-class DistillConfig:
-    """Everything one ``metagate distill`` run needs (parsed from flags or a YAML file, as data).
+class DistillConfig(Options):
+    """Everything one ``metagate distill`` run needs (from flags, a YAML file or Python; typed, validated).
 
-    :param gate_options: gate-specific options by their flag name without dashes, e.g. ``{"alpha": 0.1}``
+    :param gate_options: the gate's options by field name, e.g. ``{"alpha": 0.1}`` (see the gate's
+        ``config_class``); validated against the chosen gate when the config is built
+    :param train: the student's :class:`TrainConfig` (or a mapping of its fields)
     """
 
-    task: str = "digits"
-    noise: float = 0.0
-    noise_type: str = "symmetric"
-    data_seed: int = 0
-    val_fraction: float = 0.1
-    data_dir: str | None = None
-    student: str | None = None
-    teachers: int = 3
-    adversarial_teacher: bool = False
-    gate: str = "fixed"
+    task: str = option("digits", "built-in task: digits | fashion")
+    noise: float = option(0.0, "label-noise rate injected into train, in [0, 1)")
+    noise_type: str = option("symmetric", "label-noise model", choices=("symmetric", "pairflip"))
+    data_seed: int = option(0, "seed of the split and the noise")
+    val_fraction: float = option(0.1, "clean validation share of train (meta + select), in (0, 1)")
+    data_dir: str | None = option(None, "fashion: directory with the idx .gz files")
+    student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
+    teachers: int = option(3, "number of teachers K")
+    adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
+    gate: str = option("fixed", "which gate decides W")
     gate_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    logdir: str | None = None
-    cache_dir: str | None = None
-    rebuild_cache: bool = False
-    retrain_teachers: bool = False
-    resume: bool = False
-    overwrite: bool = False
+    logdir: str | None = option(None, "run directory (unset: runs/<task>-n<noise>/<gate>-seed<seed>)")
+    cache_dir: str | None = option(None, "teacher cache (unset: $METAGATE_CACHE or ~/.cache/metagate)")
+    rebuild_cache: bool = option(False, "recompute cached teacher logits")
+    retrain_teachers: bool = option(False, "retrain teachers even if cached")
+    resume: bool = option(False, "continue the run in --logdir from its checkpoint")
+    overwrite: bool = option(False, "replace an existing run in --logdir")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
-        get_gate_class(self.gate)  # unknown gate -> ConfigError
+            self.train = TrainConfig.from_options(self.train, what="train")  # type: ignore[assignment]
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig or a mapping, got {type(self.train).__name__}")
+        if not isinstance(self.gate_options, dict):
+            raise ConfigError(f"gate_options must be a mapping of option -> value, got {self.gate_options!r}")
+        self.gate_config()  # unknown gate, unknown or ill-typed option -> ConfigError now, not mid-run
+        if not 0.0 <= self.noise < 1.0:
+            raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.teachers < 0:
             raise ConfigError(f"--teachers must be >= 0, got {self.teachers}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
+
+    def gate_config(self) -> GateConfig:
+        """The chosen gate's typed options."""
+        return gate_config(self.gate, self.gate_options)
 
     @property
     def run_dir(self) -> Path:
@@ -62,30 +77,15 @@ class DistillConfig:
         return Path("runs") / f"{self.task}-n{self.noise:g}" / f"{self.gate}-seed{self.train.seed}"
 
     def hparams(self, gate: Gate) -> dict[str, Any]:
-        hp: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("train", "gate_options")}
-        hp.update({f"train_{k}": v for k, v in asdict(self.train).items()})
+        hp: dict[str, Any] = option_values(self)
+        hp.update(option_values(self.train, "train_"))
         hp.update(gate.hparams())
         return {k: ("" if v is None else v) for k, v in hp.items()}
 
 
-def gate_parser() -> argparse.ArgumentParser:
-    """A parser holding every registered gate's options (for defaults and the CLI)."""
-    p = argparse.ArgumentParser(add_help=False)
-    for cls in {id(c): c for c in GATES.values()}.values():
-        cls.add_arguments(p)
-    return p
-
-
 def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
-    """Build a registered gate; ``options`` override its command-line defaults."""
-    cls = get_gate_class(name)
-    ns = gate_parser().parse_args([])
-    for k, v in (options or {}).items():
-        key = k.replace("-", "_")
-        if not hasattr(ns, key):
-            raise ConfigError(f"unknown gate option {k!r} for gate {name!r}")
-        setattr(ns, key, v)
-    return cls.from_args(ns)
+    """Build a registered gate from its options (field names of its ``config_class``)."""
+    return get_gate_class(name)(gate_config(name, options))
 
 
 def load_task(cfg: DistillConfig) -> Task:
@@ -141,22 +141,3 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
     result["teachers"] = tstats
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def config_from_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML config as data (``yaml.safe_load``); never executes anything."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {path} must be a mapping of option -> value")
-    known = {f.name for f in fields(DistillConfig)} | {f.name for f in fields(TrainConfig)}
-    unknown = [k for k in data if k.replace("-", "_") not in known and k not in ("gate_options",)]
-    if unknown:
-        raise ConfigError(f"config {path}: unknown option(s) {unknown}")
-    return {k.replace("-", "_"): v for k, v in data.items()}

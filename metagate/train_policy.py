@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from metagate.cli import COMMANDS, add_data_arguments
+from metagate.cli_args import add_data_arguments, config_from_args
 from metagate.errors import ConfigError
 
 ALGOS = ("ppo", "a2c")
@@ -87,11 +87,12 @@ class TeacherWeightCallback:
 
 
 def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(teachers=args.teachers, adversarial_teacher=args.adversarial_teacher, noise=args.noise,
-                data_seed=args.data_seed, student=args.student, batch_size=args.batch_size,
+    data = config_from_args(args, gate="fixed")  # the data options, with their defaults and checks
+    return dict(teachers=data.teachers, adversarial_teacher=data.adversarial_teacher, noise=data.noise,
+                data_seed=data.data_seed, student=args.student, batch_size=args.batch_size,
                 episode_steps=args.episode_steps, alpha=args.alpha, tau=args.tau, temperature=args.temperature,
                 reward=args.reward, reward_scale=args.reward_scale, val_size=args.val_size, reward_every=args.reward_every, lr=args.lr,
-                momentum=args.momentum, cache_dir=args.cache_dir, device="cpu")
+                momentum=args.momentum, cache_dir=data.cache_dir, device="cpu")
 
 
 def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
@@ -111,7 +112,7 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     out = Path(args.out)
     logdir = Path(args.logdir) if args.logdir else out.with_name(out.stem + "-tb")
     if env is None:
-        env = TeacherWeightingEnv(args.task, **make_env_kwargs(args))
+        env = TeacherWeightingEnv(args.task or "digits", **make_env_kwargs(args))
     vec = DummyVecEnv([lambda: Monitor(env)])
     vec.seed(args.seed)
     policy_kwargs = dict(hidden=args.hidden, log_std_init=args.unit_log_std, shared_log_std_init=args.shared_log_std,
@@ -140,6 +141,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved {out if out.suffix == '.zip' else out.with_suffix('.zip')}; deploy with "
           f"`metagate distill --gate policy --policy {args.out}`")
     return 0
-
-
-COMMANDS["train-policy"] = (add_arguments, run)

@@ -28,6 +28,7 @@ from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics, reliability_figure
+from metagate.options import Options, option
 
 CHECKPOINT_VERSION = 1
 
@@ -50,39 +51,36 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
-class TrainConfig:
-    """Student optimisation settings.
+class TrainConfig(Options):
+    """Student optimisation settings (each field is also a ``distill`` flag and a YAML key)."""
 
-    :param epochs: passes over the training split
-    :param batch_size: units per step
-    :param lr: peak learning rate
-    :param optimizer: ``sgd`` (momentum) or ``adam``
-    :param schedule: ``cosine`` (per step, to 0) or ``constant``
-    """
-
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-    eval_test_every_epoch: bool = True
+    epochs: int = option(30, "passes over the training split (>= 1; a resume may raise it to extend a run)")
+    batch_size: int = option(128, "units per step")
+    lr: float = option(0.05, "peak learning rate")
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = option(5e-4, "weight decay (>= 0)")
+    optimizer: str = option("sgd", "student optimizer", choices=("sgd", "adam"))
+    schedule: str = option("cosine", "learning-rate schedule: cosine (per step, to 0) or constant",
+                           choices=("cosine", "constant"))
+    seed: int = option(0, "training seed")
+    device: str = option("auto", "auto | cpu | cuda[:N] (auto picks CUDA when present)")
+    progress: bool = option(True, "show progress bars (--no-progress hides them)")
+    eval_test_every_epoch: bool = option(True, "evaluate on test after every epoch (else only after the last)")
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs must be >= 0, got {self.epochs}")
+        super().__post_init__()
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not self.lr > 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"--optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass
@@ -159,7 +157,35 @@ class Trainer:
         self._reset_stats()
         self.history: list[dict[str, float]] = []
         gate.setup(self)
-        self._trusted = bool(getattr(gate, "trusted_weights", False))
+
+    # -- the gate context (metagate.gates.base.GateContext) ---------------------------------------
+    @property
+    def meta(self) -> Split:
+        """The clean split learned gates may train on (never ``select``)."""
+        return self.task.meta
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.student.parameters()).dtype
+
+    @property
+    def num_train_units(self) -> int:
+        return len(self.task.train)
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Run progress and the learning-rate schedule over ``total_steps`` instead of ``epochs`` epochs
+        (an outside driver, e.g. the env, that trains in episodes of its own length)."""
+        if total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps = int(total_steps)
 
     # -- properties ------------------------------------------------------------------------------
     @property
@@ -236,10 +262,10 @@ class Trainer:
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:
             self.gate.before_step(ctx)
-            out = self.gate.weights(view)
-            trusted = self._trusted
+            out = self.gate.decide(view)
         else:
-            out, trusted = decision, decision.trusted
+            out = decision
+        trusted = out.trusted
         w = out.weights.detach()  # the real step never sends gradient into the gate
         if w.shape != (view.num_units, 1 + self.num_teachers):
             raise InputError(f"gate weights have shape {tuple(w.shape)}, expected "

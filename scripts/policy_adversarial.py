@@ -78,7 +78,7 @@ def main() -> None:
             elif g == "reinforce":
                 r = run_gate(task, bank, ReinforceGate(), seed, args.epochs, args.student)
             elif g == "policy":
-                r = run_gate(task, bank, PolicyGate(load_sb3_policy(policy_path)), seed, args.epochs, args.student)
+                r = run_gate(task, bank, PolicyGate(module=load_sb3_policy(policy_path)), seed, args.epochs, args.student)
             else:
                 raise SystemExit(f"unknown gate {g}")
             results[g].append(r)

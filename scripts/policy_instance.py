@@ -99,8 +99,8 @@ def main() -> None:
     gates = {
         "fixed": lambda: FixedGate(alpha=args.alpha),
         "reinforce (shared noise)": lambda: ReinforceGate(alpha=args.alpha),
-        "reinforce (per-unit noise)": lambda: ReinforceGate(alpha=args.alpha, shared_noise=False, log_std=-1.0),
-        "reinforce select": lambda: ReinforceGate(alpha=args.alpha, mode="select"),
+        "reinforce (per-unit noise)": lambda: ReinforceGate(alpha=args.alpha, rl_no_shared_noise=True, rl_log_std=-1.0),
+        "reinforce select": lambda: ReinforceGate(alpha=args.alpha, rl_mode="select"),
         "label-only at random": lambda: RandomLabelOnly(args.alpha, select_rate),
     }
     keys = ("acc", "right", "gain", "label_only")

@@ -57,8 +57,8 @@ def main() -> None:
                        TrainConfig(epochs=50, batch_size=bs, device="cpu", progress=False))
 
     fixed = trainer(FixedGate())
-    rl = trainer(ReinforceGate(episode=args.episode, update_units=args.update_units))
-    deployed = trainer(PolicyGate(policy=ReinforcePolicy()))  # acting cost does not depend on the weights
+    rl = trainer(ReinforceGate(rl_episode=args.episode, rl_update_units=args.update_units))
+    deployed = trainer(PolicyGate(module=ReinforcePolicy()))  # acting cost does not depend on the weights
     batches = [b for b in fixed.epoch_batches(0) if len(b) == bs][: args.steps]
     env = TeacherWeightingEnv(task, bank, batch_size=bs, episode_steps=10**9, student=args.student)
     env.reset(seed=0)

@@ -130,7 +130,7 @@ def test_env_step_equals_a_plain_trainer_step(digits_clean, synth_bank):
         student = digits_clean.make_student()
     tr = Trainer(digits_clean, student, FixedGate(), synth_bank,
                  TrainConfig(seed=info["student_seed"], **env.train_config))
-    tr.total_steps = env.episode_steps
+    tr.set_total_steps(env.episode_steps)
     for b, a in zip(batches, actions):
         tr.train_step(b, GateOutput(env.weights_from_action(a), env.tau))
     for (k, p), q in zip(tr.student.state_dict().items(), env.trainer.student.state_dict().values()):

@@ -99,7 +99,7 @@ def test_teacher_temperature_flattens_teacher():
 def test_gate_weights_split_kd_share_equally_between_teachers():
     s, t = _logits()
     view = UnitView(s.reshape(6, 3), t.reshape(6, 2, 3), Y.reshape(6), MASK.reshape(6).float(), None, (2, 3))
-    out = HardGate(teacher_tau=1.0).weights(view)
+    out = HardGate(hard_tau=1.0).weights(view)
     g = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
     torch.testing.assert_close(out.weights, torch.stack([1 - g, g / 2, g / 2], 1))
     assert out.tau == 1.0
@@ -119,7 +119,7 @@ def test_fast_path_matches_pure_function(digits_noisy, digits_bank):
     assert 0 < fast[:, 0].mean() < 1
 
 
-@pytest.mark.parametrize("kw", [{"level": "doc"}, {"reference": "teacher"}, {"teacher_tau": 0}])
+@pytest.mark.parametrize("kw", [{"hard_level": "doc"}, {"hard_reference": "teacher"}, {"hard_tau": 0}])
 def test_bad_options(kw):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=next(iter(kw)).replace("_", "-")):
         HardGate(**kw)

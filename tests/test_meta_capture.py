@@ -66,7 +66,7 @@ def test_meta_linear_route_reuses_the_real_forward(digits_noisy, digits_bank):
     from metagate.trainer import TrainConfig, Trainer
 
     task, bank = digits_noisy, digits_bank[0]
-    gate = MetaGate(param="net")
+    gate = MetaGate(meta_param="net")
     tr = Trainer(task, task.make_student(), gate, bank, TrainConfig(epochs=1, batch_size=32, progress=False,
                                                                     device="cpu"))
     assert gate._route == "linear" and gate._capture is not None

@@ -153,7 +153,7 @@ def test_params_and_normalisation():
     with pytest.raises(ConfigError):
         WeightTable(3, torch.tensor([0.1, 2.5]), "clamp")
     with pytest.raises(ConfigError):
-        MetaGate(schedule="amal", backend="func")
+        MetaGate(meta_schedule="amal", meta_backend="func")
 
 
 # -- the gate inside the shared trainer ---------------------------------------------------------
@@ -176,7 +176,7 @@ def _batch(trainer, n=32):
 @pytest.mark.parametrize("backend,lookahead", [("func", "all"), ("func", "last"), ("higher", "all"),
                                                ("closed-form", "last")])
 def test_meta_step_is_side_effect_free_and_grads_stay_apart(digits_noisy, backend, lookahead):
-    gate = MetaGate(backend=backend, lookahead=lookahead)
+    gate = MetaGate(meta_backend=backend, meta_lookahead=lookahead)
     tr = _trainer(digits_noisy, gate)
     batch = _batch(tr)
     before = _state(tr.student)
@@ -199,10 +199,10 @@ def test_meta_step_is_side_effect_free_and_grads_stay_apart(digits_noisy, backen
 def test_gate_backends_agree_inside_trainer(digits_noisy):
     """One meta update of the table through func(last), higher(last-equivalent) and closed-form."""
     tables = {}
-    for name, kw in {"func": {"backend": "func", "lookahead": "last"},
-                     "higher": {"backend": "higher", "lookahead": "last"},
-                     "closed": {"backend": "closed-form"},
-                     "func-noreuse": {"backend": "func", "lookahead": "last", "reuse_forward": False}}.items():
+    for name, kw in {"func": {"meta_backend": "func", "meta_lookahead": "last"},
+                     "higher": {"meta_backend": "higher", "meta_lookahead": "last"},
+                     "closed": {"meta_backend": "closed-form"},
+                     "func-noreuse": {"meta_backend": "func", "meta_lookahead": "last", "meta_no_reuse": True}}.items():
         gate = MetaGate(meta_lr=1e3, **kw)
         tr = _trainer(digits_noisy, gate, arch="mlp", dtype=torch.float64)
         batch = _batch(tr)
@@ -215,7 +215,7 @@ def test_gate_backends_agree_inside_trainer(digits_noisy):
 
 
 def test_net_and_split_and_amal_pass(digits_noisy):
-    gate = MetaGate(param="net", columns="split", normalize="column")
+    gate = MetaGate(meta_param="net", meta_columns="split", meta_normalize="column")
     tr = _trainer(digits_noisy, gate, k=3)
     w0 = [p.detach().clone() for p in gate.parameters()]
     res = tr.train_step(_batch(tr))
@@ -224,7 +224,7 @@ def test_net_and_split_and_amal_pass(digits_noisy):
     torch.testing.assert_close(res.weights.mean(0), torch.tensor([0.1, 0.9, 0.9, 0.9]))
     assert any(not torch.equal(a, b) for a, b in zip(w0, gate.parameters()))
 
-    gate = MetaGate(param="table", columns="label", init_label=0.2, init_teacher=0.4)
+    gate = MetaGate(meta_param="table", meta_columns="label", meta_init_label=0.2, meta_init_teacher=0.4)
     tr = _trainer(digits_noisy, gate, k=3)
     tr.train_step(_batch(tr))
     res = tr.train_step(_batch(tr))
@@ -232,7 +232,7 @@ def test_net_and_split_and_amal_pass(digits_noisy):
     torch.testing.assert_close(res.weights[:, 1:], torch.full((32, 3), 0.4))  # teachers held
     assert (res.weights[:, 0] != 0.2).all()  # the label weight learned
 
-    gate = MetaGate(schedule="amal", val_batch=64)
+    gate = MetaGate(meta_schedule="amal", meta_val_batch=64)
     tr = _trainer(digits_noisy, gate, arch="mlp-bn")
     before = _state(tr.student)
     gate.amal_pass(tr)
@@ -275,7 +275,7 @@ def test_nn_module_without_feature_protocol_is_refused(digits_noisy):
         def forward(self, x):
             return self.lin(x.flatten(1))
 
-    gate = MetaGate(backend="closed-form")
+    gate = MetaGate(meta_backend="closed-form")
     bank = TeacherBank(torch.randn(len(digits_noisy.train), 1, 10), ["t"])
     with pytest.raises(ConfigError, match="feature"):
         Trainer(digits_noisy, Plain(), gate, bank, TrainConfig(device="cpu", progress=False))
@@ -338,11 +338,11 @@ def test_difference_product_matches_forward_mode(batch_norm):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("kw", [{"backend": "func", "lookahead": "all"}, {"backend": "func", "lookahead": "last"},
-                                {"backend": "closed-form"}, {"backend": "func", "lookahead": "body.1"},
-                                {"backend": "func", "lookahead": "all", "param": "net", "normalize": "column",
+@pytest.mark.parametrize("kw", [{"meta_backend": "func", "meta_lookahead": "all"}, {"meta_backend": "func", "meta_lookahead": "last"},
+                                {"meta_backend": "closed-form"}, {"meta_backend": "func", "meta_lookahead": "body.1"},
+                                {"meta_backend": "func", "meta_lookahead": "all", "meta_param": "net", "meta_normalize": "column",
                                  "meta_lr": 1e-3},  # Adam: a larger step magnifies float32 teacher probabilities
-                                {"backend": "closed-form", "transform": "sigmoid", "inner_iters": 2}])
+                                {"meta_backend": "closed-form", "meta_transform": "sigmoid", "meta_inner_iters": 2}])
 @pytest.mark.parametrize("arch", ["mlp", "mlp-bn"])
 def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
     """One meta update + real step of the gate (fast paths) equals the reference autograd path."""
@@ -351,7 +351,7 @@ def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
         tr = _trainer(digits_noisy, gate, arch=arch, dtype=torch.float64)
         tr.unit_weights = tr.unit_weights.double()  # the trainer's record is float32
         batch = _batch(tr)
-        assert reference or gate._route == ("jvp" if arch == "mlp-bn" and kw.get("lookahead") in ("all", "body.1")
+        assert reference or gate._route == ("jvp" if arch == "mlp-bn" and kw.get("meta_lookahead") in ("all", "body.1")
                                             else "linear")
         if reference:  # plain func look-ahead of the pure function over the same parameters
             gate._route, gate.backend = "autograd", "func"
@@ -433,7 +433,7 @@ def test_linear_route_recomputes_inputs_for_foreign_logits(digits_noisy, backend
     """When the view's logits are not those of the last hooked forward, the train inputs are recomputed."""
     tables = []
     for foreign in (False, True):
-        gate = MetaGate(backend=backend, lookahead=lookahead, meta_lr=1e3)
+        gate = MetaGate(meta_backend=backend, meta_lookahead=lookahead, meta_lr=1e3)
         tr = _trainer(digits_noisy, gate, arch="mlp", dtype=torch.float64)
         batch = _batch(tr)
         logits = tr.student(batch.x)
@@ -460,7 +460,7 @@ def test_val_batches_are_seeded_slices_of_a_shuffled_meta_split(digits_noisy):
     """Validation batches: slices of a once-shuffled copy of ``meta`` (never ``select``), no repeats
     within a pass, members mixing between passes, the same batches for the same seed."""
     def batches(seed, n):
-        gate = MetaGate(val_batch=16)
+        gate = MetaGate(meta_val_batch=16)
         _trainer(digits_noisy, gate, arch="mlp", seed=seed)
         return gate, [gate._next_val() for _ in range(n)]
 
@@ -482,8 +482,8 @@ def test_val_batches_are_seeded_slices_of_a_shuffled_meta_split(digits_noisy):
     assert not torch.equal(other[0][0], got[0][0])
 
 
-@pytest.mark.parametrize("kw,arch", [({"backend": "closed-form"}, "mlp"), ({"backend": "func"}, "mlp-bn"),
-                                     ({"backend": "func", "param": "net"}, "mlp")])
+@pytest.mark.parametrize("kw,arch", [({"meta_backend": "closed-form"}, "mlp"), ({"meta_backend": "func"}, "mlp-bn"),
+                                     ({"meta_backend": "func", "meta_param": "net"}, "mlp")])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gate_logit_gradient_equals_autograd_of_the_weighted_loss(digits_noisy, kw, arch, masked):
     """The logit gradient the gate hands the real step (from its look-ahead's per-column gradients) is the
@@ -497,7 +497,7 @@ def test_gate_logit_gradient_equals_autograd_of_the_weighted_loss(digits_noisy, 
     batch = Batch(b.x, b.y, b.ids, None if mask is None else mask.view(-1, 1))
     logits = tr.student(batch.x)
     view = tr.make_view(batch, logits)
-    gate.before_step(type("Ctx", (), {"trainer": tr, "view": view, "batch": batch, "step": 0})())
+    gate.before_step(type("Ctx", (), {"run": tr, "view": view, "batch": batch, "step": 0})())
     out = gate.weights(view)
     assert out.logit_grad is not None
     z = logits.detach().requires_grad_(True)

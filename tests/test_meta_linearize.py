@@ -173,7 +173,7 @@ def test_gate_product_by_hand_matches_reference_path(digits_noisy, lookahead, un
     used = []
 
     def run(reuse):
-        gate = MetaGate(lookahead=lookahead, meta_lr=1e3, reuse_forward=reuse)
+        gate = MetaGate(meta_lookahead=lookahead, meta_lr=1e3, meta_no_reuse=not reuse)
         tr = _trainer(digits_noisy, gate, dropout=unsupported)
         assert gate._route == "jvp"
         assert (gate._lin is not None) == (reuse and not unsupported)

@@ -112,7 +112,7 @@ def test_adversarial_teacher_weight_decreases_on_digits(digits_bank):
     bank, _ = load_teachers(cfg, task, progress=False)  # two real teachers (cached) + the permuted one
     assert bank.names[-1].startswith("adv-")
     torch.manual_seed(0)
-    gate = ReinforceGate(episode=5, lr=1e-2)
+    gate = ReinforceGate(rl_episode=5, rl_lr=1e-2)
     tr = Trainer(task, task.make_student(), gate, bank,
                  TrainConfig(epochs=8, batch_size=32, progress=False, device="cpu", seed=0))
     start = _mean_kd_weights(tr, gate)

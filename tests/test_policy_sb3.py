@@ -149,7 +149,7 @@ def test_distill_with_trained_policy(trained, tmp_path, capsys):
     task = get_task("digits")
     bank = synthetic_bank(task)
     for online in (False, True):
-        gate = PolicyGate(path=out, online=online, episode=2)
+        gate = PolicyGate(policy=out, online=online, rl_episode=2)
         tr = Trainer(task, task.make_student(), gate, bank, TrainConfig(epochs=1, batch_size=64, progress=False,
                                                                          device="cpu"))
         before = [p.detach().clone() for p in gate.parameters()]
@@ -168,11 +168,11 @@ def test_policy_gate_errors(tmp_path):
     with pytest.raises(ConfigError, match="--policy"):
         PolicyGate()
     with pytest.raises(ConfigError, match="no such file"):
-        PolicyGate(path=tmp_path / "missing.zip")
+        PolicyGate(policy=tmp_path / "missing.zip")
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"not a zip")
     with pytest.raises(ConfigError):
-        PolicyGate(path=bad)
+        PolicyGate(policy=bad)
 
 
 def test_cli_distill_gate_policy(trained, digits_bank, tmp_path, capsys):
@@ -209,7 +209,7 @@ def test_ppo_with_defaults_learns_to_avoid_a_planted_teacher(tmp_path):
     task = load_task(cfg)
     bank, _ = load_teachers(cfg, task, progress=False)
     seed_everything(100)
-    tr = Trainer(task, task.make_student(None), PolicyGate(load_sb3_policy(out)), bank,
+    tr = Trainer(task, task.make_student(None), PolicyGate(module=load_sb3_policy(out)), bank,
                  TrainConfig(epochs=5, seed=100, device="cpu", progress=False, eval_test_every_epoch=False))
     for _ in range(5):
         tr.run_epoch()

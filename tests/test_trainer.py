@@ -21,7 +21,7 @@ from metagate.trainer import TrainConfig, Trainer, seed_everything
 def _trainer(task, bank, gate=None, epochs=3, seed=0, run_dir=None, identity=None):
     seed_everything(seed)
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed, device="cpu", progress=False)
-    return Trainer(task, task.make_student(), gate or FixedGate(0.5, 4.0), bank, cfg, run_dir=run_dir,
+    return Trainer(task, task.make_student(), gate or FixedGate(alpha=0.5, tau=4.0), bank, cfg, run_dir=run_dir,
                    identity=identity or {"gate": "fixed"})
 
 
@@ -190,7 +190,7 @@ def test_fashion_missing_data_dir_message(tmp_path):
 def test_distillation_beats_nothing_sanity(digits_noisy, digits_bank):
     """Weights used by the fixed gate are recorded per unit; diagnostics are well-formed."""
     bank, _ = digits_bank
-    m = _trainer(digits_noisy, bank, FixedGate(0.3, 2.0), epochs=6).fit()
+    m = _trainer(digits_noisy, bank, FixedGate(alpha=0.3, tau=2.0), epochs=6).fit()
     assert m["gate/mean_w_label"] == pytest.approx(0.3)
     assert m["gate/teacher_share"] == pytest.approx(0.7)
     assert m["diag/auroc_teacher_share"] == pytest.approx(0.5)

@@ -8,18 +8,21 @@ parameters live in the gate (with their own optimizer), never in the student.
 
 from __future__ import annotations
 
-import argparse
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from metagate.errors import ConfigError
+from metagate.options import Options, option_values
 
 if TYPE_CHECKING:  # pragma: no cover
-    from metagate.trainer import Trainer
+    from metagate.bank import TeacherBank
+    from metagate.data.task import Split
 
 
 @dataclass
@@ -28,9 +31,11 @@ class GateOutput:
 
     :param weights: ``[N, 1+K]`` non-negative weights (column 0 = label)
     :param tau: scalar or ``[N]`` KD temperature
-    :param trusted: the weights are valid by construction (e.g. a softmax); the trainer then skips
-        its per-step NaN/negative check of an outside driver's decision
-    :param logit_grad: ``[N, C]`` the gradient of the weighted loss (the trainer's reduction included) w.r.t.
+    :param trusted: the weights are valid by construction (e.g. a softmax); the trainer then skips its
+        per-step NaN/negative check. A gate whose every decision is valid by construction sets its class
+        attribute :attr:`Gate.trusted_weights`, which :meth:`Gate.decide` copies here; an outside driver
+        (the env) sets it on its own decision
+    :param logit_grad: optional capability: ``[N, C]`` the gradient of the weighted loss (the trainer's reduction included) w.r.t.
         the student's logits at these weights and ``tau``, when the gate already has it (the meta gate's
         look-ahead computes the per-column gradients anyway). The trainer then backpropagates it from the
         logits instead of differentiating the loss columns again; it must be exact (tested against autograd)
@@ -134,11 +139,56 @@ class UnitView:
         return F.log_softmax(t / tau, dim=-1)
 
 
+class GateContext(Protocol):
+    """What a gate may use of the run (the trainer provides it; gates never import the trainer).
+
+    Read-only for gates. ``train_x``/``train_y`` are the training split on ``device``, indexed by unit id;
+    ``meta`` is the clean split learned gates may train on (never ``select``).
+    """
+
+    student: nn.Module
+    device: torch.device
+    bank: TeacherBank | None
+    train_x: Tensor
+    train_y: Tensor
+    meta: Split
+
+    @property
+    def dtype(self) -> torch.dtype: ...  # the student's parameter dtype
+
+    @property
+    def num_teachers(self) -> int: ...
+
+    @property
+    def num_train_units(self) -> int: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    @property
+    def total_steps(self) -> int: ...
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def lr(self) -> float: ...  # the student's current learning rate (the look-ahead's step size)
+
+    @property
+    def progress(self) -> float: ...  # fraction of training done, in [0, 1]
+
+
 @dataclass
 class StepContext:
     """Handed to :meth:`Gate.before_step` / :meth:`Gate.after_step`.
 
-    :param trainer: the shared trainer (student, optimizer, task, teacher bank)
+    :param run: the run's :class:`GateContext`
     :param batch: the training batch
     :param view: the batch's :class:`UnitView`
     :param output: the gate's decision (set before ``after_step``)
@@ -146,7 +196,7 @@ class StepContext:
     :param step: global step index
     """
 
-    trainer: Trainer
+    run: GateContext
     batch: Any
     view: UnitView
     step: int
@@ -154,21 +204,49 @@ class StepContext:
     losses: Tensor | None = None
 
 
+@dataclass
+class GateConfig(Options):
+    """Base of the gates' option dataclasses (one subclass per gate; see :mod:`metagate.options`)."""
+
+
 class Gate(ABC):
-    """Base class of all gates. Subclasses register with :func:`metagate.gates.register`."""
+    """Base class of all gates. Subclasses register with :func:`metagate.gates.register` and declare their
+    options as a :class:`GateConfig` subclass in :attr:`config_class`.
+
+    :param config: the gate's options; or give them as keyword arguments (field names)
+    """
 
     name: ClassVar[str] = "gate"
+    #: the gate's option dataclass (the command line, YAML keys and HPARAMS come from it)
+    config_class: ClassVar[type[GateConfig]] = GateConfig
     #: whether the gate needs teacher logits (``ce`` does not)
     uses_teachers: ClassVar[bool] = True
-    #: weights valid by construction (skip the per-step NaN/negative check)
+    #: every decision's weights are valid by construction (skip the per-step NaN/negative check)
     trusted_weights: ClassVar[bool] = False
 
-    def setup(self, trainer: Trainer) -> None:  # noqa: B027 - optional hook
+    def __init__(self, config: GateConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config = self.config_class.from_options(options, what=f"gate {self.name!r}")  # type: ignore[assignment]
+        elif options:
+            raise ConfigError(f"gate {self.name!r}: pass a config or options, not both")
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"gate {self.name!r} takes a {self.config_class.__name__}, "
+                              f"got {type(config).__name__}")
+        self.config = config
+
+    def setup(self, run: GateContext) -> None:  # noqa: B027 - optional hook
         """Called once by the trainer before training (sizes, device, data access)."""
 
     @abstractmethod
     def weights(self, view: UnitView) -> GateOutput:
         """Decide ``W [N, 1+K]`` (and ``tau``) for the units in ``view``."""
+
+    def decide(self, view: UnitView) -> GateOutput:
+        """:meth:`weights`, marked ``trusted`` when the class guarantees valid weights (what the trainer calls)."""
+        out = self.weights(view)
+        if self.trusted_weights and not out.trusted:
+            out.trusted = True
+        return out
 
     def before_step(self, ctx: StepContext) -> None:  # noqa: B027
         """Hook before the weights are requested (meta: look-ahead)."""
@@ -187,18 +265,8 @@ class Gate(ABC):
         return []
 
     def hparams(self) -> dict[str, Any]:
-        """Options to record in TensorBoard's HPARAMS."""
-        return {}
+        """Options to record in TensorBoard's HPARAMS: the config's fields (gates add resolved values)."""
+        return option_values(self.config)
 
     def log(self, logger: Any, step: int) -> None:  # noqa: B027
         """Write gate-specific scalars/histograms (called at the trainer's log interval)."""
-
-    # -- command line -------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:  # noqa: B027
-        """Add this gate's options to the ``distill`` parser (flags must be unique)."""
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Gate:
-        """Build the gate from parsed command-line arguments."""
-        return cls()  # type: ignore[call-arg]

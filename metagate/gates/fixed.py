@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from metagate.errors import ConfigError
-from metagate.gates.base import Gate, GateOutput, UnitView
+from metagate.gates.base import Gate, GateConfig, GateOutput, UnitView
 from metagate.gates.registry import register
+from metagate.options import option
 
 
 def fixed_weights(num_units: int, num_teachers: int, alpha: float, device: Any, dtype: Any) -> torch.Tensor:
@@ -21,22 +22,47 @@ def fixed_weights(num_units: int, num_teachers: int, alpha: float, device: Any, 
     return row.expand(num_units, -1)
 
 
+@dataclass
+class KDMixConfig(GateConfig):
+    """The label weight and the KD temperature, shared by the gates that keep a constant label/KD split
+    (``fixed``, ``reinforce``, ``policy``)."""
+
+    alpha: float | None = option(None, "weight of the label CE column, in [0, 1] (policy: unset takes the value "
+                                       "its policy was trained with)", shown="0.5")
+    tau: float | None = option(None, "KD temperature, > 0 (policy: unset takes the value its policy was "
+                                     "trained with)", shown="4.0")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.tau is not None and not self.tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}")
+
+    @property
+    def label_weight(self) -> float:
+        return 0.5 if self.alpha is None else self.alpha
+
+    @property
+    def temperature(self) -> float:
+        return 4.0 if self.tau is None else self.tau
+
+
+@dataclass
+class FixedConfig(KDMixConfig):
+    """Options of the ``fixed`` gate."""
+
+
 @register("fixed")
 class FixedGate(Gate):
-    """Label weight ``alpha``, teachers share ``1 - alpha`` equally, one temperature ``tau``.
+    """Label weight ``alpha``, teachers share ``1 - alpha`` equally, one temperature ``tau``."""
 
-    :param alpha: weight of the label CE column, in ``[0, 1]``
-    :param tau: KD temperature (> 0)
-    """
-
+    config_class = FixedConfig
     trusted_weights = True
 
-    def __init__(self, alpha: float = 0.5, tau: float = 4.0) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
-        if not tau > 0:
-            raise ConfigError(f"--tau must be > 0, got {tau}")
-        self.alpha, self.tau = float(alpha), float(tau)
+    def __init__(self, config: FixedConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        self.alpha, self.tau = self.config.label_weight, self.config.temperature
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def weights(self, view: UnitView) -> GateOutput:
@@ -50,33 +76,23 @@ class FixedGate(Gate):
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau}
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("fixed gate")
-        g.add_argument("--alpha", type=float, default=0.5, help="fixed: weight of the label CE (default: 0.5)")
-        g.add_argument("--tau", type=float, default=4.0, help="fixed: KD temperature (default: 4.0)")
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> FixedGate:
-        return cls(alpha=args.alpha, tau=args.tau)
+@dataclass
+class CEConfig(GateConfig):
+    """The ``ce`` gate has no options."""
 
 
 @register("ce")
 class CEGate(FixedGate):
     """No teacher: the degenerate fixed gate with ``alpha = 1``."""
 
+    config_class = CEConfig  # type: ignore[assignment]
     uses_teachers = False
 
-    def __init__(self) -> None:
-        super().__init__(alpha=1.0, tau=1.0)
+    def __init__(self, config: CEConfig | None = None, **options: Any) -> None:
+        Gate.__init__(self, config, **options)
+        self.alpha, self.tau = 1.0, 1.0
+        self._cache = {}
 
     def hparams(self) -> dict[str, Any]:
         return {}
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        pass
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CEGate:
-        return cls()

@@ -9,7 +9,7 @@ length-normalised) log-probabilities over the unmasked tokens of a sequence.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagate.errors import ConfigError
-from metagate.gates.base import Gate, GateOutput, UnitView
+from metagate.gates.base import Gate, GateConfig, GateContext, GateOutput, UnitView
 from metagate.gates.registry import register
+from metagate.options import option
 
 
 def hard_gate_decision(
@@ -83,39 +84,44 @@ def hard_gate_from_log_probs(
     return gate * m
 
 
+@dataclass
+class HardConfig(GateConfig):
+    """Options of the ``hard`` gate (HKD)."""
+
+    hard_level: str = option("token", "gate per token or per sentence", choices=("token", "sentence"))
+    hard_reference: str = option("gold", "reference token: the label or the student's argmax",
+                                 choices=("gold", "pred"))
+    hard_tau: float = option(1.5, "teacher temperature for the gate and the KD target (> 0)")
+    hard_length_norm: bool = option(False, "length-normalise sentence-level log-probabilities")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.hard_tau > 0:
+            raise ConfigError(f"--hard-tau must be > 0, got {self.hard_tau}")
+
+
 @register("hard")
 class HardGate(Gate):
-    """HKD hard gate. Teacher columns share the KD weight equally.
+    """HKD hard gate. Teacher columns share the KD weight equally (options: :class:`HardConfig`)."""
 
-    :param level: ``token`` | ``sentence`` (identical for classification)
-    :param reference: ``gold`` | ``pred``
-    :param teacher_tau: teacher temperature for the gate and the KD target (default 1.5)
-    :param length_norm: length-normalise sentence-level scores
-    """
-
+    config_class = HardConfig
     trusted_weights = True
 
-    def __init__(
-        self, level: str = "token", reference: str = "gold", teacher_tau: float = 1.5, length_norm: bool = False
-    ) -> None:
-        if level not in ("token", "sentence"):
-            raise ConfigError(f"--hard-level must be token or sentence, got {level!r}")
-        if reference not in ("gold", "pred"):
-            raise ConfigError(f"--hard-reference must be gold or pred, got {reference!r}")
-        if not teacher_tau > 0:
-            raise ConfigError(f"--hard-tau must be > 0, got {teacher_tau}")
-        self.level, self.reference = level, reference
-        self.teacher_tau, self.length_norm = float(teacher_tau), bool(length_norm)
+    def __init__(self, config: HardConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        c = self.config
+        self.level, self.reference = c.hard_level, c.hard_reference
+        self.teacher_tau, self.length_norm = c.hard_tau, c.hard_length_norm
         self._gold_log_pt: Tensor | None = None  # [N_train] teachers' log p(label), fast path
         self._rows: tuple[Tensor, Tensor] | None = None
 
-    def setup(self, trainer: Any) -> None:
+    def setup(self, run: GateContext) -> None:
         """With gold references on one-unit-per-example data, the teachers' side of the rule is a
         constant per training unit: compute it once (the per-step work is then one gather)."""
-        bank = trainer.bank
+        bank = run.bank
         if bank is None or self.reference != "gold":
             return
-        y = trainer.train_y
+        y = run.train_y
         if y.ndim != 1:
             return
         p_t = bank.log_probs(self.teacher_tau).exp().mean(1)  # [N, C]
@@ -149,27 +155,3 @@ class HardGate(Gate):
         ).reshape(-1, 1)
         w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1).to(view.student_logits.dtype)
         return GateOutput(w, self.teacher_tau)
-
-    def hparams(self) -> dict[str, Any]:
-        return {
-            "hard_level": self.level,
-            "hard_reference": self.reference,
-            "hard_tau": self.teacher_tau,
-            "hard_length_norm": self.length_norm,
-        }
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("hard gate (HKD)")
-        g.add_argument("--hard-level", choices=["token", "sentence"], default="token",
-                       help="hard: gate per token or per sentence (default: token)")
-        g.add_argument("--hard-reference", choices=["gold", "pred"], default="gold",
-                       help="hard: reference token, the label or the student's argmax (default: gold)")
-        g.add_argument("--hard-tau", type=float, default=1.5,
-                       help="hard: teacher temperature for gate and KD target (default: 1.5)")
-        g.add_argument("--hard-length-norm", action="store_true",
-                       help="hard: length-normalise sentence-level log-probabilities")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> HardGate:
-        return cls(args.hard_level, args.hard_reference, args.hard_tau, args.hard_length_norm)

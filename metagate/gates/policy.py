@@ -14,73 +14,110 @@ label/KD split may come from elsewhere (``--alpha`` of the fixed gate, or a meta
 
 from __future__ import annotations
 
-import argparse
-import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagate.diagnostics import kd_shares
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
-from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
+from metagate.gates.fixed import KDMixConfig
+from metagate.gates.meta import MetaGate
+from metagate.gates.meta.config import MetaConfig
 from metagate.gates.registry import register
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
+from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 
-if TYPE_CHECKING:  # pragma: no cover
-    from metagate.trainer import Trainer
+__all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
 
-__all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy", "policy_quality"]
+
+@dataclass
+class RLConfig(KDMixConfig):
+    """The in-loop REINFORCE episode, shared by ``reinforce``, ``policy --online`` and ``meta+policy``.
+
+    ``rl_update_units``: units of each step the REINFORCE update scores (unset: all; else the batch's first
+    units, a random subset since batches are random draws). With per-teacher noise the episode's
+    log-probability gradient is a mean over its units, so a subset keeps it unbiased and cheaper, but noisier.
+    """
+
+    rl_episode: int = option(5, "steps per REINFORCE episode (the reward is measured at its ends)")
+    rl_lr: float = option(1e-2, "policy learning rate (Adam)")
+    rl_baseline_decay: float = option(0.9, "moving-average decay of the reward baseline, in [0, 1)")
+    rl_val_size: int = option(128, "size of the fixed meta subset the reward is measured on")
+    rl_update_units: int | None = option(None, "units per step scored by the REINFORCE update (a random subset; "
+                                               "unset: all). Cheaper, unbiased, noisier")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("rl_episode", "rl_val_size", "rl_update_units"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if not self.rl_lr > 0:
+            raise ConfigError(f"--rl-lr must be > 0, got {self.rl_lr}")
+        if not 0.0 <= self.rl_baseline_decay < 1.0:
+            raise ConfigError(f"--rl-baseline-decay must be in [0, 1), got {self.rl_baseline_decay}")
+
+
+@dataclass
+class ReinforceConfig(RLConfig):
+    """Options of the ``reinforce`` gate."""
+
+    rl_mode: str = option("weights", "per-unit teacher weights (softmax) or Bernoulli teacher selection",
+                          choices=MODES)
+    rl_temperature: float = option(0.25, "softmax temperature mapping teacher logits in [-1, 1] to weights")
+    rl_hidden: int = option(16, "policy encoder width")
+    rl_log_std: float | None = option(None, "initial log-std of per-unit exploration noise (unset: off; only the "
+                                            "per-teacher noise held over an episode, the low-variance choice)")
+    rl_shared_log_std: float = option(-0.5, "initial log-std of the per-teacher noise held over an episode")
+    rl_no_shared_noise: bool = option(False, "independent exploration noise per unit only (Yuan et al.; higher "
+                                             "variance)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rl_hidden < 1:
+            raise ConfigError(f"--rl-hidden must be >= 1, got {self.rl_hidden}")
+        if not self.rl_temperature > 0:
+            raise ConfigError(f"--rl-temperature must be > 0, got {self.rl_temperature}")
+
+
+@dataclass
+class PolicyConfig(RLConfig):
+    """Options of the ``policy`` gate (a policy zip from ``metagate train-policy``)."""
+
+    policy: str | None = option(None, "a policy zip written by `metagate train-policy`")
+    online: bool = option(False, "keep learning with REINFORCE during the run")
 
 
 class _RLGate(Gate):
     """Shared machinery: features -> policy -> weights, and the in-loop REINFORCE episode.
 
-    :param alpha: label weight (the teachers share ``1 - alpha``)
-    :param tau: KD temperature
     :param learn: update the policy with REINFORCE during the run
-    :param episode: steps per REINFORCE episode
-    :param lr: policy learning rate
-    :param baseline_decay: moving-average decay of the reward baseline
-    :param val_size: size of the fixed ``meta`` subset the reward is measured on
-    :param update_units: units of each step the REINFORCE update scores (``None``: all; else a random
-        subset, the batch's first units). With per-teacher noise the episode's log-probability gradient
-        is a mean over its units, so a subset keeps it unbiased and cheaper, but noisier: on digits
-        with two half-right teachers 8 of 32 units cut the weight learned on the right teacher from
-        0.90 to 0.59, while the planted-teacher result on fashion is unchanged at 32 of 128.
     """
 
     trusted_weights = True
+    config: RLConfig
 
-    def __init__(self, alpha: float = 0.5, tau: float = 4.0, learn: bool = True, episode: int = 5,
-                 lr: float = 3e-3, baseline_decay: float = 0.9, val_size: int = 128,
-                 update_units: int | None = None) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"--alpha must be in [0, 1], got {alpha}")
-        if not tau > 0:
-            raise ConfigError(f"--tau must be > 0, got {tau}")
-        if episode < 1:
-            raise ConfigError(f"--rl-episode must be >= 1, got {episode}")
-        if val_size < 1:
-            raise ConfigError(f"--rl-val-size must be >= 1, got {val_size}")
-        if update_units is not None and update_units < 1:
-            raise ConfigError(f"--rl-update-units must be >= 1, got {update_units}")
-        self.alpha, self.tau, self.learn = float(alpha), float(tau), bool(learn)
-        self.episode, self.lr, self.baseline_decay, self.val_size = int(episode), float(lr), float(baseline_decay), \
-            int(val_size)
+    def __init__(self, config: RLConfig | None = None, learn: bool = True, **options: Any) -> None:
+        super().__init__(config, **options)
+        c = self.config
+        self.alpha, self.tau, self.learn = c.label_weight, c.temperature, bool(learn)
+        self.episode, self.lr, self.baseline_decay, self.val_size = c.rl_episode, c.rl_lr, c.rl_baseline_decay, \
+            c.rl_val_size
+        self.update_units = c.rl_update_units
         self.learner: ReinforceLearner | None = None
-        self._trainer: Trainer | None = None
+        self._run: GateContext | None = None
         self._val_start: float | None = None
         self._t = 0
         self._last: dict[str, float] = {}
         self._logged: list[Tensor] = []
-        self.update_units = None if update_units is None else int(update_units)
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
         self._offset: Tensor | None = None
@@ -154,17 +191,17 @@ class _RLGate(Gate):
         raise NotImplementedError
 
     # -- gate API --------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer) -> None:
-        self._trainer = trainer
-        dev = trainer.device
+    def setup(self, run: GateContext) -> None:
+        self._run = run
+        dev = run.device
         self.policy.to(dev)
-        meta = trainer.task.meta  # the clean split gates may learn from (never ``select``)
+        meta = run.meta  # the clean split gates may learn from (never ``select``)
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(meta), generator=g)[: min(self.val_size, len(meta))]
-        self._val_x, self._val_y = for_model(trainer.student, meta.x[idx].to(dev)), meta.y[idx].to(dev)
-        self._mode_free = is_mode_free(trainer.student)  # e.g. a plain MLP: the reward needs no mode switch
+        self._val_x, self._val_y = for_model(run.student, meta.x[idx].to(dev)), meta.y[idx].to(dev)
+        self._mode_free = is_mode_free(run.student)  # e.g. a plain MLP: the reward needs no mode switch
         # teacher-only features of every training unit, computed once (per step: KL and student features)
-        self._features = TeacherFeatureCache.for_trainer(trainer)
+        self._features = TeacherFeatureCache.for_run(run)
         if self.learn and self.learner is None:
             self.learner = ReinforceLearner(self.policy, lr=self.lr, baseline_decay=self.baseline_decay,
                                             antithetic=self.antithetic)
@@ -173,7 +210,7 @@ class _RLGate(Gate):
         if view.num_teachers == 0:  # not ``view.teacher_logits``: that would gather the raw logits
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
         feats = clamped_view_features(view, self._features)
-        learning = self.learn and self._trainer is not None and self.policy.training
+        learning = self.learn and self._run is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
             assert self.learner is not None
@@ -189,8 +226,8 @@ class _RLGate(Gate):
     @torch.no_grad()
     def validation_loss(self) -> float:
         """Student CE on the fixed ``meta`` subset (eval mode; the trainer switches back to train)."""
-        assert self._trainer is not None
-        with eval_mode(self._trainer.student, self._mode_free) as student:
+        assert self._run is not None
+        with eval_mode(self._run.student, self._mode_free) as student:
             return float(F.cross_entropy(student(self._val_x), self._val_y))
 
     def after_step(self, ctx: StepContext) -> None:
@@ -240,44 +277,24 @@ class _RLGate(Gate):
     def parameters(self) -> list[nn.Parameter]:
         return list(self.policy.parameters())
 
-    @staticmethod
-    def _add_rl_arguments(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--rl-episode", type=int, default=5,
-                       help="policy/reinforce: steps per REINFORCE episode (the reward is measured at its ends)")
-        g.add_argument("--rl-lr", type=float, default=1e-2, help="policy/reinforce: policy learning rate (Adam)")
-        g.add_argument("--rl-baseline-decay", type=float, default=0.9,
-                       help="policy/reinforce: moving-average decay of the reward baseline")
-        g.add_argument("--rl-val-size", type=int, default=128,
-                       help="policy/reinforce: size of the fixed meta subset the reward is measured on")
-        g.add_argument("--rl-update-units", type=int, default=None,
-                       help="policy/reinforce: units per step scored by the REINFORCE update (a random subset; "
-                            "default all). Cheaper, unbiased, noisier")
-
 
 @register("reinforce")
 class ReinforceGate(_RLGate):
-    """In-loop REINFORCE over per-unit teacher decisions.
+    """In-loop REINFORCE over per-unit teacher decisions (options: :class:`ReinforceConfig`)."""
 
-    :param mode: ``weights`` (softmax over sampled teacher logits) or ``select`` (Bernoulli per teacher)
-    :param temperature: softmax temperature of the weights mode
-    :param hidden: policy encoder width
-    :param shared_noise: add exploration noise shared by the batch's units per teacher (lower variance)
-    """
+    config_class = ReinforceConfig
+    config: ReinforceConfig
 
-    def __init__(self, mode: str = "weights", alpha: float = 0.5, tau: float = 4.0, temperature: float = 0.25,
-                 hidden: int = 16, episode: int = 5, lr: float = 1e-2, baseline_decay: float = 0.9,
-                 val_size: int = 128, shared_noise: bool = True, log_std: float | None = None,
-                 shared_log_std: float = -0.5, update_units: int | None = None) -> None:
-        if mode not in MODES:
-            raise ConfigError(f"--rl-mode must be one of {', '.join(MODES)}, got {mode!r}")
-        super().__init__(alpha, tau, True, episode, lr, baseline_decay, val_size, update_units)
-        self.mode, self.temperature, self.hidden, self.shared_noise = mode, float(temperature), int(hidden), \
-            bool(shared_noise)
-        if not shared_noise and log_std is None:
-            log_std = shared_log_std  # per-unit noise only
-        self.log_std_init, self.shared_log_std_init = log_std, float(shared_log_std)
-        self.policy = ReinforcePolicy(mode, hidden=hidden, temperature=temperature, log_std=log_std,
-                                      shared_log_std=shared_log_std if shared_noise else None)
+    def __init__(self, config: ReinforceConfig | None = None, **options: Any) -> None:
+        super().__init__(config, True, **options)
+        c = self.config
+        self.mode, self.temperature, self.hidden = c.rl_mode, c.rl_temperature, c.rl_hidden
+        self.shared_noise = not c.rl_no_shared_noise
+        log_std = c.rl_log_std
+        if not self.shared_noise and log_std is None:
+            log_std = c.rl_shared_log_std  # per-unit noise only
+        self.policy = ReinforcePolicy(self.mode, hidden=self.hidden, temperature=self.temperature, log_std=log_std,
+                                      shared_log_std=c.rl_shared_log_std if self.shared_noise else None)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         if self.mode == "select":
@@ -285,40 +302,7 @@ class ReinforceGate(_RLGate):
         return self._softmax_weights(action)
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "tau": self.tau, "rl_mode": self.mode, "rl_temperature": self.temperature,
-                "rl_episode": self.episode, "rl_lr": self.lr, "rl_baseline_decay": self.baseline_decay,
-                "rl_val_size": self.val_size, "rl_update_units": self.update_units or "all",
-                "rl_shared_noise": self.shared_noise,
-                "rl_log_std": "off" if self.log_std_init is None else self.log_std_init,
-                "rl_shared_log_std": self.shared_log_std_init}
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("reinforce / policy gates (label weight and KD temperature: --alpha, --tau)")
-        g.add_argument("--rl-mode", default="weights", choices=list(MODES),
-                       help="reinforce: per-unit teacher weights (softmax) or Bernoulli teacher selection")
-        g.add_argument("--rl-temperature", type=float, default=0.25,
-                       help="reinforce: softmax temperature mapping teacher logits in [-1, 1] to weights")
-        g.add_argument("--rl-hidden", type=int, default=16, help="reinforce: policy encoder width")
-        g.add_argument("--rl-log-std", type=float, default=None,
-                       help="reinforce: initial log-std of per-unit exploration noise (default: off; only the "
-                            "per-teacher noise held over an episode, the low-variance choice)")
-        g.add_argument("--rl-shared-log-std", type=float, default=-0.5,
-                       help="reinforce: initial log-std of the per-teacher noise held over an episode")
-        g.add_argument("--rl-no-shared-noise", action="store_true",
-                       help="reinforce: independent exploration noise per unit only (Yuan et al.; higher variance)")
-        cls._add_rl_arguments(g)
-        g.add_argument("--policy", default=None, help="policy: a policy zip written by `metagate train-policy`")
-        g.add_argument("--online", action="store_true", help="policy: keep learning with REINFORCE during the run")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ReinforceGate:
-        return cls(mode=args.rl_mode, alpha=getattr(args, "alpha", 0.5), tau=getattr(args, "tau", 4.0),
-                   temperature=args.rl_temperature, hidden=args.rl_hidden, episode=args.rl_episode, lr=args.rl_lr,
-                   baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size,
-                   update_units=args.rl_update_units,
-                   shared_noise=not args.rl_no_shared_noise, log_std=args.rl_log_std,
-                   shared_log_std=args.rl_shared_log_std)
+        return {**super().hparams(), "alpha": self.alpha, "tau": self.tau}
 
 
 def load_sb3_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -348,52 +332,47 @@ def load_sb3_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.
 class PolicyGate(_RLGate):
     """Deploy a trained teacher-weighting policy (mean action); ``online`` fine-tunes it with REINFORCE.
 
-    :param policy: a loaded :class:`metagate.policies.sb3.TeacherWeightingPolicy` (or any module with
-        ``mean_logits``/``distribution``) -- or give ``path``
-    :param path: a zip written by ``metagate train-policy``
-    :param alpha: label weight (default: the value the policy was trained with)
-    :param tau: KD temperature (default: the value the policy was trained with)
+    Unset ``alpha``/``tau`` take the values the policy was trained with.
+
+    :param config: :class:`PolicyConfig` (``policy``: the zip's path)
+    :param module: an already loaded policy (a :class:`metagate.policies.sb3.TeacherWeightingPolicy`, or any
+        module with ``mean_logits``/``distribution``) instead of ``policy``
     """
 
-    def __init__(self, policy: nn.Module | None = None, path: str | Path | None = None, alpha: float | None = None,
-                 tau: float | None = None, online: bool = False, episode: int = 5, lr: float = 1e-3,
-                 baseline_decay: float = 0.9, val_size: int = 128, update_units: int | None = None) -> None:
-        if policy is None:
-            if path is None:
+    config_class = PolicyConfig
+    config: PolicyConfig
+
+    def __init__(self, config: PolicyConfig | None = None, *, module: nn.Module | None = None,
+                 **options: Any) -> None:
+        Gate.__init__(self, config, **options)
+        c = self.config
+        if module is None:
+            if c.policy is None:
                 raise ConfigError("--gate policy needs --policy PATH (a zip from `metagate train-policy`)")
-            policy = load_sb3_policy(path)
-        self.path = str(path) if path is not None else ""
-        a = float(getattr(policy, "label_alpha", 0.5)) if alpha is None else alpha
-        t = float(getattr(policy, "kd_tau", 4.0)) if tau is None else tau
-        super().__init__(a, t, online, episode, lr, baseline_decay, val_size, update_units)
-        self.policy = policy
-        self.temperature = float(getattr(policy, "weight_temperature", 0.25))
-        self.policy.train(online)
+            module = load_sb3_policy(c.policy)
+        # unset alpha/tau: the values the policy was trained with
+        alpha = float(getattr(module, "label_alpha", 0.5)) if c.alpha is None else c.alpha
+        tau = float(getattr(module, "kd_tau", 4.0)) if c.tau is None else c.tau
+        super().__init__(type(c)(**{**vars(c), "alpha": alpha, "tau": tau}), c.online)
+        self.policy = module
+        self.temperature = float(getattr(module, "weight_temperature", 0.25))
+        self.policy.train(c.online)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         return self._softmax_weights(action)
 
-    def setup(self, trainer: Trainer) -> None:
-        super().setup(trainer)
+    def setup(self, run: GateContext) -> None:
+        super().setup(run)
         self.policy.train(self.learn)
 
     def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "tau": self.tau, "policy": self.path, "online": self.learn,
-                "policy_temperature": self.temperature}
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PolicyGate:
-        alpha = args.alpha if getattr(args, "alpha", 0.5) != 0.5 else None  # 0.5 = the flag's default
-        tau = args.tau if getattr(args, "tau", 4.0) != 4.0 else None
-        return cls(path=args.policy, alpha=alpha, tau=tau, online=args.online, episode=args.rl_episode,
-                   lr=args.rl_lr, baseline_decay=args.rl_baseline_decay, val_size=args.rl_val_size,
-                   update_units=args.rl_update_units)
+        return {**super().hparams(), "policy_temperature": self.temperature}
 
 
-def policy_quality(weights: Tensor) -> dict[str, float]:
-    """Mean KD-internal weight of every teacher, ``w_k / sum_j w_j`` over units (diagnostic)."""
-    share = kd_shares(weights)
-    return {f"teacher{j}": float(v) for j, v in enumerate(share.mean(0).tolist()) if not math.isnan(v)}
+@dataclass
+class MetaPolicyConfig(MetaConfig, PolicyConfig, ReinforceConfig):
+    """Options of ``meta+policy``: the meta gate's, and the policy's (``reinforce``, or ``policy`` when
+    ``--policy PATH`` is given)."""
 
 
 @register("meta+policy")
@@ -413,13 +392,19 @@ class MetaPolicyGate(Gate):
 
     trusted_weights = True
 
-    def __init__(self, meta: Gate, policy: _RLGate) -> None:
-        self.meta, self.policy_gate = meta, policy
-        self.uses_teachers = True
+    config_class = MetaPolicyConfig
+    config: MetaPolicyConfig
 
-    def setup(self, trainer: Trainer) -> None:
-        self.meta.setup(trainer)
-        self.policy_gate.setup(trainer)
+    def __init__(self, config: MetaPolicyConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        c = self.config
+        self.meta = MetaGate(MetaConfig.from_options(_subset(c, MetaConfig)))
+        self.policy_gate: _RLGate = PolicyGate(PolicyConfig.from_options(_subset(c, PolicyConfig))) if c.policy \
+            else ReinforceGate(ReinforceConfig.from_options(_subset(c, ReinforceConfig)))
+
+    def setup(self, run: GateContext) -> None:
+        self.meta.setup(run)
+        self.policy_gate.setup(run)
 
     def before_step(self, ctx: StepContext) -> None:
         self.meta.before_step(ctx)
@@ -451,17 +436,13 @@ class MetaPolicyGate(Gate):
         self.policy_gate.load_state_dict(state["policy"])
 
     def hparams(self) -> dict[str, Any]:
-        return {**self.meta.hparams(), **{f"policy_{k}": v for k, v in self.policy_gate.hparams().items()}}
+        return {**self.meta.hparams(), **self.policy_gate.hparams()}
 
     def log(self, logger: Any, step: int) -> None:
         self.meta.log(logger, step)
         self.policy_gate.log(logger, step)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> MetaPolicyGate:
-        from metagate.gates.registry import get_gate_class
 
-        meta = get_gate_class("meta").from_args(args)
-        policy: _RLGate = PolicyGate.from_args(args) if getattr(args, "policy", None) else \
-            ReinforceGate.from_args(args)
-        return cls(meta, policy)
+def _subset(config: Any, cls: type) -> dict[str, Any]:
+    """The options of ``config`` that ``cls`` declares."""
+    return {n: getattr(config, n) for n in cls.option_names()}

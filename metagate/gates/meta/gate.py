@@ -13,7 +13,6 @@ AMAL; Adam for the net); the student's ``.grad`` is never touched by the meta st
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -22,9 +21,10 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import NUM_FEATURES, unit_features
-from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
 from metagate.gates.meta.analytic import LinearLookahead, linear_hypergrad, plain_mlp_layers
 from metagate.gates.meta.capture import ForwardCapture
+from metagate.gates.meta.config import MetaConfig
 from metagate.gates.meta.linearize import Linearization, linear_chain
 from metagate.gates.meta.lookahead import (
     check_feature_protocol,
@@ -45,99 +45,37 @@ from metagate.gates.meta.params import (
     learned_init,
     normalize_weights,
 )
-from metagate.gates.meta.schedule import AMAL_PRESET, MetaSchedule
+from metagate.gates.meta.schedule import MetaSchedule
 from metagate.gates.registry import register
 from metagate.layout import channels_last, is_conv
 from metagate.losses import unit_losses
 
-BACKENDS = ("func", "higher", "closed-form")
-DEFAULT_META_LR = {"table": 1500.0, "net": 1e-3}
-
 
 @register("meta")
 class MetaGate(Gate):
-    """Bilevel per-unit weights over (label, teacher 1..K).
+    """Bilevel per-unit weights over (label, teacher 1..K); options: :class:`.config.MetaConfig`.
 
-    :param param: ``table`` (AMAL, per unit id) | ``net`` (Meta-Weight-Net over unit features)
-    :param backend: ``func`` | ``higher`` | ``closed-form``; ``None``: ``func``, or
-        ``closed-form`` under the ``amal`` schedule
-    :param columns: ``all`` (label and every teacher) | ``split`` (label vs one shared teacher weight) |
-        ``label`` (label weight only; teachers held at ``init_teacher``)
-    :param transform: table only: ``clamp`` (AMAL) | ``sigmoid`` | ``softmax``
-    :param lookahead: parameters of the virtual step: ``all`` | ``last`` (the head) | name prefixes
-    :param meta_every: steps between look-aheads (``every`` schedule)
-    :param meta_lr: meta learning rate; ``None``: 1500 (table, plain SGD as AMAL) or 1e-3 (net, Adam)
-    :param schedule: ``every`` | ``amal`` (see :mod:`.schedule`)
-    :param tau: KD temperature
-    :param init_label: initial label weight (AMAL 0.1)
-    :param init_teacher: initial weight of each teacher column (AMAL 0.9)
-    :param normalize: ``none`` (AMAL) | ``unit`` | ``column`` (see :func:`.params.normalize_weights`)
-    :param val_batch: validation batch size (0: the training batch size; 1000 under ``amal``)
-    :param hidden: width of the net
-    :param inner_iters: meta updates per look-ahead (``None``: 1, or 5 under ``amal``)
-    :param fit: ``amal``: mini-batches per group
-    :param reuse_forward: ``func``: reuse the real step's forward of the training batch (its graph, or
-        the activations the hand-written look-ahead needs); ``False`` runs the autograd reference path
-        (double backward, or forward mode with batch norm) with a forward of its own
+    ``meta_param``: ``table`` (AMAL, per unit id) or ``net`` (Meta-Weight-Net over unit features);
+    ``meta_columns``: ``all`` (label and every teacher), ``split`` (label vs one shared teacher weight) or
+    ``label`` (label weight only; teachers held at ``meta_init_teacher``); ``meta_lookahead``: the parameters
+    of the virtual step; ``meta_no_reuse``: the ``func`` backend runs the autograd reference path (double
+    backward, or forward mode with batch norm) with a forward of its own instead of reusing the real step's.
     """
 
-    def __init__(
-        self,
-        param: str = "table",
-        backend: str | None = None,
-        columns: str = "all",
-        transform: str = "clamp",
-        lookahead: str = "all",
-        meta_every: int = 1,
-        meta_lr: float | None = None,
-        schedule: str = "every",
-        tau: float = 4.0,
-        init_label: float = 0.1,
-        init_teacher: float = 0.9,
-        normalize: str = "none",
-        val_batch: int = 0,
-        hidden: int = 32,
-        inner_iters: int | None = None,
-        fit: int = AMAL_PRESET["fit"],  # type: ignore[assignment]
-        reuse_forward: bool = True,
-        product: str = "forward",
-    ) -> None:
-        amal = schedule == "amal"
-        backend = backend or ("closed-form" if amal else "func")
-        if param not in ("table", "net"):
-            raise ConfigError(f"--meta-param must be table or net, got {param!r}")
-        if backend not in BACKENDS:
-            raise ConfigError(f"--meta-backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if amal and backend != "closed-form":
-            raise ConfigError("--meta-schedule amal uses the closed-form backend (AMAL's look-ahead); "
-                              f"drop --meta-backend {backend}")
-        if columns not in ("all", "split", "label"):
-            raise ConfigError(f"--meta-columns must be all, split or label, got {columns!r}")
-        if normalize not in ("none", "unit", "column"):
-            raise ConfigError(f"--meta-normalize must be none, unit or column, got {normalize!r}")
-        if not tau > 0:
-            raise ConfigError(f"--meta-tau must be > 0, got {tau}")
-        if product not in ("forward", "difference"):
-            raise ConfigError(f"--meta-product must be forward or difference, got {product!r}")
-        self.product = product
-        self.meta_lr = float(meta_lr if meta_lr is not None else (AMAL_PRESET["meta_lr"] if amal
-                                                                   else DEFAULT_META_LR[param]))
-        if not self.meta_lr > 0:
-            raise ConfigError(f"--meta-lr must be > 0, got {self.meta_lr}")
-        self.inner_iters = int(inner_iters if inner_iters is not None else (AMAL_PRESET["inner_iters"] if amal
-                                                                            else 1))
-        if self.inner_iters < 1 or fit < 1 or val_batch < 0 or hidden < 1:
-            raise ConfigError("--meta-inner-iters, --meta-fit and --meta-hidden must be >= 1, "
-                              "--meta-val-batch >= 0")
-        if backend == "closed-form" and lookahead not in ("all", "last"):
-            raise ConfigError("the closed-form backend always looks ahead over the last layer; "
-                              "drop --meta-lookahead")
-        self.param_kind, self.backend, self.columns, self.transform = param, backend, columns, transform
-        self.lookahead = "last" if backend == "closed-form" else lookahead
-        self.schedule = MetaSchedule(schedule, meta_every)
-        self.tau, self.init_label, self.init_teacher = float(tau), float(init_label), float(init_teacher)
-        self.normalize, self.val_batch, self.hidden = normalize, int(val_batch), int(hidden)
-        self.fit, self.reuse_forward = int(fit), bool(reuse_forward)
+
+    config_class = MetaConfig
+
+    def __init__(self, config: MetaConfig | None = None, **options: Any) -> None:
+        super().__init__(config, **options)
+        c = self.config
+        self.product, self.meta_lr, self.inner_iters = c.meta_product, c.lr, c.inner_iters
+        self.param_kind, self.backend, self.columns, self.transform = c.meta_param, c.backend, c.meta_columns, \
+            c.meta_transform
+        self.lookahead = "last" if self.backend == "closed-form" else c.meta_lookahead
+        self.schedule = MetaSchedule(c.meta_schedule, c.meta_every)
+        self.tau, self.init_label, self.init_teacher = c.meta_tau, c.meta_init_label, c.meta_init_teacher
+        self.normalize, self.val_batch, self.hidden = c.meta_normalize, c.meta_val_batch, c.meta_hidden
+        self.fit, self.reuse_forward = c.meta_fit, not c.meta_no_reuse
         self.param: nn.Module | None = None
         self._last_pass_epoch = -1
         self.updates = 0
@@ -162,32 +100,32 @@ class MetaGate(Gate):
         self._lin: Linearization | None = None
 
     # -- setup -----------------------------------------------------------------------------------
-    def setup(self, trainer: Any) -> None:
-        self.trainer = trainer
-        k = trainer.num_teachers
+    def setup(self, run: GateContext) -> None:
+        self.run = run
+        k = run.num_teachers
         if k < 1:
             raise ConfigError("the meta gate needs at least one teacher (--teachers K >= 1)")
-        student = trainer.student
+        student = run.student
         self.dtype = next(student.parameters()).dtype
         self.num_teachers = k
         self.target_row = init_row(k, self.init_label, self.init_teacher)
         init = learned_init(self.target_row, self.columns)
         if self.param_kind == "table":
-            self.param = WeightTable(len(trainer.task.train), init, self.transform)
+            self.param = WeightTable(run.num_train_units, init, self.transform)
         else:
             self.param = WeightNet(NUM_FEATURES, init, self.columns, self.hidden)
-        self.param.to(device=trainer.device, dtype=self.dtype)
+        self.param.to(device=run.device, dtype=self.dtype)
         # W is the table's raw rows themselves (AMAL's default): no autograd from W to the leaves
         self._raw_rows = (self.param_kind == "table" and self.transform == "clamp" and self.columns == "all"
                           and self.normalize == "none")
         # the table takes plain SGD steps on the touched rows only (as AMAL); the net uses Adam
         self.optimizer = torch.optim.Adam(self.param.parameters(), lr=self.meta_lr)
         self.names = resolve_names(student, self.lookahead)
-        meta = trainer.task.meta
-        self.meta_x, self.meta_y = meta.x.to(trainer.device, self.dtype), meta.y.to(trainer.device)
-        self._gen = torch.Generator().manual_seed(7919 + int(trainer.config.seed))
+        meta = run.meta
+        self.meta_x, self.meta_y = meta.x.to(run.device, self.dtype), meta.y.to(run.device)
+        self._gen = torch.Generator().manual_seed(7919 + int(run.seed))
         # shuffled once into a contiguous copy: each validation batch is then a slice (no gather, no copy)
-        perm = torch.randperm(len(meta), generator=self._gen).to(trainer.device)
+        perm = torch.randperm(len(meta), generator=self._gen).to(run.device)
         self.meta_x, self.meta_y = self.meta_x.index_select(0, perm), self.meta_y.index_select(0, perm)
         self._order: Tensor = torch.empty(0, dtype=torch.long)  # start of each batch of the pass
         self._pos = 0  # the next batch of the pass; an empty order starts a pass
@@ -200,7 +138,7 @@ class MetaGate(Gate):
         # ops on the activations): with it, the func backend takes the forward-mode route (same result);
         # without it (plain MLPs) the double backward is the cheaper one
         self._forward_mode = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-        vb = self.val_batch or (1000 if self.schedule.kind == "amal" else trainer.config.batch_size)
+        vb = self.val_batch or (1000 if self.schedule.kind == "amal" else run.batch_size)
         self._vb = min(vb, len(meta))
         if self.backend == "closed-form":
             check_feature_protocol(student)
@@ -325,7 +263,7 @@ class MetaGate(Gate):
 
     # -- meta updates ----------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
-        tr = ctx.trainer
+        tr = ctx.run
         epoch, in_epoch = ctx.step // tr.steps_per_epoch, ctx.step % tr.steps_per_epoch
         if self.schedule.full_pass(epoch, in_epoch) and epoch != self._last_pass_epoch:
             self._last_pass_epoch = epoch
@@ -343,7 +281,7 @@ class MetaGate(Gate):
         if self._route == "linear":
             self._linear_step(view, x, lr)
             return
-        student = self.trainer.student
+        student = self.run.student
         xv, yv = self._next_val()
         reuse = self.backend == "func" and self.reuse_forward and view.student_logits.requires_grad
         if self._route == "jvp":  # first-order backward + Jacobian-vector product
@@ -413,7 +351,7 @@ class MetaGate(Gate):
         kept = self._capture.kept_for(view.student_logits) if self._capture is not None else None
         if kept is not None:
             return [k.input for k in kept]
-        student = self.trainer.student
+        student = self.run.student
         if self._below is None:
             return [features_and_logits(student, x)[0]]
         a, ins = x.reshape(n, -1), []
@@ -425,7 +363,7 @@ class MetaGate(Gate):
     def _val_input(self, xv: Tensor) -> Tensor:
         """The lowest stacked layer's input for the validation batch at the current parameters."""
         if self._below is None:  # the head of a feature-protocol student (batch-norm statistics untouched)
-            return features_and_logits(self.trainer.student, xv)[0]
+            return features_and_logits(self.run.student, xv)[0]
         a = xv.reshape(xv.shape[0], -1)
         for lin in self._below:  # under no_grad
             a = F.linear(a, lin.weight, lin.bias).relu_()
@@ -519,20 +457,20 @@ class MetaGate(Gate):
         """L2 norm of the latest hypergradient (w.r.t. the touched table rows or the net)."""
         return float(self._norm(self._hist[-1][1])) if self._hist else float("nan")
 
-    def amal_pass(self, trainer: Any) -> None:
+    def amal_pass(self, run: GateContext) -> None:
         """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`.schedule`)."""
-        student, bank = trainer.student, trainer.bank
-        bs, n = trainer.config.batch_size, len(trainer.task.train)
+        student, bank = run.student, run.bank
+        bs, n = run.batch_size, run.num_train_units
         was_training = student.training
         student.eval()
         try:
             for start in range(0, n, bs * self.fit):
                 parts: list[tuple[Tensor, ...]] = []
                 for b0 in range(start, min(start + bs * self.fit, n), bs):
-                    ids = torch.arange(b0, min(b0 + bs, n), device=trainer.device)
+                    ids = torch.arange(b0, min(b0 + bs, n), device=run.device)
                     with torch.no_grad():
-                        h, z = forward_features(student, trainer.train_x[ids])
-                    t, y = bank.lookup(ids), trainer.train_y[ids]
+                        h, z = forward_features(student, run.train_x[ids])
+                    t, y = bank.lookup(ids), run.train_y[ids]
                     g = kd_logit_gradients(z, t, y, self.tau)
                     scale = torch.full((ids.numel(),), 1.0 / ids.numel(), device=z.device, dtype=z.dtype)
                     parts.append((ids, h, z, t, y, g, scale))
@@ -541,8 +479,8 @@ class MetaGate(Gate):
                 with torch.no_grad():
                     hv, zv = forward_features(student, xv)
                 for _ in range(self.inner_iters):
-                    w, leaves, _ = self.live_weights(ids, z, t, y, trainer.progress)
-                    val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, trainer.lr, scale), yv)
+                    w, leaves, _ = self.live_weights(ids, z, t, y, run.progress)
+                    val = F.cross_entropy(closed_form_val_logits(w, g, h, hv, zv, run.lr, scale), yv)
                     self._apply(val, leaves, ids, retain_graph=False)
             self._pending = None
         finally:
@@ -567,12 +505,9 @@ class MetaGate(Gate):
         self._order, self._pos = state["val_order"], int(state["val_pos"])
 
     def hparams(self) -> dict[str, Any]:
-        return {"meta_param": self.param_kind, "meta_backend": self.backend, "meta_columns": self.columns,
-                "meta_transform": self.transform, "meta_lookahead": self.lookahead,
-                "meta_every": self.schedule.every, "meta_schedule": self.schedule.kind, "meta_lr": self.meta_lr,
-                "meta_tau": self.tau, "meta_init_label": self.init_label, "meta_init_teacher": self.init_teacher,
-                "meta_normalize": self.normalize, "meta_val_batch": self.val_batch,
-                "meta_inner_iters": self.inner_iters, "meta_hidden": self.hidden, "meta_product": self.product}
+        # the resolved values of the options left unset
+        return {**super().hparams(), "meta_backend": self.backend, "meta_lr": self.meta_lr,
+                "meta_inner_iters": self.inner_iters}
 
     def log(self, logger: Any, step: int) -> None:
         self._flush_hist()
@@ -585,57 +520,3 @@ class MetaGate(Gate):
             for j in range(raw.shape[1]):
                 logger.histogram(f"meta/table_raw/col{j}", raw[:, j], step)
         self._log_loss, self._log_norm, self._log_n = 0.0, 0.0, 0
-
-    # -- command line ----------------------------------------------------------------------------
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("meta gate (ALM-KD / AMAL, Meta-Weight-Net)")
-        g.add_argument("--meta-param", choices=["table", "net"], default="table",
-                       help="meta: per-unit weight table (AMAL) or a net over unit features")
-        g.add_argument("--meta-backend", choices=list(BACKENDS), default=None,
-                       help="meta: hypergradient backend (unset: func; closed-form under --meta-schedule amal)")
-        g.add_argument("--meta-columns", choices=["all", "split", "label"], default="all",
-                       help="meta: learn every column; only the label/KD split (one shared teacher weight); or only "
-                            "the label weight, teachers held at --meta-init-teacher")
-        g.add_argument("--meta-transform", choices=["clamp", "sigmoid", "softmax"], default="clamp",
-                       help="meta table: clamp to [1e-7, 2) as AMAL, 2*sigmoid, or softmax over columns")
-        g.add_argument("--meta-lookahead", default="all",
-                       help="meta: parameters of the virtual step: all, last (the head) or comma-separated "
-                            "name prefixes")
-        g.add_argument("--meta-every", type=int, default=1, help="meta: steps between look-aheads")
-        g.add_argument("--meta-lr", type=float, default=None,
-                       help="meta learning rate (unset: 1500 for the table with plain SGD, as AMAL; "
-                            "1e-3 for the net with Adam)")
-        g.add_argument("--meta-schedule", choices=["every", "amal"], default="every",
-                       help="meta: a look-ahead every --meta-every steps, or AMAL's preset (full closed-form "
-                            "pass every 10 epochs from epoch 10, groups of 3 batches, 5 iterations, lr 1500)")
-        g.add_argument("--meta-tau", type=float, default=4.0, help="meta: KD temperature")
-        g.add_argument("--meta-init-label", type=float, default=0.1,
-                       help="meta: initial label weight (AMAL: 0.1)")
-        g.add_argument("--meta-init-teacher", type=float, default=0.9,
-                       help="meta: initial weight of each teacher column (AMAL: 0.9)")
-        g.add_argument("--meta-normalize", choices=["none", "unit", "column"], default="none",
-                       help="meta: none (AMAL); unit: rows sum to the initial row sum; column: per batch, each "
-                            "column's mean is held at its initial value")
-        g.add_argument("--meta-val-batch", type=int, default=0,
-                       help="meta: validation batch size from the meta split (0: the training batch "
-                            "size; 1000 under amal)")
-        g.add_argument("--meta-hidden", type=int, default=32, help="meta net: hidden width")
-        g.add_argument("--meta-inner-iters", type=int, default=None,
-                       help="meta: updates per look-ahead (unset: 1; 5 under amal)")
-        g.add_argument("--meta-fit", type=int, default=3, help="meta amal: mini-batches per group")
-        g.add_argument("--meta-no-reuse", action="store_true",
-                       help="meta func: forward the training batch again instead of reusing the real forward")
-        g.add_argument("--meta-product", default="forward", choices=["forward", "difference"],
-                       help="meta func with batch norm: the look-ahead's Jacobian-vector product by forward-mode "
-                            "AD (exact) or a central difference (two plain forwards; ~1%% error in float32)")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> MetaGate:
-        return cls(param=args.meta_param, backend=args.meta_backend, columns=args.meta_columns,
-                   transform=args.meta_transform, lookahead=args.meta_lookahead, meta_every=args.meta_every,
-                   meta_lr=args.meta_lr, schedule=args.meta_schedule, tau=args.meta_tau,
-                   init_label=args.meta_init_label, init_teacher=args.meta_init_teacher,
-                   normalize=args.meta_normalize, val_batch=args.meta_val_batch, hidden=args.meta_hidden,
-                   inner_iters=args.meta_inner_iters, fit=args.meta_fit, reuse_forward=not args.meta_no_reuse,
-                   product=args.meta_product)

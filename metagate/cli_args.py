@@ -1,0 +1,123 @@
+"""The command line's option groups, generated from the config dataclasses, and the config they build.
+
+``cli.py``, ``compare.py`` and ``train_policy.py`` import this module (one way: it imports none of them).
+Every generated flag defaults to ``None`` ("not set"): a set flag overrides a ``--config`` YAML value, which
+overrides the dataclass default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from metagate.errors import ConfigError
+from metagate.gates import GATES, option_owners
+from metagate.options import Options, add_options, set_options
+from metagate.run import DistillConfig
+from metagate.trainer import TrainConfig
+from metagate.yaml_config import read_yaml
+
+#: DistillConfig fields that are not data options (the gate and the run directory have flags of their own)
+RUN_FIELDS = {"gate", "logdir", "resume", "overwrite"}
+#: TrainConfig fields without a flag of their own (``--no-progress`` is the flag of ``progress``)
+HIDDEN_TRAIN = {"progress", "eval_test_every_epoch"}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wider help columns; defaults are written into each help text once (by :func:`add_options`)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Task, data, teachers and cache options (:class:`DistillConfig`)."""
+    g = p.add_argument_group("task and data")
+    add_options(g, DistillConfig, skip=RUN_FIELDS | {"student"})
+    add_options(g, TrainConfig, only={"device"})
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="hide progress bars")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Student and optimisation options (:class:`TrainConfig`)."""
+    g = p.add_argument_group("student training")
+    add_options(g, DistillConfig, only={"student"})
+    add_options(g, TrainConfig, skip=HIDDEN_TRAIN | {"device"})
+
+
+def gate_config_classes() -> list[type[Options]]:
+    """Every config class that declares a gate option, each once, in a stable order."""
+    seen: dict[type, None] = {}
+    for cls in {id(c): c for c in GATES.values()}.values():
+        for base in reversed(cls.config_class.__mro__):
+            if isinstance(base, type) and issubclass(base, Options) and base.__dict__.get("__annotations__"):
+                seen.setdefault(base, None)
+    return list(seen)
+
+
+def add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    """Every registered gate's options, each once, grouped by the config class that declares it."""
+    done: set[str] = set()
+    for cls in gate_config_classes():
+        own = set(cls.__dict__.get("__annotations__", {})) - done
+        if not own:
+            continue
+        owners = option_owners()
+        gates = sorted({g for n in own for g in owners.get(n, [])})
+        title = f"{', '.join(gates)}: {(cls.__doc__ or cls.__name__).strip().splitlines()[0]}"
+        add_options(p.add_argument_group(title), cls, only=own, done=done)
+
+
+def gate_option_names() -> set[str]:
+    return set(option_owners())
+
+
+def config_from_args(args: argparse.Namespace, gate: str | None = None, seed: int | None = None,
+                     logdir: str | None = None, strict: bool = True) -> DistillConfig:
+    """Build a :class:`DistillConfig` from parsed flags over a ``--config`` YAML file over the defaults.
+
+    :param gate: the gate (default ``--gate``)
+    :param strict: an option the gate does not take is an error (``False``: dropped, as a compare of several
+        gates shares its options; the caller checks that some gate takes each)
+    """
+    values: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for cls in (DistillConfig, TrainConfig):
+        values.update(set_options(args, cls))
+    values.update({n: getattr(args, n) for n in gate_option_names() if getattr(args, n, None) is not None})
+    if getattr(args, "progress", None) is not None:
+        values["progress"] = args.progress
+    gate_name = gate or values.get("gate") or getattr(args, "gate", None) or "fixed"
+    values.pop("gate", None)
+    return build_config(values, gate_name, seed=seed, logdir=logdir, strict=strict)
+
+
+def build_config(values: dict[str, Any], gate: str, seed: int | None = None, logdir: str | None = None,
+                 strict: bool = True) -> DistillConfig:
+    """Sort flat option values into a :class:`DistillConfig`: run fields, ``train`` fields and gate options
+    (flat, or under ``gate_options`` / ``train`` as in a YAML file)."""
+    values = dict(values)
+    train = dict(values.pop("train", None) or {})
+    gate_opts = dict(values.pop("gate_options", None) or {})
+    run_names, train_names, gate_names = DistillConfig.option_names(), TrainConfig.option_names(), gate_option_names()
+    distill: dict[str, Any] = {}
+    for k, v in values.items():
+        if k in run_names:
+            distill[k] = v
+        elif k in train_names:
+            train[k] = v
+        elif k in gate_names:
+            gate_opts[k] = v
+        else:
+            raise ConfigError(f"unknown option {k!r}: not an option of the run, the training or any gate")
+    if seed is not None:
+        train["seed"] = seed
+    if logdir is not None:
+        distill["logdir"] = logdir
+    if not strict:
+        from metagate.gates import get_gate_class
+
+        takes = get_gate_class(gate).config_class.option_names()
+        gate_opts = {k: v for k, v in gate_opts.items() if k in takes}
+    return DistillConfig(gate=gate, gate_options=gate_opts, train=TrainConfig.from_options(train, what="train"),
+                         **distill)
