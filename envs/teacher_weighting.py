@@ -53,11 +53,9 @@ class TeacherWeightingEnv(gym.Env):
     :param val_size: size of the fixed ``meta`` subset the reward is measured on
     :param reward_every: measure the validation loss every this many steps (and at the episode's end);
         the improvement since the last measurement is the reward of that step, other steps get 0.
-        Every step (the default) gives PPO a reward it can assign to the action that earned it: with a
-        planted bad teacher, PPO (3000-5000 steps) cut its share below 0.1 for 3 of 3 agent seeds on
-        digits and fashion, against 0 of 3 (digits) and 2 of 3 (fashion) when validating every 5 steps
-        on 256 units. A small subset keeps the per-step validation as cheap as that was; the same
-        units are scored before and after each step, so their change is a paired difference.
+        Every step (the default) gives PPO a reward it can assign to the action that earned it (the
+        README's measured train-policy defaults); a small subset keeps the per-step validation cheap, and
+        the same units are scored before and after each step, so their change is a paired difference.
     :param lr: student learning rate (cosine schedule over the episode by default)
     :param momentum: student SGD momentum
     """

@@ -11,7 +11,7 @@ A task holds in-memory tensors (built-in tasks are small enough) and splits them
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,14 +59,6 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
-
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
-        """Mini-batches in a (seeded) random order, or in order when ``generator`` is None."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            yield Batch(self.x[idx], self.y[idx], idx)
 
 
 @dataclass
