@@ -20,13 +20,14 @@ For each unit and teacher, ``F = 11`` normalised float32 features:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagate.gates.base import UnitView
+if TYPE_CHECKING:  # typing only: the features sit below the gates that use them
+    from metagate.gates.base import UnitView
 
 TEACHER_FEATURES = ("t_conf", "t_p_label", "t_entropy", "t_ce", "t_kl", "t_agree")
 STUDENT_FEATURES = ("s_conf", "s_margin", "s_entropy", "s_ce", "progress")
