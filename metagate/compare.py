@@ -11,6 +11,7 @@ from metagate.cli_args import add_data_arguments, add_gate_arguments, add_train_
 from metagate.errors import ConfigError
 from metagate.gates import get_gate_class, option_owners
 from metagate.report import comparison_table, fmt, table
+from metagate.tb.hparams import RunRecord, write_comparison_summary
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,7 @@ def compare(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
     check_shared_options(args)
     results: dict[str, list[dict[str, Any]]] = {}
+    run_dirs: list[Path] = []
     first = config_from_args(args, gate=args.gates[0], seed=args.seeds[0], logdir="unused", strict=False)
     task = load_task(first)
     teachers: list[dict[str, Any]] = []
@@ -51,6 +53,7 @@ def compare(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                                    strict=False)
             cfg.overwrite = True
             res = run_distill(cfg, task=task)
+            run_dirs.append(cfg.run_dir)
             teachers = res.get("teachers") or teachers
             results.setdefault(gate, []).append(res)
             print(f"  {gate:>10} seed {seed}: test acc {100 * res['test/acc']:.2f}  nll {res['test/nll']:.4f}  "
@@ -65,5 +68,6 @@ def compare(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({g: [{k: v for k, v in r.items() if k != "teachers"} for r in rs]
                                for g, rs in results.items()}, indent=2))
+    write_comparison_summary(args.logdir, [RunRecord.load(d) for d in run_dirs])
     print(f"\nruns and comparison.json in {args.logdir}   (tensorboard --logdir {args.logdir})")
     return results

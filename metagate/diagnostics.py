@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from metagate.metrics import auroc
+from metagate.tb.tags import is_planted
 
 
 def teacher_share(unit_weights: Tensor) -> Tensor:
@@ -60,32 +61,52 @@ def teacher_trust(unit_weights: Tensor, right: Tensor) -> dict[str, float]:
     return out
 
 
-def teacher_trust_figure(diag: dict[str, float], names: list[str] | None = None, title: str = "") -> Any:
-    """Bar chart of :func:`teacher_trust`: each teacher's share of the KD weight where it is right vs wrong."""
+def teacher_trust_figure(unit_weights: Tensor, right: Tensor, names: list[str] | None = None,
+                         title: str = "") -> Any:
+    """Bar chart of each teacher's mean *absolute* KD weight ``w_k`` on the units where it is right vs wrong.
+
+    Absolute, not shares among teachers: a gate that gives the teachers almost nothing shows short bars (shares
+    would sit near ``1/K`` whatever the gate does). A tick per bar marks what an equal split of the same units'
+    KD weight would give; each bar is labelled with its number of units. The y axis fits the data.
+
+    :param unit_weights: ``[N, 1+K]``
+    :param right: ``[N, K]`` bool, from :func:`teacher_right`
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = 0
-    while f"diag/kd_share_teacher{k}_right" in diag or f"diag/kd_share_teacher{k}_wrong" in diag:
-        k += 1
-    labels = names if names is not None and len(names) == k else [f"teacher{j}" for j in range(k)]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * k, 3.2))
-    xs = range(k)
+    w = unit_weights.detach().float().cpu()
+    kd, r = w[:, 1:], right.cpu().bool()
+    k = kd.shape[1]
+    labels = [f"{j}: {n}" + (" (planted)" if is_planted(n) else "") for j, n in enumerate(names)] \
+        if names is not None and len(names) == k else [f"teacher{j}" for j in range(k)]
+    equal = kd.sum(1) / max(k, 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * k, 3.6))
+    top = 0.0
     for off, kind, color in ((-0.2, "right", "tab:green"), (0.2, "wrong", "tab:red")):
-        vals = [diag.get(f"diag/kd_share_teacher{j}_{kind}", float("nan")) for j in xs]
-        ax.bar([x + off for x in xs], vals, width=0.4, color=color, label=f"where it is {kind}")
-    if k:
-        ax.axhline(1.0 / k, color="gray", lw=1, ls="--", label="equal weights")
-    ax.set_xticks(list(xs), labels, rotation=20)
-    ax.set_ylabel("share of the unit's KD weight")
-    ax.set_ylim(0, 1)
-    on_right, base = diag.get("diag/kd_on_right_teachers"), diag.get("diag/kd_on_right_teachers_equal")
-    if on_right is not None and base is not None:
-        title = f"{title}  KD on right teachers {on_right:.3f} (equal {base:.3f})".strip()
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+        for j in range(k):
+            sel = r[:, j] if kind == "right" else ~r[:, j]
+            n = int(sel.sum())
+            if n == 0:
+                continue
+            v, ref = float(kd[sel, j].mean()), float(equal[sel].mean())
+            ax.bar(j + off, v, width=0.4, color=color, label=f"where it is {kind}")
+            ax.plot([j + off - 0.2, j + off + 0.2], [ref, ref], color="black", lw=1.5,
+                    label="equal split of the same units' KD weight")
+            ax.text(j + off, max(v, ref), f"n={n}", ha="center", va="bottom", fontsize=6)
+            top = max(top, v, ref)
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))  # one entry per label
+    ax.set_xticks(range(k), labels, rotation=15, fontsize=7)
+    ax.set_ylabel("mean KD weight w_k on those units")
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1)
+    total = float(kd.sum(1).mean()) if k else 0.0
+    on_right = float((kd * r).sum() / kd.sum().clamp_min(1e-12)) if k else 0.0
+    ax.set_title(f"{title}  mean KD weight per unit {total:.3f}, {on_right:.1%} of it on right teachers".strip(),
+                 fontsize=8)
+    ax.legend(list(handles.values()), list(handles.keys()), fontsize=6, loc="upper center",
+              bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -107,9 +128,7 @@ def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None,
     out["gate/mean_w_label"] = means[0]
     for j, m in enumerate(means[1:]):
         out[f"gate/mean_w_teacher{j}"] = m
-    if w.shape[1] == 1:
-        return out
-    share = teacher_share(w)
+    share = teacher_share(w)  # 0 for ce: its summaries are the fill-ins that keep it in every comparison
     out["gate/teacher_share"] = float(share.mean())
     if corrupted is not None and corrupted.any() and (~corrupted).any():
         c = corrupted.bool()

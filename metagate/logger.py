@@ -1,14 +1,21 @@
-"""TensorBoard logging with slash keys (``train/loss``), HPARAMS in the run's own directory."""
+"""TensorBoard logging with slash keys (``train/loss``): every scalar described, teachers named, HPARAMS as
+session records (the experiment is written once per comparison, :mod:`metagate.tb.hparams`)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from metagate.tb import hparams as tb_hparams
+from metagate.tb import summaries
+from metagate.tb.custom_scalars import build_layout, layout_summary
+from metagate.tb.tags import describe, is_duplicate, is_planted
 
 
 class Logger:
@@ -20,6 +27,9 @@ class Logger:
     def __init__(self, logdir: str | os.PathLike | None) -> None:
         self.logdir = Path(logdir) if logdir else None
         self._writer = None
+        self.teachers: list[str] = []
+        self.scalar_tags: set[str] = set()  # every scalar tag written (the layout names only these)
+        self._last_step: dict[str, int] = {}
         if self.logdir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -30,38 +40,73 @@ class Logger:
     def enabled(self) -> bool:
         return self._writer is not None
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self._writer is not None and value == value:  # skip NaN
-            self._writer.add_scalar(tag, float(value), step)
+    def _add(self, summary: Any, step: int) -> None:
+        assert self._writer is not None
+        self._writer._get_file_writer().add_summary(summary, step)
+
+    def set_teachers(self, names: Sequence[str], test_acc: Sequence[float] | None = None) -> None:
+        """Name the teachers (tag descriptions and chart titles say ``teacher2 (adv-cnn16, ...)``); the first
+        call also writes the index -> name table as the text summary ``teachers``."""
+        if self._writer is None or list(names) == self.teachers and self.teachers:
+            return
+        self.teachers = list(names)
+        rows = ["| index | tags | teacher | test acc | planted adversarial |", "|---|---|---|---|---|"]
+        for k, n in enumerate(self.teachers):
+            acc = f"{test_acc[k]:.4f}" if test_acc is not None and k < len(test_acc) else "-"
+            rows.append(f"| {k} | `*teacher{k}*` | {n} | {acc} | {'**yes**' if is_planted(n) else 'no'} |")
+        body = "\n".join(rows) if self.teachers else "no teachers (label only)"
+        self._add(summaries.text("teachers", body, "which teacher each `teacher{k}` tag means"), 0)
+
+    def scalar(self, tag: str, value: float, step: int, description: str | None = None) -> None:
+        """Log ``value`` (NaN skipped; tags that repeat another tag's quantity are not written)."""
+        if self._writer is None or value != value or is_duplicate(tag):
+            return
+        first = tag not in self.scalar_tags
+        if first:
+            description = description or describe(tag, self.teachers) or f"`{tag}` (no description registered in " \
+                "metagate.tb.tags)"
+            self.scalar_tags.add(tag)
+        self._add(summaries.scalar(tag, float(value), description if first else None), step)
+        self._last_step[tag] = step
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.scalar(f"{prefix}/{k}", v, step)
 
-    def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int) -> None:
+    def logged_at(self, tag: str) -> int | None:
+        """The step of ``tag``'s last value, or None if it was never logged by this logger."""
+        return self._last_step.get(tag)
+
+    def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int,
+                  span: tuple[float, float] | None = None, description: str | None = None) -> None:
+        """A histogram; a few distinct values (a constant weight) are drawn as exact spikes, and ``span``
+        (e.g. ``(0, 1)`` for weights) fixes the axis so a constant sits where it belongs."""
         if self._writer is not None and len(values) > 0:
             v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
-            self._writer.add_histogram(tag, v, step)
+            self._add(summaries.histogram(tag, v, description, span), step)
+
+    def text(self, tag: str, markdown: str, step: int, description: str | None = None) -> None:
+        if self._writer is not None:
+            self._add(summaries.text(tag, markdown, description), step)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
         if self._writer is not None:
             self._writer.add_figure(tag, fig, step, close=True)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """Write an HPARAMS entry into this run's directory (not a timestamped subfolder)."""
+    def session(self, hparams: Mapping[str, Any], group: str, metrics: Mapping[str, float]) -> None:
+        """This run's HPARAMS session records (start with ``group`` = its gate spec, end), its custom-scalars
+        layout, and ``hparams.json`` (the cleaned hyperparameters and final metrics a compare collects)."""
         if self._writer is None:
             return
-        from torch.utils.tensorboard.summary import hparams as hp_summary
-
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hp_summary(clean, {f"hparam/{k}": v for k, v in metrics.items()})
-        fw = self._writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
-        for k, v in metrics.items():
-            self.scalar(f"hparam/{k}", v, 0)
+        clean = tb_hparams.clean_hparams(hparams)
+        self._add(tb_hparams.session_start(clean, group), 0)
+        self._add(tb_hparams.session_end(), 0)
+        self._add(layout_summary(build_layout(self.scalar_tags, self.teachers)), 0)
+        keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
         assert self.logdir is not None
-        (self.logdir / "hparams.json").write_text(json.dumps({"hparams": clean, "metrics": metrics}, indent=2))
+        (self.logdir / "hparams.json").write_text(json.dumps(
+            {"hparams": clean, "group": group, "teachers": self.teachers, "metrics": keep,
+             "tags": sorted(self.scalar_tags)}, indent=2))
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -27,8 +27,9 @@ from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
-from metagate.metrics import classification_metrics, reliability_figure
+from metagate.metrics import classification_metrics, reliability_figure, reliability_table
 from metagate.options import Options, option
+from metagate.tb.hparams import gate_spec_of
 
 CHECKPOINT_VERSION = 1
 
@@ -403,38 +404,44 @@ class Trainer:
         lg = self.logger
         if not lg.enabled:
             return
+        lg.set_teachers(self.bank.names if self.bank is not None else [])
         for tag, v in record.items():
             lg.scalar(tag, v, self.step)
         w = self.unit_weights
         corrupted = self.corrupted
-        cols = ["label"] + [f"teacher{j}" for j in range(self.num_teachers)]
-        for j, name in enumerate(cols):
-            lg.histogram(f"weights/{name}", w[:, j], self.step)
-            if corrupted.any():
-                lg.histogram(f"weights_corrupted/{name}", w[corrupted, j], self.step)
-                lg.histogram(f"weights_clean/{name}", w[~corrupted, j], self.step)
-        if self.num_teachers:
-            share = teacher_share(w)
-            lg.histogram("weights/teacher_share", share, self.step)
-            if corrupted.any():
-                lg.histogram("weights_corrupted/teacher_share", share[corrupted], self.step)
-                lg.histogram("weights_clean/teacher_share", share[~corrupted], self.step)
+        # one section per column, all / clean / corrupted units next to each other; ce (no teacher column)
+        # logs its teacher share of 0 too, so every gate has the same charts
+        cols = [(name, w[:, j]) for j, name in enumerate(["label"] + [f"teacher{j}" for j in
+                                                                      range(self.num_teachers)])]
+        for name, col in [*cols, ("teacher_share", teacher_share(w))]:
+            lg.histogram(f"weights/{name}/all", col, self.step, span=(0.0, 1.0))
+            if corrupted.any() and (~corrupted).any():
+                lg.histogram(f"weights/{name}/clean", col[~corrupted], self.step, span=(0.0, 1.0))
+                lg.histogram(f"weights/{name}/corrupted", col[corrupted], self.step, span=(0.0, 1.0))
         self.gate.log(lg, self.step)
         lg.flush()
 
-    def log_final(self, metrics: dict[str, float], hparams: dict[str, Any]) -> None:
-        """Reliability diagram (test) and the HPARAMS entry."""
-        if not self.logger.enabled:
+    def log_final(self, metrics: dict[str, float], hparams: dict[str, Any], group: str | None = None) -> None:
+        """Reliability diagram and its bins (test), the teacher-trust chart, the HPARAMS session records.
+
+        :param group: the HPARAMS session group (default: the gate spec, the same for all seeds of a gate)
+        """
+        lg = self.logger
+        if not lg.enabled:
             return
-        logits = self.predict(self.task.test)
-        fig = reliability_figure(torch.softmax(logits.double(), -1), self.task.test.y, title="test")
-        self.logger.figure("test/reliability", fig, self.step)
+        lg.set_teachers(self.bank.names if self.bank is not None else [])
+        probs = torch.softmax(self.predict(self.task.test).double(), -1)
+        lg.figure("test/reliability", reliability_figure(probs, self.task.test.y, title="test"), self.step)
+        lg.text("test/reliability_bins", reliability_table(probs, self.task.test.y), self.step,
+                "the reliability diagram's bins: units, mean confidence, accuracy")
         if self.teacher_right is not None and self.bank is not None and self.step > 0:
-            fig = teacher_trust_figure(self.weight_diagnostics(), self.bank.names, title=self.gate.name)
-            self.logger.figure("diag/teacher_trust", fig, self.step)
-        keep = {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float) and v == v}
-        self.logger.hparams(hparams, keep)
-        self.logger.flush()
+            fig = teacher_trust_figure(self.unit_weights, self.teacher_right, self.bank.names, title=self.gate.name)
+            lg.figure("diag/teacher_trust", fig, self.step)
+        for tag, v in metrics.items():  # a metric HPARAMS shows must be a scalar of this run
+            if isinstance(v, float) and lg.logged_at(tag) != self.step:
+                lg.scalar(tag, v, self.step)
+        lg.session(hparams, group or gate_spec_of(self.gate), metrics)
+        lg.flush()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
