@@ -44,16 +44,15 @@ class Logger:
         assert self._writer is not None
         self._writer._get_file_writer().add_summary(summary, step)
 
-    def set_teachers(self, names: Sequence[str], test_acc: Sequence[float] | None = None) -> None:
+    def set_teachers(self, names: Sequence[str]) -> None:
         """Name the teachers (tag descriptions and chart titles say ``teacher2 (adv-cnn16, ...)``); the first
         call also writes the index -> name table as the text summary ``teachers``."""
         if self._writer is None or list(names) == self.teachers and self.teachers:
             return
         self.teachers = list(names)
-        rows = ["| index | tags | teacher | test acc | planted adversarial |", "|---|---|---|---|---|"]
+        rows = ["| index | tags | teacher | planted adversarial |", "|---|---|---|---|"]
         for k, n in enumerate(self.teachers):
-            acc = f"{test_acc[k]:.4f}" if test_acc is not None and k < len(test_acc) else "-"
-            rows.append(f"| {k} | `*teacher{k}*` | {n} | {acc} | {'**yes**' if is_planted(n) else 'no'} |")
+            rows.append(f"| {k} | `*teacher{k}*` | {n} | {'**yes**' if is_planted(n) else 'no'} |")
         body = "\n".join(rows) if self.teachers else "no teachers (label only)"
         self._add(summaries.text("teachers", body, "which teacher each `teacher{k}` tag means"), 0)
 

@@ -31,18 +31,18 @@ def test_distill_end_to_end_writes_tensorboard(digits_bank, tmp_path, capsys):
     assert elapsed < 60
     acc = _events(run)
     tags = acc.Tags()
-    for t in ("train/loss_label", "train/loss_teacher0", "train/loss_teacher2", "train/weight_label",
+    for t in ("train/loss_label", "train/loss_teacher0", "train/loss_teacher2", "gate/mean_w_label",
               "test/acc", "test/nll", "test/ece", "select/acc", "gate/teacher_share", "diag/auroc_teacher_share",
               "gate/mean_w_teacher1", "diag/kd_on_right_teachers", "diag/kd_share_teacher2_wrong"):
         assert t in tags["scalars"], t
     assert len(acc.Scalars("test/acc")) == 3  # one per epoch
-    for t in ("weights/label", "weights/teacher0", "weights/teacher2", "weights/teacher_share",
-              "weights_corrupted/label", "weights_clean/label"):
-        assert t in tags["histograms"], t
+    for t in ("weights/label/all", "weights/teacher0/all", "weights/teacher2/all", "weights/teacher_share/all",
+              "weights/label/corrupted", "weights/label/clean"):
+        assert t in tags["tensors"], t  # histograms in TensorBoard's tensor form
     assert "test/reliability" in tags["images"] and "diag/teacher_trust" in tags["images"]
     assert any("hparams" in t for t in acc.PluginTagToContent("hparams")) or acc.PluginTagToContent("hparams")
     saved = json.loads((run / "hparams.json").read_text())
-    assert saved["hparams"]["gate"] == "hard" and "test_acc" in saved["metrics"]
+    assert saved["hparams"]["gate"] == "hard" and "test/acc" in saved["metrics"]
     assert (run / "checkpoint.pt").exists() and (run / "metrics.json").exists()
 
 

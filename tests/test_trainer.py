@@ -222,7 +222,7 @@ def test_teacher_trust_golden_values():
     assert d["diag/kd_share_teacher0_wrong"] == pytest.approx(0.75)
     assert d["diag/kd_share_teacher1_right"] == pytest.approx((0.5 + 0.25) / 2)
     assert d["diag/kd_share_teacher1_wrong"] == pytest.approx(0.2)
-    fig = teacher_trust_figure(d, ["a", "b"], title="x")
+    fig = teacher_trust_figure(w, right, ["a", "b"], title="x")
     assert len(fig.axes[0].patches) == 4
     # a unit with no KD weight (label only) counts in neither share
     d2 = teacher_trust(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), right[:2])

@@ -30,7 +30,8 @@ BOOKKEEPING = frozenset({"cache_dir", "data_dir", "logdir", "overwrite", "resume
 #: the HPARAMS metrics in this order first (TensorBoard ticks the first five)
 LEADING_METRICS = ("test/acc", "test/nll", "test/ece", f"test/mce_min{MCE_MIN_COUNT}", "test/brier", "test/mce",
                    *DIAG_METRICS)
-#: hyperparameters listed first among those that differ (TensorBoard ticks the first five)
+#: the axes of a comparison: marked ``differs`` even when one value was run, because TensorBoard sorts the
+#: differing hyperparameters first and ticks the first five (so gate and seed are always shown)
 LEADING_HPARAMS = ("gate", "train_seed", "seed")
 
 
@@ -127,7 +128,7 @@ def experiment(runs: Sequence[RunRecord], teachers: Sequence[str] = ()) -> summa
         if gates[name] != all_gates:
             info.description = "only in gate(s): " + ", ".join(gates[name])
         distinct = sorted(set(vals), key=lambda v: (isinstance(v, str), v))
-        info.differs = len(distinct) > 1
+        info.differs = len(distinct) > 1 or name in LEADING_HPARAMS
         if len(kinds) == 1:
             info.type = kinds.pop()
             info.domain_discrete.extend([_encode(v)[1] for v in distinct])
