@@ -50,8 +50,8 @@ def mce_min_count(probs: Tensor, labels: Tensor, min_count: int = MCE_MIN_COUNT,
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> dict[str, float]:
-    """Accuracy, NLL, ECE, MCE (raw, and ``mce_min{MCE_MIN_COUNT}`` over well-filled bins) and Brier score of
-    ``logits [N, C]`` (masked units dropped)."""
+    """Accuracy, NLL, ECE, MCE (raw, and ``mce_min{MCE_MIN_COUNT}`` over the bins holding at least
+    :data:`MCE_MIN_COUNT` units, when one does) and Brier score of ``logits [N, C]`` (masked units dropped)."""
     if mask is not None:
         keep = mask.bool()
         logits, labels = logits[keep], labels[keep]
@@ -59,14 +59,17 @@ def classification_metrics(logits: Tensor, labels: Tensor, mask: Tensor | None =
     probs = F.softmax(logits, -1)
     ece, mce = ece_mce(probs, labels)
     onehot = F.one_hot(labels, logits.shape[-1]).to(probs.dtype)
-    return {
+    out = {
         "acc": float((probs.argmax(-1) == labels).double().mean()),
         "nll": float(F.cross_entropy(logits, labels)),
         "ece": ece,
         "mce": mce,
-        f"mce_min{MCE_MIN_COUNT}": mce_min_count(probs, labels),
         "brier": float(((probs - onehot) ** 2).sum(-1).mean()),
     }
+    mce_min = mce_min_count(probs, labels)
+    if mce_min == mce_min:  # left out when no bin is full enough (a small split), not NaN
+        out[f"mce_min{MCE_MIN_COUNT}"] = mce_min
+    return out
 
 
 def auroc(scores: Tensor, positives: Tensor) -> float:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from metagate.errors import InputError
+from metagate.errors import InputError, MetagateError
 from metagate.metrics import MCE_MIN_COUNT
 from metagate.report import DIAG_METRICS
 from metagate.tb.custom_scalars import build_layout, layout_summary
@@ -160,7 +160,7 @@ def gate_spec_of(gate: Any) -> str:
     options = gate.hparams()
     try:
         defaults = type(gate)().hparams()
-    except TypeError:  # a gate that cannot be built without arguments (a composite): its name alone
+    except (TypeError, MetagateError):  # a gate that cannot be built from its defaults: its name alone
         defaults = None
     return gate_spec(gate.name, options, defaults) if defaults is not None else gate.name
 
