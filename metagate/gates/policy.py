@@ -34,6 +34,7 @@ from metagate.modes import eval_mode, is_mode_free
 from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
+from metagate.policies.safe_zip import load_policy_zip
 
 __all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
 
@@ -306,26 +307,9 @@ class ReinforceGate(_RLGate):
 
 
 def load_sb3_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the policy of a stable-baselines3 zip (PPO or A2C) without knowing the algorithm."""
-    from stable_baselines3.common.save_util import load_from_zip_file
-
-    p = Path(path)
-    if not p.is_file() and p.with_suffix(".zip").is_file():
-        p = p.with_suffix(".zip")
-    if not p.is_file():
-        raise ConfigError(f"--policy {path}: no such file (train one with `metagate train-policy --out ...`)")
-    try:
-        data, params, _ = load_from_zip_file(p, device=device)
-    except Exception as e:  # a truncated or foreign zip
-        raise ConfigError(f"--policy {path}: not a stable-baselines3 policy zip ({e})") from e
-    if data is None or "policy_class" not in data or params is None or "policy" not in params:
-        raise ConfigError(f"--policy {path}: the zip holds no policy")
-    cls = data["policy_class"]
-    policy = cls(data["observation_space"], data["action_space"], lambda _: 0.0, **data.get("policy_kwargs", {}))
-    policy.load_state_dict(params["policy"])
-    if not hasattr(policy, "mean_logits"):
-        raise ConfigError(f"--policy {path}: {cls.__name__} is not a metagate teacher-weighting policy")
-    return policy.to(device)
+    """Load the policy of a ``metagate train-policy`` zip (PPO or A2C) without executing anything from it
+    (:func:`metagate.policies.safe_zip.load_policy_zip`; ``PPO.load`` unpickles the zip's fields)."""
+    return load_policy_zip(path, device)
 
 
 @register("policy")
