@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from metagate.io import atomic_write_text
+
 
 class Logger:
     """Thin wrapper over ``SummaryWriter``; a no-op when ``logdir`` is None.
@@ -61,7 +63,7 @@ class Logger:
         for k, v in metrics.items():
             self.scalar(f"hparam/{k}", v, 0)
         assert self.logdir is not None
-        (self.logdir / "hparams.json").write_text(json.dumps({"hparams": clean, "metrics": metrics}, indent=2))
+        atomic_write_text(self.logdir / "hparams.json", json.dumps({"hparams": clean, "metrics": metrics}, indent=2))
 
     def flush(self) -> None:
         if self._writer is not None:
