@@ -21,43 +21,58 @@ class Logger:
 
     def __init__(self, logdir: str | os.PathLike | None) -> None:
         self.logdir = Path(logdir) if logdir else None
-        self._writer = None
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        self._closed = False
         if self.logdir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.logdir))
 
     @property
     def enabled(self) -> bool:
-        return self._writer is not None
+        return self.logdir is not None and not self._closed
+
+    def purge_after(self, step: int) -> None:
+        """Drop the points logged after ``step`` by an earlier, interrupted process (a resume re-runs those
+        steps): TensorBoard's ``purge_step``. Call before the first write."""
+        if self._writer is not None:
+            raise RuntimeError("purge_after must be called before anything is logged")
+        self._purge_step = int(step) + 1
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, created on first use (``None`` when disabled)."""
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=self._purge_step)
+        return self._writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self._writer is not None and value == value:  # skip NaN
-            self._writer.add_scalar(tag, float(value), step)
+        if self.enabled and value == value:  # skip NaN
+            self.writer.add_scalar(tag, float(value), step)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
             self.scalar(f"{prefix}/{k}", v, step)
 
     def histogram(self, tag: str, values: torch.Tensor | np.ndarray, step: int) -> None:
-        if self._writer is not None and len(values) > 0:
+        if self.enabled and len(values) > 0:
             v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
-            self._writer.add_histogram(tag, v, step)
+            self.writer.add_histogram(tag, v, step)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        if self._writer is not None:
-            self._writer.add_figure(tag, fig, step, close=True)
+        if self.enabled:
+            self.writer.add_figure(tag, fig, step, close=True)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Write an HPARAMS entry into this run's directory (not a timestamped subfolder)."""
-        if self._writer is None:
+        if not self.enabled:
             return
         from torch.utils.tensorboard.summary import hparams as hp_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         exp, ssi, sei = hp_summary(clean, {f"hparam/{k}": v for k, v in metrics.items()})
-        fw = self._writer._get_file_writer()
+        fw = self.writer._get_file_writer()
         for s in (exp, ssi, sei):
             fw.add_summary(s)
         for k, v in metrics.items():
@@ -73,3 +88,4 @@ class Logger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._closed = True

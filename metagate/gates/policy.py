@@ -261,8 +261,12 @@ class _RLGate(Gate):
                 logger.scalar(f"policy/{name}", float(p.detach()), step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Policy, learner and the open episode (start loss, exploration noise, recorded decisions): a
+        resume continues the episode exactly where the checkpoint was written."""
         state: dict[str, Any] = {"policy": self.policy.state_dict(), "t": self._t,
-                                 "val_start": float("nan") if self._val_start is None else self._val_start}
+                                 "val_start": float("nan") if self._val_start is None else self._val_start,
+                                 "val_started": self._val_start is not None,
+                                 "noise": self._noise, "prev_noise": self._prev_noise}
         if self.learner is not None:
             state["learner"] = self.learner.state_dict()
         return state
@@ -270,8 +274,13 @@ class _RLGate(Gate):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self._t = int(state.get("t", 0))
-        self._val_start = None  # re-measured on the restored student
-        self._offset = None  # the restored exploration scale
+        started = bool(state.get("val_started", False))  # older checkpoints: re-measured on the restored student
+        self._val_start = float(state["val_start"]) if started else None
+        dev = next(iter(self.policy.parameters())).device
+        self._noise = None if state.get("noise") is None else state["noise"].to(dev)
+        self._prev_noise = None if state.get("prev_noise") is None else state["prev_noise"].to(dev)
+        self._offset = None  # rebuilt from the restored exploration scale and noise
+        self._fast_head = None
         if self.learner is not None and "learner" in state:
             self.learner.load_state_dict(state["learner"])
 
