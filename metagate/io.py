@@ -65,6 +65,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except OSError as e:
         _unlink_quietly(tmp)
@@ -72,6 +73,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unlink_quietly(path: str | os.PathLike) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,23 @@ class Logger:
             raise RuntimeError("purge_after must be called before anything is logged")
         self._purge_step = int(step) + 1
 
+    def _wait_for_a_later_second(self) -> None:
+        """TensorBoard reads event files in name order, whose first key is the creation second: a resumed
+        run's file (carrying the purge) must sort after the interrupted run's files."""
+        assert self.logdir is not None
+        stamps = [int(p.name.split(".")[3]) for p in self.logdir.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3].isdigit()]
+        while stamps and time.time() < max(stamps) + 1:
+            time.sleep(0.05)
+
     @property
     def writer(self) -> Any:
         """The ``SummaryWriter``, created on first use (``None`` when disabled)."""
         if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            if self._purge_step is not None:
+                self._wait_for_a_later_second()
             self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=self._purge_step)
         return self._writer
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from metagate.errors import ConfigError
+from metagate.gates.policy import PolicyGate
 from metagate.policies import safe_zip
 from metagate.policies.safe_zip import META_NAME, load_policy_zip
 
@@ -111,6 +112,9 @@ def test_crafted_zip_payload_never_runs(saved, tmp_path):
     with pytest.raises(ConfigError, match="not a metagate teacher-weighting policy") as e:
         load_policy_zip(foreign)
     assert str(foreign) in str(e.value) and not marker.exists()
+    with pytest.raises(ConfigError, match="--policy"):  # the gate's loader is this one
+        PolicyGate(path=foreign)
+    assert not marker.exists()
     # the control: stable-baselines3's own loader executes the payload
     load_from_zip_file(foreign, device="cpu")
     assert marker.read_text() == "pwned"
