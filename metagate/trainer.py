@@ -302,8 +302,9 @@ class Trainer:
         if grad is not None and grad.shape != logits.shape:
             raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
         with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
-            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
-            loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
+            # validated once: the data at load time, the weights above (the loss is checked for NaN below)
+            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp, validate=False)
+            loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
