@@ -44,12 +44,14 @@ def ensure_dir(path: str | os.PathLike, option: str) -> Path:
     """Create directory ``path`` (and parents); a clear :class:`StorageError` naming ``option`` when it is a
     file, lies under a file, or cannot be created or written."""
     path = check_dir_path(path, option)
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing} is read-only)"
+        raise StorageError(errno.EACCES, f"{option} {path} is not writable{where}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise storage_error(path, e, f"{option}: cannot create") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StorageError(errno.EACCES, f"{option} {path} is not writable")
     return path
 
 
