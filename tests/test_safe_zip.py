@@ -113,7 +113,7 @@ def test_crafted_zip_payload_never_runs(saved, tmp_path):
         load_policy_zip(foreign)
     assert str(foreign) in str(e.value) and not marker.exists()
     with pytest.raises(ConfigError, match="--policy"):  # the gate's loader is this one
-        PolicyGate(path=foreign)
+        PolicyGate(policy=str(foreign))
     assert not marker.exists()
     # the control: stable-baselines3's own loader executes the payload
     load_from_zip_file(foreign, device="cpu")
