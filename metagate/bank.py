@@ -3,10 +3,11 @@ on-disk cache.
 
 Cache layout under ``cache_dir/<task key>/``::
 
-    logits-<name>.pt    {"fingerprint", "logits" [N_train, C]}
+    logits-<name>.pt    {"fingerprint", "logits" [N_train, C], "checksum"}
 
 The logits' fingerprint hashes the training data, the unit ids and the teacher's
-weights; a mismatch raises :class:`StaleCacheError` instead of loading. This module sits
+weights, the checksum the logits themselves (dtype, shape, bytes); a mismatch of either raises
+:class:`StaleCacheError` instead of loading. This module sits
 below the trainer (it imports nothing of it); training teachers lives in :mod:`metagate.teachers`.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from metagate.checks import check_finite
 from metagate.errors import StaleCacheError
-from metagate.io import atomic_save, safe_load, state_fingerprint
+from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Task
@@ -118,12 +119,29 @@ def cached_logits(
                 f"stale teacher cache {path}: it was computed for fingerprint {got}, but the current data, unit ids "
                 f"and teacher checkpoint give {fp}. Delete the file or pass --rebuild-cache."
             )
-        return blob["logits"]
+        if "checksum" in blob:  # caches of older versions have none: they are recomputed below
+            _check_logits(blob, path, (len(task.train), None))
+            return blob["logits"]
     logits = teacher_logits(teacher, task.train.x, device)
     check_finite(f"logits of teacher {name!r}", logits)
     if path is not None:
-        atomic_save({"fingerprint": fp, "logits": logits, "teacher": name}, path)
+        atomic_save({"fingerprint": fp, "logits": logits, "teacher": name, "checksum": tensor_checksum(logits)}, path)
     return logits
+
+
+def _check_logits(blob: dict, path: Path, shape: tuple[int, int | None]) -> None:
+    """The cached logits are the ones written: a float32 ``[N, C]`` tensor whose checksum matches."""
+    logits = blob.get("logits")
+    fix = "Delete the file or pass --rebuild-cache to recompute it."
+    if not torch.is_tensor(logits) or logits.dtype != torch.float32 or logits.ndim != 2 \
+            or logits.shape[0] != shape[0]:
+        what = (f"{logits.dtype} {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__)
+        raise StaleCacheError(f"damaged teacher cache {path}: logits are {what}, expected float32 "
+                              f"[{shape[0]}, C]. {fix}")
+    got = tensor_checksum(logits)
+    if got != blob["checksum"]:
+        raise StaleCacheError(f"damaged teacher cache {path}: the logits' checksum is {got}, the file recorded "
+                              f"{blob['checksum']} (zeroed, shifted or flipped values). {fix}")
 
 
 def build_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,

@@ -22,3 +22,16 @@ def check_labels(labels: Tensor, num_classes: int, name: str = "labels") -> None
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise InputError(f"{name} out of range: found [{lo}, {hi}] but the task has {num_classes} classes")
+
+
+def check_teacher_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Teacher logits ``[N, K, C]`` must match student logits ``[N, C]`` (``metagate.losses`` validates with it)."""
+    if teacher_logits.ndim != 3:
+        raise InputError(f"teacher logits must be [N, K, C], got shape {tuple(teacher_logits.shape)}")
+    n, c = student_logits.shape
+    if teacher_logits.shape[0] != n:
+        raise InputError(f"teacher logits cover {teacher_logits.shape[0]} units but the student has {n}")
+    if teacher_logits.shape[2] != c:
+        raise InputError(
+            f"class-count mismatch: teachers output {teacher_logits.shape[2]} classes, student outputs {c}"
+        )

@@ -21,3 +21,7 @@ class StaleCacheError(MetagateError):
 
 class CheckpointError(MetagateError):
     """A checkpoint is corrupt, truncated or from an incompatible run."""
+
+
+class StorageError(MetagateError, OSError):
+    """A file or directory cannot be written or read: it is a file, under a file, read-only, or the disk is full."""

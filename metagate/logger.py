@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metagate.io import atomic_write_text
 from metagate.tb import hparams as tb_hparams
 from metagate.tb import summaries
 from metagate.tb.custom_scalars import build_layout, layout_summary
@@ -26,28 +28,53 @@ class Logger:
 
     def __init__(self, logdir: str | os.PathLike | None) -> None:
         self.logdir = Path(logdir) if logdir else None
-        self._writer = None
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        self._closed = False
         self.teachers: list[str] = []
         self.scalar_tags: set[str] = set()  # every scalar tag written (the layout names only these)
         self._last_step: dict[str, int] = {}
         if self.logdir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.logdir))
 
     @property
     def enabled(self) -> bool:
-        return self._writer is not None
+        return self.logdir is not None and not self._closed
+
+    def purge_after(self, step: int) -> None:
+        """Drop the points logged after ``step`` by an earlier, interrupted process (a resume re-runs those
+        steps): TensorBoard's ``purge_step``. Call before the first write."""
+        if self._writer is not None:
+            raise RuntimeError("purge_after must be called before anything is logged")
+        self._purge_step = int(step) + 1
+
+    def _wait_for_a_later_second(self) -> None:
+        """TensorBoard reads event files in name order, whose first key is the creation second: a resumed
+        run's file (carrying the purge) must sort after the interrupted run's files."""
+        assert self.logdir is not None
+        stamps = [int(p.name.split(".")[3]) for p in self.logdir.glob("events.out.tfevents.*")
+                  if p.name.split(".")[3].isdigit()]
+        while stamps and time.time() < max(stamps) + 1:
+            time.sleep(0.05)
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, created on first use (``None`` when disabled)."""
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if self._purge_step is not None:
+                self._wait_for_a_later_second()
+            self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=self._purge_step)
+        return self._writer
 
     def _add(self, summary: Any, step: int) -> None:
-        assert self._writer is not None
-        self._writer._get_file_writer().add_summary(summary, step)
+        self.writer._get_file_writer().add_summary(summary, step)
 
     def set_teachers(self, names: Sequence[str]) -> None:
         """Name the teachers (tag descriptions and chart titles say ``teacher2 (adv-cnn16, ...)``); the first
         call also writes the index -> name table as the text summary ``teachers``."""
-        if self._writer is None or list(names) == self.teachers and self.teachers:
+        if not self.enabled or list(names) == self.teachers and self.teachers:
             return
         self.teachers = list(names)
         rows = ["| index | tags | teacher | planted adversarial |", "|---|---|---|---|"]
@@ -58,7 +85,7 @@ class Logger:
 
     def scalar(self, tag: str, value: float, step: int, description: str | None = None) -> None:
         """Log ``value`` (NaN skipped; tags that repeat another tag's quantity are not written)."""
-        if self._writer is None or value != value or is_duplicate(tag):
+        if not self.enabled or value != value or is_duplicate(tag):
             return
         first = tag not in self.scalar_tags
         if first:
@@ -80,22 +107,22 @@ class Logger:
                   span: tuple[float, float] | None = None, description: str | None = None) -> None:
         """A histogram; a few distinct values (a constant weight) are drawn as exact spikes, and ``span``
         (e.g. ``(0, 1)`` for weights) fixes the axis so a constant sits where it belongs."""
-        if self._writer is not None and len(values) > 0:
+        if self.enabled and len(values) > 0:
             v = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
             self._add(summaries.histogram(tag, v, description, span), step)
 
     def text(self, tag: str, markdown: str, step: int, description: str | None = None) -> None:
-        if self._writer is not None:
+        if self.enabled:
             self._add(summaries.text(tag, markdown, description), step)
 
     def figure(self, tag: str, fig: Any, step: int) -> None:
-        if self._writer is not None:
-            self._writer.add_figure(tag, fig, step, close=True)
+        if self.enabled:
+            self.writer.add_figure(tag, fig, step, close=True)
 
     def session(self, hparams: Mapping[str, Any], group: str, metrics: Mapping[str, float]) -> None:
         """This run's HPARAMS session records (start with ``group`` = its gate spec, end), its custom-scalars
         layout, and ``hparams.json`` (the cleaned hyperparameters and final metrics a compare collects)."""
-        if self._writer is None:
+        if not self.enabled:
             return
         clean = tb_hparams.clean_hparams(hparams)
         self._add(tb_hparams.session_start(clean, group), 0)
@@ -103,7 +130,7 @@ class Logger:
         self._add(layout_summary(build_layout(self.scalar_tags, self.teachers)), 0)
         keep = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
         assert self.logdir is not None
-        (self.logdir / "hparams.json").write_text(json.dumps(
+        atomic_write_text(self.logdir / "hparams.json", json.dumps(
             {"hparams": clean, "group": group, "teachers": self.teachers, "metrics": keep,
              "tags": sorted(self.scalar_tags)}, indent=2))
 
@@ -115,3 +142,4 @@ class Logger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._closed = True

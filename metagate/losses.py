@@ -3,27 +3,71 @@
 Every loss here is *unweighted and unreduced*: it returns one value per unit.
 The gate decides the mix; :func:`reduce_weighted` applies it.
 
+The public functions validate their inputs (shapes, label range, non-finite logits, ``tau <= 0``,
+negative or NaN weights) and raise :class:`~metagate.errors.InputError` naming the argument.
+The shared loop, which has checked its data once, passes ``validate=False`` on its hot path.
+
 Shapes: ``N`` units, ``K`` teachers, ``C`` classes.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metagate.checks import check_finite, check_labels, check_teacher_shape
 from metagate.errors import InputError
 
 __all__ = ["ce_per_unit", "kd_per_unit", "unit_losses", "reduce_weighted", "check_weights"]
 
 
-def ce_per_unit(student_logits: Tensor, labels: Tensor) -> Tensor:
+def _check_student(student_logits: Tensor, labels: Tensor) -> None:
+    if not torch.is_tensor(student_logits) or student_logits.ndim != 2 or not student_logits.is_floating_point():
+        got = tuple(student_logits.shape) if torch.is_tensor(student_logits) else type(student_logits).__name__
+        raise InputError(f"student_logits must be a floating [N, C] tensor, got {got}")
+    check_finite("student_logits", student_logits)
+    n, c = student_logits.shape
+    if not torch.is_tensor(labels) or labels.shape != (n,):
+        got = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
+        raise InputError(f"labels must be [N] = [{n}] to match student_logits, got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    check_labels(labels, c, "labels")
+
+
+def _check_tau(tau: Tensor | float, n: int) -> None:
+    if torch.is_tensor(tau):
+        if tau.shape not in ((), (n,)):
+            raise InputError(f"tau must be a scalar or [N] = [{n}], got shape {tuple(tau.shape)}")
+        ok = bool(torch.isfinite(tau).all() and (tau > 0).all())
+    else:
+        ok = isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0
+    if not ok:
+        raise InputError(f"tau must be finite and > 0, got {tau!r}")
+
+
+def _check_teachers(student_logits: Tensor, teacher_logits: Tensor | None, teacher_log_probs: Tensor | None) -> None:
+    if teacher_logits is not None:
+        check_teacher_shape(student_logits, teacher_logits)
+        check_finite("teacher_logits", teacher_logits)
+    if teacher_log_probs is not None:
+        check_teacher_shape(student_logits, teacher_log_probs)
+        if torch.isnan(teacher_log_probs).any() or (teacher_log_probs > 0).any():
+            raise InputError("teacher_log_probs must be log-probabilities (<= 0, no NaN)")
+
+
+def ce_per_unit(student_logits: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
     """Cross-entropy of each unit against its label.
 
     :param student_logits: ``[N, C]``
     :param labels: ``[N]`` integer class ids
     :return: ``[N]``
     """
+    if validate:
+        _check_student(student_logits, labels)
     return F.cross_entropy(student_logits, labels, reduction="none")
 
 
@@ -32,6 +76,7 @@ def kd_per_unit(
     teacher_logits: Tensor | None,
     tau: Tensor | float = 1.0,
     teacher_log_probs: Tensor | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """``tau**2 * KL(softmax(t/tau) || softmax(s/tau))`` for every unit and teacher.
 
@@ -45,6 +90,14 @@ def kd_per_unit(
         (the teacher bank caches it per temperature)
     :return: ``[N, K]``
     """
+    if validate:
+        if not torch.is_tensor(student_logits) or student_logits.ndim != 2:
+            raise InputError(f"student_logits must be [N, C], got {getattr(student_logits, 'shape', student_logits)}")
+        check_finite("student_logits", student_logits)
+        if teacher_logits is None and teacher_log_probs is None:
+            raise InputError("kd_per_unit needs teacher_logits or teacher_log_probs")
+        _check_teachers(student_logits, teacher_logits, teacher_log_probs)
+        _check_tau(tau, student_logits.shape[0])
     if not torch.is_tensor(tau):  # python scalar: no tensor ops to build
         tau_s = tau_t = float(tau)
         scale: Tensor | float = float(tau) ** 2
@@ -69,6 +122,7 @@ def unit_losses(
     tau: Tensor | float = 1.0,
     teacher_log_probs: Tensor | None = None,
     student_log_probs: Tensor | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """All loss columns of DESIGN.md: ``[N, 1+K]``, column 0 = CE to the label.
 
@@ -78,14 +132,24 @@ def unit_losses(
     :param tau: scalar or ``[N]``
     :param teacher_log_probs: optional precomputed teacher log-probabilities at ``tau``
     :param student_log_probs: optional precomputed ``log_softmax(student_logits)`` (with graph) for CE
+    :param validate: check the inputs (``False``: the caller has, e.g. the shared loop's hot path)
+    :raises InputError: bad shapes, labels out of range, NaN/inf logits, ``tau <= 0``
     """
+    if validate:
+        _check_student(student_logits, labels)
+        _check_teachers(student_logits, teacher_logits, teacher_log_probs)
+        if teacher_logits is not None or teacher_log_probs is not None:
+            _check_tau(tau, student_logits.shape[0])
+        if student_log_probs is not None and student_log_probs.shape != student_logits.shape:
+            raise InputError(f"student_log_probs must be [N, C] = {tuple(student_logits.shape)}, got "
+                             f"{tuple(student_log_probs.shape)}")
     if student_log_probs is not None:
         ce = F.nll_loss(student_log_probs, labels, reduction="none").unsqueeze(1)
     else:
-        ce = ce_per_unit(student_logits, labels).unsqueeze(1)
+        ce = ce_per_unit(student_logits, labels, validate=False).unsqueeze(1)
     if teacher_log_probs is None and (teacher_logits is None or teacher_logits.shape[1] == 0):
         return ce
-    return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs)], dim=1)
+    return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs, validate=False)], dim=1)
 
 
 def check_weights(weights: Tensor) -> None:
@@ -101,6 +165,7 @@ def reduce_weighted(
     weights: Tensor,
     mask: Tensor | None = None,
     reduction: str = "mean",
+    validate: bool = True,
 ) -> Tensor:
     """``sum_i m_i sum_j w_ij l_ij / sum_i m_i`` (the one equation).
 
@@ -108,7 +173,26 @@ def reduce_weighted(
     :param weights: ``[N, J]`` or broadcastable (e.g. ``[J]``)
     :param mask: ``[N]`` of 0/1 (padding), or ``None`` for all ones
     :param reduction: ``mean`` (over unmasked units), ``sum`` or ``none`` (``[N]``)
+    :param validate: check shapes, weights (finite, >= 0) and mask (``False``: the caller has)
     """
+    if validate:
+        if not torch.is_tensor(losses) or losses.ndim != 2:
+            raise InputError(f"losses must be [N, J] loss columns, got {getattr(losses, 'shape', losses)}")
+        if torch.isnan(losses).any():
+            raise InputError("losses contain NaN")
+        if not torch.is_tensor(weights):
+            raise InputError(f"weights must be a tensor, got {type(weights).__name__}")
+        try:
+            torch.broadcast_shapes(losses.shape, weights.shape)
+        except RuntimeError:
+            raise InputError(f"weights of shape {tuple(weights.shape)} do not broadcast to the losses' "
+                             f"{tuple(losses.shape)}") from None
+        check_weights(weights)
+        if mask is not None:
+            if mask.shape != (losses.shape[0],):
+                raise InputError(f"mask must be [N] = [{losses.shape[0]}], got {tuple(mask.shape)}")
+            if not torch.isfinite(mask.float()).all() or (mask < 0).any():
+                raise InputError("mask must hold finite values >= 0 (0/1 padding mask)")
     per_unit = (losses * weights).sum(-1)
     if mask is not None:
         per_unit = per_unit * mask.to(per_unit.dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,12 @@ from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
+from metagate.io import atomic_write_text, ensure_dir
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
+from metagate.rundir import RunDir
 from metagate.teachers import load_or_train_teachers
-from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
+from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
 
 
 @dataclass
@@ -96,7 +97,7 @@ def load_task(cfg: DistillConfig) -> Task:
 def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
                   verbose: bool = False) -> tuple[TeacherBank, list[dict[str, float]]]:
     """Teachers of the run (trained once, cached) and their training-split logits bank."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
     device = resolve_device(cfg.train.device)
     modules, names, stats = load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
                                                    str(device), cfg.retrain_teachers, progress, verbose)
@@ -111,33 +112,39 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,
                 verbose: bool = False) -> dict[str, Any]:
-    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats."""
+    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
+
+    The seed is set before the gate and the student are built (a gate's policy is initialised from
+    it); loading or training teachers does not move the run's random state.
+    """
     task = task or load_task(cfg)
-    gate = gate or build_gate(cfg.gate, cfg.gate_options)
-    bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
-                    else (None, []))
     run_dir = cfg.run_dir
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists() and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(f"run directory {run_dir} already holds a checkpoint; pass --resume to continue it, "
-                          "--overwrite to replace it, or another --logdir")
-    if cfg.resume and not ckpt.exists():
-        raise ConfigError(f"--resume: no checkpoint at {ckpt}")
-    if cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    seed_everything(cfg.train.seed)
-    student = task.make_student(cfg.student)
-    identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
-                task.default_student, "teachers": ",".join(bank.names) if bank else ""}
-    trainer = Trainer(task, student, gate, bank, cfg.train, Logger(run_dir), run_dir, identity)
-    if cfg.resume:
-        trainer.load_checkpoint(ckpt)
-    try:
-        metrics = trainer.fit()
-        trainer.log_final(metrics, cfg.hparams(gate))
-    finally:
-        trainer.logger.close()
-    result: dict[str, Any] = dict(metrics)
-    result["teachers"] = tstats
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    with RunDir(run_dir, overwrite=cfg.overwrite, resume=cfg.resume) as rd:  # validated, marked, locked
+        ckpt = run_dir / "checkpoint.pt"
+        if ckpt.exists() and not (cfg.resume or cfg.overwrite):
+            raise ConfigError(f"run directory {run_dir} already holds a checkpoint; pass --resume to continue it, "
+                              "--overwrite to replace it, or another --logdir")
+        if cfg.resume and not ckpt.exists():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
+        seed_everything(cfg.train.seed)
+        gate = gate or build_gate(cfg.gate, cfg.gate_options)
+        with preserved_rng():
+            bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
+                            else (None, []))
+        student = task.make_student(cfg.student)
+        identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
+                    task.default_student, "teachers": ",".join(bank.names) if bank else ""}
+        work = rd.work  # the run directory, or the sibling an --overwrite replaces it with when done
+        trainer = Trainer(task, student, gate, bank, cfg.train, Logger(work), work, identity)
+        if cfg.resume:
+            trainer.load_checkpoint(ckpt)
+        try:
+            metrics = trainer.fit()
+            trainer.log_final(metrics, cfg.hparams(gate))
+        finally:
+            trainer.logger.close()
+        result: dict[str, Any] = dict(metrics)
+        result["teachers"] = tstats
+        atomic_write_text(work / "metrics.json", json.dumps(result, indent=2))
+        rd.commit()
     return result

@@ -9,6 +9,7 @@ Their logits for the training units live in the teacher bank (:mod:`metagate.ban
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from metagate.errors import ConfigError, StaleCacheError
 from metagate.gates.fixed import CEGate
-from metagate.io import atomic_save, safe_load
+from metagate.io import atomic_save, file_lock, safe_load
 from metagate.models import PermutedTeacher
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
@@ -58,6 +59,39 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
     return model.cpu().eval(), stats
 
 
+def _cache_lock(path: Path | None) -> contextlib.AbstractContextManager[Any]:
+    if path is None:
+        return contextlib.nullcontext()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return file_lock(path.parent / ".teachers.lock")
+
+
+def _load_or_train(task: Task, spec: TeacherSpec, i: int, path: Path | None, fp: str, device: str, retrain: bool,
+                   progress: bool, verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
+    model = spec.factory()
+    if path is not None and path.exists() and not retrain:
+        blob = safe_load(path, "teacher checkpoint")
+        if not isinstance(blob, dict) or blob.get("task_fingerprint") != fp:
+            got = blob.get("task_fingerprint") if isinstance(blob, dict) else None
+            raise StaleCacheError(f"teacher checkpoint {path} was trained on other data (fingerprint "
+                                  f"{got} vs {fp}); delete it or pass --retrain-teachers")
+        missing = [k for k in ("state", "select_acc", "test_acc", "epoch") if k not in blob]
+        if missing:
+            raise StaleCacheError(f"teacher checkpoint {path} lacks {missing}; delete it or pass --retrain-teachers")
+        try:
+            model.load_state_dict(blob["state"])
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise StaleCacheError(f"teacher checkpoint {path} does not fit teacher {spec.name!r} ({e}); delete it "
+                                  "or pass --retrain-teachers") from e
+        return model, {k: blob[k] for k in ("select_acc", "test_acc", "epoch")}
+    if verbose:
+        print(f"training teacher {spec.name} on {task.key} ...", flush=True)
+    model, st = train_teacher(task, spec, seed=1000 + i, device=device, progress=progress)
+    if path is not None:
+        atomic_save({"state": model.state_dict(), "task_fingerprint": fp, **st}, path)
+    return model, st
+
+
 def load_or_train_teachers(
     task: Task,
     num_teachers: int,
@@ -87,20 +121,9 @@ def load_or_train_teachers(
     modules, names, stats = [], [], []
     for i, spec in enumerate(specs[:n_real]):
         path = None if cache_dir is None else Path(cache_dir) / task.key / f"teacher-{spec.name}.pt"
-        model = spec.factory()
-        if path is not None and path.exists() and not retrain:
-            blob = safe_load(path, "teacher checkpoint")
-            if blob.get("task_fingerprint") != fp:
-                raise StaleCacheError(f"teacher checkpoint {path} was trained on other data (fingerprint "
-                                      f"{blob.get('task_fingerprint')} vs {fp}); delete it or pass --retrain-teachers")
-            model.load_state_dict(blob["state"])
-            st = {k: blob[k] for k in ("select_acc", "test_acc", "epoch")}
-        else:
-            if verbose:
-                print(f"training teacher {spec.name} on {task.key} ...", flush=True)
-            model, st = train_teacher(task, spec, seed=1000 + i, device=device, progress=progress)
-            if path is not None:
-                atomic_save({"state": model.state_dict(), "task_fingerprint": fp, **st}, path)
+        # one process trains a teacher; another one waits for it here and then loads it from the cache
+        with _cache_lock(path):
+            model, st = _load_or_train(task, spec, i, path, fp, device, retrain, progress, verbose)
         for p in model.parameters():
             p.requires_grad_(False)
         modules.append(model.eval())

@@ -103,6 +103,7 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from metagate.envs import TeacherWeightingEnv
+    from metagate.policies.safe_zip import write_policy_meta
     from metagate.policies.sb3 import TeacherWeightingPolicy
 
     if args.timesteps < 1:
@@ -128,6 +129,7 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     model.learn(total_timesteps=args.timesteps, callback=TeacherWeightCallback.make())
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
+    write_policy_meta(out if out.suffix else out.with_suffix(".zip"), model.policy, args.algo)
     meta = {"algo": args.algo, "timesteps": args.timesteps, "task": getattr(env.task, "name", args.task),
             "teachers": env.num_teachers, "env": {k: v for k, v in make_env_kwargs(args).items() if k != "cache_dir"}}
     (logdir / "train_policy.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -138,6 +140,6 @@ def run(args: argparse.Namespace) -> int:
     """train a teacher-weighting policy (PPO/A2C) on the gymnasium env; save a zip"""
     train_policy(args)
     out = Path(args.out)
-    print(f"saved {out if out.suffix == '.zip' else out.with_suffix('.zip')}; deploy with "
+    print(f"saved {out if out.suffix else out.with_suffix('.zip')}; deploy with "
           f"`metagate distill --gate policy --policy {args.out}`")
     return 0

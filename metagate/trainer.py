@@ -7,6 +7,7 @@ with its own :class:`~metagate.gates.GateOutput`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -51,6 +52,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block (e.g. loading or training teachers) without moving the python/numpy/torch random state."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 @dataclass
 class TrainConfig(Options):
     """Student optimisation settings (each field is also a ``distill`` flag and a YAML key)."""
@@ -82,6 +98,12 @@ class TrainConfig(Options):
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
+
+
+#: options whose change alters a run's result: a resume with another value is refused
+RESULT_OPTIONS = ("batch_size", "lr", "momentum", "weight_decay", "optimizer", "schedule", "seed")
+CHECKPOINT_KEYS = ("version", "identity", "config", "student", "optimizer", "gate", "rng", "epoch", "step",
+                   "unit_weights")
 
 
 @dataclass
@@ -281,8 +303,9 @@ class Trainer:
         if grad is not None and grad.shape != logits.shape:
             raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
         with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
-            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp)
-            loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask)
+            # validated once: the data at load time, the weights above (the loss is checked for NaN below)
+            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp, validate=False)
+            loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
@@ -461,6 +484,7 @@ class Trainer:
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "gate": self.gate.state_dict(),
+            "gate_hparams": _plain(self.gate.hparams()),
             "rng": rng,
             "epoch": self.epoch,
             "step": self.step,
@@ -472,29 +496,61 @@ class Trainer:
         atomic_save(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``)."""
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``).
+
+        Refused (:class:`CheckpointError`, naming the option) when the run's options differ from the
+        checkpoint's in anything that changes the result; ``--epochs`` may grow (the run is *extended*:
+        the cosine schedule is stretched to the new length from here on, so the result differs from a
+        run started with the larger ``--epochs``) but not shrink below the checkpoint's.
+        """
         state = safe_load(path)
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint {path} is not a metagate v{CHECKPOINT_VERSION} checkpoint")
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
         diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items()
                 if state["identity"].get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"checkpoint {path} is incompatible with this run ({detail})")
+        self._check_resumed_options(path, state)
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.gate.load_state_dict(state["gate"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this student/gate: {e}") from e
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-        random.setstate((3, tuple(rng["python"]), None))
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.unit_weights.copy_(state["unit_weights"].to(self.device))
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+            random.setstate((3, tuple(rng["python"]), None))
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.unit_weights.copy_(state["unit_weights"].to(self.device))
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this student/gate: {type(e).__name__}: {e}") from e
+        self.logger.purge_after(self.step)  # TensorBoard points of the re-run steps replace the old ones
+
+    def _check_resumed_options(self, path: str | Path, state: dict[str, Any]) -> None:
+        """Refuse a resume whose options would mix two configurations, naming each changed option."""
+        saved, now = state["config"], asdict(self.config)
+        changed = [(f"--{k.replace('_', '-')}", saved[k], now[k]) for k in RESULT_OPTIONS
+                   if k in saved and saved[k] != now[k]]
+        if "epochs" in saved and now["epochs"] < saved["epochs"]:
+            changed.append(("--epochs", saved["epochs"], now["epochs"]))
+        old_gate, new_gate = state.get("gate_hparams"), _plain(self.gate.hparams())
+        if isinstance(old_gate, dict):
+            changed += [(f"--{k.replace('_', '-')}", old_gate.get(k), new_gate.get(k))
+                        for k in sorted(set(old_gate) | set(new_gate)) if old_gate.get(k) != new_gate.get(k)]
+        if changed:
+            detail = ", ".join(f"{flag} {b!r} (checkpoint: {a!r})" for flag, a, b in changed)
+            raise CheckpointError(f"--resume of {path} with other options than the checkpoint's: {detail}. Resume "
+                                  "with the checkpoint's values (only --epochs may grow, to extend a run)")
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """Hyper-parameters as checkpoint-safe primitives (``weights_only`` loads str/int/float/bool/None)."""
+    return {str(k): (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in d.items()}
 
 
 _ONES: dict[tuple[int, torch.device], Tensor] = {}

@@ -229,12 +229,20 @@ class ReinforceLearner:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
+        """Optimizer, reward statistics and the open episodes' recorded decisions (tensors and numbers only)."""
+        pending = None if self._pending is None else {"reward": self._pending[0], "buffer": self._pending[1]}
         return {"optimizer": self.optimizer.state_dict(),
                 "baseline": float("nan") if self.baseline is None else self.baseline,
-                "reward_var": self.reward_var, "episodes": self.episodes}
+                "reward_var": self.reward_var, "episodes": self.episodes,
+                "buffer": list(self.buffer), "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         b = float(state["baseline"])
         self.baseline = None if math.isnan(b) else b
         self.reward_var, self.episodes = float(state["reward_var"]), int(state["episodes"])
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self.buffer = [(f.to(dev), a.to(dev)) for f, a in state.get("buffer", [])]
+        pending = state.get("pending")
+        self._pending = None if pending is None else (
+            float(pending["reward"]), [(f.to(dev), a.to(dev)) for f, a in pending["buffer"]])

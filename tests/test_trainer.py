@@ -100,7 +100,7 @@ def test_incompatible_checkpoint(digits_noisy, digits_bank, tmp_path):
     with pytest.raises(CheckpointError, match="incompatible.*gate"):
         other.load_checkpoint(tmp_path / "c.pt")
     cnn = Trainer(digits_noisy, digits_noisy.make_student("cnn"), FixedGate(), bank,
-                  TrainConfig(device="cpu", progress=False), identity={"gate": "fixed"})
+                  TrainConfig(batch_size=64, device="cpu", progress=False), identity={"gate": "fixed"})
     with pytest.raises(CheckpointError, match="does not fit"):
         cnn.load_checkpoint(tmp_path / "c.pt")
 

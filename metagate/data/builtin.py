@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -80,20 +81,41 @@ def digits_task(
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+#: an idx file's values are read only up to its header's size (a gzip bomb stops there), at most this many
+MAX_IDX_VALUES = 1 << 30
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte idx array of ``ndim`` dimensions from a gzip file, read no further than its header says.
+
+    :raises InputError: not gzip, a short/empty header, another type or dimension count, fewer or more
+        values than the header gives
+    """
     try:
         with gzip.open(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
+            head = f.read(4)
+            if len(head) < 4:
+                raise InputError(f"idx file {path} is empty or truncated ({len(head)} header bytes of 4)")
+            zero, dtype, nd = struct.unpack(">HBB", head)
+            if zero != 0 or dtype != 0x08:
+                raise InputError(f"{path} is not an unsigned-byte idx file")
+            if nd != ndim:
+                raise InputError(f"idx file {path} has {nd} dimensions, expected {ndim}")
+            dims = f.read(4 * nd)
+            if len(dims) < 4 * nd:
+                raise InputError(f"idx file {path} is truncated inside its header")
+            shape = struct.unpack(">" + "I" * nd, dims)
+            expected = int(np.prod(shape, dtype=np.int64))
+            if expected > MAX_IDX_VALUES:
+                raise InputError(f"idx file {path} declares shape {shape} ({expected} values, limit {MAX_IDX_VALUES})")
+            data = f.read(expected + 1)  # one more byte tells trailing data apart, and bounds the read
+    except (OSError, EOFError, zlib.error) as e:
         raise InputError(f"cannot read idx file {path}: {e}") from e
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise InputError(f"{path} is not an unsigned-byte idx file")
-    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise InputError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
-    return arr.reshape(shape)
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header (trailing data)"
+        raise InputError(f"idx file {path} is {what}: its header gives shape {shape} = {expected} values"
+                         + (f", found {len(data)}" if len(data) < expected else ""))
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def find_fashion_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -125,8 +147,14 @@ def fashion_task(
     d = find_fashion_dir(data_dir)
 
     def load(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        xi = _read_idx(d / f"{prefix}-images-idx3-ubyte.gz")
-        yi = _read_idx(d / f"{prefix}-labels-idx1-ubyte.gz")
+        xp, yp = d / f"{prefix}-images-idx3-ubyte.gz", d / f"{prefix}-labels-idx1-ubyte.gz"
+        xi, yi = _read_idx(xp, 3), _read_idx(yp, 1)
+        if xi.shape[1:] != (28, 28):
+            raise InputError(f"{xp} holds {xi.shape[1]}x{xi.shape[2]} images, Fashion-MNIST's are 28x28")
+        if xi.shape[0] != yi.shape[0]:
+            raise InputError(f"{xp} holds {xi.shape[0]} images but {yp} holds {yi.shape[0]} labels")
+        if yi.size and int(yi.max()) > 9:
+            raise InputError(f"{yp} holds label {int(yi.max())}; Fashion-MNIST has classes 0-9")
         x = (torch.from_numpy(xi.astype(np.float32) / 255.0) - 0.2860) / 0.3530
         return x.unsqueeze(1), torch.from_numpy(yi.astype(np.int64))
 

@@ -34,6 +34,7 @@ from metagate.modes import eval_mode, is_mode_free
 from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights, split_kd_share
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
+from metagate.policies.safe_zip import load_policy_zip
 
 __all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
 
@@ -260,8 +261,12 @@ class _RLGate(Gate):
                 logger.scalar(f"policy/{name}", float(p.detach()), step)
 
     def state_dict(self) -> dict[str, Any]:
+        """Policy, learner and the open episode (start loss, exploration noise, recorded decisions): a
+        resume continues the episode exactly where the checkpoint was written."""
         state: dict[str, Any] = {"policy": self.policy.state_dict(), "t": self._t,
-                                 "val_start": float("nan") if self._val_start is None else self._val_start}
+                                 "val_start": float("nan") if self._val_start is None else self._val_start,
+                                 "val_started": self._val_start is not None,
+                                 "noise": self._noise, "prev_noise": self._prev_noise}
         if self.learner is not None:
             state["learner"] = self.learner.state_dict()
         return state
@@ -269,8 +274,13 @@ class _RLGate(Gate):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self._t = int(state.get("t", 0))
-        self._val_start = None  # re-measured on the restored student
-        self._offset = None  # the restored exploration scale
+        started = bool(state.get("val_started", False))  # older checkpoints: re-measured on the restored student
+        self._val_start = float(state["val_start"]) if started else None
+        dev = next(iter(self.policy.parameters())).device
+        self._noise = None if state.get("noise") is None else state["noise"].to(dev)
+        self._prev_noise = None if state.get("prev_noise") is None else state["prev_noise"].to(dev)
+        self._offset = None  # rebuilt from the restored exploration scale and noise
+        self._fast_head = None
         if self.learner is not None and "learner" in state:
             self.learner.load_state_dict(state["learner"])
 
@@ -306,26 +316,9 @@ class ReinforceGate(_RLGate):
 
 
 def load_sb3_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the policy of a stable-baselines3 zip (PPO or A2C) without knowing the algorithm."""
-    from stable_baselines3.common.save_util import load_from_zip_file
-
-    p = Path(path)
-    if not p.is_file() and p.with_suffix(".zip").is_file():
-        p = p.with_suffix(".zip")
-    if not p.is_file():
-        raise ConfigError(f"--policy {path}: no such file (train one with `metagate train-policy --out ...`)")
-    try:
-        data, params, _ = load_from_zip_file(p, device=device)
-    except Exception as e:  # a truncated or foreign zip
-        raise ConfigError(f"--policy {path}: not a stable-baselines3 policy zip ({e})") from e
-    if data is None or "policy_class" not in data or params is None or "policy" not in params:
-        raise ConfigError(f"--policy {path}: the zip holds no policy")
-    cls = data["policy_class"]
-    policy = cls(data["observation_space"], data["action_space"], lambda _: 0.0, **data.get("policy_kwargs", {}))
-    policy.load_state_dict(params["policy"])
-    if not hasattr(policy, "mean_logits"):
-        raise ConfigError(f"--policy {path}: {cls.__name__} is not a metagate teacher-weighting policy")
-    return policy.to(device)
+    """Load the policy of a ``metagate train-policy`` zip (PPO or A2C) without executing anything from it
+    (:func:`metagate.policies.safe_zip.load_policy_zip`; ``PPO.load`` unpickles the zip's fields)."""
+    return load_policy_zip(path, device)
 
 
 @register("policy")

@@ -151,7 +151,7 @@ def func_lookahead_loss(
         state.update(zip(names, leaves))
         state.update(buffers)
         logits = functional_call(model, state, (x,))
-    inner = reduce_weighted(loss_fn(logits), weights, mask)
+    inner = reduce_weighted(loss_fn(logits), weights, mask, validate=False)
     grads = torch.autograd.grad(inner, leaves, create_graph=True, allow_unused=True)
     new = {n: p.detach() - lr * g for n, p, g in zip(names, leaves, grads) if g is not None}
     head = getattr(model, "head", None)
@@ -285,7 +285,7 @@ def higher_lookahead_loss(
     opt = torch.optim.SGD([named[n] for n in names], lr=lr)
     with frozen_buffers(model), higher.innerloop_ctx(model, opt, copy_initial_weights=True,
                                                      track_higher_grads=True) as (fmodel, diffopt):
-        inner = reduce_weighted(loss_fn(fmodel(x)), weights, mask)
+        inner = reduce_weighted(loss_fn(fmodel(x)), weights, mask, validate=False)
         diffopt.step(inner)
         return F.cross_entropy(fmodel(val_x), val_y)
 
