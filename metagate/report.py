@@ -33,7 +33,7 @@ def print_run(cfg: Any, result: dict[str, Any]) -> None:
     if result.get("teachers"):
         ts = result["teachers"]
         seq = [k for k in ("test_per", "test_wer") if all(k in t for t in ts)]  # sequence teachers
-        print(table(["teacher", "test acc", "select acc", *(k.replace("_", " ").upper()[5:] for k in seq)],
+        print(table(["teacher", "test acc", "select acc", *(k[5:].upper() for k in seq)],
                     [[t["name"], fmt(t["test_acc"]), fmt(t["select_acc"]), *(fmt(t[k]) for k in seq)] for t in ts]))
         print()
     keys = [k for k in (*MAIN_METRICS, *SEQ_METRICS, *DIAG_METRICS) if k in result]
@@ -44,8 +44,10 @@ def print_run(cfg: Any, result: dict[str, Any]) -> None:
 
 def print_teachers(task: Any, stats: list[dict[str, Any]]) -> None:
     print(f"teachers of {task.key}:")
-    print(table(["teacher", "test acc", "select acc", "best epoch"],
-                [[s["name"], fmt(s["test_acc"]), fmt(s["select_acc"]), s.get("epoch", "")] for s in stats]))
+    seq = [k for k in ("test_per", "test_wer") if all(k in s for s in stats)]  # sequence teachers
+    print(table(["teacher", "test acc", "select acc", "best epoch", *(k[5:].upper() for k in seq)],
+                [[s["name"], fmt(s["test_acc"]), fmt(s["select_acc"]), s.get("epoch", ""), *(fmt(s[k]) for k in seq)]
+                 for s in stats]))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -99,6 +99,12 @@ def decode_words(model: nn.Module, src: Tensor, max_len: int, beam: int = 1, dev
     return hyps, torch.cat(scores) if scores else torch.zeros(0)
 
 
+def decode_length(src: Tensor) -> int:
+    """Most tokens decoded for sources ``[W, S]``: twice the longest real source plus ``<eos>`` and one (no
+    English word has more than twice as many phonemes as letters; padding never changes it)."""
+    return 2 * int((src != PAD).sum(1).max()) + 2 if len(src) else 1
+
+
 def sequence_metrics(model: nn.Module, split: object, device: torch.device | str = "cpu",
                      beam: int = 1) -> dict[str, float]:
     """Token metrics under teacher forcing and word metrics of decoded words on a :class:`SeqSplit`."""
@@ -106,7 +112,8 @@ def sequence_metrics(model: nn.Module, split: object, device: torch.device | str
     out = classification_metrics(logits.reshape(-1, logits.shape[-1]), split.y.reshape(-1),
                                  split.mask.reshape(-1))
     first = split.first_of_word()
-    hyps, score = decode_words(model, split.x[first, 0], split.y.shape[1], beam, device)
+    src = split.x[first, 0]
+    hyps, score = decode_words(model, src, decode_length(src), beam, device)
     out["per"], out["wer"] = per_wer(hyps, split.refs)
     correct = torch.tensor([closest_reference(h, r)[0] == 0 for h, r in zip(hyps, split.refs)])
     conf = score.exp()

@@ -123,7 +123,8 @@ class TransformerSeq2Seq(Seq2Seq):
         self.tgt_emb = nn.Embedding(tgt_vocab, d_model, padding_idx=PAD)
         self.pos = nn.Embedding(max_len, d_model)
         self.core = nn.Transformer(d_model, heads, layers, layers, ff, dropout, batch_first=True)
-        self.core.encoder.enable_nested_tensor = False  # nested fast path drops padded rows: keep shapes fixed
+        # the nested-tensor fast path drops padded rows in eval mode: keep shapes fixed
+        self.core.encoder.enable_nested_tensor = self.core.encoder.use_nested_tensor = False
         self.out = nn.Linear(d_model, tgt_vocab)
         self.scale = d_model**0.5
 

@@ -172,7 +172,8 @@ def inject_token_noise(y: Tensor, rate: float, kind: str, first_phone: int, num_
 
 def g2p_models(chars: int, phones: int, max_len: int) -> tuple[dict, list[TeacherSpec]]:
     """Students (``gru``: small GRU with attention; ``gru-tiny``) and teachers of different capacities and
-    architectures (a bidirectional GRU, a Transformer, a wider GRU)."""
+    architectures (a bidirectional GRU, a Transformer, a wider GRU). ``max_len``: the task's padded length
+    (the Transformer's positions also cover decoding, see :func:`metagate.seq_metrics.decode_length`)."""
     students = {
         "gru": partial(GRUSeq2Seq, chars, phones, 32, 64),
         "gru-tiny": partial(GRUSeq2Seq, chars, phones, 16, 32),
@@ -180,7 +181,7 @@ def g2p_models(chars: int, phones: int, max_len: int) -> tuple[dict, list[Teache
     teachers = [
         TeacherSpec("bigru128", partial(GRUSeq2Seq, chars, phones, 64, 128, 1, True, 0.1), epochs=30, lr=3e-3,
                     batch_size=64),
-        TeacherSpec("transformer64", partial(TransformerSeq2Seq, chars, phones, 64, 4, 2, 128, 0.1, max_len),
+        TeacherSpec("transformer64", partial(TransformerSeq2Seq, chars, phones, 64, 4, 2, 128, 0.1, 2 * max_len + 2),
                     epochs=30, lr=1e-3, batch_size=64),
         TeacherSpec("gru96", partial(GRUSeq2Seq, chars, phones, 48, 96, 1, False, 0.1), epochs=30, lr=3e-3,
                     batch_size=64),
