@@ -29,8 +29,8 @@ from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics, reliability_figure, reliability_table
-from metagate.seq_metrics import sequence_metrics
 from metagate.options import Options, option
+from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
 
 CHECKPOINT_VERSION = 1

@@ -110,15 +110,15 @@ def test_no_stress() -> None:
     assert len(s.refs[s.words.index("data")]) == 2  # AE vs EY still differ
 
 
-def test_bad_subsets() -> None:
+def test_bad_subsets(capsys) -> None:
     with pytest.raises(ConfigError, match="--subset must be >= 1"):
         get_task("g2p", subset=0, lexicon=LEX)
     with pytest.raises(ConfigError, match="exceeds the dictionary's 126052 words"):
         get_task("g2p", subset=200_000)
     with pytest.raises(InputError, match="too small"):
         get_task("g2p", subset=3, lexicon=LEX)
-    with pytest.raises(SystemExit):
-        main(["distill", "--task", "g2p", "--subset", "0"])
+    assert main(["distill", "--task", "g2p", "--subset", "0"]) == 2
+    assert "--subset must be >= 1 word" in capsys.readouterr().err
 
 
 def test_token_and_word_noise() -> None:
@@ -281,8 +281,9 @@ def _one_step(task: Task, gate, student, teachers):
     return tr, batch, res
 
 
-@pytest.mark.parametrize("gate", [lambda: CEGate(), lambda: FixedGate(0.3, 2.0),
-                                  lambda: HardGate("token"), lambda: HardGate("sentence")])
+@pytest.mark.parametrize("gate", [lambda: CEGate(), lambda: FixedGate(alpha=0.3, tau=2.0),
+                                  lambda: HardGate(hard_level="token"),
+                                  lambda: HardGate(hard_level="sentence")])
 def test_extra_padding_gives_identical_losses_and_decisions(small: Task, gate) -> None:
     torch.manual_seed(0)
     student = small.make_student()
@@ -309,7 +310,7 @@ def test_unit_losses_on_token_units_match_a_hand_written_seq2seq_kd(small: Task)
     torch.manual_seed(1)
     student = small.make_student()
     teacher = GRUSeq2Seq(len(small.info["chars"]), small.num_classes, 16, 24).eval()
-    tr, batch, res = _one_step(small, FixedGate(0.4, 2.0), student, [teacher])
+    tr, batch, res = _one_step(small, FixedGate(alpha=0.4, tau=2.0), student, [teacher])
     s = copy.deepcopy(student).train()
     torch.manual_seed(0)
     logits = s(batch.x)  # [B, T, V]
@@ -330,7 +331,7 @@ def test_token_diagnostics_with_noise(small: Task) -> None:
     bank = build_seq_bank(small, teachers, ["a", "b"], None)
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="adam", weight_decay=0.0, device="cpu",
                       progress=False)
-    tr = Trainer(small, small.make_student(), HardGate("token"), bank, cfg)
+    tr = Trainer(small, small.make_student(), HardGate(hard_level="token"), bank, cfg)
     tr.run_epoch()
     d = tr.weight_diagnostics()
     real = small.train.mask.reshape(-1)
