@@ -9,14 +9,16 @@ Cache files under ``cache_dir/<task key>/`` (same fingerprint rules as :mod:`met
 raises :class:`~metagate.errors.StaleCacheError`)::
 
     tokens-<name>.pt         {"fingerprint", "logits" [M, V] float16}
-    tokens-<name>-top<k>.pt  {"fingerprint", "values" [M, k] float16, "indices" [M, k] int16, "vocab" V}
+    tokens-<name>-top<k>.pt  {"fingerprint", "values" [M, k] float32, "indices" [M, k] uint8/int16, "vocab" V}
 
 **Top-k form** keeps each token's ``k`` largest log-probabilities; the remainder mass
 ``r = 1 - sum(top-k probabilities)`` is spread uniformly over the other ``V - k`` classes when the
 bank is rebuilt. For a student distribution ``q``, the KL to the rebuilt ``p~`` differs from the KL to the
 true ``p`` by at most ``r * (log(V - k) + max_tail log q - min_tail log q)`` (:func:`topk_kl_bound`;
 the tail entropy moves by at most ``r log(V - k)``, the cross term by at most ``r`` times the spread of
-``log q`` over the tail), at temperature 1.
+``log q`` over the tail), at temperature 1. The kept log-probabilities are stored in float32 (float16
+rounding of values near ``log p = -10`` moves the KL by more than the bound allows for large ``k``);
+the ids take one byte while ``V <= 256``: 5 bytes per kept entry against 2 per class in the float16 form.
 """
 
 from __future__ import annotations
@@ -98,21 +100,22 @@ def token_index(mask: Tensor) -> Tensor:
 
 
 def topk_compress(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest log-probabilities of each row (float16) and their class ids (int16).
+    """The ``k`` largest log-probabilities of each row (float32) and their class ids (uint8, or int16 for
+    ``V > 256``).
 
     :raises ConfigError: ``k < 1`` or ``k >= V`` (nothing would be saved)
     """
     v = log_probs.shape[-1]
     if not 1 <= k < v:
         raise ConfigError(f"--topk must be in [1, V) = [1, {v}) for a vocabulary of {v} tokens, got {k}")
-    vals, idx = log_probs.topk(k, -1)
-    return vals.to(torch.float16), idx.to(torch.int16)
+    vals, idx = log_probs.float().topk(k, -1)
+    return vals, idx.to(torch.uint8 if v <= 256 else torch.int16)
 
 
 def topk_expand(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
     """Full log-probabilities ``[..., V]`` from a top-k form: the stored entries, and the remainder mass
     ``1 - sum exp(values)`` spread uniformly over the other ``V - k`` classes (then renormalised, which
-    only absorbs float16 rounding)."""
+    only absorbs rounding)."""
     vals = values.float()
     k = vals.shape[-1]
     rest = (1.0 - vals.exp().sum(-1, keepdim=True)).clamp_min(1e-12) / (vocab - k)

@@ -230,10 +230,11 @@ def test_topk_reconstructs_kl_within_bound() -> None:
     kl = (p.exp() * (p - s_logp)).sum(-1)
     kl_tilde = (p_tilde.exp() * (p_tilde - s_logp)).sum(-1)
     bound = topk_kl_bound(p, s_logp, k)
-    assert ((kl_tilde - kl).abs() <= bound + 2e-3).all()  # + float16 rounding of the stored values
+    assert ((kl_tilde - kl).abs() <= bound + 1e-5).all()
+    assert (kl_tilde - kl).abs().max() > 0.1 * bound.max()  # not a vacuous bound
     assert torch.allclose(p_tilde.exp().sum(-1), torch.ones(500), atol=1e-5)
     top = p.topk(k, -1).indices
-    assert torch.allclose(p_tilde.gather(1, top), p.gather(1, top), atol=1e-2)
+    assert torch.allclose(p_tilde.gather(1, top), p.gather(1, top), atol=1e-5)
     with pytest.raises(ConfigError, match=r"--topk must be in \[1, V\) = \[1, 40\)"):
         topk_compress(p, 40)
 
