@@ -71,6 +71,10 @@ class TeacherBank:
             lp = self._log_probs[float(tau)] = torch.log_softmax(self.logits / float(tau), -1)
         return lp
 
+    def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
+        """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
+        return rows(self.log_probs(tau), ids)
+
     def to(self, device: torch.device | str) -> TeacherBank:
         return TeacherBank(self.logits.to(device), self.names) if self.logits.device != torch.device(device) \
             else self

@@ -98,4 +98,4 @@ class PermutedTeacher(nn.Module):
         self.register_buffer("perm", (torch.arange(num_classes) - shift) % num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x)[:, self.perm]
+        return self.base(x)[..., self.perm]  # classes are the last dimension (tokens too)

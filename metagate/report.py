@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 MAIN_METRICS = ("test/acc", "test/nll", "test/ece", "test/mce", "test/brier")
+#: sequence tasks: decoded-word metrics (test/acc, nll, ece are then per token)
+SEQ_METRICS = ("test/per", "test/wer", "test/sent_ece", "test/sent_mce", "test/sent_conf")
 DIAG_METRICS = ("gate/teacher_share", "diag/auroc_teacher_share", "diag/w_label_clean", "diag/w_label_corrupted",
                 "diag/kd_on_right_teachers", "diag/kd_on_right_teachers_equal", "diag/teacher_choice_gain")
 
@@ -29,10 +31,12 @@ def fmt(v: Any, digits: int = 4) -> str:
 def print_run(cfg: Any, result: dict[str, Any]) -> None:
     """Final table of one run."""
     if result.get("teachers"):
-        print(table(["teacher", "test acc", "select acc"],
-                    [[t["name"], fmt(t["test_acc"]), fmt(t["select_acc"])] for t in result["teachers"]]))
+        ts = result["teachers"]
+        seq = [k for k in ("test_per", "test_wer") if all(k in t for t in ts)]  # sequence teachers
+        print(table(["teacher", "test acc", "select acc", *(k[5:].upper() for k in seq)],
+                    [[t["name"], fmt(t["test_acc"]), fmt(t["select_acc"]), *(fmt(t[k]) for k in seq)] for t in ts]))
         print()
-    keys = [k for k in (*MAIN_METRICS, *DIAG_METRICS) if k in result]
+    keys = [k for k in (*MAIN_METRICS, *SEQ_METRICS, *DIAG_METRICS) if k in result]
     keys += sorted(k for k in result if k.startswith("gate/mean_w"))
     print(table(["metric", f"{cfg.gate} (seed {cfg.train.seed})"], [[k, fmt(result[k])] for k in keys]))
     print(f"\nrun directory: {cfg.run_dir}   (tensorboard --logdir {cfg.run_dir.parent})")
@@ -40,8 +44,10 @@ def print_run(cfg: Any, result: dict[str, Any]) -> None:
 
 def print_teachers(task: Any, stats: list[dict[str, Any]]) -> None:
     print(f"teachers of {task.key}:")
-    print(table(["teacher", "test acc", "select acc", "best epoch"],
-                [[s["name"], fmt(s["test_acc"]), fmt(s["select_acc"]), s.get("epoch", "")] for s in stats]))
+    seq = [k for k in ("test_per", "test_wer") if all(k in s for s in stats)]  # sequence teachers
+    print(table(["teacher", "test acc", "select acc", "best epoch", *(k[5:].upper() for k in seq)],
+                [[s["name"], fmt(s["test_acc"]), fmt(s["select_acc"]), s.get("epoch", ""), *(fmt(s[k]) for k in seq)]
+                 for s in stats]))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

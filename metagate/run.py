@@ -17,8 +17,10 @@ from metagate.io import atomic_write_text, ensure_dir
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
 from metagate.rundir import RunDir
+from metagate.seq_bank import build_seq_bank
 from metagate.teachers import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
+from metagate.units import is_sequence
 
 
 @dataclass
@@ -30,12 +32,18 @@ class DistillConfig(Options):
     :param train: the student's :class:`TrainConfig` (or a mapping of its fields)
     """
 
-    task: str = option("digits", "built-in task: digits | fashion")
+    task: str = option("digits", "built-in task: digits | fashion | g2p")
     noise: float = option(0.0, "label-noise rate injected into train, in [0, 1)")
-    noise_type: str = option("symmetric", "label-noise model", choices=("symmetric", "pairflip"))
+    noise_type: str = option("symmetric", "label-noise model (g2p: symmetric per token, or word)",
+                             choices=("symmetric", "pairflip", "word"))
     data_seed: int = option(0, "seed of the split and the noise")
     val_fraction: float = option(0.1, "clean validation share of train (meta + select), in (0, 1)")
     data_dir: str | None = option(None, "fashion: directory with the idx .gz files")
+    subset: int | None = option(None, "g2p: number of CMUdict words, a seeded sample (unset: 8000)")
+    g2p_all_words: bool = option(False, "g2p: the whole dictionary (126,052 words) instead of --subset")
+    g2p_no_stress: bool = option(False, "g2p: phonemes without stress digits")
+    topk: int | None = option(None, "g2p: cache teacher token logits as the k largest log-probabilities + the "
+                              "remaining mass (unset: every logit, float16); k < vocabulary size")
     student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
     teachers: int = option(3, "number of teachers K")
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
@@ -64,6 +72,12 @@ class DistillConfig(Options):
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.teachers < 0:
             raise ConfigError(f"--teachers must be >= 0, got {self.teachers}")
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"--subset must be >= 1 word (an empty subset has no data), got {self.subset}")
+        if self.subset is not None and self.g2p_all_words:
+            raise ConfigError(f"--subset {self.subset} and --g2p-all-words exclude each other")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -90,8 +104,15 @@ def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
 
 
 def load_task(cfg: DistillConfig) -> Task:
+    extra: dict[str, Any] = {}
+    if cfg.task == "g2p":
+        extra["no_stress"] = cfg.g2p_no_stress
+        if cfg.g2p_all_words:
+            extra["subset"] = None
+        elif cfg.subset is not None:
+            extra["subset"] = cfg.subset
     return get_task(cfg.task, noise=cfg.noise, noise_type=cfg.noise_type, data_seed=cfg.data_seed,
-                    val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
+                    val_fraction=cfg.val_fraction, data_dir=cfg.data_dir, **extra)
 
 
 def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
@@ -106,7 +127,13 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
             st["test_acc"] = float((teacher_logits(m, task.test.x, device).argmax(-1) == task.test.y)
                                    .float().mean())
         st["name"] = n  # type: ignore[assignment]
-    bank = build_bank(task, modules, names, cache, device, cfg.rebuild_cache or cfg.retrain_teachers)
+    rebuild = cfg.rebuild_cache or cfg.retrain_teachers
+    if is_sequence(task):
+        bank: TeacherBank = build_seq_bank(task, modules, names, cache, device, rebuild, cfg.topk)
+    else:
+        if cfg.topk is not None:
+            raise ConfigError(f"--topk is for sequence tasks (g2p); task {cfg.task!r} has one unit per example")
+        bank = build_bank(task, modules, names, cache, device, rebuild)
     return bank, stats
 
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Task, TeacherSpec
 
 
+#: word-level test metrics kept with a sequence teacher's stats
+SEQ_STATS = ("per", "wer", "ece", "sent_ece")
+
+
 def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "auto",
                   progress: bool = True) -> tuple[nn.Module, dict[str, float]]:
     """Train one teacher on the (noisy) training split with the shared loop and the ``ce`` gate,
@@ -55,7 +59,9 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
                 break
     bar.close()
     model.load_state_dict(best["state"])
-    stats = {"select_acc": best["acc"], "test_acc": trainer.evaluate("test")["acc"], "epoch": best["epoch"]}
+    test = trainer.evaluate("test")
+    stats = {"select_acc": best["acc"], "test_acc": test["acc"], "epoch": best["epoch"]}
+    stats.update({f"test_{k}": test[k] for k in SEQ_STATS if k in test})  # sequence tasks: decoded words
     return model.cpu().eval(), stats
 
 
@@ -83,7 +89,8 @@ def _load_or_train(task: Task, spec: TeacherSpec, i: int, path: Path | None, fp:
         except (RuntimeError, TypeError, AttributeError) as e:
             raise StaleCacheError(f"teacher checkpoint {path} does not fit teacher {spec.name!r} ({e}); delete it "
                                   "or pass --retrain-teachers") from e
-        return model, {k: blob[k] for k in ("select_acc", "test_acc", "epoch")}
+        return model, {k: blob[k] for k in ("select_acc", "test_acc", "epoch", *(f"test_{m}" for m in SEQ_STATS))
+                       if k in blob}
     if verbose:
         print(f"training teacher {spec.name} on {task.key} ...", flush=True)
     model, st = train_teacher(task, spec, seed=1000 + i, device=device, progress=progress)

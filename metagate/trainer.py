@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, rows
+from metagate import units
+from metagate.bank import TeacherBank
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
@@ -30,6 +31,7 @@ from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics, reliability_figure, reliability_table
 from metagate.options import Options, option
+from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
 
 CHECKPOINT_VERSION = 1
@@ -161,10 +163,14 @@ class Trainer:
                              f"task {task.name!r} has {task.num_classes}")
         self.train_x = task.train.x.to(self.device)
         self.train_y = task.train.y.to(self.device)
-        self.corrupted = task.corrupted.to(self.device)
+        self.corrupted = task.corrupted.reshape(-1).to(self.device)  # per unit (token for sequences)
+        self._real_units = units.train_unit_mask(task)  # sequences: padding units are no units
         # each teacher's per-unit correctness against the clean labels: ground truth for diagnostics only
-        self.teacher_right = teacher_right(self.bank.logits, task.clean_train_labels) if (
-            self.bank is not None and self.bank.logits.shape[0] == task.clean_train_labels.shape[0]) else None
+        if self.bank is not None and hasattr(self.bank, "unit_right"):
+            self.teacher_right = self.bank.unit_right(task.clean_train_labels)
+        else:
+            self.teacher_right = teacher_right(self.bank.logits, task.clean_train_labels) if (
+                self.bank is not None and self.bank.logits.shape[0] == task.clean_train_labels.shape[0]) else None
         params = list(self.student.parameters())
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -175,7 +181,7 @@ class Trainer:
         self.total_steps = max(1, self.steps_per_epoch * config.epochs)
         self.step, self.epoch = 0, 0
         k = self.num_teachers
-        self._unit_weights = torch.zeros(len(task.train), 1 + k, device=self.device)
+        self._unit_weights = torch.zeros(units.num_units(task), 1 + k, device=self.device)
         self._pending_weights: list[tuple[Tensor, Tensor]] = []
         self._reset_stats()
         self.history: list[dict[str, float]] = []
@@ -251,7 +257,8 @@ class Trainer:
         n = student_logits.shape[0]
         mask = batch.mask.reshape(-1) if batch.mask is not None else _ones(n, student_logits.device)
         t = (lambda: bank.lookup(ids)) if bank is not None else None  # gathered only if a gate reads it
-        view = UnitView(student_logits, t, batch.y.reshape(-1), mask, ids, (n, 1), self.progress,
+        seq_shape = (batch.y.shape[0], batch.y.shape[1]) if batch.y.ndim == 2 else (n, 1)
+        view = UnitView(student_logits, t, batch.y.reshape(-1), mask, ids, seq_shape, self.progress,
                         num_teachers=self.num_teachers)
         if bank is not None:
             memo: dict[float, Tensor] = {}
@@ -259,7 +266,7 @@ class Trainer:
             def teacher_log_probs(tau: float) -> Tensor:  # served from the bank's per-tau cache
                 lp = memo.get(tau)
                 if lp is None:
-                    lp = memo[tau] = rows(bank.log_probs(tau), ids)
+                    lp = memo[tau] = bank.unit_log_probs(tau, ids)
                 return lp
 
             view.teacher_log_probs_fn = teacher_log_probs
@@ -281,6 +288,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.step)
         logits = student(batch.x) if logits is None else logits
+        batch, logits = units.token_units(batch, logits)  # sequences: [B, T, V] -> B*T token units + mask
         view = self.make_view(batch, logits)
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:
@@ -319,8 +327,8 @@ class Trainer:
         self.gate.after_step(ctx)
         # bookkeeping is deferred (no tensor ops per step): reduced when an epoch ends or someone reads it
         self._step_losses.append(losses)
-        if batch.ids is not None and w.shape[0] == batch.ids.shape[0]:
-            self._pending_weights.append((batch.ids, w))
+        if batch.ids is not None and w.shape[0] == batch.y.numel():
+            self._pending_weights.append((units.unit_ids(batch), w))
         if len(self._step_losses) >= 1024:  # an outside driver may never end an epoch: stay bounded
             self._step_losses = [torch.cat(self._step_losses)]
             _ = self.unit_weights
@@ -356,7 +364,7 @@ class Trainer:
         k = self.num_teachers
         names = ["label"] + [f"teacher{j}" for j in range(k)]
         lw = (torch.cat(self._step_losses).mean(0).tolist() if self._step_losses else [float("nan")] * (1 + k))
-        ww = self.unit_weights.mean(0).tolist()  # every unit is visited once per epoch
+        ww = self._unit_weights_real()[0].mean(0).tolist()  # every unit is visited once per epoch
         stats = {f"loss_{nm}": v for nm, v in zip(names, lw)}
         stats.update({f"weight_{nm}": v for nm, v in zip(names, ww)})
         stats["loss"] = float(sum(a * b for a, b in zip(lw, ww)))  # approximate weighted mean
@@ -376,6 +384,8 @@ class Trainer:
     def evaluate(self, split_name: str) -> dict[str, float]:
         """Accuracy, NLL, ECE, MCE, Brier on ``train|meta|select|test``."""
         split: Split = getattr(self.task, split_name)
+        if units.is_sequence(self.task):
+            return sequence_metrics(self.student, split, self.device)
         return classification_metrics(self.predict(split), split.y)
 
     def fit(self, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None) -> dict[str, float]:
@@ -421,7 +431,16 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return gate_diagnostics(self.unit_weights, self.corrupted, self.teacher_right)
+        return gate_diagnostics(*self._unit_weights_real())
+
+    def _unit_weights_real(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Unit weights, corrupted flags and teacher correctness of the real (unpadded) training units."""
+        w, c, r = self.unit_weights, self.corrupted, self.teacher_right
+        keep = self._real_units
+        if keep is None:
+            return w, c, r
+        keep = keep.to(w.device)
+        return w[keep], c[keep], None if r is None else r.to(w.device)[keep]
 
     def _log_epoch(self, record: dict[str, float]) -> None:
         lg = self.logger
@@ -430,8 +449,7 @@ class Trainer:
         lg.set_teachers(self.bank.names if self.bank is not None else [])
         for tag, v in record.items():
             lg.scalar(tag, v, self.step)
-        w = self.unit_weights
-        corrupted = self.corrupted
+        w, corrupted, _ = self._unit_weights_real()
         # one section per column, all / clean / corrupted units next to each other; ce (no teacher column)
         # logs its teacher share of 0 too, so every gate has the same charts
         cols = [(name, w[:, j]) for j, name in enumerate(["label"] + [f"teacher{j}" for j in
@@ -453,12 +471,17 @@ class Trainer:
         if not lg.enabled:
             return
         lg.set_teachers(self.bank.names if self.bank is not None else [])
-        probs = torch.softmax(self.predict(self.task.test).double(), -1)
-        lg.figure("test/reliability", reliability_figure(probs, self.task.test.y, title="test"), self.step)
-        lg.text("test/reliability_bins", reliability_table(probs, self.task.test.y), self.step,
+        logits, labels = self.predict(self.task.test), self.task.test.y
+        if units.is_sequence(self.task):  # token-level diagram over the unpadded test tokens
+            keep = labels != units.PAD_ID
+            logits, labels = logits[keep], labels[keep]
+        probs = torch.softmax(logits.double(), -1)
+        lg.figure("test/reliability", reliability_figure(probs, labels, title="test"), self.step)
+        lg.text("test/reliability_bins", reliability_table(probs, labels), self.step,
                 "the reliability diagram's bins: units, mean confidence, accuracy")
         if self.teacher_right is not None and self.bank is not None and self.step > 0:
-            fig = teacher_trust_figure(self.unit_weights, self.teacher_right, self.bank.names, title=self.gate.name)
+            w, _, right = self._unit_weights_real()
+            fig = teacher_trust_figure(w, right, self.bank.names, title=self.gate.name)
             lg.figure("diag/teacher_trust", fig, self.step)
         for tag, v in metrics.items():  # a metric HPARAMS shows must be a scalar of this run
             if isinstance(v, float) and lg.logged_at(tag) != self.step:

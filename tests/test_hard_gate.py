@@ -119,6 +119,23 @@ def test_fast_path_matches_pure_function(digits_noisy, digits_bank):
     assert 0 < fast[:, 0].mean() < 1
 
 
+def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
+    from types import SimpleNamespace
+
+    bank, _ = digits_bank
+    student = digits_noisy.make_student().double()
+    gate = HardGate()
+    gate.setup(SimpleNamespace(bank=bank, train_y=digits_noisy.train.y, dtype=torch.float64))
+    ids = torch.arange(64)
+    logits = student(digits_noisy.train.x[ids].double())
+    view = UnitView(logits, bank.lookup(ids), digits_noisy.train.y[ids], torch.ones(64), ids, (64, 1),
+                    num_teachers=bank.num_teachers)
+    fast = gate.weights(view).weights
+    assert fast.dtype == torch.float64
+    slow = HardGate().weights(view).weights  # no setup() -> generic path, cast to the logits' dtype
+    torch.testing.assert_close(fast, slow)
+
+
 @pytest.mark.parametrize("kw", [{"hard_level": "doc"}, {"hard_reference": "teacher"}, {"hard_tau": 0}])
 def test_bad_options(kw):
     with pytest.raises(ConfigError, match=next(iter(kw)).replace("_", "-")):

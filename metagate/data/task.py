@@ -111,7 +111,8 @@ class Task:
     @property
     def key(self) -> str:
         """A short, file-system-safe identity of data + noise (for caches and run names)."""
-        return f"{self.name}-{self.info.get('noise_type', 'none')}{self.info.get('noise', 0)}-d{self.info.get('data_seed', 0)}"
+        return (f"{self.name}{self.info.get('variant', '')}-{self.info.get('noise_type', 'none')}"
+                f"{self.info.get('noise', 0)}-d{self.info.get('data_seed', 0)}")
 
     def fingerprint(self) -> str:
         """Hash of the training inputs and (noisy) labels: changes when the data changes."""

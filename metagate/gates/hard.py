@@ -127,9 +127,10 @@ class HardGate(Gate):
         p_t = bank.log_probs(self.teacher_tau).exp().mean(1)  # [N, C]
         self._gold_log_pt = p_t.gather(1, y.unsqueeze(1)).squeeze(1).clamp_min(1e-30).log()
         k = bank.num_teachers
-        label_row = torch.zeros(1 + k, device=y.device)
+        dtype = run.dtype  # weight rows in the student's dtype
+        label_row = torch.zeros(1 + k, device=y.device, dtype=dtype)
         label_row[0] = 1.0
-        teacher_row = torch.full((1 + k,), 1.0 / k, device=y.device)
+        teacher_row = torch.full((1 + k,), 1.0 / k, device=y.device, dtype=dtype)
         teacher_row[0] = 0.0
         self._rows = (label_row, teacher_row)
 
