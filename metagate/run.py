@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,12 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
 
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,
-                verbose: bool = False) -> dict[str, Any]:
-    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats."""
+                verbose: bool = False, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None,
+                ) -> dict[str, Any]:
+    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
+
+    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does), e.g. to time epochs
+    """
     task = task or load_task(cfg)
     gate = gate or build_gate(cfg.gate, cfg.gate_options)
     bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
@@ -133,7 +138,7 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
     if cfg.resume:
         trainer.load_checkpoint(ckpt)
     try:
-        metrics = trainer.fit()
+        metrics = trainer.fit(on_epoch_end)
         trainer.log_final(metrics, cfg.hparams(gate))
     finally:
         trainer.logger.close()
