@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def _weight_histograms(unit_weights: torch.Tensor, corrupted: torch.Tensor, name
     share = teacher_share(w)
     out: dict[str, Any] = {"edges": edges.tolist(), "label_corrupted": hist(w[c, 0]), "label_clean": hist(w[~c, 0]),
                            "share_corrupted": hist(share[c]), "share_clean": hist(share[~c])}
-    kd = kd_shares(w)
+    kd = kd_shares(w)[w[:, 1:].sum(1) > 0]  # units trained on their label alone have no KD share
     out["kd_share"] = {n: hist(kd[:, j]) for j, n in enumerate(names)}
     return out
 
@@ -140,7 +141,7 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
             cfg.resume = True
             start_epoch = int(safe_load(ckpt).get("epoch", 0))
         else:
-            cfg.overwrite = True  # a directory without a checkpoint holds nothing to keep
+            shutil.rmtree(run_dir, ignore_errors=True)  # a directory without a checkpoint holds nothing to keep
         atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
         ends: list[float] = []
         t0 = time.perf_counter()
