@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -116,60 +117,107 @@ def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
     """Run (or continue) one cell from its :meth:`~metagate.compare.grid.Cell.payload`; return its row.
 
     The row -- metrics, timing, fingerprints of the data draw and teachers, the full config, figure data --
-    is also written into the run's ``metrics.json`` under ``"compare"``: the mark of a finished cell.
+    is also written into the run's ``metrics.json`` under ``"compare"``: the mark of a finished cell. A gate
+    tuned on ``select`` (``fixed-tuned``) runs its grid first (:func:`run_tuned`).
     """
+    from metagate.gates import get_gate_class
+
     cfg = DistillConfig(**{**payload["config"], "train": dict(payload["config"]["train"])})
-    run_dir = cfg.run_dir
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(payload["threads"])))
     try:
-        task = task_of(cfg)
-        from metagate.run import build_gate
-
-        gate = build_gate(cfg.gate, cfg.gate_options)
-        teachers: dict[str, Any] = {"names": [], "fingerprint": "", "stats": []}
-        if gate.uses_teachers:
-            missing = [str(p) for p in teacher_files(cfg, task) if not p.exists()]
-            if missing:
-                raise CheckpointError(f"teacher cache incomplete for {payload['label']} seed {payload['seed']}: "
-                                      f"{missing[0]} is missing (the compare trains teachers before any run)")
-            bank, stats = load_teachers(cfg, task, progress=False)
-            teachers = {"names": bank.names, "fingerprint": _hash(bank.logits), "stats": stats}
-        ckpt = run_dir / "checkpoint.pt"
-        start_epoch = 0
-        if ckpt.exists():
-            cfg.resume = True
-            start_epoch = int(safe_load(ckpt).get("epoch", 0))
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a directory without a checkpoint holds nothing to keep
-        atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
-        ends: list[float] = []
-        t0 = time.perf_counter()
-        result = run_distill(cfg, gate=gate, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
-        elapsed = time.perf_counter() - t0
-        epochs = len(ends)
-        # between epoch ends (training, evaluation, checkpoint): no set-up, no first-epoch warm-up; one
-        # epoch alone is timed from the start of the run
-        per_epoch = ((ends[-1] - ends[0]) / (epochs - 1) if epochs > 1 else
-                     (ends[0] - t0) if epochs else float("nan"))
-        metrics = {k: v for k, v in result.items() if k != "teachers"}
-        row: dict[str, Any] = {
-            "label": payload["label"], "gate": payload["gate"], "seed": payload["seed"],
-            "options": payload["options"], "metrics": metrics,
-            "time": {"seconds": elapsed, "epochs_trained": epochs, "per_epoch": per_epoch,
-                     "steps_per_epoch": math.ceil(len(task.train) / cfg.train.batch_size),
-                     "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch},
-            "fingerprints": {"data": task.fingerprint(), "noise": _hash(task.corrupted.to(torch.uint8)),
-                             "split": _hash(task.meta.x, task.meta.y, task.select.x, task.select.y),
-                             "teachers": teachers["fingerprint"]},
-            "teachers": [{**s, "name": n} for s, n in zip(teachers["stats"], teachers["names"])],
-            "config": payload["config"],
-        }
-        row.update(_artefacts(cfg, task, teachers["names"]))
-        atomic_write_text(run_dir / "metrics.json", json.dumps({**result, "compare": row}, indent=2))
-        return row
+        if getattr(get_gate_class(cfg.gate), "tuned_on_select", False):
+            return run_tuned(cfg, payload)
+        return run_one(cfg, payload)
     finally:
         torch.set_num_threads(threads)
+
+
+def run_tuned(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """Every grid point of a ``fixed-tuned`` cell as a ``fixed`` run in ``<cell>/grid/`` (each resumable on its
+    own), the one with the best ``select`` accuracy (ties: lower ``select`` NLL) is the cell's row; the grid,
+    each point's select scores and the choice are written into the row under ``"tuning"``."""
+    from dataclasses import replace
+
+    gcfg = cfg.gate_config()
+    points = gcfg.grid(cfg.train.lr)  # type: ignore[attr-defined]
+    scored = []
+    t0 = time.perf_counter()
+    for p in points:
+        name = f"alpha{p['alpha']:g}-tau{p['tau']:g}-lr{p['lr']:g}"
+        sub = replace(cfg, gate="fixed", gate_options={"alpha": p["alpha"], "tau": p["tau"]},
+                      train=replace(cfg.train, lr=p["lr"]), logdir=str(cfg.run_dir / "grid" / name))
+        done = read_metrics_row(sub.run_dir)
+        row = done if done is not None else run_one(sub, {**payload, "label": f"{payload['label']}/{name}",
+                                                          "gate": "fixed", "config": asdict(sub)})
+        scored.append((row["metrics"]["select/acc"], -row["metrics"]["select/nll"], len(scored), p, row))
+    best = max(scored, key=lambda t: t[:3])
+    row = dict(best[4])
+    row.update(label=payload["label"], gate=payload["gate"], options=payload["options"], config=payload["config"])
+    row["tuning"] = {"criterion": "select/acc, ties: lower select/nll", "chosen": best[3],
+                     "grid": [{**p, "select/acc": a, "select/nll": -nll} for a, nll, _, p, _ in scored],
+                     "seconds": time.perf_counter() - t0}
+    atomic_write_text(cfg.run_dir / "metrics.json", json.dumps({**row["metrics"], "compare": row}, indent=2))
+    return row
+
+
+def read_metrics_row(run_dir: Path) -> dict[str, Any] | None:
+    """The row of a finished run, or ``None``."""
+    try:
+        blob = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return blob.get("compare") if isinstance(blob, dict) else None
+
+
+def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """One distillation run of a cell (continued from its checkpoint when there is one); its row."""
+    run_dir = cfg.run_dir
+    task = task_of(cfg)
+    from metagate.run import build_gate
+
+    gate = build_gate(cfg.gate, cfg.gate_options)
+    teachers: dict[str, Any] = {"names": [], "fingerprint": "", "stats": []}
+    if gate.uses_teachers:
+        missing = [str(p) for p in teacher_files(cfg, task) if not p.exists()]
+        if missing:
+            raise CheckpointError(f"teacher cache incomplete for {payload['label']} seed {payload['seed']}: "
+                                  f"{missing[0]} is missing (the compare trains teachers before any run)")
+        bank, stats = load_teachers(cfg, task, progress=False)
+        teachers = {"names": bank.names, "fingerprint": _hash(bank.logits), "stats": stats}
+    ckpt = run_dir / "checkpoint.pt"
+    start_epoch = 0
+    if ckpt.exists():
+        cfg.resume = True
+        start_epoch = int(safe_load(ckpt).get("epoch", 0))
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a directory without a checkpoint holds nothing to keep
+    atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
+    ends: list[float] = []
+    t0 = time.perf_counter()
+    result = run_distill(cfg, gate=gate, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
+    elapsed = time.perf_counter() - t0
+    epochs = len(ends)
+    # between epoch ends (training, evaluation, checkpoint): no set-up, no first-epoch warm-up; one
+    # epoch alone is timed from the start of the run
+    per_epoch = ((ends[-1] - ends[0]) / (epochs - 1) if epochs > 1 else
+                 (ends[0] - t0) if epochs else float("nan"))
+    metrics = {k: v for k, v in result.items() if k != "teachers"}
+    row: dict[str, Any] = {
+        "label": payload["label"], "gate": payload["gate"], "seed": payload["seed"],
+        "options": payload["options"], "metrics": metrics,
+        "time": {"seconds": elapsed, "epochs_trained": epochs, "per_epoch": per_epoch,
+                 "steps_per_epoch": math.ceil(len(task.train) / cfg.train.batch_size),
+                 "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch},
+        "fingerprints": {"data": task.fingerprint(), "noise": _hash(task.corrupted.to(torch.uint8)),
+                         "split": _hash(task.meta.x, task.meta.y, task.select.x, task.select.y),
+                         "teachers": teachers["fingerprint"]},
+        "teachers": [{**s, "name": n} for s, n in zip(teachers["stats"], teachers["names"])],
+        "config": payload["config"],
+    }
+    row.update(_artefacts(cfg, task, teachers["names"]))
+    atomic_write_text(run_dir / "metrics.json", json.dumps({**result, "compare": row}, indent=2))
+    return row
 
 
 def finished_row(run_dir: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def _teachers_per_seed(cells: list[Cell], progress: bool) -> dict[int, list[dict
     return out
 
 
+def choose_on_select(cell: Cell, teacher_stats: list[dict[str, Any]]) -> Cell:
+    """A gate that picks options from the teachers' ``select`` scores (``best-teacher``) gets them set, unless its
+    spec set them; the choice is then part of the cell's config (and so of every output)."""
+    choose = getattr(get_gate_class(cell.spec.gate), "choose", None)
+    if choose is None:
+        return cell
+    chosen = {k: v for k, v in choose(teacher_stats).items() if cell.config.gate_options.get(k) is None}
+    if not chosen:
+        return cell
+    cfg = replace(cell.config, gate_options={**cell.config.gate_options, **chosen})
+    return replace(cell, config=cfg)
+
+
 def experiment_summary_hook(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """The one call site for a TensorBoard experiment summary at ``out`` (the root of every run's events):
     the lead wires metagate.logger's summary writer in here."""
@@ -79,9 +93,10 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     if args.overwrite:
         for c in cells:
             shutil.rmtree(c.run_dir, ignore_errors=True)
-    states = {(c.spec.label, c.seed): cell_state(c) for c in cells}  # a mismatching old run fails here
     progress = getattr(args, "progress", None) is not False
     teachers = _teachers_per_seed(cells, progress)
+    cells = [choose_on_select(c, teachers.get(c.seed, [])) for c in cells]
+    states = {(c.spec.label, c.seed): cell_state(c) for c in cells}  # a mismatching old run fails here
     todo = [c for c in cells if states[(c.spec.label, c.seed)] != "done"]
     rows: dict[tuple[str, int], dict[str, Any]] = {
         (c.spec.label, c.seed): finished_row(c.run_dir) for c in cells if states[(c.spec.label, c.seed)] == "done"}

@@ -87,13 +87,24 @@ def teachers_table(teachers: dict[int, list[dict[str, Any]]]) -> str:
     return markdown_table(["seed", "teacher", "select acc %", "test acc %"], rows)
 
 
+def tuning_table(rows: list[dict[str, Any]]) -> str:
+    """The choice of every gate tuned on ``select`` (the full grid with its scores is in the JSON)."""
+    out = [[f"`{r['label']}`", str(r["seed"]), str(len(r["tuning"]["grid"])),
+            *(f"{r['tuning']['chosen'][k]:g}" for k in ("alpha", "tau", "lr")),
+            _num(100 * r["metrics"]["select/acc"], 2)] for r in rows if "tuning" in r]
+    return markdown_table(["gate", "seed", "grid points", "alpha", "tau", "lr", "select acc %"], out) if out else ""
+
+
 def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]], title: str,
-             extra: str = "") -> str:
+             extra: str = "", rows: list[dict[str, Any]] | None = None) -> str:
     """The whole ``results.md``."""
     parts = [f"# {title}", "", "## Results", "",
              "Mean ± std over seeds; Δ: paired difference per seed (same data draw and teachers), mean "
              f"[{summary['interval']} 95% interval]. Best baseline: the non-learned gate with the best mean "
              "test accuracy.", "", results_table(summary), "", "## Cost", "", cost_table(summary), ""]
+    tuning = tuning_table(rows or [])
+    if tuning:
+        parts += ["## Tuned on select", "", tuning, ""]
     if any(teachers.values()):
         parts += ["## Teachers", "", teachers_table(teachers), ""]
     if extra:
@@ -146,5 +157,5 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     w.writeheader()
     w.writerows(flat)
     atomic_write_text(paths["csv"], buf.getvalue())
-    atomic_write_text(paths["md"], markdown(summary, teachers, title, extra_md))
+    atomic_write_text(paths["md"], markdown(summary, teachers, title, extra_md, rows))
     return paths
