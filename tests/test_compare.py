@@ -192,3 +192,24 @@ def test_paired_bootstrap():
     means = d[rng.integers(0, 5, size=(10_000, 5))].mean(1)
     assert (again.lo, again.hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
     assert again.lo < again.mean < again.hi
+
+
+def test_tuned_and_rule_baselines_in_a_compare(reference, tmp_path):
+    out = tmp_path / "baselines"
+    gates = ["fixed", "fixed-tuned:alpha_grid=0.1/0.9,tau_grid=4/,lr_scales=1/", "label-filter", "best-teacher",
+             "conf-teachers"]
+    args = [*ARGS[:ARGS.index("--seeds")], "--seeds", "0", *ARGS[ARGS.index("--seeds") + 3:]]
+    assert main([*args, "--gates", *gates, "--out", str(out)]) == 0
+    blob = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in blob["rows"]}
+    tuned = rows[gates[1]]
+    grid = tuned["tuning"]["grid"]
+    assert [(p["alpha"], p["tau"]) for p in grid] == [(0.1, 4.0), (0.9, 4.0)]
+    best = max(grid, key=lambda p: (p["select/acc"], -p["select/nll"]))
+    assert tuned["tuning"]["chosen"]["alpha"] == best["alpha"]
+    assert tuned["metrics"]["select/acc"] == best["select/acc"]
+    chosen = rows["best-teacher"]["config"]["gate_options"]["best_teacher"]
+    stats = {t["name"]: t["select_acc"] for t in rows["best-teacher"]["teachers"]}
+    assert stats[chosen] == max(stats.values())
+    assert all(blob["summary"]["gates"][g]["baseline"] for g in gates)
+    assert "## Tuned on select" in (out / "results.md").read_text()
