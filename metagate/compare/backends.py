@@ -57,6 +57,13 @@ def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow) -> None:
             raise
 
 
+def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], jobs: int, threads: int) -> list[Any]:
+    """``[fn(*args) for args in arg_tuples]`` in ``jobs`` spawned worker processes, in order."""
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(fn, *zip(*arg_tuples)))
+
+
 def _ray_trial(config: dict[str, Any]) -> None:
     """A Ray Tune trial: one cell; its row goes back through ``tune.report`` (as JSON text, so nested
     figure data survive Tune's flattening of metrics)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from metagate.compare.backends import run_jobs, run_ray, run_serial
+from metagate.compare.backends import map_processes, run_jobs, run_ray, run_serial
 from metagate.compare.cell import finished_row, prepare_teachers
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, build_grid, cell_state
@@ -46,14 +46,19 @@ def machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def _teachers_per_seed(cells: list[Cell], progress: bool) -> dict[int, list[dict[str, Any]]]:
-    """Train and cache each seed's teachers in this process, before any cell starts."""
-    out: dict[int, list[dict[str, Any]]] = {}
+def _teachers_per_seed(cells: list[Cell], progress: bool, jobs: int = 1) -> dict[int, list[dict[str, Any]]]:
+    """Train and cache each seed's teachers before any cell starts: in this process, or with ``jobs > 1`` one
+    seed per worker process (each seed is its own data draw with its own cache files, so no two processes
+    ever train or write the same teacher)."""
+    first = {}
     for cell in cells:
-        if cell.seed in out or not get_gate_class(cell.spec.gate).uses_teachers:
-            continue
-        out[cell.seed] = prepare_teachers(cell.config, progress)
-    return out
+        if cell.seed not in first and get_gate_class(cell.spec.gate).uses_teachers:
+            first[cell.seed] = cell
+    if jobs > 1 and len(first) > 1:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        stats = map_processes(prepare_teachers, [(c.config, False) for c in first.values()], jobs, threads)
+        return dict(zip(first, stats))
+    return {seed: prepare_teachers(c.config, progress) for seed, c in first.items()}
 
 
 def choose_on_select(cell: Cell, teacher_stats: list[dict[str, Any]]) -> Cell:
@@ -94,7 +99,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         for c in cells:
             shutil.rmtree(c.run_dir, ignore_errors=True)
     progress = getattr(args, "progress", None) is not False
-    teachers = _teachers_per_seed(cells, progress)
+    teachers = _teachers_per_seed(cells, progress, args.jobs if args.backend == "local" else 1)
     cells = [choose_on_select(c, teachers.get(c.seed, [])) for c in cells]
     states = {(c.spec.label, c.seed): cell_state(c) for c in cells}  # a mismatching old run fails here
     todo = [c for c in cells if states[(c.spec.label, c.seed)] != "done"]
