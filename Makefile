@@ -23,7 +23,7 @@ fashion-data:
 	  echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or pass --data-dir)"
 
 demo: $(STAMP) fashion-data
-	$(BIN)/metagate compare --task digits --noise 0.4 --teachers 2 --epochs 15 --seeds 0 1 2 --jobs 2 --out runs/demo \
+	$(BIN)/metagate compare --task digits --noise 0.4 --teachers 2 --epochs 10 --seeds 0 1 2 --jobs 2 --out runs/demo \
 	  --gates ce fixed fixed-tuned:alpha_grid=0.1/0.5/0.9,tau_grid=4/,lr_scales=1/ hard label-filter best-teacher \
 	  conf-teachers meta:meta_param=net reinforce
 
