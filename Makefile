@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean fashion-data
+.PHONY: demo test lint venv clean fashion-data reproduce
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -23,12 +23,16 @@ fashion-data:
 	  echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or pass --data-dir)"
 
 demo: $(STAMP) fashion-data
-	$(BIN)/metagate compare --task digits --noise 0.4 --gates ce fixed hard meta reinforce --meta-param net \
-	  --seeds 0 1 2 --logdir runs/demo
+	$(BIN)/metagate compare --task digits --noise 0.4 --teachers 2 --epochs 10 --seeds 0 1 2 --jobs 2 --out runs/demo \
+	  --gates ce fixed fixed-tuned:alpha_grid=0.1/0.5/0.9,tau_grid=4/,lr_scales=1/ hard label-filter best-teacher \
+	  conf-teachers meta:meta_param=net reinforce
 
 test: $(STAMP) fashion-data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+reproduce: $(STAMP) fashion-data
+	scripts/reproduce.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

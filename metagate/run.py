@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,14 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
 
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,
-                verbose: bool = False) -> dict[str, Any]:
+                verbose: bool = False, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None,
+                ) -> dict[str, Any]:
     """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
 
     The seed is set before the gate and the student are built (a gate's policy is initialised from
     it); loading or training teachers does not move the run's random state.
+
+    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does), e.g. to time epochs
     """
     task = task or load_task(cfg)
     run_dir = cfg.run_dir
@@ -166,7 +170,7 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
         if cfg.resume:
             trainer.load_checkpoint(ckpt)
         try:
-            metrics = trainer.fit()
+            metrics = trainer.fit(on_epoch_end)
             trainer.log_final(metrics, cfg.hparams(gate))
         finally:
             trainer.logger.close()

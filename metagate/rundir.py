@@ -28,6 +28,17 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def mark_run_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (if needed) as a metagate run directory: a caller that writes its own files into a run
+    directory before the run (``metagate compare``'s cell record) marks it first."""
+    p = Path(path)
+    ensure_dir(p, "--logdir")
+    marker = p / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"metagate_run": 1}))
+    return p
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 

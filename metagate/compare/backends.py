@@ -1,0 +1,115 @@
+"""Where the cells of a compare run: in this process, in ``--jobs N`` worker processes, or as Ray Tune trials.
+
+Every backend runs the same :func:`~metagate.compare.cell.run_cell` on the same payloads (same seeds,
+same thread count per cell), so per-run metrics do not depend on the backend. Teachers are already
+cached when a backend starts (:func:`~metagate.compare.cell.prepare_teachers` runs first).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from metagate.compare.cell import run_cell
+from metagate.compare.grid import Cell
+from metagate.errors import ConfigError
+
+OnRow = Callable[[Cell, dict[str, Any]], None]
+
+
+def run_serial(cells: list[Cell], on_row: OnRow) -> None:
+    """One cell after the other in this process."""
+    for cell in cells:
+        on_row(cell, run_cell(cell.payload()))
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))  # before the first op: bounded intra-op threads per worker
+
+
+def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow) -> None:
+    """Cells in ``jobs`` worker processes (``spawn``: no forked torch thread pools or open files).
+
+    At most ``jobs`` cells are in flight; on an interrupt the queued ones are cancelled and the running
+    ones end with their workers (their checkpoints let the next compare continue them).
+    """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    threads = cells[0].threads if cells else 1
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(run_cell, c.payload()): c for c in cells}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    cell = pending.pop(fut)
+                    on_row(cell, fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], jobs: int, threads: int) -> list[Any]:
+    """``[fn(*args) for args in arg_tuples]`` in ``jobs`` spawned worker processes, in order."""
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(fn, *zip(*arg_tuples)))
+
+
+def _ray_trial(config: dict[str, Any]) -> None:
+    """A Ray Tune trial: one cell; its row goes back through ``tune.report`` (as JSON text, so nested
+    figure data survive Tune's flattening of metrics)."""
+    from ray import tune
+
+    row = run_cell(config["cell"])
+    tune.report({"test_acc": float(row["metrics"].get("test/acc", float("nan"))), "row_json": json.dumps(row)})
+
+
+def run_ray(cells: list[Cell], on_row: OnRow, address: str | None = None, cpus_per_cell: int = 1,
+            storage: Path | None = None, max_concurrent: int = 0) -> None:
+    """Cells as Ray Tune trials: ``ray.tune.Tuner`` over a grid of payloads, ``tune.with_resources`` per cell.
+
+    :param address: ``None`` starts (or joins an already started) local Ray instance; ``auto`` or
+        ``HOST:PORT`` joins a cluster (every node must see the run directories and the teacher cache,
+        e.g. on a shared file system)
+    :param storage: where Tune keeps its own trial records
+    """
+    try:
+        import ray
+        from ray import tune
+    except ImportError as e:
+        raise ConfigError("--backend ray needs the ray extra: pip install 'metagate[ray]'") from e
+    if not cells:
+        return
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        started = True
+    try:
+        by_key = {(c.spec.label, c.seed): c for c in cells}
+        trainable = tune.with_resources(_ray_trial, {"cpu": cpus_per_cell})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search([c.payload() for c in cells])},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent or None),
+            run_config=tune.RunConfig(name="metagate-compare", verbose=0,
+                                      storage_path=str(storage.resolve()) if storage else None),
+        )
+        results = tuner.fit()
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            raise errors[0]
+        for r in results:
+            row = json.loads(r.metrics["row_json"])
+            on_row(by_key[(row["label"], row["seed"])], row)
+    finally:
+        if started:
+            ray.shutdown()

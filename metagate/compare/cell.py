@@ -1,0 +1,227 @@
+"""Run one grid cell (in the parent, a worker process or a Ray trial) and return its row.
+
+A cell never trains a teacher: the parent trains and caches them before any cell starts
+(:func:`prepare_teachers`), and a cell whose teacher files are missing fails instead of training its own
+copy (two workers would otherwise train the same teacher at once).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metagate.data.task import Task
+from metagate.errors import CheckpointError
+from metagate.io import safe_load
+from metagate.metrics import calibration_bins
+from metagate.run import DistillConfig, load_task, load_teachers, run_distill
+from metagate.rundir import mark_run_dir
+
+#: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
+WEIGHT_BINS = 20
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename (a kill never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=8)
+def _task(task: str, noise: float, noise_type: str, data_seed: int, val_fraction: float,
+          data_dir: str | None) -> Task:
+    return load_task(DistillConfig(task=task, noise=noise, noise_type=noise_type, data_seed=data_seed,
+                                   val_fraction=val_fraction, data_dir=data_dir))
+
+
+def task_of(cfg: DistillConfig) -> Task:
+    """The cell's task, loaded once per process and data draw."""
+    return _task(cfg.task, cfg.noise, cfg.noise_type, cfg.data_seed, cfg.val_fraction, cfg.data_dir)
+
+
+def _hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
+    """The cache files a run of ``cfg`` reads its teachers from."""
+    root = Path(cfg.cache_dir or "") / task.key
+    n_real = cfg.teachers - 1 if cfg.adversarial_teacher else cfg.teachers
+    names = [s.name for s in task.teacher_specs[:n_real]]
+    files = [root / f"teacher-{n}.pt" for n in names]
+    logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
+    return files + [root / f"logits-{n}.pt" for n in logit_names]
+
+
+def prepare_teachers(cfg: DistillConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Train (once) and cache the teachers of ``cfg``'s data draw and their logits; return their stats."""
+    task = task_of(cfg)
+    _, stats = load_teachers(cfg, task, progress=progress, verbose=progress)
+    return [dict(s) for s in stats]
+
+
+def _weight_histograms(unit_weights: torch.Tensor, corrupted: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Histograms of the weights last used for each training unit: label weight and teacher share on
+    corrupted vs clean units, and each teacher's share of its unit's KD weight (by teacher name)."""
+    from metagate.diagnostics import kd_shares, teacher_share
+
+    w = unit_weights.double()
+    edges = torch.linspace(0, 1, WEIGHT_BINS + 1, dtype=torch.float64)
+
+    def hist(v: torch.Tensor) -> list[int]:
+        idx = torch.bucketize(v.clamp(0, 1), edges[1:-1], right=False)
+        return torch.bincount(idx, minlength=WEIGHT_BINS).tolist()
+
+    c = corrupted.bool()
+    share = teacher_share(w)
+    out: dict[str, Any] = {"edges": edges.tolist(), "label_corrupted": hist(w[c, 0]), "label_clean": hist(w[~c, 0]),
+                           "share_corrupted": hist(share[c]), "share_clean": hist(share[~c])}
+    kd = kd_shares(w)[w[:, 1:].sum(1) > 0]  # units trained on their label alone have no KD share
+    out["kd_share"] = {n: hist(kd[:, j]) for j, n in enumerate(names)}
+    return out
+
+
+def _artefacts(cfg: DistillConfig, task: Task, teacher_names: list[str]) -> dict[str, Any]:
+    """Reliability bins of the final student on test and the weight histograms, from the final checkpoint."""
+    state = safe_load(cfg.run_dir / "checkpoint.pt")
+    student = task.make_student(cfg.student)
+    student.load_state_dict(state["student"])
+    student.eval()
+    with torch.no_grad():
+        logits = torch.cat([student(task.test.x[i : i + 2048]) for i in range(0, len(task.test), 2048)])
+    b = calibration_bins(torch.softmax(logits.double(), -1), task.test.y)
+    out: dict[str, Any] = {"calibration": {k: b[k].tolist() for k in ("count", "confidence", "accuracy")}}
+    uw = state["unit_weights"]
+    if uw.shape[1] > 1 and state["step"] > 0:
+        out["weights"] = _weight_histograms(uw, task.corrupted, teacher_names)
+    return out
+
+
+def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run (or continue) one cell from its :meth:`~metagate.compare.grid.Cell.payload`; return its row.
+
+    The row -- metrics, timing, fingerprints of the data draw and teachers, the full config, figure data --
+    is also written into the run's ``metrics.json`` under ``"compare"``: the mark of a finished cell. A gate
+    tuned on ``select`` (``fixed-tuned``) runs its grid first (:func:`run_tuned`).
+    """
+    from metagate.gates import get_gate_class
+
+    cfg = DistillConfig(**{**payload["config"], "train": dict(payload["config"]["train"])})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(payload["threads"])))
+    try:
+        if getattr(get_gate_class(cfg.gate), "tuned_on_select", False):
+            return run_tuned(cfg, payload)
+        return run_one(cfg, payload)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_tuned(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """Every grid point of a ``fixed-tuned`` cell as a ``fixed`` run in ``<cell>/grid/`` (each resumable on its
+    own), the one with the best ``select`` accuracy (ties: lower ``select`` NLL) is the cell's row; the grid,
+    each point's select scores and the choice are written into the row under ``"tuning"``."""
+    from dataclasses import replace
+
+    gcfg = cfg.gate_config()
+    points = gcfg.grid(cfg.train.lr)  # type: ignore[attr-defined]
+    scored = []
+    t0 = time.perf_counter()
+    for p in points:
+        name = f"alpha{p['alpha']:g}-tau{p['tau']:g}-lr{p['lr']:g}"
+        sub = replace(cfg, gate="fixed", gate_options={"alpha": p["alpha"], "tau": p["tau"]},
+                      train=replace(cfg.train, lr=p["lr"]), logdir=str(cfg.run_dir / "grid" / name))
+        done = read_metrics_row(sub.run_dir)
+        row = done if done is not None else run_one(sub, {**payload, "label": f"{payload['label']}/{name}",
+                                                          "gate": "fixed", "config": asdict(sub)})
+        scored.append((row["metrics"]["select/acc"], -row["metrics"]["select/nll"], len(scored), p, row))
+    best = max(scored, key=lambda t: t[:3])
+    row = dict(best[4])
+    row.update(label=payload["label"], gate=payload["gate"], options=payload["options"], config=payload["config"])
+    row["tuning"] = {"criterion": "select/acc, ties: lower select/nll", "chosen": best[3],
+                     "grid": [{**p, "select/acc": a, "select/nll": -nll} for a, nll, _, p, _ in scored],
+                     "seconds": time.perf_counter() - t0}
+    atomic_write_text(cfg.run_dir / "metrics.json", json.dumps({**row["metrics"], "compare": row}, indent=2))
+    return row
+
+
+def read_metrics_row(run_dir: Path) -> dict[str, Any] | None:
+    """The row of a finished run, or ``None``."""
+    try:
+        blob = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return blob.get("compare") if isinstance(blob, dict) else None
+
+
+def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
+    """One distillation run of a cell (continued from its checkpoint when there is one); its row."""
+    run_dir = cfg.run_dir
+    task = task_of(cfg)
+    from metagate.run import build_gate
+
+    gate = build_gate(cfg.gate, cfg.gate_options)
+    teachers: dict[str, Any] = {"names": [], "fingerprint": "", "stats": []}
+    if gate.uses_teachers:
+        missing = [str(p) for p in teacher_files(cfg, task) if not p.exists()]
+        if missing:
+            raise CheckpointError(f"teacher cache incomplete for {payload['label']} seed {payload['seed']}: "
+                                  f"{missing[0]} is missing (the compare trains teachers before any run)")
+        bank, stats = load_teachers(cfg, task, progress=False)
+        teachers = {"names": bank.names, "fingerprint": _hash(bank.logits), "stats": stats}
+    ckpt = run_dir / "checkpoint.pt"
+    start_epoch = 0
+    if ckpt.exists():
+        cfg.resume = True
+        start_epoch = int(safe_load(ckpt).get("epoch", 0))
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a directory without a checkpoint holds nothing to keep
+    mark_run_dir(run_dir)  # the cell record goes in first: run_distill accepts marked directories only
+    atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
+    ends: list[float] = []
+    t0 = time.perf_counter()
+    result = run_distill(cfg, gate=gate, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
+    elapsed = time.perf_counter() - t0
+    epochs = len(ends)
+    # between epoch ends (training, evaluation, checkpoint): no set-up, no first-epoch warm-up; one
+    # epoch alone is timed from the start of the run
+    per_epoch = ((ends[-1] - ends[0]) / (epochs - 1) if epochs > 1 else
+                 (ends[0] - t0) if epochs else float("nan"))
+    metrics = {k: v for k, v in result.items() if k != "teachers"}
+    row: dict[str, Any] = {
+        "label": payload["label"], "gate": payload["gate"], "seed": payload["seed"],
+        "options": payload["options"], "metrics": metrics,
+        "time": {"seconds": elapsed, "epochs_trained": epochs, "per_epoch": per_epoch,
+                 "steps_per_epoch": math.ceil(len(task.train) / cfg.train.batch_size),
+                 "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch},
+        "fingerprints": {"data": task.fingerprint(), "noise": _hash(task.corrupted.to(torch.uint8)),
+                         "split": _hash(task.meta.x, task.meta.y, task.select.x, task.select.y),
+                         "teachers": teachers["fingerprint"]},
+        "teachers": [{**s, "name": n} for s, n in zip(teachers["stats"], teachers["names"])],
+        "config": payload["config"],
+    }
+    row.update(_artefacts(cfg, task, teachers["names"]))
+    atomic_write_text(run_dir / "metrics.json", json.dumps({**result, "compare": row}, indent=2))
+    return row
+
+
+def finished_row(run_dir: Path) -> dict[str, Any]:
+    """The row a finished cell wrote."""
+    return json.loads((run_dir / "metrics.json").read_text())["compare"]

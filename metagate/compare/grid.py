@@ -1,0 +1,99 @@
+"""The grid of a compare: one cell per gate spec x seed, its run directory and whether it is finished.
+
+Within a seed every cell shares one data draw (split, noise) and one set of cached teachers: the seed
+is also the cell's ``data_seed``, so another seed is another draw of the data, not only another init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from metagate.bank import default_cache_dir
+from metagate.compare.specs import GateSpec
+from metagate.errors import ConfigError
+from metagate.run import DistillConfig
+
+#: config fields that may differ between a run and its resumption (they do not change the result)
+VOLATILE = ("resume", "overwrite", "rebuild_cache", "retrain_teachers", "logdir")
+VOLATILE_TRAIN = ("progress",)
+
+
+@dataclass
+class Cell:
+    """One run of the grid.
+
+    :param spec: the gate spec (the row)
+    :param seed: training seed and data seed
+    :param config: the run's full configuration
+    :param threads: torch intra-op threads while the cell runs
+    """
+
+    spec: GateSpec
+    seed: int
+    config: DistillConfig
+    threads: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.logdir or "")
+
+    def payload(self) -> dict[str, Any]:
+        """Plain data for a worker process or a Ray trial (picklable, JSON-able)."""
+        return {"label": self.spec.label, "gate": self.spec.gate, "options": dict(self.spec.options),
+                "seed": self.seed, "config": asdict(self.config), "threads": self.threads}
+
+
+def cell_config(args: argparse.Namespace, spec: GateSpec, seed: int, run_dir: Path) -> DistillConfig:
+    """The full configuration of one cell: the compare's flags, the spec's options on top."""
+    from metagate.cli_args import config_from_args
+
+    cfg = config_from_args(args, gate=spec.gate, seed=seed, logdir=str(run_dir.resolve()), strict=False)
+    train = replace(cfg.train, progress=False)  # one bar over the grid instead
+    return replace(cfg, data_seed=seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
+                   cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).resolve()),  # workers may run elsewhere
+                   resume=False, overwrite=False)  # replace() validates the merged options again
+
+
+def build_grid(args: argparse.Namespace, specs: list[GateSpec], out: Path, threads: int) -> list[Cell]:
+    """Every spec x seed, specs outermost (the order of every output)."""
+    return [Cell(s, seed, cell_config(args, s, seed, out / "runs" / s.slug / f"seed{seed}"), threads)
+            for s in specs for seed in args.seeds]
+
+
+def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the fields that may change between a run and its resumption."""
+    out = {k: v for k, v in cfg.items() if k not in VOLATILE}
+    out["train"] = {k: v for k, v in cfg["train"].items() if k not in VOLATILE_TRAIN}
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def cell_state(cell: Cell) -> str:
+    """``done`` (its ``metrics.json`` holds the compare row), ``partial`` (a checkpoint to continue) or ``new``.
+
+    :raises ConfigError: the run directory holds a run made with other options
+    """
+    d = cell.run_dir
+    saved = read_json(d / "cell.json")
+    if saved is not None and comparable(saved["config"]) != comparable(asdict(cell.config)):
+        a, b = comparable(saved["config"]), comparable(asdict(cell.config))
+        diff = sorted({k for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+        raise ConfigError(f"{d} holds a run of {cell.spec.label!r} seed {cell.seed} made with other options "
+                          f"(differ: {', '.join(diff)}); use another --out or pass --overwrite")
+    metrics = read_json(d / "metrics.json")
+    if metrics is not None and "compare" in metrics:
+        return "done"
+    if (d / "checkpoint.pt").exists():
+        return "partial"
+    return "new"

@@ -1,0 +1,161 @@
+"""The files of a compare in ``--out DIR``: ``results.json``, ``results.csv``, ``results.md``.
+
+* JSON: every row (one per gate spec x seed: metrics, timing, fingerprints, the full config, figure
+  data), the summary (means, paired intervals, cost) and the teachers of each seed;
+* CSV: one line per row with every scalar metric and the full config flattened (``config.train.lr``);
+* markdown: the results table (what the terminal prints), the cost table and the teachers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from metagate.compare.cell import atomic_write_text
+from metagate.compare.summary import PAIRED
+
+#: (metric, column title, scale, digits) of the results table
+COLUMNS = (("test/acc", "test acc %", 100.0, 2), ("test/nll", "NLL", 1.0, 4), ("test/ece", "ECE", 1.0, 4),
+           ("diag/auroc_teacher_share", "AUROC share/corrupted", 1.0, 3))
+
+
+def _num(v: float, digits: int) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{round(v, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00" for a rounding residue
+
+
+def _pm(stat: dict[str, float], scale: float, digits: int) -> str:
+    m, sd = stat["mean"] * scale, stat["std"] * scale
+    return "-" if math.isnan(m) else f"{_num(m, digits)} ± {_num(sd, digits)}"
+
+
+def _interval(entry: dict[str, Any] | None, metric: str, scale: float, digits: int) -> str:
+    if not entry:
+        return "-"
+    iv = entry[metric][entry[metric]["shown"]]
+    m, lo, hi = (iv[k] * scale for k in ("mean", "lo", "hi"))
+    sign = "+" if m > 0 else ""
+    if math.isnan(lo):
+        return f"{sign}{_num(m, digits)}"
+    return f"{sign}{_num(m, digits)} [{_num(lo, digits)}, {_num(hi, digits)}]"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Mean ± std per spec and the paired accuracy differences to ``fixed`` and to the best baseline."""
+    fixed, best = summary["fixed"], summary["best_baseline"]
+    level = "95%"
+    header = ["gate", "kind", "seeds", *[c[1] for c in COLUMNS],
+              f"Δacc vs {fixed or 'fixed'} ({level} {summary['interval']})",
+              f"Δacc vs best baseline {best or '-'} ({level})", "ΔNLL vs fixed", "ΔECE vs fixed"]
+    rows = []
+    for label, s in summary["gates"].items():
+        row = [f"`{label}`", "baseline" if s["baseline"] else "learned", str(len(s["seeds"]))]
+        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in COLUMNS]
+        row.append(_interval(s.get("vs_fixed"), "test/acc", 100.0, 2))
+        row.append(_interval(s.get("vs_best_baseline"), "test/acc", 100.0, 2))
+        row.append(_interval(s.get("vs_fixed"), "test/nll", 1.0, 4))
+        row.append(_interval(s.get("vs_fixed"), "test/ece", 1.0, 4))
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def cost_table(summary: dict[str, Any]) -> str:
+    """Wall time per epoch and the per-step cost relative to ``fixed`` (paired by seed)."""
+    rows = []
+    for label, s in summary["gates"].items():
+        t = s["time_per_epoch"]
+        rows.append([f"`{label}`", _pm(t, 1.0, 3), str(s["steps_per_epoch"]),
+                     "-" if math.isnan(s["step_cost_vs_fixed"]) else f"{s['step_cost_vs_fixed']:.2f}x"])
+    return markdown_table(["gate", "s / epoch", "steps / epoch", f"step cost vs {summary['fixed'] or 'fixed'}"],
+                          rows)
+
+
+def teachers_table(teachers: dict[int, list[dict[str, Any]]]) -> str:
+    rows = [[str(seed), t["name"], _num(100 * t.get("select_acc", float("nan")), 2),
+             _num(100 * t.get("test_acc", float("nan")), 2)] for seed, ts in teachers.items() for t in ts]
+    return markdown_table(["seed", "teacher", "select acc %", "test acc %"], rows)
+
+
+def tuning_table(rows: list[dict[str, Any]]) -> str:
+    """The choice of every gate tuned on ``select`` (the full grid with its scores is in the JSON)."""
+    out = [[f"`{r['label']}`", str(r["seed"]), str(len(r["tuning"]["grid"])),
+            *(f"{r['tuning']['chosen'][k]:g}" for k in ("alpha", "tau", "lr")),
+            _num(100 * r["metrics"]["select/acc"], 2)] for r in rows if "tuning" in r]
+    return markdown_table(["gate", "seed", "grid points", "alpha", "tau", "lr", "select acc %"], out) if out else ""
+
+
+def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]], title: str,
+             extra: str = "", rows: list[dict[str, Any]] | None = None) -> str:
+    """The whole ``results.md``."""
+    parts = [f"# {title}", "", "## Results", "",
+             "Mean ± std over seeds; Δ: paired difference per seed (same data draw and teachers), mean "
+             f"[{summary['interval']} 95% interval]. Best baseline: the non-learned gate with the best mean "
+             "test accuracy.", "", results_table(summary), "", "## Cost", "", cost_table(summary), ""]
+    tuning = tuning_table(rows or [])
+    if tuning:
+        parts += ["## Tuned on select", "", tuning, ""]
+    if any(teachers.values()):
+        parts += ["## Teachers", "", teachers_table(teachers), ""]
+    if extra:
+        parts += [extra, ""]
+    return "\n".join(parts)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
+
+
+def csv_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """One flat dict per row: label, gate, seed, options, every scalar metric, timing, fingerprints, config."""
+    flat = []
+    for r in rows:
+        f: dict[str, Any] = {"label": r["label"], "gate": r["gate"], "seed": r["seed"],
+                             "options": json.dumps(r["options"], sort_keys=True)}
+        f.update({k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+        f.update(flatten(r["time"], "time."))
+        f.update(flatten(r["fingerprints"], "fingerprint."))
+        f.update(flatten(r["config"], "config."))
+        flat.append(f)
+    first = ["label", "gate", "seed", "options"]
+    metric_keys = sorted({k for f in flat for k in f if "/" in k}, key=lambda k: (k not in PAIRED, k))
+    rest = sorted({k for f in flat for k in f} - set(first) - set(metric_keys))
+    return first + metric_keys + rest, flat
+
+
+def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any],
+                  teachers: dict[int, list[dict[str, Any]]], title: str, extra: dict[str, Any] | None = None,
+                  extra_md: str = "") -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md"}
+    blob = {"title": title, "summary": summary, "teachers": {str(k): v for k, v in teachers.items()},
+            "rows": rows, **(extra or {})}
+    atomic_write_text(paths["json"], json.dumps(blob, indent=2))
+    header, flat = csv_rows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, restval="")
+    w.writeheader()
+    w.writerows(flat)
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["md"], markdown(summary, teachers, title, extra_md, rows))
+    return paths
