@@ -45,10 +45,11 @@ def comparison(digits_bank, tmp_path_factory):
     """A mixed compare on noisy digits (1 epoch, 1 seed, a planted teacher) through the command line."""
     from metagate.cli import main
 
-    root = tmp_path_factory.mktemp("cmp")
+    out = tmp_path_factory.mktemp("cmp")
     assert main(["compare", "--task", "digits", "--noise", "0.4", "--gates", *GATES, "--seeds", "0", "--epochs", "1",
-                 "--teachers", "3", "--adversarial-teacher", "--logdir", str(root), "--device", "cpu",
+                 "--teachers", "3", "--adversarial-teacher", "--out", str(out), "--device", "cpu",
                  "--no-progress"]) == 0
+    root = out / "runs"  # the compare's runs, and the directory TensorBoard is pointed at
     runs = {g: _acc(root / g / "seed0") for g in GATES}
     return root, _acc(root), runs
 
