@@ -9,15 +9,24 @@ temperatures exactly as during training.
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
+from metagate.errors import ConfigError
+from metagate.features import FEATURE_HIGH
 from metagate.policies.core import TeacherGaussian
+from metagate.policies.safe_zip import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, _read
 from metagate.policies.temperature import (
+    ACTION_BOUND,
     ITKD_T_INIT,
     ITKD_T_MAX,
     ITKD_T_MIN,
@@ -133,3 +142,54 @@ class TemperaturePolicySB3(ActorCriticPolicy):
 
     def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
         return self.get_distribution(observation).get_actions(deterministic)
+
+
+#: the plain-JSON description of a temperature policy zip (the safe loader reads only it and the weights)
+META_NAME = "metagate-temperature-policy.json"
+KWARGS = ("hidden", "log_std_init", "shared_log_std_init", "t_min", "t_max", "t_init", "label_alpha")
+
+
+def write_temperature_meta(path: str | Path, policy: TemperaturePolicySB3, algo: str) -> None:
+    """Add :data:`META_NAME` to a zip saved by ``model.save`` (``metagate train-policy --env temperature``)."""
+    meta = {"algo": algo, "observation_shape": [int(s) for s in policy.observation_space.shape],
+            "action_shape": [int(s) for s in policy.action_space.shape],
+            "policy_kwargs": {k: getattr(policy, k) for k in KWARGS}}
+    with zipfile.ZipFile(path, mode="a") as zf:
+        zf.writestr(META_NAME, json.dumps(meta, indent=2))
+
+
+def load_temperature_zip(path: str | Path, num_state: int, device: str | torch.device = "cpu",
+                         what: str = "--temp-policy") -> TemperaturePolicySB3:
+    """A :class:`TemperaturePolicySB3` from a zip, executing nothing of it (no unpickling: the JSON
+    description and ``torch.load(weights_only=True)`` of the weights; see :mod:`metagate.policies.safe_zip`)."""
+    p = Path(path)
+    if not p.is_file() and p.with_suffix(".zip").is_file():
+        p = p.with_suffix(".zip")
+    where = f"{what} {p}"
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: no such file (train one with `metagate train-policy --env temperature "
+                          "--out ...`)")
+    try:
+        with zipfile.ZipFile(p) as zf:
+            meta = json.loads(_read(zf, META_NAME, MAX_JSON_BYTES, where))
+            weights = _read(zf, "policy.pth", MAX_WEIGHTS_BYTES, where)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise ConfigError(f"{where}: not a metagate temperature policy zip ({type(e).__name__}: {e})") from e
+    try:
+        obs_shape, act_shape = tuple(int(s) for s in meta["observation_shape"]), \
+            tuple(int(s) for s in meta["action_shape"])
+        kwargs = {k: meta["policy_kwargs"][k] for k in KWARGS}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {META_NAME} is malformed ({e})") from e
+    if len(obs_shape) != 3 or obs_shape[-1] != num_state:
+        raise ConfigError(f"{where}: trained for {obs_shape[-1] if obs_shape else '?'} state features per unit, "
+                          f"this version has {num_state}; retrain it")
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        obs = spaces.Box(0.0, FEATURE_HIGH, obs_shape, np.float32)
+        act = spaces.Box(-ACTION_BOUND, ACTION_BOUND, act_shape, np.float32)
+        policy = TemperaturePolicySB3(obs, act, lambda _: 0.0, **kwargs)
+        policy.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - anything unexpected in a user file: refuse it
+        raise ConfigError(f"{where}: the weights do not fit a temperature policy ({type(e).__name__}: {e})") from e
+    return policy.to(device)

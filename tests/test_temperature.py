@@ -256,7 +256,7 @@ def test_temperature_env_registered_and_steps_are_trainer_steps(digits_clean, sy
         student = digits_clean.make_student()
     tr = Trainer(digits_clean, student, FixedGate(), synth_bank, TrainConfig(seed=info["student_seed"],
                                                                               **env.train_config))
-    tr.total_steps = env.episode_steps
+    tr.set_total_steps(env.episode_steps)
     w = fixed_weights(16, 2, env.alpha, "cpu", torch.float32)
     for b, a in zip(batches, actions):
         tau = 2.0 + 4.0 * torch.sigmoid(torch.as_tensor(a).reshape(-1))
