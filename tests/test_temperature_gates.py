@@ -78,7 +78,8 @@ def test_ctkd_run_writes_temperature_diagnostics(digits_noisy, digits_bank, tmp_
     assert math.isfinite(result["test/nll"])
     ea = EventAccumulator(str(tmp_path / "r"), size_guidance={"histograms": 0}).Reload()
     assert {"temperature/mean", "temperature/lambda"} <= set(ea.Tags()["scalars"])
-    assert {"temperature/tau", "temperature_corrupted/tau", "temperature_clean/tau"} <= set(ea.Tags()["histograms"])
+    assert {"temperature/tau", "temperature_corrupted/tau", "temperature_clean/tau", "temperature_teacher_conf/low",
+            "temperature_teacher_conf/high"} <= set(ea.Tags()["histograms"])
     assert [e.value for e in ea.Scalars("temperature/lambda")][-1] == pytest.approx(1.0)
     assert [e.value for e in ea.Scalars("temperature/mean")][-1] == pytest.approx(15.6, abs=0.2)
 

@@ -42,8 +42,6 @@ from metagate.temperature import check_range
 
 __all__ = ["TemperatureConfig", "TemperatureGate", "TemperatureLog", "check_temperature", "load_temperature_policy"]
 
-CONFIDENCE_BINS = (0.6, 0.9)  # teacher top-1 probability: low < 0.6 <= mid < 0.9 <= high
-
 
 def check_temperature(gate: str, tau: Tensor) -> None:
     """A NaN/inf temperature stops the run with an :class:`InputError` naming the gate."""
@@ -55,7 +53,9 @@ def check_temperature(gate: str, tau: Tensor) -> None:
 class TemperatureLog:
     """TensorBoard diagnostics of the chosen temperatures: each training unit's last temperature, the mean
     over the steps since the last write (``temperature/mean``), histograms over all units, split into
-    corrupted vs clean units (noisy tasks) and by the teachers' confidence in the unit.
+    corrupted vs clean units (noisy tasks) and by the teachers' confidence in the unit (the top-1 probability of
+    their mean distribution, in tertiles over the training set: teachers trained on noisy labels are rarely
+    confident, so fixed thresholds would leave bins empty).
 
     The corrupted flags are ground truth for diagnostics only; no decision reads them.
     """
@@ -67,6 +67,8 @@ class TemperatureLog:
         bank = run.bank
         self.confidence = None if bank is None else \
             torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
+        self.bins = None if self.confidence is None else \
+            torch.quantile(self.confidence, torch.tensor([1 / 3, 2 / 3], device=run.device)).tolist()
         self._sum, self._count = 0.0, 0
         self._means: list[Tensor] = []
 
@@ -89,8 +91,8 @@ class TemperatureLog:
         if self.corrupted is not None and bool(self.corrupted.any()):
             logger.histogram("temperature_corrupted/tau", tau[seen & self.corrupted], step)
             logger.histogram("temperature_clean/tau", tau[seen & ~self.corrupted], step)
-        if self.confidence is not None:
-            lo, hi = CONFIDENCE_BINS
+        if self.confidence is not None and self.bins is not None:
+            lo, hi = self.bins
             c = self.confidence
             for name, sel in (("low", c < lo), ("mid", (c >= lo) & (c < hi)), ("high", c >= hi)):
                 if bool((sel & seen).any()):
