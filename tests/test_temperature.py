@@ -158,7 +158,7 @@ def test_temperature_policy_range_init_and_errors():
 
     pol = TemperaturePolicy(t_min=0.5, t_max=10.0, init=4.0)
     x = torch.rand(16, 1, pol.num_state)
-    tau = pol.temperature(pol.mean_action(x))
+    tau = pol.temperature(pol.mean_action(x)).detach()
     assert tau.shape == (16,) and float((tau - 4.0).abs().max()) < 0.05
     a = torch.tensor([-100.0, -ACTION_BOUND, 0.0, ACTION_BOUND, 100.0])
     t = action_temperature(a, 0.5, 10.0)
