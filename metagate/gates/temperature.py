@@ -87,16 +87,16 @@ class TemperatureLog:
         seen = ~torch.isnan(tau)
         if not bool(seen.any()):
             return
-        logger.histogram("temperature/tau", tau[seen], step)
+        logger.histogram("temperature/tau/all", tau[seen], step)
         if self.corrupted is not None and bool(self.corrupted.any()):
-            logger.histogram("temperature_corrupted/tau", tau[seen & self.corrupted], step)
-            logger.histogram("temperature_clean/tau", tau[seen & ~self.corrupted], step)
+            logger.histogram("temperature/tau/corrupted", tau[seen & self.corrupted], step)
+            logger.histogram("temperature/tau/clean", tau[seen & ~self.corrupted], step)
         if self.confidence is not None and self.bins is not None:
             lo, hi = self.bins
             c = self.confidence
             for name, sel in (("low", c < lo), ("mid", (c >= lo) & (c < hi)), ("high", c >= hi)):
                 if bool((sel & seen).any()):
-                    logger.histogram(f"temperature_teacher_conf/{name}", tau[sel & seen], step)
+                    logger.histogram(f"temperature/tau/teacher_conf_{name}", tau[sel & seen], step)
 
 
 @dataclass
