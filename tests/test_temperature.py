@@ -183,7 +183,7 @@ def test_reinforce_moves_the_temperature_toward_the_best_one():
     pol = TemperaturePolicy(t_min=1.0, t_max=10.0, init=4.0, log_std=-0.5, shared_log_std=None)
     learner = ReinforceLearner(pol, lr=3e-2, baseline_decay=0.9)
     states = torch.rand(32, 1, pol.num_state)
-    start = float(pol.temperature(pol.mean_action(states)).mean())
+    start = float(pol.temperature(pol.mean_action(states)).detach().mean())
     for _ in range(150):
         with torch.no_grad():
             a = pol.distribution(states).sample()
