@@ -1,41 +1,33 @@
 """``metagate/TeacherWeighting-v0``: an agent weights the teachers of every unit of a batch.
 
 One step = one student update through the shared :meth:`metagate.trainer.Trainer.train_step`
-with the weights the action encodes. The observation is the *next* batch's unit features
+with the weights the action encodes (the episode, reward and reset machinery is
+:class:`metagate.envs.base.StudentLoopEnv`). The observation is the *next* batch's unit features
 ``[B, K, F]`` (:func:`metagate.features.unit_features`); the action ``Box(-1, 1, [B, K])`` holds
 per-unit teacher logits, mapped inside the env to ``W = [alpha, (1 - alpha) softmax(a / T)]``;
 the reward is the scaled improvement of the student's loss (or accuracy) on a fixed subset of the
-task's ``meta`` split (the ``select`` split is never touched). An episode is a short student
-training run of ``episode_steps`` updates; ``reset`` builds a fresh student from a seed drawn from
-the env's RNG, so the policy learns a rule that transfers to new students.
+task's ``meta`` split (the ``select`` split is never touched).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gymnasium import spaces
 
 from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
+from metagate.envs.base import StudentLoopEnv
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, NUM_FEATURES, TeacherFeatureCache
+from metagate.features import FEATURE_HIGH, NUM_FEATURES
 from metagate.gates.base import GateOutput
-from metagate.gates.fixed import FixedGate
-from metagate.layout import for_model
-from metagate.modes import eval_mode, is_mode_free
 from metagate.policies.core import action_weights
-from metagate.trainer import TrainConfig, Trainer
 
 
-class TeacherWeightingEnv(gym.Env):
-    """Gymnasium environment over the shared student loop.
+class TeacherWeightingEnv(StudentLoopEnv):
+    """Gymnasium environment over the shared student loop (options of :class:`StudentLoopEnv`, plus:)
 
     :param task: a task name (``digits``, ``fashion``) or a :class:`~metagate.data.task.Task`
     :param bank: teacher logits for ``task.train``; by default the task's cached teachers are loaded
@@ -59,8 +51,6 @@ class TeacherWeightingEnv(gym.Env):
     :param lr: student learning rate (cosine schedule over the episode by default)
     :param momentum: student SGD momentum
     """
-
-    metadata = {"render_modes": []}
 
     def __init__(
         self,
@@ -87,135 +77,33 @@ class TeacherWeightingEnv(gym.Env):
         cache_dir: str | None = None,
         device: str = "cpu",
     ) -> None:
-        super().__init__()
-        if reward not in ("loss", "acc"):
-            raise ConfigError(f"reward must be 'loss' or 'acc', got {reward!r}")
-        if episode_steps < 1:
-            raise ConfigError(f"episode_steps must be >= 1, got {episode_steps}")
-        if reward_every < 1:
-            raise ConfigError(f"reward_every must be >= 1, got {reward_every}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
-        if isinstance(task, str) or bank is None:
-            task, bank = _load(task, bank, teachers, adversarial_teacher, noise, data_seed, cache_dir, device)
-        if bank.num_units != len(task.train):
-            raise ConfigError(f"teacher bank covers {bank.num_units} units, task has {len(task.train)}")
-        if batch_size < 1 or batch_size > len(task.train):
-            raise ConfigError(f"batch_size must be in [1, {len(task.train)}], got {batch_size}")
-        self.task, self.bank = task, bank
-        self.student_arch = student
-        self.batch_size, self.episode_steps = int(batch_size), int(episode_steps)
-        self.alpha, self.tau, self.temperature = float(alpha), float(tau), float(temperature)
-        self.reward_kind, self.reward_scale, self.reward_every = reward, float(reward_scale), int(reward_every)
-        self.train_config = dict(batch_size=self.batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
-                                 schedule=schedule,
-                                 epochs=1, device=device, progress=False, eval_test_every_epoch=False)
-        self.device = torch.device(device)
-        k = bank.num_teachers
-        self.num_teachers = k
+        super().__init__(task, bank, teachers, adversarial_teacher, noise, data_seed, student, batch_size,
+                         episode_steps, alpha, tau, reward, reward_scale, val_size, reward_every, lr, momentum,
+                         optimizer, schedule, cache_dir, device)
+        self.temperature = float(temperature)
+        k = self.num_teachers
         self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, k, NUM_FEATURES), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (self.batch_size, k), np.float32)
-        g = torch.Generator().manual_seed(0)  # the reward subset is fixed for the env's lifetime
-        idx = torch.randperm(len(task.meta), generator=g)[: min(val_size, len(task.meta))]
-        self._val_x = task.meta.x[idx].to(self.device)
-        self._val_y = task.meta.y[idx].to(self.device)
-        self.trainer: Trainer | None = None
-        self._logits: torch.Tensor | None = None
-        self._gate = FixedGate(alpha=self.alpha, tau=self.tau)
-        # teacher-only features of every training unit, once: an observation only adds KL and student features
-        self._features = TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
         self._alpha_col = torch.full((self.batch_size, 1), self.alpha, device=self.device)
-        self._t = 0
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _batches(self, trainer: Trainer) -> Iterator[Batch]:
-        epoch = 0
-        while True:
-            for batch in trainer.epoch_batches(epoch):
-                if len(batch) == self.batch_size:
-                    yield batch
-            epoch += 1
-
-    def _observe(self, batch: Batch) -> np.ndarray:
-        """Features of ``batch`` from the student's train-mode forward, whose logits (and graph) the next
-        ``train_step`` reuses: the observation costs no extra forward pass."""
+    def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
         assert self.trainer is not None
-        student = self.trainer.student
-        if not student.training:  # Module.train() walks every submodule
-            student.train()
-        self._logits = student(batch.x)
-        feats = self._features.features(self._logits, batch.ids.to(self.device), self.trainer.progress)
+        feats = self._features.features(logits, batch.ids.to(self.device), self.trainer.progress)
         return feats.cpu().numpy()  # clamped to [0, FEATURE_HIGH]
-
-    @torch.no_grad()
-    def _validate(self) -> float:
-        assert self.trainer is not None
-        with eval_mode(self.trainer.student, self._mode_free) as student:
-            logits = student(self._val_x)
-        if self.reward_kind == "acc":
-            return float((logits.argmax(-1) == self._val_y).float().mean())
-        return float(F.cross_entropy(logits, self._val_y))
 
     def weights_from_action(self, action: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Action ``[B, K]`` -> gate weights ``W [B, 1+K]`` (clipped to the box first)."""
         a = torch.as_tensor(np.asarray(action, dtype=np.float32), device=self.device)
         return action_weights(a.reshape(-1, self.num_teachers), self.alpha, self.temperature, self._alpha_col)
 
-    # -- gymnasium API ---------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
-        super().reset(seed=seed)
-        student_seed = int(self.np_random.integers(0, 2**31 - 1))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(student_seed)
-            student = self.task.make_student(self.student_arch)
-        cfg = TrainConfig(seed=student_seed, **self.train_config)  # type: ignore[arg-type]
-        self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
-        self._mode_free = is_mode_free(student)
-        self._val_x = for_model(student, self._val_x)
-        self.trainer.set_total_steps(self.episode_steps)  # progress and the lr schedule span the episode
-        self._iter = self._batches(self.trainer)
-        self._batch = next(self._iter)
-        self._t = 0
-        self._val = self._validate()
-        return self._observe(self._batch), {"val": self._val, "student_seed": student_seed}
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        if self.trainer is None:
-            raise RuntimeError("call reset() before step()")
-        w = self.weights_from_action(action)
+    def decision(self, action: np.ndarray | torch.Tensor) -> GateOutput:
         # softmax weights cannot be negative; NaN actions still surface as a non-finite loss
-        res = self.trainer.train_step(self._batch, GateOutput(w, self.tau, trusted=True), logits=self._logits)
-        self._logits = None
-        self._t += 1
-        truncated = self._t >= self.episode_steps
-        reward, val = 0.0, self._val
-        if truncated or self._t % self.reward_every == 0:
-            val = self._validate()
-            delta = (self._val - val) if self.reward_kind == "loss" else (val - self._val)
-            reward = self.reward_scale * delta
-            if not math.isfinite(reward):
-                reward = -self.reward_scale
-            self._val = val
-        self._batch = next(self._iter)
-        obs = self._observe(self._batch)
-        kd = w[:, 1:].cpu().numpy()  # the softmax scaled by 1 - alpha: divide it out in numpy (cheap)
+        return GateOutput(self.weights_from_action(action), self.tau, trusted=True)
+
+    def _step_info(self, decision: GateOutput) -> dict[str, Any]:
+        kd = decision.weights[:, 1:].cpu().numpy()  # the softmax scaled by 1 - alpha: divide it out in numpy (cheap)
         if self.alpha < 1.0:
             kd = kd / (1.0 - self.alpha)
-        info = {"val": val, "train_loss": float(res.loss), "teacher_weights": kd}
-        return obs, float(reward), False, truncated, info
-
-
-def _load(task: str | Task, bank: TeacherBank | None, teachers: int, adversarial: bool, noise: float,
-          data_seed: int, cache_dir: str | None, device: str) -> tuple[Task, TeacherBank]:
-    from metagate.run import DistillConfig, load_task, load_teachers
-
-    name = task if isinstance(task, str) else task.name
-    cfg = DistillConfig(task=name, noise=noise, data_seed=data_seed, teachers=teachers,
-                        adversarial_teacher=adversarial, cache_dir=cache_dir,
-                        train=TrainConfig(device=device, progress=False))
-    task_obj = load_task(cfg) if isinstance(task, str) else task
-    if bank is None:
-        bank, _ = load_teachers(cfg, task_obj, progress=False)
-    return task_obj, bank
+        return {"teacher_weights": kd}

@@ -1,6 +1,7 @@
 """``metagate train-policy``: train a teacher-weighting policy with PPO or A2C on
 ``metagate/TeacherWeighting-v0`` and save it as a stable-baselines3 zip that
-``metagate distill --gate policy --policy PATH`` deploys.
+``metagate distill --gate policy --policy PATH`` deploys; with ``--env temperature`` a per-unit temperature
+policy on ``metagate/InstanceTemperature-v0`` that ``--gate temperature --temp-policy PATH`` deploys.
 
 TensorBoard (``--logdir``) receives stable-baselines3's scalars (``rollout/``, ``train/``) plus, per
 rollout, histograms and means of the chosen KD-internal weight of every teacher
@@ -16,13 +17,23 @@ from typing import Any
 
 from metagate.cli_args import add_data_arguments, config_from_args
 from metagate.errors import ConfigError
+from metagate.policies.temperature import ITKD_T_MAX, ITKD_T_MIN
 
 ALGOS = ("ppo", "a2c")
+ENVS = ("weights", "temperature")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
     g = p.add_argument_group("environment (one step = one student update)")
+    g.add_argument("--env", default="weights", choices=list(ENVS),
+                   help="weights: per-unit teacher weights (TeacherWeighting-v0); temperature: per-unit KD "
+                        "temperatures (InstanceTemperature-v0)")
+    # own dests: --temp-min/--temp-max are also the temperature gate's options, which this command does not take
+    g.add_argument("--temp-min", dest="env_t_min", type=float, default=ITKD_T_MIN,
+                   help="temperature env: lowest temperature")
+    g.add_argument("--temp-max", dest="env_t_max", type=float, default=ITKD_T_MAX,
+                   help="temperature env: highest temperature")
     g.add_argument("--student", default=None, help="student architecture (task default: mlp)")
     g.add_argument("--batch-size", type=int, default=64, help="units per env step (observation [B, K, F])")
     g.add_argument("--episode-steps", type=int, default=60, help="student updates per episode")
@@ -67,14 +78,24 @@ class TeacherWeightCallback:
                 super().__init__()
                 self._buf: list[Any] = []
 
+                self._tau: list[Any] = []
+
             def _on_step(self) -> bool:
                 for info in self.locals.get("infos", []):
                     w = info.get("teacher_weights")
                     if w is not None:
                         self._buf.append(w)
+                    t = info.get("temperatures")
+                    if t is not None:
+                        self._tau.append(t)
                 return True
 
             def _on_rollout_end(self) -> None:
+                if self._tau:
+                    t = np.concatenate(self._tau)
+                    self._tau.clear()
+                    self.logger.record("temperature/tau", t, exclude=("stdout", "log", "json", "csv"))
+                    self.logger.record("temperature/mean", float(t.mean()))
                 if not self._buf:
                     return
                 w = np.concatenate(self._buf, 0)
@@ -88,9 +109,11 @@ class TeacherWeightCallback:
 
 def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     data = config_from_args(args, gate="fixed")  # the data options, with their defaults and checks
+    kind = dict(tau=args.tau, temperature=args.temperature) if getattr(args, "env", "weights") == "weights" else \
+        dict(t_min=args.env_t_min, t_max=args.env_t_max)
     return dict(teachers=data.teachers, adversarial_teacher=data.adversarial_teacher, noise=data.noise,
                 data_seed=data.data_seed, student=args.student, batch_size=args.batch_size,
-                episode_steps=args.episode_steps, alpha=args.alpha, tau=args.tau, temperature=args.temperature,
+                episode_steps=args.episode_steps, alpha=args.alpha, **kind,
                 reward=args.reward, reward_scale=args.reward_scale, val_size=args.val_size, reward_every=args.reward_every, lr=args.lr,
                 momentum=args.momentum, cache_dir=data.cache_dir, device="cpu")
 
@@ -102,9 +125,10 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     from stable_baselines3.common.monitor import Monitor
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs import InstanceTemperatureEnv, TeacherWeightingEnv
     from metagate.policies.safe_zip import write_policy_meta
     from metagate.policies.sb3 import TeacherWeightingPolicy
+    from metagate.policies.sb3_temperature import TemperaturePolicySB3, write_temperature_meta
 
     if args.timesteps < 1:
         raise ConfigError(f"--timesteps must be >= 1, got {args.timesteps}")
@@ -112,24 +136,36 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
         raise ConfigError(f"--n-steps must be >= 2, got {args.n_steps}")
     out = Path(args.out)
     logdir = Path(args.logdir) if args.logdir else out.with_name(out.stem + "-tb")
+    temperature = getattr(args, "env", "weights") == "temperature"
     if env is None:
-        env = TeacherWeightingEnv(args.task or "digits", **make_env_kwargs(args))
+        env_class = InstanceTemperatureEnv if temperature else TeacherWeightingEnv
+        env = env_class(args.task or "digits", **make_env_kwargs(args))
+    temperature = isinstance(env, InstanceTemperatureEnv)
     vec = DummyVecEnv([lambda: Monitor(env)])
     vec.seed(args.seed)
-    policy_kwargs = dict(hidden=args.hidden, log_std_init=args.unit_log_std, shared_log_std_init=args.shared_log_std,
-                         weight_temperature=env.temperature, label_alpha=env.alpha, kd_tau=env.tau)
+    policy_kwargs: dict[str, Any] = dict(hidden=args.hidden, log_std_init=args.unit_log_std,
+                                         shared_log_std_init=args.shared_log_std, label_alpha=env.alpha)
+    if temperature:
+        policy_kwargs.update(t_min=env.t_min, t_max=env.t_max)
+    else:
+        policy_kwargs.update(weight_temperature=env.temperature, kd_tau=env.tau)
+    policy_class = TemperaturePolicySB3 if temperature else TeacherWeightingPolicy
     common = dict(learning_rate=args.policy_lr, n_steps=args.n_steps, gamma=args.gamma, gae_lambda=args.gae_lambda,
                   policy_kwargs=policy_kwargs, seed=args.seed, device="cpu", verbose=0)
     if args.algo == "ppo":
-        model = PPO(TeacherWeightingPolicy, vec, batch_size=args.n_steps, n_epochs=args.n_epochs, **common)
+        model = PPO(policy_class, vec, batch_size=args.n_steps, n_epochs=args.n_epochs, **common)
     else:
-        model = A2C(TeacherWeightingPolicy, vec, **common)
+        model = A2C(policy_class, vec, **common)
     formats = ["tensorboard", "csv"] + (["stdout"] if args.verbose else [])
     model.set_logger(configure(str(logdir), formats))
     model.learn(total_timesteps=args.timesteps, callback=TeacherWeightCallback.make())
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
-    write_policy_meta(out if out.suffix else out.with_suffix(".zip"), model.policy, args.algo)
+    zipped = out if out.suffix else out.with_suffix(".zip")
+    if temperature:
+        write_temperature_meta(zipped, model.policy, args.algo)
+    else:
+        write_policy_meta(zipped, model.policy, args.algo)
     meta = {"algo": args.algo, "timesteps": args.timesteps, "task": getattr(env.task, "name", args.task),
             "teachers": env.num_teachers, "env": {k: v for k, v in make_env_kwargs(args).items() if k != "cache_dir"}}
     (logdir / "train_policy.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -140,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     """train a teacher-weighting policy (PPO/A2C) on the gymnasium env; save a zip"""
     train_policy(args)
     out = Path(args.out)
-    print(f"saved {out if out.suffix else out.with_suffix('.zip')}; deploy with "
-          f"`metagate distill --gate policy --policy {args.out}`")
+    deploy = f"--gate temperature --temp-policy {args.out}" if args.env == "temperature" else \
+        f"--gate policy --policy {args.out}"
+    print(f"saved {out if out.suffix else out.with_suffix('.zip')}; deploy with `metagate distill {deploy}`")
     return 0

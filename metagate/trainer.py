@@ -186,6 +186,11 @@ class Trainer:
         self._reset_stats()
         self.history: list[dict[str, float]] = []
         gate.setup(self)
+        # a gate's temperature trained by the student's optimizer (CTKD): same lr schedule, momentum, decay
+        extra = list(gate.student_parameters())
+        if extra:
+            self.optimizer.add_param_group({"params": extra})
+        self._tau_graph = bool(extra)
 
     # -- the gate context (metagate.gates.base.GateContext) ---------------------------------------
     @property
@@ -303,7 +308,8 @@ class Trainer:
                              f"{(view.num_units, 1 + self.num_teachers)} (units, 1 + teachers)")
         if not trusted:
             check_weights(w)
-        tau = out.tau.detach() if torch.is_tensor(out.tau) else out.tau
+        keep = self._tau_graph and decision is None  # the loss's gradient reaches the gate's student_parameters
+        tau = out.tau.detach() if torch.is_tensor(out.tau) and not keep else out.tau
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
         s_logp = view.made_student_log_probs  # reuse the gate's log-softmax if it made one
         teacher_logits = None if t_logp is not None else view.teacher_logits

@@ -182,7 +182,7 @@ def test_cli_distill_reinforce_and_resume(digits_bank, tmp_path, capsys):
 def test_meta_plus_policy_composes(digits_bank, tmp_path):
     """--gate meta+policy: the meta gate's label weight and KD share, the policy's teacher distribution."""
     from metagate.cli import main
-    from metagate.gates.policy import MetaPolicyGate
+    from metagate.gates.compose import MetaPolicyGate
     from metagate.run import build_gate
 
     gate = build_gate("meta+policy", {"meta_columns": "split", "meta_param": "net"})

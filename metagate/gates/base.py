@@ -264,6 +264,12 @@ class Gate(ABC):
         """The gate's own learnable parameters (never the student's)."""
         return []
 
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the *student's* optimizer trains (CTKD's temperature): the trainer adds them as a
+        parameter group after :meth:`setup` and keeps the gate's ``tau`` in the loss's graph, so the loss's
+        gradient reaches them through ``tau``. Empty for every other gate (their ``tau`` is detached)."""
+        return []
+
     def hparams(self) -> dict[str, Any]:
         """Options to record in TensorBoard's HPARAMS: the config's fields (gates add resolved values)."""
         return option_values(self.config)

@@ -26,17 +26,15 @@ from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
 from metagate.gates.fixed import KDMixConfig
-from metagate.gates.meta import MetaGate
-from metagate.gates.meta.config import MetaConfig
 from metagate.gates.registry import register
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.options import option
-from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights, split_kd_share
+from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 from metagate.policies.safe_zip import load_policy_zip
 
-__all__ = ["FEATURE_HIGH", "MetaPolicyGate", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
+__all__ = ["FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
 
 
 @dataclass
@@ -360,82 +358,3 @@ class PolicyGate(_RLGate):
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "policy_temperature": self.temperature}
-
-
-@dataclass
-class MetaPolicyConfig(MetaConfig, PolicyConfig, ReinforceConfig):
-    """Options of ``meta+policy``: the meta gate's, and the policy's (``reinforce``, or ``policy`` when
-    ``--policy PATH`` is given)."""
-
-
-@register("meta+policy")
-class MetaPolicyGate(Gate):
-    """Composition: the meta gate learns the label/KD split, a policy weights the teachers inside it.
-
-    Per step: the meta gate's look-ahead (``before_step``) and weights give each unit's label weight
-    and total teacher weight (the sum of its teacher columns; ``--meta-columns split`` learns exactly
-    that); the policy gate (``reinforce``, or ``policy`` with ``--policy PATH``) gives the per-unit
-    distribution over teachers; :func:`split_kd_share` combines them. Both learn in the same step:
-    the meta gate from its look-ahead (which uses its own teacher columns), the policy from the
-    validation reward of its episodes.
-
-    :param meta: a :class:`metagate.gates.meta.MetaGate`
-    :param policy: a :class:`ReinforceGate` or :class:`PolicyGate`
-    """
-
-    trusted_weights = True
-
-    config_class = MetaPolicyConfig
-    config: MetaPolicyConfig
-
-    def __init__(self, config: MetaPolicyConfig | None = None, **options: Any) -> None:
-        super().__init__(config, **options)
-        c = self.config
-        self.meta = MetaGate(MetaConfig.from_options(_subset(c, MetaConfig)))
-        self.policy_gate: _RLGate = PolicyGate(PolicyConfig.from_options(_subset(c, PolicyConfig))) if c.policy \
-            else ReinforceGate(ReinforceConfig.from_options(_subset(c, ReinforceConfig)))
-
-    def setup(self, run: GateContext) -> None:
-        self.meta.setup(run)
-        self.policy_gate.setup(run)
-
-    def before_step(self, ctx: StepContext) -> None:
-        self.meta.before_step(ctx)
-        self.policy_gate.before_step(ctx)
-
-    def weights(self, view: UnitView) -> GateOutput:
-        m = self.meta.weights(view)
-        p = self.policy_gate.weights(view).weights
-        kd = p[:, 1:]
-        probs = kd / kd.sum(1, keepdim=True).clamp_min(1e-12)
-        no_teacher = kd.sum(1) <= 0  # a selection policy chose no teacher: keep the meta row as it is
-        w = split_kd_share(m.weights[:, 0], probs, kd_share=m.weights[:, 1:].sum(1))
-        if bool(no_teacher.any()):
-            w = torch.where(no_teacher.unsqueeze(1), m.weights, w)
-        return GateOutput(w, m.tau)
-
-    def after_step(self, ctx: StepContext) -> None:
-        self.meta.after_step(ctx)
-        self.policy_gate.after_step(ctx)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.meta.parameters()) + list(self.policy_gate.parameters())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta.state_dict(), "policy": self.policy_gate.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.meta.load_state_dict(state["meta"])
-        self.policy_gate.load_state_dict(state["policy"])
-
-    def hparams(self) -> dict[str, Any]:
-        return {**self.meta.hparams(), **self.policy_gate.hparams()}
-
-    def log(self, logger: Any, step: int) -> None:
-        self.meta.log(logger, step)
-        self.policy_gate.log(logger, step)
-
-
-def _subset(config: Any, cls: type) -> dict[str, Any]:
-    """The options of ``config`` that ``cls`` declares."""
-    return {n: getattr(config, n) for n in cls.option_names()}

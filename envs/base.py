@@ -1,0 +1,212 @@
+"""What every gymnasium environment over the shared student loop has in common.
+
+One step = one student update through :meth:`metagate.trainer.Trainer.train_step` with the decision the
+action encodes; the observation describes the *next* batch from the student's train-mode forward,
+whose logits (and graph) that update reuses; the reward is the scaled improvement of the student's loss
+(or accuracy) on a fixed subset of the task's ``meta`` split (``select`` is never touched). An episode is
+a short student training run of ``episode_steps`` updates; ``reset`` builds a fresh student from a seed
+drawn from the env's RNG, so a policy learns a rule that transfers to new students.
+
+A subclass sets ``observation_space`` / ``action_space`` and implements :meth:`StudentLoopEnv._observation`
+(batch logits -> observation), :meth:`StudentLoopEnv.decision` (action -> gate output) and optionally
+:meth:`StudentLoopEnv._step_info`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metagate.bank import TeacherBank
+from metagate.data.task import Batch, Task
+from metagate.errors import ConfigError
+from metagate.features import TeacherFeatureCache
+from metagate.gates.base import GateOutput
+from metagate.gates.fixed import FixedGate
+from metagate.layout import for_model
+from metagate.modes import eval_mode, is_mode_free
+from metagate.trainer import TrainConfig, Trainer
+
+
+class StudentLoopEnv(gym.Env):
+    """Base environment: task and teachers, the reward subset, episodes of student updates.
+
+    :param task: a task name (``digits``, ``fashion``) or a :class:`~metagate.data.task.Task`
+    :param bank: teacher logits for ``task.train``; by default the task's cached teachers are loaded
+    :param teachers: number of teachers ``K`` (when loading)
+    :param adversarial_teacher: plant the permuted teacher as the last one (when loading)
+    :param noise: label-noise rate of the task (when ``task`` is a name)
+    :param student: student architecture (task default if ``None``)
+    :param batch_size: units per step ``B`` (fixed: short batches at the end of an epoch are skipped)
+    :param episode_steps: student updates per episode (one short training run)
+    :param alpha: label weight; the teachers share ``1 - alpha``
+    :param reward: ``loss`` (validation CE improvement) or ``acc`` (validation accuracy improvement)
+    :param reward_scale: multiplies the reward
+    :param val_size: size of the fixed ``meta`` subset the reward is measured on
+    :param reward_every: measure the validation loss every this many steps (and at the episode's end);
+        the improvement since the last measurement is the reward of that step, other steps get 0
+    :param lr: student learning rate (cosine schedule over the episode by default)
+    :param momentum: student SGD momentum
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        task: str | Task = "digits",
+        bank: TeacherBank | None = None,
+        teachers: int = 3,
+        adversarial_teacher: bool = False,
+        noise: float = 0.0,
+        data_seed: int = 0,
+        student: str | None = None,
+        batch_size: int = 64,
+        episode_steps: int = 50,
+        alpha: float = 0.5,
+        tau: float = 4.0,
+        reward: str = "loss",
+        reward_scale: float = 10.0,
+        val_size: int = 64,
+        reward_every: int = 1,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        schedule: str = "cosine",
+        cache_dir: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        if reward not in ("loss", "acc"):
+            raise ConfigError(f"reward must be 'loss' or 'acc', got {reward!r}")
+        if episode_steps < 1:
+            raise ConfigError(f"episode_steps must be >= 1, got {episode_steps}")
+        if reward_every < 1:
+            raise ConfigError(f"reward_every must be >= 1, got {reward_every}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        if isinstance(task, str) or bank is None:
+            task, bank = _load(task, bank, teachers, adversarial_teacher, noise, data_seed, cache_dir, device)
+        if bank.num_units != len(task.train):
+            raise ConfigError(f"teacher bank covers {bank.num_units} units, task has {len(task.train)}")
+        if batch_size < 1 or batch_size > len(task.train):
+            raise ConfigError(f"batch_size must be in [1, {len(task.train)}], got {batch_size}")
+        self.task, self.bank = task, bank
+        self.student_arch = student
+        self.batch_size, self.episode_steps = int(batch_size), int(episode_steps)
+        self.alpha, self.tau = float(alpha), float(tau)
+        self.reward_kind, self.reward_scale, self.reward_every = reward, float(reward_scale), int(reward_every)
+        self.train_config = dict(batch_size=self.batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
+                                 schedule=schedule,
+                                 epochs=1, device=device, progress=False, eval_test_every_epoch=False)
+        self.device = torch.device(device)
+        self.num_teachers = bank.num_teachers
+        g = torch.Generator().manual_seed(0)  # the reward subset is fixed for the env's lifetime
+        idx = torch.randperm(len(task.meta), generator=g)[: min(val_size, len(task.meta))]
+        self._val_x = task.meta.x[idx].to(self.device)
+        self._val_y = task.meta.y[idx].to(self.device)
+        self.trainer: Trainer | None = None
+        self._logits: torch.Tensor | None = None
+        self._gate = FixedGate(alpha=self.alpha, tau=self.tau)
+        # teacher-only features of every training unit, once: an observation only adds KL and student features
+        self._features = TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
+        self._t = 0
+
+    # -- what a subclass defines -----------------------------------------------------------------
+    def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
+        """The observation of ``batch`` from the student's train-mode ``logits`` of it."""
+        raise NotImplementedError
+
+    def decision(self, action: np.ndarray | torch.Tensor) -> GateOutput:
+        """The gate output the action encodes (handed to ``Trainer.train_step``)."""
+        raise NotImplementedError
+
+    def _step_info(self, decision: GateOutput) -> dict[str, Any]:
+        """Extra ``info`` of a step (e.g. the chosen weights)."""
+        return {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _batches(self, trainer: Trainer) -> Iterator[Batch]:
+        epoch = 0
+        while True:
+            for batch in trainer.epoch_batches(epoch):
+                if len(batch) == self.batch_size:
+                    yield batch
+            epoch += 1
+
+    def _observe(self, batch: Batch) -> np.ndarray:
+        """Observation of ``batch`` from the student's train-mode forward, whose logits (and graph) the next
+        ``train_step`` reuses: the observation costs no extra forward pass."""
+        assert self.trainer is not None
+        student = self.trainer.student
+        if not student.training:  # Module.train() walks every submodule
+            student.train()
+        self._logits = student(batch.x)
+        return self._observation(self._logits, batch)
+
+    @torch.no_grad()
+    def _validate(self) -> float:
+        assert self.trainer is not None
+        with eval_mode(self.trainer.student, self._mode_free) as student:
+            logits = student(self._val_x)
+        if self.reward_kind == "acc":
+            return float((logits.argmax(-1) == self._val_y).float().mean())
+        return float(F.cross_entropy(logits, self._val_y))
+
+    # -- gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        student_seed = int(self.np_random.integers(0, 2**31 - 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(student_seed)
+            student = self.task.make_student(self.student_arch)
+        cfg = TrainConfig(seed=student_seed, **self.train_config)  # type: ignore[arg-type]
+        self.trainer = Trainer(self.task, student, self._gate, self.bank, cfg)
+        self._mode_free = is_mode_free(student)
+        self._val_x = for_model(student, self._val_x)
+        self.trainer.set_total_steps(self.episode_steps)  # progress and the lr schedule span the episode
+        self._iter = self._batches(self.trainer)
+        self._batch = next(self._iter)
+        self._t = 0
+        self._val = self._validate()
+        return self._observe(self._batch), {"val": self._val, "student_seed": student_seed}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        decision = self.decision(action)
+        res = self.trainer.train_step(self._batch, decision, logits=self._logits)
+        self._logits = None
+        self._t += 1
+        truncated = self._t >= self.episode_steps
+        reward, val = 0.0, self._val
+        if truncated or self._t % self.reward_every == 0:
+            val = self._validate()
+            delta = (self._val - val) if self.reward_kind == "loss" else (val - self._val)
+            reward = self.reward_scale * delta
+            if not math.isfinite(reward):
+                reward = -self.reward_scale
+            self._val = val
+        self._batch = next(self._iter)
+        obs = self._observe(self._batch)
+        info = {"val": val, "train_loss": float(res.loss), **self._step_info(decision)}
+        return obs, float(reward), False, truncated, info
+
+
+def _load(task: str | Task, bank: TeacherBank | None, teachers: int, adversarial: bool, noise: float,
+          data_seed: int, cache_dir: str | None, device: str) -> tuple[Task, TeacherBank]:
+    from metagate.run import DistillConfig, load_task, load_teachers
+
+    name = task if isinstance(task, str) else task.name
+    cfg = DistillConfig(task=name, noise=noise, data_seed=data_seed, teachers=teachers,
+                        adversarial_teacher=adversarial, cache_dir=cache_dir,
+                        train=TrainConfig(device=device, progress=False))
+    task_obj = load_task(cfg) if isinstance(task, str) else task
+    if bank is None:
+        bank, _ = load_teachers(cfg, task_obj, progress=False)
+    return task_obj, bank

@@ -1,0 +1,231 @@
+"""The ``temperature`` gate (ITKD, Zhang et al. 2024): a policy over unit states picks every unit's KD
+temperature; the label/KD mix is the fixed gate's ``alpha`` (or another gate's, composed in
+:mod:`metagate.gates.compose`).
+
+* in-loop REINFORCE by default: the episode, reward (the improvement of the student's CE on a fixed
+  ``meta`` subset over ``--rl-episode`` steps) and antithetic learner of the ``reinforce`` gate
+  (:class:`metagate.gates.policy._RLGate`), over :class:`~metagate.policies.temperature.TemperaturePolicy`.
+  ITKD rewards the change of the student's *training-batch* accuracy with PPO and a reward-redistribution
+  model; here the reward is the project's validated one.
+* ``--temp-policy PATH``: deploy a PPO policy trained on ``metagate/InstanceTemperature-v0`` (mean action;
+  ``--temp-online`` keeps learning with REINFORCE).
+
+The first ``--temp-warmup-epochs`` epochs run at ``--tau`` (ITKD: 20 of 240 epochs at T = 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metagate.errors import ConfigError, InputError
+from metagate.gates.base import Gate, GateContext, GateOutput, UnitView
+from metagate.gates.fixed import fixed_weights
+from metagate.gates.policy import RLConfig, _RLGate
+from metagate.gates.registry import register
+from metagate.options import option
+from metagate.policies.temperature import (
+    ITKD_T_INIT,
+    ITKD_T_MAX,
+    ITKD_T_MIN,
+    NUM_STATE,
+    TemperaturePolicy,
+    TemperatureState,
+    temperature_state,
+)
+from metagate.temperature import check_range
+
+__all__ = ["TemperatureConfig", "TemperatureGate", "TemperatureLog", "check_temperature", "load_temperature_policy"]
+
+
+def check_temperature(gate: str, tau: Tensor) -> None:
+    """A NaN/inf temperature stops the run with an :class:`InputError` naming the gate."""
+    if not bool(torch.isfinite(tau.detach()).all()):
+        raise InputError(f"gate {gate!r}: the KD temperature became NaN or inf (the last checkpoint holds the "
+                         "state before it; lower --lr or narrow the temperature range)")
+
+
+class TemperatureLog:
+    """TensorBoard diagnostics of the chosen temperatures: each training unit's last temperature, the mean
+    over the steps since the last write (``temperature/mean``), histograms over all units, split into
+    corrupted vs clean units (noisy tasks) and by the teachers' confidence in the unit (the top-1 probability of
+    their mean distribution, in tertiles over the training set: teachers trained on noisy labels are rarely
+    confident, so fixed thresholds would leave bins empty).
+
+    The corrupted flags are ground truth for diagnostics only; no decision reads them.
+    """
+
+    def __init__(self, run: GateContext) -> None:
+        n = run.num_train_units
+        self.unit_tau = torch.full((n,), float("nan"), device=run.device)
+        self.corrupted: Tensor | None = getattr(run, "corrupted", None)
+        bank = run.bank
+        self.confidence = None if bank is None else \
+            torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
+        self.bins = None if self.confidence is None else \
+            torch.quantile(self.confidence, torch.tensor([1 / 3, 2 / 3], device=run.device)).tolist()
+        self._sum, self._count = 0.0, 0
+        self._means: list[Tensor] = []
+
+    def record(self, ids: Tensor | None, tau: Tensor | float) -> None:
+        t = tau.detach() if torch.is_tensor(tau) else torch.tensor(float(tau))
+        if len(self._means) < 4096:  # reduced when logged (no sync per step)
+            self._means.append(t.float().mean().reshape(1))
+        if ids is not None and ids.ndim == 1 and (t.ndim == 0 or t.shape[0] == ids.shape[0]):
+            self.unit_tau.index_copy_(0, ids, t.to(self.unit_tau).expand(ids.shape[0]))
+
+    def write(self, logger: Any, step: int) -> None:
+        if self._means:
+            logger.scalar("temperature/mean", float(torch.cat(self._means).mean()), step)
+            self._means.clear()
+        tau = self.unit_tau
+        seen = ~torch.isnan(tau)
+        if not bool(seen.any()):
+            return
+        logger.histogram("temperature/tau/all", tau[seen], step)
+        if self.corrupted is not None and bool(self.corrupted.any()):
+            logger.histogram("temperature/tau/corrupted", tau[seen & self.corrupted], step)
+            logger.histogram("temperature/tau/clean", tau[seen & ~self.corrupted], step)
+        if self.confidence is not None and self.bins is not None:
+            lo, hi = self.bins
+            c = self.confidence
+            for name, sel in (("low", c < lo), ("mid", (c >= lo) & (c < hi)), ("high", c >= hi)):
+                if bool((sel & seen).any()):
+                    logger.histogram(f"temperature/tau/teacher_conf_{name}", tau[sel & seen], step)
+
+
+@dataclass
+class TemperatureConfig(RLConfig):
+    """Options of the ``temperature`` gate (ITKD's per-unit temperature policy); ``--tau`` is the warm-up
+    temperature, ``--alpha`` the label weight."""
+
+    temp_min: float = option(ITKD_T_MIN, "lowest per-unit temperature (> 0)")
+    temp_max: float = option(ITKD_T_MAX, "highest per-unit temperature (ITKD: 10)")
+    temp_init: float = option(ITKD_T_INIT, "the temperature every unit starts near, in (--temp-min, --temp-max)")
+    temp_hidden: int = option(32, "policy MLP width")
+    temp_log_std: float | None = option(None, "initial log-std of per-unit exploration noise (ITKD: -0.5; unset: "
+                                              "off, only the noise shared by a batch and held over an episode)")
+    temp_shared_log_std: float = option(-0.5, "initial log-std of the exploration noise held over an episode")
+    temp_warmup_epochs: int = option(0, "epochs at --tau before the policy acts (ITKD: 20 of 240)")
+    temp_policy: str | None = option(None, "a temperature policy zip (PPO on metagate/InstanceTemperature-v0) to "
+                                           "deploy instead of learning in the loop")
+    temp_online: bool = option(False, "with --temp-policy: keep learning with REINFORCE during the run")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.temp_min, self.temp_max, ("--temp-min", "--temp-max"))
+        if not self.temp_min < self.temp_init < self.temp_max:
+            raise ConfigError(f"--temp-init must lie in (--temp-min, --temp-max) = ({self.temp_min}, "
+                              f"{self.temp_max}), got {self.temp_init}")
+        if self.temp_hidden < 1:
+            raise ConfigError(f"--temp-hidden must be >= 1, got {self.temp_hidden}")
+        if self.temp_warmup_epochs < 0:
+            raise ConfigError(f"--temp-warmup-epochs must be >= 0, got {self.temp_warmup_epochs}")
+
+
+def load_temperature_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The policy of a zip from ``metagate train-policy --env temperature`` (nothing in it is unpickled)."""
+    from metagate.policies.sb3_temperature import load_temperature_zip  # needs stable-baselines3: only here
+
+    return load_temperature_zip(path, NUM_STATE, device)
+
+
+@register("temperature")
+class TemperatureGate(_RLGate):
+    """Per-unit KD temperatures from a policy over unit states (options: :class:`TemperatureConfig`).
+
+    :param module: an already loaded temperature policy (instead of ``--temp-policy``)
+    """
+
+    config_class = TemperatureConfig
+    config: TemperatureConfig
+
+    def __init__(self, config: TemperatureConfig | None = None, *, module: nn.Module | None = None,
+                 **options: Any) -> None:
+        Gate.__init__(self, config, **options)
+        c = self.config
+        if module is None and c.temp_policy is not None:
+            module = load_temperature_policy(c.temp_policy)
+        deployed = module is not None
+        super().__init__(c, learn=(not deployed) or c.temp_online)
+        if module is None:
+            module = TemperaturePolicy(c.temp_min, c.temp_max, c.temp_init, c.temp_hidden, c.temp_log_std,
+                                       c.temp_shared_log_std)
+        self.policy = module
+        self.t_min, self.t_max = float(module.t_min), float(module.t_max)  # a deployed policy's own range
+        self.policy.train(self.learn)
+        self._state: TemperatureState | None = None
+        self._log: TemperatureLog | None = None
+        self._weights: dict[tuple, Tensor] = {}
+
+    def setup(self, run: GateContext) -> None:
+        super().setup(run)
+        self.policy.train(self.learn)
+        if self._features is not None:
+            self._state = TemperatureState(run.bank.logits, run.train_y, self._features)  # type: ignore[union-attr]
+        self._log = TemperatureLog(run)
+
+    def _mix(self, view: UnitView) -> Tensor:
+        key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
+        w = self._weights.get(key)
+        if w is None:
+            w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
+        return w
+
+    def _warming_up(self) -> bool:
+        run = self._run
+        return run is not None and self.config.temp_warmup_epochs > 0 and \
+            run.step < self.config.temp_warmup_epochs * run.steps_per_epoch
+
+    def state(self, view: UnitView) -> Tensor:
+        """``[N, 1, S]`` unit states (cached teacher part when the view holds whole training units)."""
+        if self._state is not None and self._state.cache.covers(view):
+            assert view.ids is not None
+            return self._state.flat_state(view.student_log_probs.float(), view.ids, view.progress)
+        if view.teacher_logits is None:
+            raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
+        return temperature_state(view.student_logits, view.teacher_logits, view.labels, view.progress)
+
+    def weights(self, view: UnitView) -> GateOutput:
+        if view.num_teachers == 0:
+            raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
+        w = self._mix(view)
+        if self._warming_up():
+            tau: Tensor | float = self.tau
+        else:
+            state = self.state(view)
+            learning = self.learn and self._run is not None and self.policy.training
+            action = self._act(state, learning)
+            if learning:
+                assert self.learner is not None
+                m = self.update_units
+                self.learner.record(state if m is None else state[:m], action if m is None else action[:m])
+            tau = self.policy.temperature(action).to(view.student_logits.dtype)
+            check_temperature(self.name, tau)
+        if self._log is not None:
+            self._log.record(view.ids, tau)
+        return GateOutput(w, tau)
+
+    def after_step(self, ctx: Any) -> None:
+        if self._warming_up():
+            return
+        super().after_step(ctx)
+
+    def log(self, logger: Any, step: int) -> None:
+        for k, v in self._last.items():
+            logger.scalar(f"policy/{k}", v, step)
+        for name in ("unit_log_std", "shared_log_std"):
+            p = getattr(self.policy, name, None)
+            if isinstance(p, torch.Tensor) and math.isfinite(float(p.detach())):
+                logger.scalar(f"policy/{name}", float(p.detach()), step)
+        if self._log is not None:
+            self._log.write(logger, step)
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "alpha": self.alpha, "tau": self.tau, "temp_min": self.t_min,
+                "temp_max": self.t_max}
