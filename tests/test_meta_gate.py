@@ -254,6 +254,16 @@ def test_meta_distill_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test/acc" in out and "diag/auroc_teacher_share" in out
     assert (tmp_path / "run" / "metrics.json").is_file()
+    # the route, once as TensorBoard text and in the run's hparams
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    texts = events.Tensors("meta/route/text_summary")
+    assert len(texts) == 1 and texts[0].tensor_proto.string_val[0].decode().startswith("linear: plain ReLU MLP")
+    assert json.loads((tmp_path / "run" / "hparams.json").read_text())["hparams"]["meta_route"] == "linear"
     help_text = _help()
     for flag in ("--meta-param", "--meta-backend", "--meta-every", "--meta-lr", "--meta-schedule"):
         assert flag in help_text

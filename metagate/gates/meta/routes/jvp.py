@@ -49,7 +49,7 @@ class JvpRoute(Route):
         reuse = self.reuse and view.student_logits.requires_grad
         g = self.logit_grads(view, view.student_log_probs)
         scale = self.unit_scale(view.mask)
-        # channels-last convs are ~2x faster for plain forwards (the difference product), but train-mode batch norm
+        # channels-last convs are faster for plain forwards (the difference product), but train-mode batch norm
         # on that layout is far less precise in float32, and forward mode is no faster on it: the exact product
         # keeps the batch as it is
         xt = channels_last(x) if self.conv and x.dim() == 4 and self.product == "difference" else x
