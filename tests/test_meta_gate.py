@@ -638,3 +638,25 @@ def test_route_is_logged_once_as_text(digits_noisy):
     gate.log(rec, 2)
     assert rec.texts == [("meta/route", f"jvp-by-hand: {gate.route_reason}", 1)]
     assert "meta/loss" in rec.scalars and "meta/updates" in rec.scalars
+
+
+def test_val_sampler_state_round_trip_and_the_gate_checkpoint_keys(digits_noisy):
+    """A sampler restored from its state serves the batches the original serves next (mid-pass and across a new
+    pass); the gate's checkpoint keeps its keys (old checkpoints still resume)."""
+    def sampler():
+        return ValSampler(digits_noisy.meta, 16, 3, torch.device("cpu"), torch.float32, conv=False)
+
+    a = sampler()
+    for _ in range(5):
+        a.next()
+    state = a.state_dict(prefix="val_")
+    assert set(state) == {"val_rng", "val_order", "val_pos"}
+    ahead = [a.next() for _ in range(2 * len(digits_noisy.meta) // 16)]  # into the next pass
+    b = sampler()
+    b.load_state_dict(state, prefix="val_")
+    for (xa, ya), (xb, yb) in zip(ahead, (b.next() for _ in ahead)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    gate = MetaGate()
+    _trainer(digits_noisy, gate, arch="mlp")
+    assert set(gate.state_dict()) == {"param", "optimizer", "updates", "last_pass_epoch", "val_rng", "val_order",
+                                      "val_pos"}
