@@ -607,6 +607,10 @@ def test_use_route_refuses_routes_that_cannot_serve_the_student(digits_noisy):
     with pytest.raises(ConfigError, match="meta route 'linear' needs"):
         gate.use_route("linear")  # a CNN over all parameters
     assert gate.route == "jvp-by-hand"  # unchanged
+    gate = MetaGate(meta_no_reuse=True)
+    _trainer(digits_noisy, gate, arch="cnn")
+    with pytest.raises(ConfigError, match="drop --meta-no-reuse"):
+        gate.use_route("jvp-by-hand")
     gate = MetaGate()
     bank = TeacherBank(torch.randn(len(digits_noisy.train), 1, 10), ["t"])
     Trainer(digits_noisy, _Plain(batch_norm=True), gate, bank, TrainConfig(device="cpu", progress=False))

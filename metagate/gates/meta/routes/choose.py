@@ -94,6 +94,8 @@ def build_route(route: str, student: nn.Module, names: Sequence[str], learner: W
         if not Linearization.covers(linear_chain(student), names):
             raise ConfigError(f"meta route 'jvp-by-hand' needs a metagate.models.MLP/CNN built from supported "
                               f"modules that holds every moved parameter; {kind} over {', '.join(names)} is not")
+        if config.meta_no_reuse:
+            raise ConfigError("meta route 'jvp-by-hand' reads the real forward's activations; drop --meta-no-reuse")
         return JvpRoute(*args, product="forward", by_hand=True)
     if route in ("jvp-forward-mode", "jvp-difference"):
         return JvpRoute(*args, product="difference" if route == "jvp-difference" else "forward")
