@@ -7,7 +7,8 @@
 * :mod:`.lookahead` -- one-step look-ahead backends as pure functions (``func``, ``higher``, ``closed-form``)
 * :mod:`.analytic` -- the look-ahead over linear layers written out by hand
 * :mod:`.linearize`, :mod:`.capture` -- ``J v`` by hand from the real forward's activations, and the hooks
-* :mod:`.routes` -- one hypergradient strategy per route, chosen once at setup (:func:`.routes.choose_route`)
+* :mod:`.routes` -- which route computes the hypergradient, chosen once at setup (:func:`.routes.choose_route`);
+  :mod:`.route` the strategies' base, :mod:`.linear_route`, :mod:`.jvp_route`, :mod:`.autograd_route` the strategies
 * :mod:`.schedule` -- when to update (every N steps, AMAL preset)
 * :mod:`.gate` -- the :class:`MetaGate` plugged into the shared trainer: the wiring of the above
 """

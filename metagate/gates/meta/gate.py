@@ -21,8 +21,10 @@ from metagate.errors import ConfigError
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
 from metagate.gates.meta.config import MetaConfig
 from metagate.gates.meta.learner import WeightLearner
+from metagate.gates.meta.linear_route import LinearRoute
 from metagate.gates.meta.lookahead import resolve_names
-from metagate.gates.meta.routes import LinearRoute, LogitGrads, Route, build_route, choose_route
+from metagate.gates.meta.route import LogitGrads, Route
+from metagate.gates.meta.routes import build_route, choose_route
 from metagate.gates.meta.sampler import ValSampler
 from metagate.gates.meta.schedule import MetaSchedule
 from metagate.gates.registry import register
@@ -117,11 +119,11 @@ class MetaGate(Gate):
             self.meta_step(ctx.view, ctx.batch.x, run.lr)
 
     def meta_step(self, view: UnitView, x: Tensor, lr: float) -> None:
-        """Look-ahead(s) on one training batch and updates of the gate's parameters (:meth:`.routes.Route.step`)."""
+        """Look-ahead(s) on one training batch and updates of the gate's parameters (:meth:`.route.Route.step`)."""
         self._grads = self.strategy.step(view, x, lr)
 
     def amal_pass(self, run: GateContext) -> None:
-        """AMAL's periodic full pass (closed form; :meth:`.routes.LinearRoute.amal_pass`)."""
+        """AMAL's periodic full pass (closed form; :meth:`.linear_route.LinearRoute.amal_pass`)."""
         if not isinstance(self.strategy, LinearRoute):
             raise ConfigError(f"the AMAL pass needs the closed-form (linear) route, not {self.route!r}")
         self.strategy.amal_pass(run)

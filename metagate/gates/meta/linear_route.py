@@ -1,4 +1,4 @@
-"""The look-ahead by hand over linear layers (:mod:`..analytic`): a plain ReLU MLP's layers, or the head of a
+"""The look-ahead by hand over linear layers (:mod:`.analytic`): a plain ReLU MLP's layers, or the head of a
 feature-protocol student (the closed form, and ``func`` over the head)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from metagate.gates.meta.lookahead import (
     forward_features,
     kd_logit_gradients,
 )
-from metagate.gates.meta.routes.base import LogitGrads, Route
+from metagate.gates.meta.route import LogitGrads, Route
 from metagate.gates.meta.sampler import ValSampler
 
 
@@ -118,7 +118,7 @@ class LinearRoute(Route):
         return a
 
     def amal_pass(self, run: GateContext) -> None:
-        """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`..schedule`): per group of
+        """AMAL's periodic full pass (closed form, student frozen in eval mode; see :mod:`.schedule`): per group of
         ``meta_fit`` training batches, ``inner_iters`` updates on one validation batch."""
         student, bank, learner = run.student, run.bank, self.learner
         bs, n = run.batch_size, run.num_train_units

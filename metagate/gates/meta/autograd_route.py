@@ -10,13 +10,13 @@ from metagate.gates.base import UnitView
 from metagate.gates.meta.config import MetaConfig
 from metagate.gates.meta.learner import WeightLearner
 from metagate.gates.meta.lookahead import LossFn, func_lookahead_loss, higher_lookahead_loss
-from metagate.gates.meta.routes.base import Route
+from metagate.gates.meta.route import Route
 from metagate.gates.meta.sampler import ValSampler
 from metagate.losses import unit_losses
 
 
 class AutogradRoute(Route):
-    """:func:`..lookahead.func_lookahead_loss` (``create_graph``), differentiated w.r.t. the gate's leaves; it
+    """:func:`.lookahead.func_lookahead_loss` (``create_graph``), differentiated w.r.t. the gate's leaves; it
     reuses the real forward's logits (and keeps their graph for the real step) unless ``--meta-no-reuse``."""
 
     name = "autograd"

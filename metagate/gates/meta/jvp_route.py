@@ -1,5 +1,5 @@
 """The forward-mode look-ahead (students with batch norm): a first-order backward and a Jacobian-vector product
-instead of a double backward (:func:`..lookahead.jvp_lookahead_hypergrad`)."""
+instead of a double backward (:func:`.lookahead.jvp_lookahead_hypergrad`)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from metagate.gates.meta.config import MetaConfig
 from metagate.gates.meta.learner import WeightLearner
 from metagate.gates.meta.linearize import Linearization, linear_chain
 from metagate.gates.meta.lookahead import jvp_lookahead_hypergrad
-from metagate.gates.meta.routes.base import LogitGrads, Route
+from metagate.gates.meta.route import LogitGrads, Route
 from metagate.gates.meta.sampler import ValSampler
 from metagate.layout import channels_last
 
 
 class JvpRoute(Route):
-    """``J v`` by hand from the real forward's activations (:class:`..linearize.Linearization`: ``jvp-by-hand``),
+    """``J v`` by hand from the real forward's activations (:class:`.linearize.Linearization`: ``jvp-by-hand``),
     by forward-mode AD (``jvp-forward-mode``) or by a central difference of two forwards (``jvp-difference``).
 
     :param product: ``forward`` or ``difference``
     :param by_hand: ``forward`` only: the product by hand, when the student is a chain of supported modules that
-        holds every moved parameter (:meth:`..linearize.Linearization.covers`) and the real forward is reused; a
+        holds every moved parameter (:meth:`.linearize.Linearization.covers`) and the real forward is reused; a
         batch whose logits are not the hooked forward's still takes forward mode
     """
 

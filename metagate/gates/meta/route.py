@@ -19,7 +19,7 @@ LogitGrads = tuple[UnitView, Tensor, Tensor | float]
 
 
 class Route(ABC):
-    """How the meta gate computes its hypergradient (chosen once at setup: :func:`.choose.choose_route`).
+    """How the meta gate computes its hypergradient (chosen once at setup: :func:`.routes.choose_route`).
 
     :param student: the student (never moved by a route: parameters are read, buffers cloned or restored)
     :param names: the parameters of the virtual step

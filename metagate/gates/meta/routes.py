@@ -1,4 +1,14 @@
-"""Which route computes the meta gate's hypergradient: decided once at setup from the student and the options."""
+"""Which route computes the meta gate's hypergradient: decided once at setup from the student and the options.
+
+One strategy class per route, on the common base :class:`.route.Route` (``step(view, x, lr)``):
+
+* :class:`.linear_route.LinearRoute` (``linear``) -- by hand over linear layers: a plain ReLU MLP's, or the head of
+  a feature-protocol student (the closed form, and ``func`` over the head); AMAL's full pass
+* :class:`.jvp_route.JvpRoute` (``jvp-by-hand``, ``jvp-forward-mode``, ``jvp-difference``) -- forward mode for
+  students with batch norm
+* :class:`.autograd_route.AutogradRoute` (``autograd``: ``func``'s double backward) and
+  :class:`.autograd_route.HigherRoute` (``higher``) -- the references
+"""
 
 from __future__ import annotations
 
@@ -7,14 +17,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from metagate.errors import ConfigError
+from metagate.gates.meta.autograd_route import AutogradRoute, HigherRoute
 from metagate.gates.meta.config import MetaConfig
+from metagate.gates.meta.jvp_route import JvpRoute
 from metagate.gates.meta.learner import WeightLearner
+from metagate.gates.meta.linear_route import LinearRoute, linear_layers, stepped_layers
 from metagate.gates.meta.linearize import Linearization, linear_chain
 from metagate.gates.meta.lookahead import check_feature_protocol
-from metagate.gates.meta.routes.autograd import AutogradRoute, HigherRoute
-from metagate.gates.meta.routes.base import Route
-from metagate.gates.meta.routes.jvp import JvpRoute
-from metagate.gates.meta.routes.linear import LinearRoute, linear_layers, stepped_layers
+from metagate.gates.meta.route import Route
 from metagate.gates.meta.sampler import ValSampler
 
 #: every route's short name
@@ -33,7 +43,7 @@ def choose_route(student: nn.Module, config: MetaConfig, names: Sequence[str]) -
     the ``func`` backend takes forward mode; without it (plain MLPs) the double backward is the cheaper one, and the
     hand-written look-ahead cheaper still.
 
-    :param names: the parameters of the virtual step (:func:`..lookahead.resolve_names`)
+    :param names: the parameters of the virtual step (:func:`.lookahead.resolve_names`)
     :return: ``(route, reason)``, ``route`` one of :data:`ROUTES`
     :raises ConfigError: the closed-form backend with a student without the feature protocol
     """
@@ -79,7 +89,7 @@ def _jvp(product: str) -> str:
 
 def build_route(route: str, student: nn.Module, names: Sequence[str], learner: WeightLearner, sampler: ValSampler,
                 config: MetaConfig) -> Route:
-    """The :class:`.base.Route` named ``route`` (one of :data:`ROUTES`).
+    """The :class:`.route.Route` named ``route`` (one of :data:`ROUTES`).
 
     :raises ConfigError: an unknown name, or a route that cannot serve this student and ``names``
     """
