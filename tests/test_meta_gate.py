@@ -258,11 +258,13 @@ def test_meta_distill_cli_end_to_end(tmp_path, capsys):
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
-    events = EventAccumulator(str(tmp_path / "run"))
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
     events.Reload()
-    texts = events.Tensors("meta/route/text_summary")
-    assert len(texts) == 1 and texts[0].tensor_proto.string_val[0].decode().startswith("linear: plain ReLU MLP")
+    texts = events.Tensors("meta/route")
+    assert len(texts) == 1
+    assert tensor_util.make_ndarray(texts[0].tensor_proto).item().decode().startswith("linear: plain ReLU MLP")
     assert json.loads((tmp_path / "run" / "hparams.json").read_text())["hparams"]["meta_route"] == "linear"
     help_text = _help()
     for flag in ("--meta-param", "--meta-backend", "--meta-every", "--meta-lr", "--meta-schedule"):
@@ -625,8 +627,9 @@ def test_route_is_logged_once_as_text(digits_noisy):
         def __init__(self):
             self.texts, self.scalars = [], []
 
-        def text(self, tag, value, step):
+        def text(self, tag, value, step, description=None):
             self.texts.append((tag, value, step))
+            assert description
 
         def scalar(self, tag, value, step):
             self.scalars.append(tag)

@@ -164,6 +164,7 @@ class MetaGate(Gate):
 
     def log(self, logger: Any, step: int) -> None:
         if not self._route_logged:
-            logger.text("meta/route", f"{self.route}: {self.route_reason}", step)
+            logger.text("meta/route", f"{self.route}: {self.route_reason}", step,
+                        description="how the meta gate computes its hypergradient (chosen at setup), and why")
             self._route_logged = True
         self.learner.log(logger, step)
