@@ -69,16 +69,17 @@ def test_meta_linear_route_reuses_the_real_forward(digits_noisy, digits_bank):
     gate = MetaGate(meta_param="net")
     tr = Trainer(task, task.make_student(), gate, bank, TrainConfig(epochs=1, batch_size=32, progress=False,
                                                                     device="cpu"))
-    assert gate._route == "linear" and gate._capture is not None
+    assert gate.route == "linear"
+    capture = gate.strategy.capture
     calls = []
-    orig = gate._capture.kept_for
+    orig = capture.kept_for
 
     def spy(logits):
         out = orig(logits)
         calls.append(out is not None)
         return out
 
-    gate._capture.kept_for = spy
+    capture.kept_for = spy
     batch = next(iter(tr.epoch_batches(0)))
     tr.train_step(batch)
     assert calls == [True]

@@ -26,6 +26,7 @@ from metagate.gates.meta.lookahead import (
     resolve_names,
 )
 from metagate.gates.meta.params import WeightNet, WeightTable, normalize_weights
+from metagate.gates.meta.sampler import ValSampler
 from metagate.losses import unit_losses
 from metagate.models import MLP
 from metagate.trainer import TrainConfig, Trainer
@@ -253,6 +254,18 @@ def test_meta_distill_cli_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test/acc" in out and "diag/auroc_teacher_share" in out
     assert (tmp_path / "run" / "metrics.json").is_file()
+    # the route, once as TensorBoard text and in the run's hparams
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = events.Tensors("meta/route")
+    assert len(texts) == 1
+    assert tensor_util.make_ndarray(texts[0].tensor_proto).item().decode().startswith("linear: plain ReLU MLP")
+    assert json.loads((tmp_path / "run" / "hparams.json").read_text())["hparams"]["meta_route"] == "linear"
     help_text = _help()
     for flag in ("--meta-param", "--meta-backend", "--meta-every", "--meta-lr", "--meta-schedule"):
         assert flag in help_text
@@ -351,10 +364,11 @@ def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
         tr = _trainer(digits_noisy, gate, arch=arch, dtype=torch.float64)
         tr.unit_weights = tr.unit_weights.double()  # the trainer's record is float32
         batch = _batch(tr)
-        assert reference or gate._route == ("jvp" if arch == "mlp-bn" and kw.get("meta_lookahead") in ("all", "body.1")
-                                            else "linear")
+        assert reference or gate.route == ("jvp-by-hand" if arch == "mlp-bn" and kw.get("meta_lookahead") in
+                                           ("all", "body.1") else "linear")
         if reference:  # plain func look-ahead of the pure function over the same parameters
-            gate._route, gate.backend = "autograd", "func"
+            gate.use_route("autograd")
+            assert gate.route == "autograd"
         tr.train_step(batch)
         return [p.detach().clone() for p in gate.param.parameters()], _state(tr.student)
 
@@ -367,12 +381,19 @@ def test_fast_gate_paths_match_reference_update(digits_noisy, kw, arch):
 
 
 def test_channels_last_val_batch_is_the_same_batch(digits_noisy):
-    from metagate.gates.meta.gate import channels_last
+    from metagate.layout import channels_last
 
     x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
     assert torch.equal(channels_last(x), x) and channels_last(x).stride()[1] == 1
     x3 = torch.randn(5, 3, 6, 6, dtype=torch.float64)
     assert torch.equal(channels_last(x3), x3)
+    # a conv student's validation batches: the same values as a flat student's, channels-last
+    images = Split(torch.randn(40, 3, 6, 6), torch.arange(40) % 4)
+    flat, conv = (ValSampler(images, 8, 0, torch.device("cpu"), torch.float32, conv=c) for c in (False, True))
+    for _ in range(6):
+        (xf, yf), (xc, yc) = flat.next(), conv.next()
+        assert torch.equal(xf, xc) and torch.equal(yf, yc)
+        assert xc.stride()[1] == 1 and xf.is_contiguous()
 
 
 @pytest.mark.parametrize("hidden", [(), (7,), (7, 6), (3, 4, 5)])
@@ -462,11 +483,11 @@ def test_val_batches_are_seeded_slices_of_a_shuffled_meta_split(digits_noisy):
     def batches(seed, n):
         gate = MetaGate(meta_val_batch=16)
         _trainer(digits_noisy, gate, arch="mlp", seed=seed)
-        return gate, [gate._next_val() for _ in range(n)]
+        return gate, [gate.sampler.next() for _ in range(n)]
 
     gate, got = batches(0, 60)
     meta = digits_noisy.meta
-    assert sorted(gate.meta_y.tolist()) == sorted(meta.y.tolist())
+    assert sorted(gate.sampler.y.tolist()) == sorted(meta.y.tolist())
     rows = {tuple(r.tolist()): i for i, r in enumerate(meta.x.reshape(len(meta), -1))}
     ids = [[rows[tuple(r.tolist())] for r in xv.reshape(len(xv), -1)] for xv, _ in got]
     for (xv, yv), i in zip(got, ids):
@@ -507,3 +528,142 @@ def test_gate_logit_gradient_equals_autograd_of_the_weighted_loss(digits_noisy, 
     torch.testing.assert_close(out.logit_grad, ref, rtol=1e-10, atol=1e-12)
     # the trainer takes it: a batch without a look-ahead falls back to autograd (no stale gradient)
     assert gate._grads is None and gate.weights(tr.make_view(batch, tr.student(batch.x))).logit_grad is None
+
+
+# -- the route, chosen once at setup -------------------------------------------------------------
+_SETUPS = {"func-all": {"meta_backend": "func"}, "func-last": {"meta_backend": "func", "meta_lookahead": "last"},
+           "closed-form": {"meta_backend": "closed-form"}, "higher": {"meta_backend": "higher"},
+           "no-reuse": {"meta_backend": "func", "meta_no_reuse": True},
+           "difference": {"meta_backend": "func", "meta_product": "difference"}}
+_ROUTES = {
+    "mlp": {"func-all": "linear", "func-last": "linear", "closed-form": "linear", "higher": "higher",
+            "no-reuse": "autograd", "difference": "linear"},
+    "mlp-bn": {"func-all": "jvp-by-hand", "func-last": "linear", "closed-form": "linear", "higher": "higher",
+               "no-reuse": "jvp-forward-mode", "difference": "jvp-difference"},
+    "cnn": {"func-all": "jvp-by-hand", "func-last": "linear", "closed-form": "linear", "higher": "higher",
+            "no-reuse": "jvp-forward-mode", "difference": "jvp-difference"},
+}
+
+
+@pytest.mark.parametrize("setup", list(_SETUPS))
+@pytest.mark.parametrize("arch", list(_ROUTES))
+def test_route_of_each_builtin_student_and_backend(digits_noisy, arch, setup):
+    from metagate.gates.meta.routes import ROUTES, choose_route
+
+    gate = MetaGate(**_SETUPS[setup])
+    assert gate.route is None  # chosen at setup
+    tr = _trainer(digits_noisy, gate, arch=arch)
+    assert gate.route == _ROUTES[arch][setup] and gate.route in ROUTES
+    assert gate.strategy.name == gate.route
+    assert (gate.route, gate.route_reason) == choose_route(tr.student, gate.config, gate.names)
+    assert gate.route_reason and gate.hparams()["meta_route"] == gate.route
+    if gate.route == "linear" and arch == "mlp" and setup == "func-all":
+        assert gate.route_reason.startswith("plain ReLU MLP") and "body.1, head" in gate.route_reason
+
+
+class _Plain(nn.Module):
+    """A student that is no metagate model: a linear layer (and optionally batch norm) on flattened inputs."""
+
+    def __init__(self, batch_norm: bool = False):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+        self.bn = nn.BatchNorm1d(10) if batch_norm else nn.Identity()
+
+    def forward(self, x):
+        return self.bn(self.lin(x.flatten(1)))
+
+
+@pytest.mark.parametrize("batch_norm,route", [(False, "autograd"), (True, "jvp-forward-mode")])
+def test_custom_student_falls_back_with_the_reason_recorded(digits_noisy, batch_norm, route):
+    """A plain nn.Module student takes the autograd route (forward-mode AD with batch norm), says why, and its
+    update equals the ``higher`` reference's (float64; the bank's float32 teacher logits set the tolerance)."""
+    tables = []
+    for reference in (False, True):
+        torch.manual_seed(0)
+        gate = MetaGate(meta_lr=1e3)
+        bank = TeacherBank(3 * torch.randn(len(digits_noisy.train), 2, 10), ["t0", "t1"])
+        task = dataclasses.replace(digits_noisy, **{s: Split(getattr(digits_noisy, s).x.double(),
+                                                             getattr(digits_noisy, s).y)
+                                                    for s in ("train", "meta", "select", "test")})
+        tr = Trainer(task, _Plain(batch_norm).double(), gate, bank,
+                     TrainConfig(batch_size=32, lr=0.1, device="cpu", progress=False))
+        tr.unit_weights = tr.unit_weights.double()
+        assert gate.route == route
+        assert "_Plain" in gate.route_reason and ("autograd" in gate.route_reason if route == "autograd"
+                                                  else "not a metagate.models.MLP/CNN" in gate.route_reason)
+        if reference:
+            gate.use_route("higher")
+            assert gate.route == "higher" and gate.route_reason == "chosen by use_route"
+        table0 = gate.param.raw.detach().clone()
+        tr.train_step(_batch(tr))
+        assert not torch.equal(gate.param.raw, table0)  # the table learned
+        tables.append(gate.param.raw.detach().clone())
+    torch.testing.assert_close(tables[0], tables[1], atol=1e-6, rtol=0)
+
+
+def test_use_route_refuses_routes_that_cannot_serve_the_student(digits_noisy):
+    gate = MetaGate()
+    _trainer(digits_noisy, gate, arch="cnn")
+    with pytest.raises(ConfigError, match="unknown meta route 'fast'"):
+        gate.use_route("fast")
+    with pytest.raises(ConfigError, match="meta route 'linear' needs"):
+        gate.use_route("linear")  # a CNN over all parameters
+    assert gate.route == "jvp-by-hand"  # unchanged
+    gate = MetaGate(meta_no_reuse=True)
+    _trainer(digits_noisy, gate, arch="cnn")
+    with pytest.raises(ConfigError, match="drop --meta-no-reuse"):
+        gate.use_route("jvp-by-hand")
+    gate = MetaGate()
+    bank = TeacherBank(torch.randn(len(digits_noisy.train), 1, 10), ["t"])
+    Trainer(digits_noisy, _Plain(batch_norm=True), gate, bank, TrainConfig(device="cpu", progress=False))
+    with pytest.raises(ConfigError, match="meta route 'jvp-by-hand' needs"):
+        gate.use_route("jvp-by-hand")  # no tangent rules for a foreign student
+    gate.use_route("jvp-difference")
+    assert gate.route == "jvp-difference" and gate.strategy.product == "difference"
+
+
+def test_route_is_logged_once_as_text(digits_noisy):
+    class Recorder:
+        def __init__(self):
+            self.texts, self.scalars = [], []
+
+        def text(self, tag, value, step, description=None):
+            self.texts.append((tag, value, step))
+            assert description
+
+        def scalar(self, tag, value, step):
+            self.scalars.append(tag)
+
+        def histogram(self, tag, values, step):
+            pass
+
+    gate = MetaGate()
+    tr = _trainer(digits_noisy, gate, arch="mlp-bn")
+    tr.train_step(_batch(tr))
+    rec = Recorder()
+    gate.log(rec, 1)
+    gate.log(rec, 2)
+    assert rec.texts == [("meta/route", f"jvp-by-hand: {gate.route_reason}", 1)]
+    assert "meta/loss" in rec.scalars and "meta/updates" in rec.scalars
+
+
+def test_val_sampler_state_round_trip_and_the_gate_checkpoint_keys(digits_noisy):
+    """A sampler restored from its state serves the batches the original serves next (mid-pass and across a new
+    pass); the gate's checkpoint keeps its keys (old checkpoints still resume)."""
+    def sampler():
+        return ValSampler(digits_noisy.meta, 16, 3, torch.device("cpu"), torch.float32, conv=False)
+
+    a = sampler()
+    for _ in range(5):
+        a.next()
+    state = a.state_dict(prefix="val_")
+    assert set(state) == {"val_rng", "val_order", "val_pos"}
+    ahead = [a.next() for _ in range(2 * len(digits_noisy.meta) // 16)]  # into the next pass
+    b = sampler()
+    b.load_state_dict(state, prefix="val_")
+    for (xa, ya), (xb, yb) in zip(ahead, (b.next() for _ in ahead)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    gate = MetaGate()
+    _trainer(digits_noisy, gate, arch="mlp")
+    assert set(gate.state_dict()) == {"param", "optimizer", "updates", "last_pass_epoch", "val_rng", "val_order",
+                                      "val_pos"}

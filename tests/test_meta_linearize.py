@@ -175,11 +175,13 @@ def test_gate_product_by_hand_matches_reference_path(digits_noisy, lookahead, un
     def run(reuse):
         gate = MetaGate(meta_lookahead=lookahead, meta_lr=1e3, meta_no_reuse=not reuse)
         tr = _trainer(digits_noisy, gate, dropout=unsupported)
-        assert gate._route == "jvp"
-        assert (gate._lin is not None) == (reuse and not unsupported)
-        if gate._lin is not None:
-            product = gate._lin.product
-            gate._lin.product = lambda z: used.append(product(z)) or used[-1]  # type: ignore[method-assign]
+        by_hand = reuse and not unsupported
+        assert gate.route == ("jvp-by-hand" if by_hand else "jvp-forward-mode")
+        lin = gate.strategy.linearization
+        assert (lin is not None) == by_hand
+        if lin is not None:
+            product = lin.product
+            lin.product = lambda z: used.append(product(z)) or used[-1]  # type: ignore[method-assign]
         table0 = gate.param.raw.detach().clone()
         tr.train_step(_batch(tr))
         assert not torch.equal(gate.param.raw, table0)  # the table learned
@@ -200,12 +202,12 @@ def test_gate_falls_back_for_foreign_logits_and_leaves_student_untouched(digits_
     for foreign in (False, True):
         gate = MetaGate(meta_lr=1e3)
         tr = _trainer(digits_noisy, gate)
-        assert gate._lin is not None
+        assert gate.route == "jvp-by-hand"
         batch = _batch(tr)
         logits = tr.student(batch.x)
         if foreign:
             tr.student(batch.x[:5])
-            assert gate._lin.product(logits) is None
+            assert gate.strategy.linearization.product(logits) is None
         after_forward = _state(tr.student)
         gate.meta_step(tr.make_view(batch, logits), batch.x, tr.lr)
         for k, v in tr.student.state_dict().items():

@@ -156,8 +156,10 @@ def gate_spec(name: str, options: Mapping[str, Any], defaults: Mapping[str, Any]
 
 
 def gate_spec_of(gate: Any) -> str:
-    """:func:`gate_spec` of a gate instance, against a default-built gate of its class."""
-    options = gate.hparams()
+    """:func:`gate_spec` of a gate instance, against a default-built gate of its class (its options only: what a
+    gate found at setup, e.g. ``meta_route``, is recorded in the hparams but is not part of the spec)."""
+    names = set(type(gate).config_class.option_names())
+    options = {k: v for k, v in gate.hparams().items() if k in names}
     try:
         defaults = type(gate)().hparams()
     except (TypeError, MetagateError):  # a gate that cannot be built from its defaults: its name alone

@@ -69,7 +69,7 @@ class LinearLookahead:
     Built once per step (the constants: weights, the kernel); :meth:`hypergrad` then runs once per
     inner iteration. Use both under ``torch.no_grad()`` (the layers' parameters are used as they are).
     Everything is computed feature-major (``[features, units]``, e.g. logits as ``[C, M]``): CPU matrix
-    products with ``C`` output rows are ~3x faster than with ``C`` output columns, and so is the softmax
+    products with ``C`` output rows are faster than with ``C`` output columns, and so is the softmax
     over dim 0.
 
     :param layers: the layers from the lowest stepped one up to the head
@@ -216,11 +216,11 @@ def _affine_t(w: Tensor, b: Tensor | None, x_t: Tensor) -> Tensor:
     return w @ x_t if b is None else torch.addmm(b.unsqueeze(1), w, x_t)
 
 
-def linear_hypergrad(la: LinearLookahead, weights: Tensor, logit_grads: Tensor, val_y: Tensor, lr: float,
+def linear_hypergrad(lookahead: LinearLookahead, weights: Tensor, logit_grads: Tensor, val_y: Tensor, lr: float,
                      scale: Tensor | float) -> tuple[Tensor, Tensor]:
     """Validation CE after the virtual step and its gradient w.r.t. ``W``, by hand.
 
-    :param la: the step's :class:`LinearLookahead`
+    :param lookahead: the step's :class:`LinearLookahead`
     :param weights: ``[N, J]``
     :param logit_grads: ``[N, J, C]`` per-unit gradients of each loss column w.r.t. the logits
         (:func:`metagate.gates.meta.lookahead.kd_logit_gradients`)
@@ -232,5 +232,5 @@ def linear_hypergrad(la: LinearLookahead, weights: Tensor, logit_grads: Tensor, 
     s = scale.reshape(-1, 1, 1) if torch.is_tensor(scale) else scale
     g = logit_grads * (s * lr)  # each unit's share of the step
     d = torch.bmm(weights.unsqueeze(1), g).squeeze(1)  # lr * G  [N, C]
-    val, t = la.hypergrad(d.t(), val_y)
+    val, t = lookahead.hypergrad(d.t(), val_y)
     return val, torch.bmm(g, t.t().unsqueeze(2)).squeeze(2)

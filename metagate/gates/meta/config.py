@@ -78,6 +78,11 @@ class MetaConfig(GateConfig):
         return self.meta_backend or ("closed-form" if self.meta_schedule == "amal" else "func")
 
     @property
+    def lookahead(self) -> str:
+        """The parameters of the virtual step: ``last`` (the head) under the closed-form backend."""
+        return "last" if self.backend == "closed-form" else self.meta_lookahead
+
+    @property
     def lr(self) -> float:
         if self.meta_lr is not None:
             return self.meta_lr

@@ -2,9 +2,9 @@
 
 The forward-mode look-ahead (:func:`.lookahead.jvp_lookahead_hypergrad`) needs ``J v``: the derivative of the
 training batch's logits along a direction ``v`` of the moved parameters. Forward-mode AD recomputes the primal
-forward beside the tangent (on CPU ~4x a plain forward through convolutions and batch norm). Here the tangent is
-propagated by hand through a chain of supported modules, reading the primal activations that forward hooks kept
-from the real step's forward: no primal is recomputed, and the reductions are our own (see the batch-norm rule).
+forward beside the tangent (on CPU, through convolutions and batch norm, several times a plain forward). Here the
+tangent is propagated by hand through a chain of supported modules, reading the primal activations that forward
+hooks kept from the real step's forward: no primal is recomputed, and the reductions are our own (see the batch-norm rule).
 
 Tangent rules (``u``: a module's input, ``t``: its tangent, ``dW, db``: the tangents of its moved parameters,
 zero for constant ones; a module below every moved parameter has ``t = 0``):
@@ -208,7 +208,7 @@ def _batch_norm_tangent(mod: nn.modules.batchnorm._BatchNorm, u: Tensor, t: Tens
     # x = uc r with uc = u - mean: uc is formed (when x enters the tangent) and r folded into x's coefficient
     need_x = dgamma is not None or (batch and t is not None)
     uc = None
-    if batch:  # two passes (mean, then the centred square): var_mean's Welford kernel is ~20x slower on NCHW
+    if batch:  # two passes (mean, then the centred square): var_mean's Welford kernel is much slower on NCHW
         uc = u - u.mean(dims, keepdim=True)
         r = torch.rsqrt((uc * uc).mean(dims) + mod.eps)
     else:

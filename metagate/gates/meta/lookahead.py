@@ -203,8 +203,7 @@ def jvp_lookahead_hypergrad(
     :param train_logits: the real forward's logits of ``x`` (graph kept), else ``x`` is forwarded
     :param product: how ``J v`` is computed: ``forward`` (forward-mode AD, exact) or ``difference``
         (central difference ``(z(theta + e v) - z(theta - e v)) / 2e``: two plain forwards, which on
-        CPU cost about half of one forward-mode pass through convolutions and batch norm; error
-        ``O(e^2)``)
+        CPU cost less than one forward-mode pass through convolutions and batch norm; error ``O(e^2)``)
     :param step: ``difference`` only: the parameter step ``e |v|`` relative to ``|theta|`` (of the moved
         parameters)
     :param jv_fn: ``forward`` only: ``J v`` of the training logits from the moved parameters' tangents by name
@@ -318,7 +317,7 @@ def kd_logit_gradients(logits: Tensor, teacher_logits: Tensor | None, labels: Te
 
 
 def _softmax_rows(z: Tensor) -> Tensor:
-    """``softmax(z, -1)`` of ``[N, C]``, by the dim-0 kernel on the transposed view: ~3x faster on CPU when
+    """``softmax(z, -1)`` of ``[N, C]``, by the dim-0 kernel on the transposed view: faster on CPU when
     ``C`` is small (equal up to float rounding; the result has ``z``'s layout)."""
     return torch.softmax(z.t(), 0).t()
 

@@ -114,7 +114,7 @@ class WeightTable(nn.Module):
             with torch.no_grad():
                 return self.sgd_rows(ids, grad, lr)
         # index_select / index_copy_: several times cheaper than advanced indexing and __setitem__ on CPU
-        self.raw.index_add_(0, ids, grad.to(self.raw.dtype).mul(-lr))  # index_add_'s alpha is ~3x slower
+        self.raw.index_add_(0, ids, grad.to(self.raw.dtype).mul(-lr))  # index_add_'s alpha is slower
         rows = self.raw.index_select(0, ids)
         if self.transform == "clamp":
             self.raw.index_copy_(0, ids, rows.clamp_(CLAMP_MIN, CLAMP_MAX))  # repeated ids: equal rows
