@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
-from metagate.errors import InputError, MetagateError
+from metagate.errors import InputError
 from metagate.metrics import MCE_MIN_COUNT
+from metagate.options import option_values
 from metagate.report import DIAG_METRICS
 from metagate.tb.custom_scalars import build_layout, layout_summary
 from metagate.tb.tags import describe
@@ -158,13 +159,10 @@ def gate_spec(name: str, options: Mapping[str, Any], defaults: Mapping[str, Any]
 def gate_spec_of(gate: Any) -> str:
     """:func:`gate_spec` of a gate instance, against a default-built gate of its class (its options only: what a
     gate found at setup, e.g. ``meta_route``, is recorded in the hparams but is not part of the spec)."""
-    names = set(type(gate).config_class.option_names())
-    options = {k: v for k, v in gate.hparams().items() if k in names}
-    try:
-        defaults = type(gate)().hparams()
-    except (TypeError, MetagateError):  # a gate that cannot be built from its defaults: its name alone
-        defaults = None
-    return gate_spec(gate.name, options, defaults) if defaults is not None else gate.name
+    config = getattr(gate, "config", None)
+    if config is None:
+        return gate.name
+    return gate_spec(gate.name, option_values(config), option_values(type(config)()))
 
 
 #: the root event file of a comparison ends with this (an earlier one is replaced, not added to)
