@@ -30,7 +30,8 @@ class DistillConfig(Options):
     :param train: the student's :class:`TrainConfig` (or a mapping of its fields)
     """
 
-    task: str = option("digits", "built-in task: digits | fashion")
+    task: str = option("digits", "task: digits | fashion, an installed plugin or package.module:builder "
+                       "(the flag's help lists what is installed)")
     noise: float = option(0.0, "label-noise rate injected into train, in [0, 1)")
     noise_type: str = option("symmetric", "label-noise model", choices=("symmetric", "pairflip"))
     data_seed: int = option(0, "seed of the split and the noise")
