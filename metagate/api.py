@@ -33,12 +33,13 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from metagate.bank import TeacherBank
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
 from metagate.gates import Gate, GateConfig, get_gate_class
+from metagate.loader import LoaderTrainer
 from metagate.logger import Logger
 from metagate.modes import eval_mode
 from metagate.report import comparison_table
@@ -63,6 +64,10 @@ class UnitSplit:
 
 def as_split(data: DataLike, what: str) -> UnitSplit:
     """``(x, y[, ids])`` arrays or a map-style ``Dataset`` of ``(x, y[, id])`` items as an in-memory split."""
+    if getattr(data, "random_transform", False):
+        raise InputError(f"{what}: the dataset marks its transform random (random_transform=True); metagate reads a "
+                         "dataset once and caches teacher logits for fixed inputs, so a random augmentation would "
+                         "be frozen and the cached logits wrong (online teachers are not implemented yet)")
     if isinstance(data, IterableDataset):
         raise InputError(f"{what}: an IterableDataset cannot be materialised by index; give a map-style Dataset "
                          "(with __getitem__ and __len__) or (x, y) tensors")
@@ -280,8 +285,13 @@ def _train_config(train_config: TrainConfig | Mapping[str, Any] | None) -> Train
 def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta",
                  gate_config: GateConfig | Mapping[str, Any] | None = None,
                  train_config: TrainConfig | Mapping[str, Any] | None = None,
-                 logdir: str | Path | None = None, overwrite: bool = False) -> DistillResult:
-    """Train a student on prepared data and teachers (the second half of :func:`distill`)."""
+                 logdir: str | Path | None = None, overwrite: bool = False,
+                 loader: tuple[Dataset, int] | None = None) -> DistillResult:
+    """Train a student on prepared data and teachers (the second half of :func:`distill`).
+
+    :param loader: ``(dataset, num_workers)``: training batches from a ``DataLoader`` over ``dataset``
+        (:class:`~metagate.loader.LoaderTrainer`) instead of the in-memory split
+    """
     cfg = _train_config(train_config)
     g = _make_gate(gate, gate_config)
     if g.uses_teachers and prep.bank is None:
@@ -297,7 +307,8 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
         raise ConfigError(f"student must be an nn.Module or a factory of one, got {type(model).__name__}")
     identity = {"task": prep.task.key, "gate": g.name, "student": type(model).__name__,
                 "teachers": ",".join(prep.bank.names) if prep.bank else ""}
-    trainer = Trainer(prep.task, model, g, prep.bank, cfg, Logger(run_dir) if run_dir else None, run_dir, identity)
+    args = (prep.task, model, g, prep.bank, cfg, Logger(run_dir) if run_dir else None, run_dir, identity)
+    trainer = Trainer(*args) if loader is None else LoaderTrainer(*args, dataset=loader[0], num_workers=loader[1])
     try:
         metrics = trainer.fit()
         if run_dir is not None:
@@ -345,14 +356,20 @@ def distill(
     :param options: ``num_classes``, ``teacher_names``, ``corrupted`` / ``clean_labels`` (training units'
         corrupted-label mask and clean labels, for diagnostics only), ``name``, ``cache_dir``,
         ``rebuild_cache``, ``val_seed`` (see :func:`prepare`); ``logdir``, ``overwrite`` (TensorBoard events,
-        checkpoints and ``metrics.json``; default: nothing written)
+        checkpoints and ``metrics.json``; default: nothing written); ``num_workers``: train from a
+        ``DataLoader`` over ``train`` with that many workers (the dataset's transform then runs every epoch;
+        default: batches from the in-memory split)
     :raises InputError: student vs teacher output sizes, labels out of range, duplicate ids, bad teacher
         files, ``meta``/``select`` overlapping ``train``
     """
-    run_opts = {k: options.pop(k) for k in ("logdir", "overwrite") if k in options}
+    run_opts: dict[str, Any] = {k: options.pop(k) for k in ("logdir", "overwrite") if k in options}
+    num_workers = options.pop("num_workers", None)
     cfg = _train_config(train_config)
     prep = prepare(student, teachers, train, meta=meta, select=select, val=val, test=test, device=cfg.device,
                    **options)
+    if num_workers is not None:
+        ds = train if isinstance(train, Dataset) else TensorDataset(prep.task.train.x, prep.task.train.y)
+        run_opts["loader"] = (ds, int(num_workers))
     return run_prepared(prep, student, gate, gate_config, cfg, **run_opts)
 
 
