@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from metagate.data import task_names
+from metagate.data.plugins import GROUP as TASK_GROUP
 from metagate.errors import ConfigError
 from metagate.gates import GATES, option_owners
 from metagate.options import Options, add_options, set_options
@@ -34,9 +36,23 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Task, data, teachers and cache options (:class:`DistillConfig`)."""
     g = p.add_argument_group("task and data")
     add_options(g, DistillConfig, skip=RUN_FIELDS | {"student"})
+    set_help(p, "task", task_help())
     add_options(g, TrainConfig, only={"device"})
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                    help="hide progress bars")
+
+
+def task_help() -> str:
+    """``--task``'s help, listing the tasks installed when the parser is built."""
+    return (f"task: {' | '.join(task_names())} (built-in and installed through the '{TASK_GROUP}' entry points), "
+            f"or a builder named as package.module:function (default: {DistillConfig.task!r})")
+
+
+def set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    """Replace the help text of the option that stores ``dest``."""
+    for action in p._actions:
+        if action.dest == dest:
+            action.help = text
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,8 @@ class DistillConfig(Options):
     :param train: the student's :class:`TrainConfig` (or a mapping of its fields)
     """
 
-    task: str = option("digits", "built-in task: digits | fashion | g2p")
+    task: str = option("digits", "task: digits | fashion | g2p, an installed plugin or package.module:builder "
+                       "(the flag's help lists what is installed)")
     noise: float = option(0.0, "label-noise rate injected into train, in [0, 1)")
     noise_type: str = option("symmetric", "label-noise model (g2p: symmetric per token, or word)",
                              choices=("symmetric", "pairflip", "word"))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metagate.data.plugins import call_builder, entry_point_tasks, load_builder
 from metagate.data.task import Task, TeacherSpec, build_task
 from metagate.errors import ConfigError, InputError
 from metagate.models import CNN, MLP
@@ -31,11 +32,22 @@ def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Ta
     return deco
 
 
+def task_names() -> list[str]:
+    """Built-in tasks, then those installed through the ``metagate.tasks`` entry points."""
+    return sorted(TASKS) + sorted(set(entry_point_tasks()) - set(TASKS))
+
+
 def get_task(name: str, **kwargs: object) -> Task:
-    """Build a registered task by name."""
-    if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
-    return TASKS[name](**kwargs)
+    """Build a task: registered by name, installed as an entry point, or named ``package.module:builder``
+    (:mod:`metagate.data.plugins`)."""
+    builder = TASKS.get(name) or load_builder(name)
+    if builder is None:
+        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(task_names())}, or name a builder as "
+                          "package.module:function")
+    task = call_builder(builder, **kwargs)
+    if not isinstance(task, Task):
+        raise ConfigError(f"task builder {name!r} returned a {type(task).__name__}, not a metagate Task")
+    return task
 
 
 TEACHER_WIDTHS = (16, 24, 32, 20, 28)

@@ -1,0 +1,410 @@
+"""Bring your own student, teachers and data: the Python API (``metagate.distill``, ``metagate.compare_gates``).
+
+::
+
+    import metagate
+    res = metagate.distill(student, ["forest.npy", pretrained_net], train=(x, y), val=(x_val, y_val),
+                           test=(x_test, y_test), gate="meta", train_config={"epochs": 20})
+    res.metrics["test/acc"], res.student
+
+Data are ``(x, y)`` (or ``(x, y, ids)``) tensors / numpy arrays, or map-style torch ``Dataset`` s whose
+items are ``(x, y)`` or ``(x, y, id)``. A dataset is **materialised**: every item is read once and stacked
+into the in-memory :class:`~metagate.data.task.Split` the shared trainer gathers batches from (so a
+dataset's transform runs once, not every epoch: a random augmentation would be frozen). Floating inputs
+become float32, labels int64. Ids default to the position in the split; with explicit ids, the splits share
+one id space (teacher files are keyed by it, and overlap between splits is found by it).
+
+The clean ``meta`` (gates may learn on it) and ``select`` (model selection only) parts are given, or split
+off ``val`` (stratified halves). A ``meta`` or ``select`` part that overlaps the training units is refused:
+it would let gates learn on training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from metagate.bank import TeacherBank
+from metagate.data.task import Split, Task, stratified_split
+from metagate.errors import ConfigError, InputError
+from metagate.gates import Gate, GateConfig, get_gate_class
+from metagate.loader import LoaderTrainer
+from metagate.logger import Logger
+from metagate.modes import eval_mode
+from metagate.report import comparison_table
+from metagate.run import build_gate
+from metagate.teacher_sources import TeacherLike, build_mixed_bank, named_teachers, teacher_classes
+from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
+
+#: what may stand for a split
+DataLike = Union[Dataset, Sequence[Any]]
+#: a student, or a zero-argument factory of one (called after seeding: its initialisation follows the seed)
+StudentLike = Union[nn.Module, Callable[[], nn.Module]]
+
+
+@dataclass
+class UnitSplit:
+    """A materialised split and its unit ids (``explicit``: the user gave them)."""
+
+    split: Split
+    ids: Tensor
+    explicit: bool
+
+
+def as_split(data: DataLike, what: str) -> UnitSplit:
+    """``(x, y[, ids])`` arrays or a map-style ``Dataset`` of ``(x, y[, id])`` items as an in-memory split."""
+    if getattr(data, "random_transform", False):
+        raise InputError(f"{what}: the dataset marks its transform random (random_transform=True); metagate reads a "
+                         "dataset once and caches teacher logits for fixed inputs, so a random augmentation would "
+                         "be frozen and the cached logits wrong (online teachers are not implemented yet)")
+    if isinstance(data, IterableDataset):
+        raise InputError(f"{what}: an IterableDataset cannot be materialised by index; give a map-style Dataset "
+                         "(with __getitem__ and __len__) or (x, y) tensors")
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and not isinstance(data, Dataset):
+        parts = [torch.as_tensor(np.asarray(p)) if not isinstance(p, Tensor) else p.detach().cpu() for p in data]
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        if not items:
+            raise InputError(f"{what} is empty")
+        arity = {len(it) if isinstance(it, (tuple, list)) else -1 for it in items}
+        if arity - {2, 3} or len(arity) != 1:
+            raise InputError(f"{what}: dataset items must all be (x, y) or (x, y, id) tuples, got lengths "
+                             f"{sorted(arity)}")
+        parts = [torch.stack([torch.as_tensor(np.asarray(it[0])) if not isinstance(it[0], Tensor) else it[0]
+                              for it in items])]
+        parts += [torch.as_tensor([int(it[j]) for it in items]) for j in range(1, arity.pop())]
+    else:
+        raise InputError(f"{what}: expected (x, y) tensors/arrays or a map-style torch Dataset, got "
+                         f"{type(data).__name__}")
+    x, y = parts[0], parts[1]
+    if x.is_floating_point():
+        x = x.float()
+    if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1:
+        if y.is_floating_point() and y.ndim == 1 and torch.equal(y, y.round()):
+            y = y.long()  # integral float labels (numpy/pandas habit)
+        else:
+            raise InputError(f"{what}: labels must be a 1-D integer array of class ids, got {y.dtype} "
+                             f"{tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(f"{what} has {x.shape[0]} inputs but {y.shape[0]} labels")
+    if len(y) == 0:
+        raise InputError(f"{what} is empty")
+    explicit = len(parts) == 3
+    ids = parts[2].long() if explicit else torch.arange(len(y))
+    if explicit:
+        if ids.shape != y.shape:
+            raise InputError(f"{what} has {ids.shape[0]} ids for {y.shape[0]} units")
+        srt = ids.sort().values
+        dup = srt[1:][srt[1:] == srt[:-1]]
+        if dup.numel():
+            raise InputError(f"{what}: {dup.numel()} duplicate unit id(s), first {int(dup[0])}; ids must be unique")
+    return UnitSplit(Split(x, y.long()), ids, explicit)
+
+
+def check_label_range(part: UnitSplit, num_classes: int, what: str) -> None:
+    """Every label in ``[0, C)``; the error names the first offending unit id."""
+    bad = (part.split.y < 0) | (part.split.y >= num_classes)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise InputError(f"{what}: label {int(part.split.y[i])} of unit id {int(part.ids[i])} is outside the class "
+                         f"range [0, {num_classes}) ({int(bad.sum())} such unit(s))")
+
+
+def _row_keys(split: Split) -> list[bytes]:
+    x = np.ascontiguousarray(split.x.reshape(len(split), -1).numpy())
+    y = split.y.numpy()
+    return [x[i].tobytes() + y[i].tobytes() for i in range(len(split))]
+
+
+def check_disjoint(train: UnitSplit, part: UnitSplit, what: str) -> None:
+    """Refuse a clean part that shares units with train: by id when both carry ids, else by identical
+    (input, label) rows."""
+    if train.explicit and part.explicit:
+        shared = part.ids[torch.isin(part.ids, train.ids)]
+        if shared.numel():
+            raise InputError(f"{what} shares {shared.numel()} unit(s) with train (first id {int(shared[0])}): "
+                             "refused, a gate would learn on training data")
+        return
+    keys = set(_row_keys(train.split))
+    hits = [i for i, k in enumerate(_row_keys(part.split)) if k in keys]
+    if hits:
+        raise InputError(f"{what} has {len(hits)} of its {len(part.split)} units identical to training units "
+                         f"(input and label; first: {what} unit {hits[0]}): refused, a gate would learn on "
+                         "training data. If these are genuine duplicates, give ids: (x, y, ids)")
+
+
+def _output_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
+    with torch.no_grad(), eval_mode(model):
+        return int(model.to(device)(x[:2].to(device)).shape[-1])
+
+
+@dataclass
+class Prepared:
+    """Data and teachers of a :func:`distill` / :func:`compare_gates` call, built once."""
+
+    task: Task
+    bank: TeacherBank | None
+    teacher_stats: list[dict[str, Any]]
+    has_test: bool
+    ids: dict[str, Tensor] = field(default_factory=dict)
+
+
+def prepare(
+    student: StudentLike,
+    teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike] | None,
+    train: DataLike,
+    *,
+    meta: DataLike | None = None,
+    select: DataLike | None = None,
+    val: DataLike | None = None,
+    test: DataLike | None = None,
+    num_classes: int | None = None,
+    teacher_names: Sequence[str] | None = None,
+    corrupted: Tensor | None = None,
+    clean_labels: Tensor | None = None,
+    name: str = "user",
+    cache_dir: str | Path | None = None,
+    rebuild_cache: bool = False,
+    device: str = "auto",
+    val_seed: int = 0,
+) -> Prepared:
+    """Materialise and check the data, build the teacher bank (the first half of :func:`distill`)."""
+    dev = resolve_device(device)
+    parts = {"train": as_split(train, "train")}
+    if meta is None or select is None:
+        if val is None:
+            raise ConfigError("give meta= and select= (clean validation parts), or val= to split them from")
+        if meta is not None or select is not None:
+            raise ConfigError("give both meta= and select=, or neither (val= is then halved into them)")
+        v = as_split(val, "val")
+        if len(v.split) < 2:
+            raise InputError(f"val has {len(v.split)} unit(s); meta and select need one each")
+        mi, si = stratified_split(v.split.y, 0.5, torch.Generator().manual_seed(val_seed))
+        for nm, idx in (("meta", mi), ("select", si)):
+            parts[nm] = UnitSplit(Split(v.split.x[idx], v.split.y[idx]), v.ids[idx], v.explicit)
+    else:
+        if val is not None:
+            raise ConfigError("val= is split into meta and select; do not give all three")
+        parts["meta"], parts["select"] = as_split(meta, "meta"), as_split(select, "select")
+    if test is not None:
+        parts["test"] = as_split(test, "test")
+    tr = parts["train"]
+    if isinstance(student, nn.Module):
+        model = student
+    else:
+        with torch.random.fork_rng(devices=[]):  # a probe instance: the real one is made after seeding
+            model = student()
+    pairs = named_teachers(teachers or [], teacher_names)
+    # the class count: given, else the teachers', else the student's; everyone must agree
+    c_student = _output_size(model, tr.split.x, dev)
+    c = num_classes
+    for tname, t in pairs:
+        ct = teacher_classes(t, tr.split.x, dev)
+        if ct is None:
+            continue
+        if ct != c_student:
+            raise InputError(f"the student outputs {c_student} classes but teacher {tname!r} outputs {ct}")
+        if c is not None and ct != c:
+            raise InputError(f"teacher {tname!r} outputs {ct} classes but num_classes is {c}")
+        c = ct
+    if c is not None and c_student != c:
+        raise InputError(f"the student outputs {c_student} classes but num_classes is {c}")
+    c = c_student
+    for nm, part in parts.items():
+        check_label_range(part, c, nm)
+        if nm in ("meta", "select"):
+            check_disjoint(tr, part, nm)
+    n = len(tr.split)
+    if corrupted is not None and tuple(corrupted.shape) != (n,):
+        raise InputError(f"corrupted has shape {tuple(corrupted.shape)}, expected [{n}] (one flag per training unit)")
+    if clean_labels is not None and tuple(clean_labels.shape) != (n,):
+        raise InputError(f"clean_labels has shape {tuple(clean_labels.shape)}, expected [{n}]")
+    has_test = "test" in parts
+    task = Task(
+        name=name, num_classes=c, train=tr.split, meta=parts["meta"].split, select=parts["select"].split,
+        test=parts["test"].split if has_test else parts["select"].split,
+        corrupted=(torch.zeros(n, dtype=torch.bool) if corrupted is None else corrupted.bool().cpu()),
+        clean_train_labels=(tr.split.y.clone() if clean_labels is None else clean_labels.long().cpu()),
+        students={}, teacher_specs=[], default_student="user", info={"api": True},
+    )
+    task = dataclasses.replace(task, name=f"{name}-{task.fingerprint()[:8]}")  # the cache key follows the data
+    bank, stats = None, []
+    if pairs:
+        known = [p.ids for nm, p in parts.items() if nm != "train" and p.explicit]
+        bank, stats = build_mixed_bank(task, pairs, tr.ids, torch.cat(known) if known else None,
+                                       None if cache_dir is None else Path(cache_dir), dev, rebuild_cache)
+    return Prepared(task, bank, stats, has_test, {k: p.ids for k, p in parts.items()})
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` returns.
+
+    :param metrics: final metrics (``test/acc``, ``test/nll``, ``test/ece`` ..., ``select/*``, gate diagnostics);
+        without a test set only ``select/*``
+    :param student: the trained student (eval mode)
+    :param teachers: one dict per teacher (``name``, ``kind``: trained | module | file | tensor)
+    :param history: one record per epoch
+    :param trainer: the :class:`~metagate.trainer.Trainer` (its ``unit_weights``, ``bank`` ...)
+    """
+
+    metrics: dict[str, float]
+    student: nn.Module
+    teachers: list[dict[str, Any]]
+    history: list[dict[str, float]]
+    trainer: Trainer
+
+
+def _make_gate(gate: str | Gate, gate_config: GateConfig | Mapping[str, Any] | None) -> Gate:
+    if isinstance(gate, Gate):
+        if gate_config is not None:
+            raise ConfigError("gate_config= is for a gate given by name; this gate is already built")
+        return gate
+    if isinstance(gate_config, GateConfig):
+        return get_gate_class(gate)(gate_config)
+    return build_gate(gate, dict(gate_config or {}))
+
+
+def _train_config(train_config: TrainConfig | Mapping[str, Any] | None) -> TrainConfig:
+    if isinstance(train_config, TrainConfig):
+        return train_config
+    return TrainConfig.from_options(dict(train_config or {}), what="train_config")  # type: ignore[return-value]
+
+
+def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta",
+                 gate_config: GateConfig | Mapping[str, Any] | None = None,
+                 train_config: TrainConfig | Mapping[str, Any] | None = None,
+                 logdir: str | Path | None = None, overwrite: bool = False,
+                 loader: tuple[Dataset, int] | None = None) -> DistillResult:
+    """Train a student on prepared data and teachers (the second half of :func:`distill`).
+
+    :param loader: ``(dataset, num_workers)``: training batches from a ``DataLoader`` over ``dataset``
+        (:class:`~metagate.loader.LoaderTrainer`) instead of the in-memory split
+    """
+    cfg = _train_config(train_config)
+    g = _make_gate(gate, gate_config)
+    if g.uses_teachers and prep.bank is None:
+        raise ConfigError(f"gate {g.name!r} needs teachers; pass teachers=[...] (or use gate='ce')")
+    run_dir = None if logdir is None else Path(logdir)
+    if run_dir is not None and (run_dir / "checkpoint.pt").exists():
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds a run; pass overwrite=True or another logdir")
+        shutil.rmtree(run_dir)
+    seed_everything(cfg.seed)
+    model = student if isinstance(student, nn.Module) else student()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"student must be an nn.Module or a factory of one, got {type(model).__name__}")
+    identity = {"task": prep.task.key, "gate": g.name, "student": type(model).__name__,
+                "teachers": ",".join(prep.bank.names) if prep.bank else ""}
+    args = (prep.task, model, g, prep.bank, cfg, Logger(run_dir) if run_dir else None, run_dir, identity)
+    trainer = Trainer(*args) if loader is None else LoaderTrainer(*args, dataset=loader[0], num_workers=loader[1])
+    try:
+        metrics = trainer.fit()
+        if run_dir is not None:
+            trainer.log_final(metrics, {"gate": g.name, **g.hparams()})
+    finally:
+        trainer.logger.close()
+    if not prep.has_test:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("test/")}
+    if run_dir is not None:
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "teachers": prep.teacher_stats}, indent=2))
+    return DistillResult(metrics, model.eval(), prep.teacher_stats, trainer.history, trainer)
+
+
+def distill(
+    student: StudentLike,
+    teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike] | None,
+    train: DataLike,
+    *,
+    meta: DataLike | None = None,
+    select: DataLike | None = None,
+    val: DataLike | None = None,
+    test: DataLike | None = None,
+    gate: str | Gate = "meta",
+    gate_config: GateConfig | Mapping[str, Any] | None = None,
+    train_config: TrainConfig | Mapping[str, Any] | None = None,
+    **options: Any,
+) -> DistillResult:
+    """Distil ``teachers`` into ``student`` on your own data with one gate; return metrics and the student.
+
+    :param student: an ``nn.Module`` (trained in place) or a zero-argument factory (called after seeding).
+        Any module works: the meta gate's fast routes know the built-in students, others take its generic
+        autograd route. Its output size must match the teachers'.
+    :param teachers: a list (or ``{name: teacher}``) of ``nn.Module`` (frozen, eval mode, logits cached by
+        fingerprint when ``cache_dir`` is given), logits files (``.npy/.npz/.pt/.safetensors``, full or top-k,
+        see :mod:`metagate.teacher_files`), ``[N_train, C]`` tensors (row i = training unit i), or
+        :class:`~metagate.data.task.TeacherSpec` (trained here); ``None``/``[]`` for ``gate="ce"``
+    :param train: ``(x, y)`` / ``(x, y, ids)`` or a map-style Dataset of ``(x, y[, id])`` items, materialised
+        into memory (module docstring)
+    :param meta: clean part gates may learn from; :param select: clean part for model selection;
+        give both, or ``val`` to split them off (stratified halves)
+    :param test: the test set (without it the metrics are ``select/*`` only)
+    :param gate: ``ce | fixed | hard | meta | reinforce | ...`` or a built :class:`~metagate.gates.Gate`
+    :param gate_config: the gate's config, or a mapping of its options (``{"alpha": 0.3}``)
+    :param train_config: :class:`~metagate.trainer.TrainConfig` or a mapping of its fields
+    :param options: ``num_classes``, ``teacher_names``, ``corrupted`` / ``clean_labels`` (training units'
+        corrupted-label mask and clean labels, for diagnostics only), ``name``, ``cache_dir``,
+        ``rebuild_cache``, ``val_seed`` (see :func:`prepare`); ``logdir``, ``overwrite`` (TensorBoard events,
+        checkpoints and ``metrics.json``; default: nothing written); ``num_workers``: train from a
+        ``DataLoader`` over ``train`` with that many workers (the dataset's transform then runs every epoch;
+        default: batches from the in-memory split)
+    :raises InputError: student vs teacher output sizes, labels out of range, duplicate ids, bad teacher
+        files, ``meta``/``select`` overlapping ``train``
+    """
+    run_opts: dict[str, Any] = {k: options.pop(k) for k in ("logdir", "overwrite") if k in options}
+    num_workers = options.pop("num_workers", None)
+    cfg = _train_config(train_config)
+    prep = prepare(student, teachers, train, meta=meta, select=select, val=val, test=test, device=cfg.device,
+                   **options)
+    if num_workers is not None:
+        ds = train if isinstance(train, Dataset) else TensorDataset(prep.task.train.x, prep.task.train.y)
+        run_opts["loader"] = (ds, int(num_workers))
+    return run_prepared(prep, student, gate, gate_config, cfg, **run_opts)
+
+
+def compare_gates(
+    student: StudentLike,
+    teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike] | None,
+    train: DataLike,
+    gates: Sequence[str] = ("ce", "fixed", "hard", "meta"),
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    gate_options: Mapping[str, Mapping[str, Any]] | None = None,
+    train_config: TrainConfig | Mapping[str, Any] | None = None,
+    verbose: bool = True,
+    **data: Any,
+) -> dict[str, list[dict[str, float]]]:
+    """``metagate compare`` from Python: every gate x seed on the same data and teacher bank (built once).
+
+    :param student: a factory (called after seeding each run) or a module (deep-copied: every run starts from
+        the same weights)
+    :param gate_options: per gate, its options (``{"fixed": {"alpha": 0.5}}``)
+    :param data: ``meta``, ``select``, ``val``, ``test`` and the other options of :func:`distill`
+    :return: gate -> per-seed metrics (print them with :func:`metagate.report.comparison_table`)
+    """
+    base = _train_config(train_config)
+    prep = prepare(student, teachers, train, device=base.device, **data)
+    results: dict[str, list[dict[str, float]]] = {}
+    for g in gates:
+        for seed in seeds:
+            make = (lambda: copy.deepcopy(student)) if isinstance(student, nn.Module) else student
+            cfg = dataclasses.replace(base, seed=seed)
+            res = run_prepared(prep, make, g, (gate_options or {}).get(g), cfg)
+            results.setdefault(g, []).append(res.metrics)
+            if verbose:
+                acc = res.metrics.get("test/acc", res.metrics.get("select/acc"))
+                print(f"  {g:>10} seed {seed}: acc {100 * acc:.2f}", flush=True)
+    if verbose:
+        print(comparison_table(results))
+    return results

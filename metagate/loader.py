@@ -1,0 +1,84 @@
+"""Training batches from a torch ``DataLoader`` instead of the in-memory split (``num_workers``, a dataset's
+transform run every epoch).
+
+:class:`WithIds` gives any map-style dataset's items their unit ids (the index); :class:`LoaderTrainer` is
+the shared :class:`~metagate.trainer.Trainer` with only its batch source replaced: the loader visits the
+units in the same per-(seed, epoch) order as the in-memory path, so with a deterministic dataset both give
+the same student bit for bit. The in-memory path stays the default (the trainer itself is unchanged).
+
+The teacher bank and the gates still read the materialised training split by unit id (``train_x``), so the
+dataset must return the same unit for the same id; teacher logits stay cached (no online teachers yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from metagate.data.task import Batch
+from metagate.errors import InputError
+from metagate.trainer import Trainer
+
+
+class WithIds(Dataset):
+    """``dataset[i]`` as ``(x, y, i)``: the unit id rides along with every item."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        item = self.dataset[i]
+        return item[0], item[1], i
+
+
+class EpochOrder(Sampler[int]):
+    """The in-memory path's unit order for one epoch (``randperm`` seeded by ``(seed, epoch)``)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(1_000_003 * self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class LoaderTrainer(Trainer):
+    """:class:`~metagate.trainer.Trainer` whose training batches come from a ``DataLoader`` over ``dataset``.
+
+    :param dataset: map-style, ``len(dataset) == len(task.train)``, item ``i`` = training unit ``i`` as
+        ``(x, y)``
+    :param num_workers: the loader's worker processes
+    """
+
+    def __init__(self, *args: Any, dataset: Dataset, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        n = len(self.task.train)
+        if len(dataset) != n:  # type: ignore[arg-type]
+            raise InputError(f"the loader's dataset has {len(dataset)} items but the training split has {n} "  # type: ignore[arg-type]
+                             "units")
+        if num_workers < 0:
+            raise InputError(f"num_workers must be >= 0, got {num_workers}")
+        self.sampler = EpochOrder(n, self.config.seed)
+        self.loader = DataLoader(WithIds(dataset), batch_size=self.config.batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=num_workers > 0)
+
+    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        self.sampler.epoch = epoch
+        for x, y, ids in self.loader:
+            yield Batch(_float(x).to(self.device, non_blocking=True), y.long().to(self.device, non_blocking=True),
+                        ids.long().to(self.device, non_blocking=True))
+
+
+def _float(x: Tensor) -> Tensor:
+    return x.float() if x.is_floating_point() else x

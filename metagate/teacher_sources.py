@@ -1,0 +1,141 @@
+"""Teachers three ways, mixed freely in one :class:`~metagate.bank.TeacherBank`:
+
+* trained by the project: a :class:`~metagate.data.task.TeacherSpec` (trained through the shared loop,
+  checkpoint and logits cached as in :mod:`metagate.teachers`),
+* a user's pretrained ``nn.Module``: frozen, put in eval mode, its training-split logits cached by the
+  bank's fingerprint rules (:func:`metagate.bank.cached_logits`: data, unit ids and weights),
+* precomputed logits: a file path (:mod:`metagate.teacher_files`), or an ``[N, C]`` tensor / array whose
+  row ``i`` is training unit ``i``.
+
+Teachers are *cached*: each one's logits are computed once for the fixed training inputs. Inputs that change
+every epoch (random augmentation) make such a cache wrong; computing a teacher in the step ("online") is not
+implemented yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from metagate.bank import TeacherBank, cached_logits, teacher_logits
+from metagate.data.task import Task, TeacherSpec
+from metagate.errors import ConfigError, InputError
+from metagate.teacher_files import read_teacher_file, teacher_arrays, teacher_table
+from metagate.teachers import load_or_train_teachers
+
+#: what may stand for one teacher
+TeacherLike = Union[nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with every parameter's ``requires_grad`` off (in place)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def teacher_name(teacher: TeacherLike, index: int) -> str:
+    """A default name: the spec's name, the file's stem, the module's class, or ``tensor<i>``."""
+    if isinstance(teacher, TeacherSpec):
+        return teacher.name
+    if isinstance(teacher, (str, os.PathLike)):
+        return Path(teacher).stem
+    if isinstance(teacher, nn.Module):
+        return f"{type(teacher).__name__.lower()}{index}"
+    return f"tensor{index}"
+
+
+def named_teachers(teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike],
+                   names: Sequence[str] | None = None) -> list[tuple[str, TeacherLike]]:
+    """``(name, teacher)`` pairs from a list (default names) or a ``{name: teacher}`` mapping; names are unique
+    (each names its cache file)."""
+    if isinstance(teachers, Mapping):
+        pairs = [(str(k), v) for k, v in teachers.items()]
+    else:
+        if isinstance(teachers, (str, os.PathLike, Tensor, np.ndarray, nn.Module, TeacherSpec)):
+            teachers = [teachers]
+        teachers = list(teachers)
+        if names is not None and len(names) != len(teachers):
+            raise ConfigError(f"{len(names)} teacher names for {len(teachers)} teachers")
+        pairs = [(names[i] if names else teacher_name(t, i), t) for i, t in enumerate(teachers)]
+    seen: set[str] = set()
+    for n, t in pairs:
+        if n in seen:
+            raise ConfigError(f"two teachers are named {n!r}; give teacher names (or a {{name: teacher}} mapping)")
+        seen.add(n)
+        if not isinstance(t, (nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray)):
+            raise ConfigError(f"teacher {n!r} is a {type(t).__name__}; a teacher is an nn.Module, a TeacherSpec, "
+                              "a logits file path or an [N, C] tensor")
+    return pairs
+
+
+def teacher_classes(teacher: TeacherLike, x: Tensor, device: torch.device | str = "cpu") -> int | None:
+    """The class count a teacher outputs (a module: one forward on two inputs), ``None`` when only the run
+    can say (a top-k file without ``num_classes``, a spec)."""
+    if isinstance(teacher, nn.Module):
+        freeze(teacher).to(device)
+        with torch.no_grad():
+            return int(teacher(x[:2].to(device)).shape[-1])
+    if isinstance(teacher, (str, os.PathLike)):
+        return read_teacher_file(teacher).file_classes
+    if isinstance(teacher, (Tensor, np.ndarray)):
+        return int(teacher.shape[-1]) if teacher.ndim == 2 else None
+    return None
+
+
+def build_mixed_bank(
+    task: Task,
+    teachers: Sequence[tuple[str, TeacherLike]],
+    unit_ids: Tensor | None = None,
+    known_ids: Tensor | None = None,
+    cache_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    rebuild: bool = False,
+    progress: bool = False,
+) -> tuple[TeacherBank, list[dict[str, object]]]:
+    """A bank of ``[N_train, K, C]`` logits from any mix of teachers, in the given order.
+
+    :param teachers: ``(name, teacher)`` pairs (:func:`named_teachers`)
+    :param unit_ids: the training units' ids as files key them (default ``0..N_train-1``)
+    :param known_ids: ids of the data's other units (file rows for them are ignored)
+    :param cache_dir: where module logits (and project-trained teachers) are cached; ``None``: no cache
+    :return: the bank and one stats dict per teacher (``name``, ``kind``, and ``test_acc`` where known)
+    """
+    n, c = len(task.train), task.num_classes
+    ids = torch.arange(n) if unit_ids is None else unit_ids
+    fp = task.fingerprint()
+    specs = [t for _, t in teachers if isinstance(t, TeacherSpec)]
+    trained: list[nn.Module] = []
+    if specs:
+        task.teacher_specs = specs
+        trained, _, _ = load_or_train_teachers(task, len(specs), cache_dir, device=str(device), progress=progress)
+    tables, stats = [], []
+    for name, t in teachers:
+        if isinstance(t, TeacherSpec):
+            module, kind = trained.pop(0), "trained"
+        elif isinstance(t, nn.Module):
+            module, kind = freeze(t), "module"
+        else:
+            module = None
+        if module is not None:
+            logits = cached_logits(module, name, task, cache_dir, device, rebuild, fp)
+            if logits.shape[-1] != c:
+                raise InputError(f"teacher {name!r} outputs {logits.shape[-1]} classes but the task has {c}")
+        elif isinstance(t, (str, os.PathLike)):
+            logits, kind = teacher_table(read_teacher_file(t), ids, c, known_ids), "file"
+        else:
+            arr = teacher_arrays({"logits": t}, f"teacher tensor {name!r}")
+            logits, kind = teacher_table(arr, ids, c, None), "tensor"
+        tables.append(logits.float())
+        st: dict[str, object] = {"name": name, "kind": kind}
+        if module is not None:
+            st["test_acc"] = float((teacher_logits(module, task.test.x, device).argmax(-1) == task.test.y)
+                                   .float().mean())
+        stats.append(st)
+    return TeacherBank(torch.stack(tables, 1), [nm for nm, _ in teachers]), stats
