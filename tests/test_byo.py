@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 import metagate
 from metagate.bank import default_cache_dir
+from metagate.data import TASKS
 from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.run import DistillConfig, run_distill
 from metagate.teacher_files import file_logits, read_teacher_file, topk_arrays, topk_log_probs
@@ -317,7 +318,8 @@ def test_plugin_task_shows_in_help_and_runs(plugin, tmp_path, capsys):
 
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
-    assert "digits | fashion | g2p | blobs" in " ".join(capsys.readouterr().out.split())
+    builtin = " | ".join(sorted(TASKS))  # digits | fashion | ... then the installed plugins
+    assert f"task: {builtin} | blobs (built-in and installed" in " ".join(capsys.readouterr().out.split())
     for name in ("blobs", "blobs_plugin:build"):
         logdir = tmp_path / name.replace(":", "_")
         rc = main(["distill", "--task", name, "--gate", "fixed", "--teachers", "1", "--epochs", "4", "--batch-size", "16", "--device",
@@ -332,7 +334,8 @@ def test_plugin_task_shows_in_help_and_runs(plugin, tmp_path, capsys):
 def test_bad_plugin_names_are_clear_errors(plugin):
     from metagate.data import get_task
 
-    with pytest.raises(ConfigError, match=r"unknown task 'nope'; choose from digits, fashion, g2p, blobs, or name a builder"):
+    with pytest.raises(ConfigError, match=rf"unknown task 'nope'; choose from {', '.join(sorted(TASKS))}, blobs, or "
+                                          r"name a builder"):
         get_task("nope")
     with pytest.raises(ConfigError, match=r"--task no_such_mod:build: cannot import module 'no_such_mod'"):
         get_task("no_such_mod:build")
