@@ -116,7 +116,6 @@ class _RLGate(Gate):
         self._val_start: float | None = None
         self._t = 0
         self._last: dict[str, float] = {}
-        self._logged: list[Tensor] = []
         self._noise: Tensor | None = None
         self._prev_noise: Tensor | None = None
         self._offset: Tensor | None = None
@@ -218,8 +217,6 @@ class _RLGate(Gate):
         w = self._weights_from_action(action)
         if w.dtype != view.student_logits.dtype:
             w = w.to(view.student_logits.dtype)
-        if len(self._logged) < 4096:  # reduced when logged (no per-step ops); bounded for outside drivers
-            self._logged.append(w)
         return GateOutput(w, self.tau)
 
     @torch.no_grad()
@@ -249,10 +246,6 @@ class _RLGate(Gate):
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():
             logger.scalar(f"policy/{k}", v, step)
-        if self._logged:
-            for j, v in enumerate(torch.cat(self._logged)[:, 1:].mean(0).tolist()):
-                logger.scalar(f"policy/mean_w_teacher{j}", v, step)
-            self._logged.clear()
         for name in ("unit_log_std", "shared_log_std"):
             p = getattr(self.policy, name, None)
             if isinstance(p, torch.Tensor):

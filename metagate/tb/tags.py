@@ -97,7 +97,6 @@ def _group_names(rx: re.Pattern[str]) -> list[str]:
 #: tags that repeat another tag's quantity: not written (one tag per quantity), the tag they repeat is
 DUPLICATES: dict[str, str] = {
     r"train/weight_(label|teacher\d+)": "gate/mean_w_{0}",  # every unit is visited once per epoch: same mean
-    r"policy/mean_w_teacher(\d+)": "gate/mean_w_teacher{0}",
 }
 _DUPLICATES = [re.compile(f"^{p}$") for p in DUPLICATES]
 
