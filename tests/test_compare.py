@@ -90,6 +90,19 @@ def test_identical_data_and_teachers_within_a_seed(reference):
         assert f0[key] != f1[key], key
 
 
+def test_same_data_keeps_one_draw_for_every_seed(reference, tmp_path):
+    out = tmp_path / "same"
+    assert main(compare_args(out, ["fixed"], "--same-data", "--data-seed", "1")) == 0
+    rows = rows_of(out)
+    assert [rows[("fixed", s)]["config"]["data_seed"] for s in (0, 1)] == [1, 1]
+    assert rows[("fixed", 0)]["fingerprints"] == rows[("fixed", 1)]["fingerprints"]
+    # data seed 1 with training seed 1 is the reference's seed-1 run; training seed 0 on it differs
+    ref = rows_of(reference)[("fixed", 1)]
+    assert rows[("fixed", 1)]["metrics"]["test/acc"] == ref["metrics"]["test/acc"]
+    assert rows[("fixed", 0)]["fingerprints"] == ref["fingerprints"]
+    assert "on data draw 1" in (out / "results.md").read_text()
+
+
 def test_bad_spec_fails_before_anything_runs(tmp_path, capsys):
     for gates, words in ((["fixed", "nosuchgate"], ["nosuchgate", "choose from"]),
                          (["fixed", "hard:alpah=0.1"], ["hard:alpah=0.1", "'alpah'", "hard_tau"]),

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its options over the flags below")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seeds; each is a training seed and its own data draw (split, noise, teachers)")
+    g.add_argument("--same-data", action="store_true",
+                   help="every seed reuses the --data-seed draw (split, noise, teachers): seeds then vary only "
+                        "the training (one teacher set to train instead of one per seed)")
     g.add_argument("--out", "--logdir", dest="out", default="runs/compare",
                    help="output directory: results.{json,csv,md}, figures, runs/<gate>/seed<N>")
     g.add_argument("--jobs", type=int, default=1, help="cells run at once (worker processes, or Ray trials)")

@@ -1,7 +1,8 @@
 """The grid of a compare: one cell per gate spec x seed, its run directory and whether it is finished.
 
 Within a seed every cell shares one data draw (split, noise) and one set of cached teachers: the seed
-is also the cell's ``data_seed``, so another seed is another draw of the data, not only another init.
+is also the cell's ``data_seed``, so another seed is another draw of the data, not only another init
+(``--same-data`` keeps one draw, ``--data-seed``, for every seed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Cell:
     """One run of the grid.
 
     :param spec: the gate spec (the row)
-    :param seed: training seed and data seed
+    :param seed: training seed (and data seed unless ``--same-data``)
     :param config: the run's full configuration
     :param threads: torch intra-op threads while the cell runs
     """
@@ -53,7 +54,8 @@ def cell_config(args: argparse.Namespace, spec: GateSpec, seed: int, run_dir: Pa
 
     cfg = config_from_args(args, gate=spec.gate, seed=seed, logdir=str(run_dir.resolve()), strict=False)
     train = replace(cfg.train, progress=False)  # one bar over the grid instead
-    return replace(cfg, data_seed=seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
+    data_seed = cfg.data_seed if getattr(args, "same_data", False) else seed
+    return replace(cfg, data_seed=data_seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
                    cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).resolve()),  # workers may run elsewhere
                    resume=False, overwrite=False)  # replace() validates the merged options again
 

@@ -139,7 +139,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     baselines = {s.label: s.is_baseline for s in specs}
     summary = summarise(ordered, baselines, args.interval, args.bootstrap_samples)
     first = cells[0].config
-    title = (f"{first.task}, {first.noise:g} {first.noise_type} noise, {len(args.seeds)} seeds, "
+    seeds = f"{len(args.seeds)} seeds" + (f" on data draw {first.data_seed}" if getattr(args, "same_data", False) else "")
+    title = (f"{first.task}, {first.noise:g} {first.noise_type} noise, {seeds}, "
              f"{first.train.epochs} epochs, student {first.student or 'default'}, {first.teachers} teachers")
     elapsed = time.perf_counter() - t_start
     info = {"machine": machine(), "backend": args.backend, "jobs": args.jobs, "threads": threads,
