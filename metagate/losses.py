@@ -77,8 +77,14 @@ def kd_per_unit(
     tau: Tensor | float = 1.0,
     teacher_log_probs: Tensor | None = None,
     validate: bool = True,
+    student_tau: float | None = None,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """``tau**2 * KL(softmax(t/tau) || softmax(s/tau))`` for every unit and teacher.
+
+    With ``student_tau`` set, the student sits at its own temperature instead:
+    ``student_tau**2 * KL(softmax(t/tau) || softmax(s/student_tau))`` (``student_tau=1``: the student at
+    ``tau = 1`` against the tempered teacher, no rescaling -- HKD's form).
 
     The teacher distribution is the *target*, the student's log-probabilities the
     *input* (``F.kl_div(input=log q_s, target=log p_t, log_target=True)``).
@@ -88,6 +94,9 @@ def kd_per_unit(
     :param tau: scalar or ``[N]`` per-unit temperature
     :param teacher_log_probs: optional precomputed ``log_softmax(teacher_logits / tau)`` ``[N, K, C]``
         (the teacher bank caches it per temperature)
+    :param student_tau: ``None``: the student at ``tau`` as well; else a positive number
+    :param student_log_probs: optional precomputed ``log_softmax(student_logits)``, reused when
+        ``student_tau == 1``
     :return: ``[N, K]``
     """
     if validate:
@@ -98,6 +107,21 @@ def kd_per_unit(
             raise InputError("kd_per_unit needs teacher_logits or teacher_log_probs")
         _check_teachers(student_logits, teacher_logits, teacher_log_probs)
         _check_tau(tau, student_logits.shape[0])
+        if student_tau is not None:
+            _check_tau(student_tau, student_logits.shape[0])
+    if student_tau is not None:
+        if teacher_log_probs is None:
+            assert teacher_logits is not None
+            tau_t = tau.to(teacher_logits.dtype).reshape(-1, 1, 1) if torch.is_tensor(tau) else float(tau)
+            teacher_log_probs = F.log_softmax(teacher_logits / tau_t, dim=-1)
+        st = float(student_tau)
+        if st == 1.0:
+            log_q = student_log_probs if student_log_probs is not None else F.log_softmax(student_logits, -1)
+        else:
+            log_q = F.log_softmax(student_logits / st, dim=-1)
+        log_p = teacher_log_probs
+        kl = (log_p.exp() * (log_p - log_q.unsqueeze(1))).sum(-1)
+        return kl if st == 1.0 else kl * st**2
     if not torch.is_tensor(tau):  # python scalar: no tensor ops to build
         tau_s = tau_t = float(tau)
         scale: Tensor | float = float(tau) ** 2
@@ -123,6 +147,7 @@ def unit_losses(
     teacher_log_probs: Tensor | None = None,
     student_log_probs: Tensor | None = None,
     validate: bool = True,
+    student_tau: float | None = None,
 ) -> Tensor:
     """All loss columns of DESIGN.md: ``[N, 1+K]``, column 0 = CE to the label.
 
@@ -133,6 +158,8 @@ def unit_losses(
     :param teacher_log_probs: optional precomputed teacher log-probabilities at ``tau``
     :param student_log_probs: optional precomputed ``log_softmax(student_logits)`` (with graph) for CE
     :param validate: check the inputs (``False``: the caller has, e.g. the shared loop's hot path)
+    :param student_tau: the student's temperature in the KD columns (``None``: ``tau``; see
+        :func:`kd_per_unit`)
     :raises InputError: bad shapes, labels out of range, NaN/inf logits, ``tau <= 0``
     """
     if validate:
@@ -140,6 +167,8 @@ def unit_losses(
         _check_teachers(student_logits, teacher_logits, teacher_log_probs)
         if teacher_logits is not None or teacher_log_probs is not None:
             _check_tau(tau, student_logits.shape[0])
+            if student_tau is not None:
+                _check_tau(student_tau, student_logits.shape[0])
         if student_log_probs is not None and student_log_probs.shape != student_logits.shape:
             raise InputError(f"student_log_probs must be [N, C] = {tuple(student_logits.shape)}, got "
                              f"{tuple(student_log_probs.shape)}")
@@ -149,7 +178,9 @@ def unit_losses(
         ce = ce_per_unit(student_logits, labels, validate=False).unsqueeze(1)
     if teacher_log_probs is None and (teacher_logits is None or teacher_logits.shape[1] == 0):
         return ce
-    return torch.cat([ce, kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs, validate=False)], dim=1)
+    kd = kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs, validate=False,
+                     student_tau=student_tau, student_log_probs=student_log_probs)
+    return torch.cat([ce, kd], dim=1)
 
 
 def check_weights(weights: Tensor) -> None:

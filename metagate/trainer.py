@@ -318,7 +318,8 @@ class Trainer:
             raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
         with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
             # validated once: the data at load time, the weights above (the loss is checked for NaN below)
-            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp, validate=False)
+            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp, validate=False,
+                                  student_tau=out.student_tau)
             loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)

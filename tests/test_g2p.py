@@ -300,7 +300,11 @@ def test_extra_padding_gives_identical_losses_and_decisions(small: Task, gate) -
     la, lb = ra.losses, rb.losses.view(len(bb), t + 4, -1)[:, :t].reshape(ra.losses.shape)
     assert torch.allclose(la[real], lb[real], atol=1e-5)
     for pa, pb in zip(a.student.parameters(), b.student.parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6)
+        # the gradients agree to float rounding (longer sequences sum the time steps in another order);
+        # Adam's first step divides by |g| + eps, so a ~1e-10 rounding difference on a gradient entry of
+        # ~1e-8 moves a parameter by up to ~1e-5 (seen with HKD's KL at student tau = 1)
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-8)
+        assert torch.allclose(pa, pb, atol=2e-5)
     # padding never counts: the step's loss is the mean over real tokens only
     assert torch.allclose(ra.loss, reduce_weighted(ra.losses, ra.weights, real.float()), atol=1e-6)
     if isinstance(a.gate, HardGate):

@@ -70,19 +70,97 @@ def test_sentence_level_ignores_padding_content():
         torch.testing.assert_close(a, b)
 
 
-def test_length_normalisation_changes_sentence_decision():
-    # seq A: 1 token; seq B: 4 tokens. Sums favour the short sequence, means do not.
-    s = torch.zeros(1, 4, 2)
-    t = torch.zeros(1, 4, 1, 2)
-    y = torch.zeros(1, 4, dtype=torch.long)
-    s[0, :, 0] = 1.0  # student p(gold) = 0.731 each token
-    t[0, 0, 0, 0] = 3.0  # teacher very sure on token 0 only
-    mask = torch.ones(1, 4)
-    raw = hard_gate_decision(s, t, y, mask, level="sentence", teacher_tau=1.0)
-    norm = hard_gate_decision(s, t, y, mask, level="sentence", teacher_tau=1.0, length_norm=True)
-    ls = 4 * math.log(1 / (1 + math.exp(-1)))
-    lt = math.log(1 / (1 + math.exp(-3))) + 3 * math.log(0.5)
-    assert raw[0, 0].item() == float(ls > lt) == norm[0, 0].item()  # same ordering under a constant length
+def _sig(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+# Golden values by hand, tau = 1.5, C = 2, K = 1, gold = class 0 everywhere (E1, E2, E4 of hard.py).
+# Two-class softmax: p(0) = sigmoid(z0 - z1). Teacher at tau: q(0) = sigmoid((t0 - t1) / 1.5).
+#   seq 0, tok 0: student [2, 0] -> p = sig(2) = 0.8808; teacher [1.5, 0] -> q = sig(1) = 0.7311 -> E1: 1
+#   seq 0, tok 1: student [0, 0] -> p = 0.5;             teacher [0.9, 0] -> q = sig(0.6) = 0.6457 -> E1: 0
+#   seq 0, tok 2: padding (absurd logits), mask 0                                              -> 0
+#   E2 seq 0: ln 0.8808 + ln 0.5 = -0.8200 < ln 0.7311 + ln 0.6457 = -0.7507 -> 0 on both tokens
+#   seq 1, tok 0: student [3, 0] -> p = sig(3) = 0.9526; teacher as seq 0         -> E1: 1
+#   seq 1, tok 1: as seq 0 tok 1                                                   -> E1: 0
+#   E2 seq 1: ln 0.9526 + ln 0.5 = -0.7417 > -0.7507 -> 1 on both real tokens
+def _golden():
+    s = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [-40.0, 40.0]], [[3.0, 0.0], [0.0, 0.0], [40.0, -40.0]]])
+    t = torch.tensor([[[1.5, 0.0], [0.9, 0.0], [0.0, 30.0]], [[1.5, 0.0], [0.9, 0.0], [30.0, 0.0]]]).unsqueeze(2)
+    y = torch.zeros(2, 3, dtype=torch.long)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    return s, t, y, mask
+
+
+def test_golden_token_gate_by_hand():
+    s, t, y, mask = _golden()
+    assert _sig(2) > _sig(1) and 0.5 < _sig(0.6)  # the hand comparisons above
+    g = hard_gate_decision(s, t, y, mask, level="token", teacher_tau=1.5)
+    torch.testing.assert_close(g, torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+def test_golden_sentence_gate_by_hand():
+    s, t, y, mask = _golden()
+    teacher = math.log(_sig(1)) + math.log(_sig(0.6))
+    assert round(teacher, 4) == -0.7507
+    assert math.log(_sig(2)) + math.log(0.5) < teacher < math.log(_sig(3)) + math.log(0.5)
+    g = hard_gate_decision(s, t, y, mask, level="sentence", teacher_tau=1.5)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+
+
+def test_teacher_temperature_decides_golden_token():
+    # student p = sig(2) = 0.8808; teacher [2.4, 0]: at tau=1 q = sig(2.4) = 0.9168 > p -> label (0);
+    # at tau=1.5 q = sig(1.6) = 0.8320 < p -> teacher (1): the temperature is on the teacher only (E4)
+    s = torch.tensor([[[2.0, 0.0]]])
+    t = torch.tensor([[[[2.4, 0.0]]]])
+    y, m = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)
+    assert hard_gate_decision(s, t, y, m, teacher_tau=1.0).item() == 0.0
+    assert hard_gate_decision(s, t, y, m, teacher_tau=1.5).item() == 1.0
+
+
+def test_kd_column_student_at_tau_one_by_hand():
+    """E3/E4: the gate's KD column is KL(softmax(t/tau) || softmax(s)), no tau^2; the option gives Hinton's."""
+    from metagate.losses import unit_losses
+
+    s = torch.tensor([[2.0, 0.0]])
+    t = torch.tensor([[[2.4, 0.0]]])
+    y = torch.zeros(1, dtype=torch.long)
+    q, p = _sig(1.6), _sig(2.0)
+    kl_paper = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+    ps = _sig(2.0 / 1.5)
+    kl_hinton = 1.5**2 * (q * math.log(q / ps) + (1 - q) * math.log((1 - q) / (1 - ps)))
+    assert round(kl_paper, 5) == 0.01022 and round(kl_hinton, 5) == 0.01185
+    view = UnitView(s, t, y, torch.ones(1), None, (1, 1))
+    out = HardGate().weights(view)
+    assert (out.tau, out.student_tau) == (1.5, 1.0)
+    cols = unit_losses(s, t, y, out.tau, student_tau=out.student_tau)
+    assert cols[0, 1].item() == pytest.approx(kl_paper, rel=1e-5)
+    assert cols[0, 0].item() == pytest.approx(-math.log(p), rel=1e-6)
+    out_h = HardGate(hard_temper_student=True).weights(view)
+    assert out_h.student_tau is None  # the trainer then puts the student at tau as well
+    cols_h = unit_losses(s, t, y, out_h.tau, student_tau=out_h.student_tau)
+    assert cols_h[0, 1].item() == pytest.approx(kl_hinton, rel=1e-5)
+
+
+def test_trainer_step_uses_the_gates_student_temperature(digits_noisy, digits_bank):
+    from metagate.losses import unit_losses
+    from metagate.trainer import TrainConfig, Trainer
+
+    bank, _ = digits_bank
+    for temper, st in ((False, 1.0), (True, None)):
+        tr = Trainer(digits_noisy, digits_noisy.make_student(), HardGate(hard_temper_student=temper), bank,
+                     TrainConfig(device="cpu", progress=False))
+        batch = next(tr.epoch_batches(0))
+        with torch.no_grad():
+            z = tr.student(batch.x)
+        res = tr.train_step(batch)
+        expect = unit_losses(z, bank.lookup(batch.ids), batch.y, 1.5, student_tau=st)
+        torch.testing.assert_close(res.losses, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_length_norm_option_is_gone():
+    # dividing both sides of E2 by one length never changes a decision; the option was removed
+    with pytest.raises((ConfigError, TypeError), match="hard_length_norm"):
+        HardGate(hard_length_norm=True)
 
 
 def test_teacher_temperature_flattens_teacher():

@@ -35,6 +35,10 @@ class GateOutput:
         per-step NaN/negative check. A gate whose every decision is valid by construction sets its class
         attribute :attr:`Gate.trusted_weights`, which :meth:`Gate.decide` copies here; an outside driver
         (the env) sets it on its own decision
+    :param student_tau: the student's temperature in the KD columns; ``None`` (the default): ``tau`` as
+        well, Hinton's ``tau**2 * KL(softmax(t/tau) || softmax(s/tau))``; a number ``s`` gives
+        ``s**2 * KL(softmax(t/tau) || softmax(z/s))`` (``1.0``: the student at its own temperature against
+        the tempered teacher, as HKD trains it)
     :param logit_grad: optional capability: ``[N, C]`` the gradient of the weighted loss (the trainer's reduction included) w.r.t.
         the student's logits at these weights and ``tau``, when the gate already has it (the meta gate's
         look-ahead computes the per-column gradients anyway). The trainer then backpropagates it from the
@@ -45,6 +49,7 @@ class GateOutput:
     tau: Tensor | float = 1.0
     trusted: bool = False
     logit_grad: Tensor | None = None
+    student_tau: float | None = None
 
 
 class UnitView:

@@ -85,7 +85,7 @@ class ComposedGate(Gate):
             grad = None
         if self.temperature is not None:
             tau, grad = self.temperature.decide(view).tau, None
-        return GateOutput(w, tau, trusted=m.trusted, logit_grad=grad)
+        return GateOutput(w, tau, trusted=m.trusted, logit_grad=grad, student_tau=m.student_tau)
 
     def after_step(self, ctx: StepContext) -> None:
         for p in self.parts:

@@ -1,10 +1,42 @@
-"""HKD: hard gate knowledge distillation (Lee et al., EMNLP 2022).
+"""HKD: hard gate knowledge distillation (Lee et al., EMNLP 2022, arXiv 2210.12427).
 
-Per unit, learn from the label *or* from the teachers. The student is judged
-over-confident -- and then learns from the teachers -- when its probability of a
-reference token exceeds the temperature-calibrated teachers' probability of the
-same token. At sentence level the comparison is on summed (optionally
-length-normalised) log-probabilities over the unmasked tokens of a sequence.
+Per unit, learn from the gold label *or* from the teachers, never a mix. The teacher serves twice: as
+the source of soft targets and as a gauge of the student's calibration. Notation: student ``p`` (at
+temperature 1), teacher ``q_tau = softmax(t / tau)``, gold token ``y_t``, sequence ``y = y_1..y_T``.
+
+(E1) token gate      ``g_t = 1[ p(y_t | y_<t, x) > q_tau(y_t | y_<t, x) ]``
+(E2) sentence gate   ``g = 1[ prod_t p(y_t | y_<t, x) > prod_t q_tau(y_t | y_<t, x) ]``, one value for
+     every token of the sequence (compared in log space: sums of log-probabilities over the unmasked
+     tokens)
+(E3) loss            ``L_t = (1 - g_t) * CE(y_t, p) + g_t * KL(q_tau || p)``
+(E4) temperature     on the teacher only (``q_tau``); the student stays at ``tau = 1`` in both the
+     gate and the KD term, which is therefore not rescaled by ``tau**2``
+
+Over-confident student (its probability of the gold token above the calibrated teacher's): learn from
+the teacher (KD regularises); under-confident: learn from the label.
+
+Source and what is ours. The search tool's page corpus holds the paper's title page, abstract and
+introduction only (jiubeiyun.com.cn/doc/34951.html, deepai, emergentmind, paperswithcode); the method
+section did not come back to any of the queries tried ("hard gate knowledge distillation token level
+sentence level gate equation", "HKD calibration teacher student gate overconfidence", "gate function
+teacher probability gold token greater than student", "arXiv 2210.12427 method ...", "probability mass
+that is higher than the expected accuracy of the prediction"), and no official implementation was found
+(the paper names fairseq, no repository). E1-E4 are therefore taken from the introduction ("when a
+student makes a prediction with a probability mass that is higher than the expected accuracy of the
+prediction (overconfidence), a student model is trained with only supervision from a teacher"; gates at
+the token level and the sentence level) and from a public paper summary (code corpus: temperature
+scaling is applied to the teacher's logits only, the student at temperature 1.0; a teacher at
+``tau = 1.5``; the sentence probability is the product of the token probabilities). The labels E1-E4
+are this module's, not the paper's equation numbers. Our extensions, not in the paper:
+
+- several teachers: ``q_tau`` is the mean of the teachers' tempered token distributions (an ensemble),
+  and the KD share ``g`` is split equally between the teachers' KD columns;
+- ``--hard-reference pred``: the student's argmax token instead of the gold token in E1/E2 (the default,
+  ``gold``, is the paper's reading: the teacher's probability of the gold token is the expected accuracy);
+- ``--hard-temper-student``: Hinton's ``tau**2 * KL(softmax(t/tau) || softmax(s/tau))`` instead of E4
+  (the form this gate used before).
+
+There is no length normalisation: dividing both sides of E2 by the same length cannot change a decision.
 """
 
 from __future__ import annotations
@@ -30,25 +62,23 @@ def hard_gate_decision(
     level: str = "token",
     reference: str = "gold",
     teacher_tau: float = 1.5,
-    length_norm: bool = False,
 ) -> Tensor:
-    """The HKD gate as a pure function.
+    """The HKD gate (E1 / E2) as a pure function.
 
     :param student_logits: ``[B, T, C]``
     :param teacher_logits: ``[B, T, K, C]``
     :param labels: ``[B, T]`` gold tokens
     :param mask: ``[B, T]`` 1 for real tokens, 0 for padding
-    :param level: ``token`` or ``sentence``
-    :param reference: ``gold`` (the label) or ``pred`` (the student's argmax)
-    :param teacher_tau: temperature applied to the teachers before comparing
-    :param length_norm: sentence level: divide summed log-probabilities by the length
+    :param level: ``token`` (E1) or ``sentence`` (E2)
+    :param reference: ``gold`` (the label, the paper's) or ``pred`` (the student's argmax)
+    :param teacher_tau: temperature applied to the teachers only (E4)
     :return: ``[B, T]`` float gate, 1 = learn from the teachers, 0 = from the label;
         padded tokens get 0
     """
     with torch.no_grad():
-        log_ps = F.log_softmax(student_logits.float(), -1)
-        log_pt = F.log_softmax(teacher_logits.float() / teacher_tau, -1)
-        return hard_gate_from_log_probs(log_ps, log_pt, labels, mask, level, reference, length_norm)
+        log_ps = F.log_softmax(student_logits.float(), -1)  # E4: student at tau = 1
+        log_pt = F.log_softmax(teacher_logits.float() / teacher_tau, -1)  # E4: q_tau, teacher tempered
+        return hard_gate_from_log_probs(log_ps, log_pt, labels, mask, level, reference)
 
 
 def hard_gate_from_log_probs(
@@ -58,30 +88,26 @@ def hard_gate_from_log_probs(
     mask: Tensor,
     level: str = "token",
     reference: str = "gold",
-    length_norm: bool = False,
 ) -> Tensor:
     """:func:`hard_gate_decision` on log-probabilities (teachers already at their temperature).
 
     :param student_log_probs: ``[B, T, C]``
     :param teacher_log_probs: ``[B, T, K, C]``
     """
-    ref = labels if reference == "gold" else student_log_probs.argmax(-1)
+    ref = labels if reference == "gold" else student_log_probs.argmax(-1)  # y_t (or the student's argmax)
     ref = ref.clamp_min(0).unsqueeze(-1)  # padding may hold -100
-    log_ps = student_log_probs.gather(-1, ref).squeeze(-1)
-    p_t = teacher_log_probs.exp().mean(-2)  # mean probability over teachers
-    log_pt = p_t.gather(-1, ref).squeeze(-1).clamp_min(1e-30).log()
+    log_ps = student_log_probs.gather(-1, ref).squeeze(-1)  # log p(y_t | y_<t, x)
+    p_t = teacher_log_probs.exp().mean(-2)  # several teachers: the ensemble's q_tau (ours)
+    log_pt = p_t.gather(-1, ref).squeeze(-1).clamp_min(1e-30).log()  # log q_tau(y_t | y_<t, x)
     m = mask.to(log_ps.dtype)
     if level == "token":
-        gate = (log_ps > log_pt).to(log_ps.dtype)
+        gate = (log_ps > log_pt).to(log_ps.dtype)  # E1
     elif level == "sentence":
-        s_sum, t_sum = (log_ps * m).sum(-1), (log_pt * m).sum(-1)
-        if length_norm:
-            n = m.sum(-1).clamp_min(1)
-            s_sum, t_sum = s_sum / n, t_sum / n
-        gate = (s_sum > t_sum).to(log_ps.dtype).unsqueeze(-1).expand_as(log_ps)
+        s_sum, t_sum = (log_ps * m).sum(-1), (log_pt * m).sum(-1)  # E2: log prod_t over unmasked tokens
+        gate = (s_sum > t_sum).to(log_ps.dtype).unsqueeze(-1).expand_as(log_ps)  # E2, on every token
     else:
         raise ConfigError(f"hard gate level must be token or sentence, got {level!r}")
-    return gate * m
+    return gate * m  # padding: no weight at all
 
 
 @dataclass
@@ -91,8 +117,11 @@ class HardConfig(GateConfig):
     hard_level: str = option("token", "gate per token or per sentence", choices=("token", "sentence"))
     hard_reference: str = option("gold", "reference token: the label or the student's argmax",
                                  choices=("gold", "pred"))
-    hard_tau: float = option(1.5, "teacher temperature for the gate and the KD target (> 0)")
-    hard_length_norm: bool = option(False, "length-normalise sentence-level log-probabilities")
+    hard_tau: float = option(1.5, "teacher temperature for the gate and the KD target (> 0); the student "
+                                  "stays at 1 unless --hard-temper-student")
+    hard_temper_student: bool = option(False, "KD term in Hinton's form tau^2*KL(softmax(t/tau)||softmax(s/tau)) "
+                                             "instead of the paper's KL(softmax(t/tau)||softmax(s)) "
+                                             "(student at temperature 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,7 +131,11 @@ class HardConfig(GateConfig):
 
 @register("hard")
 class HardGate(Gate):
-    """HKD hard gate. Teacher columns share the KD weight equally (options: :class:`HardConfig`)."""
+    """HKD hard gate: weights ``W = (1 - g, g/K, ..., g/K)`` (E3), ``tau`` on the teachers only (E4).
+
+    Options: :class:`HardConfig`. The KD columns are ``KL(q_tau || p)`` (``student_tau = 1``) unless
+    ``hard_temper_student``.
+    """
 
     config_class = HardConfig
     trusted_weights = True
@@ -111,7 +144,8 @@ class HardGate(Gate):
         super().__init__(config, **options)
         c = self.config
         self.level, self.reference = c.hard_level, c.hard_reference
-        self.teacher_tau, self.length_norm = c.hard_tau, c.hard_length_norm
+        self.teacher_tau = c.hard_tau
+        self.student_tau: float | None = None if c.hard_temper_student else 1.0  # E4 (None: Hinton's form)
         self._gold_log_pt: Tensor | None = None  # [N_train] teachers' log p(label), fast path
         self._rows: tuple[Tensor, Tensor] | None = None
 
@@ -141,8 +175,8 @@ class HardGate(Gate):
             assert self._rows is not None
             log_ps = view.student_log_probs.gather(1, view.labels.unsqueeze(1))  # reused by the CE column
             over = log_ps > self._gold_log_pt[view.ids].unsqueeze(1)
-            w = torch.where(over, self._rows[1], self._rows[0])
-            return GateOutput(w, self.teacher_tau)
+            w = torch.where(over, self._rows[1], self._rows[0])  # E1 -> E3's weight rows
+            return GateOutput(w, self.teacher_tau, student_tau=self.student_tau)
         b, t = view.seq_shape
         k, c = view.teacher_logits.shape[1:]
         g = hard_gate_from_log_probs(
@@ -152,7 +186,8 @@ class HardGate(Gate):
             view.mask.reshape(b, t),
             self.level,
             self.reference,
-            self.length_norm,
         ).reshape(-1, 1)
-        w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1).to(view.student_logits.dtype)
-        return GateOutput(w, self.teacher_tau)
+        dtype = view.student_logits.dtype  # weight rows in the student's dtype
+        g = g.to(dtype)
+        w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1)  # E3: (1 - g) CE + g KD, KD split over teachers
+        return GateOutput(w, self.teacher_tau, student_tau=self.student_tau)
