@@ -2,22 +2,52 @@
 # Regenerate the README's compare tables end to end (teachers, every gate and baseline, paired intervals).
 # Each table lands in runs/reproduce/<task>/results.md (with the machine and wall time that made it);
 # the same command continues an interrupted run. JOBS=2 scripts/reproduce.sh runs two cells at a time.
+#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
-GATES=(ce fixed fixed-tuned hard label-filter best-teacher conf-teachers
-       meta:meta_param=net meta:meta_param=table reinforce)
+TASKS=${TASKS:-"digits fashion fashion-clean"}
+PPO_STEPS=${PPO_STEPS:-4096}
+# every gate and baseline; fixed-tuned chooses alpha and tau on select (the temperature gates' tuned rival)
+GATES=(ce fixed fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/ hard label-filter best-teacher conf-teachers
+       meta:meta_param=net meta:meta_param=table reinforce ctkd ctkd:ctkd_variant=instance temperature)
+# without label noise: the temperature gates against fixed tau=4 and tau tuned on select
+TEMPERATURE_GATES=(fixed fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/ ctkd ctkd:ctkd_variant=instance temperature)
 
-run() {  # task, extra flags...
-  local task=$1; shift
-  local t0=$SECONDS
-  "$BIN/metagate" compare --task "$task" --noise 0.4 --seeds $SEEDS --jobs "$JOBS" \
-    --out "runs/reproduce/$task" --gates "${GATES[@]}" "$@"
-  echo "$task: $((SECONDS - t0)) s   -> runs/reproduce/$task/results.md"
+policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed
+  local task=$1 noise=$2 dir=runs/reproduce/ppo; shift 2
+  mkdir -p "$dir"
+  PPO=()
+  for env in "$@"; do
+    local zip="$dir/$task-$noise-$env.zip"
+    [ -f "$zip" ] || "$BIN/metagate" train-policy --task "$task" --noise "$noise" --env "$env" \
+      --timesteps "$PPO_STEPS" --seed 0 --out "$zip" --no-progress
+    case $env in
+      weights) PPO+=("policy:policy=$zip") ;;
+      temperature) PPO+=("temperature:temp_policy=$zip") ;;
+    esac
+  done
 }
 
-run digits
-run fashion --student mlp
-# g2p joins here once its task exists: run g2p
+run() {  # name, task, noise, extra flags... (the gates in $ROWS, the PPO envs in $ENVS)
+  local name=$1 task=$2 noise=$3; shift 3
+  local t0=$SECONDS
+  policies "$task" "$noise" $ENVS
+  "$BIN/metagate" compare --task "$task" --noise "$noise" --seeds $SEEDS --jobs "$JOBS" \
+    --out "runs/reproduce/$name" --gates "${ROWS[@]}" "${PPO[@]}" "$@"
+  echo "$name: $((SECONDS - t0)) s   -> runs/reproduce/$name/results.md"
+}
+
+for t in $TASKS; do
+  case $t in
+    digits) ROWS=("${GATES[@]}"); ENVS="weights temperature"; run digits digits 0.4 ;;
+    # fashion's 3 CNN teachers take ~20 CPU-minutes per data draw: one draw, seeds vary the training
+    fashion) ROWS=("${GATES[@]}"); ENVS="weights temperature"
+      run fashion fashion 0.4 --student mlp --epochs 10 --same-data ;;
+    fashion-clean) ROWS=("${TEMPERATURE_GATES[@]}"); ENVS="temperature"
+      run fashion-clean fashion 0 --student mlp --epochs 10 --same-data ;;
+    *) echo "unknown task $t (digits fashion fashion-clean)" >&2; exit 2 ;;
+  esac
+done
