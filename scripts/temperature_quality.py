@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy-timesteps", type=int, default=20000,
                    help="env steps of the PPO temperature policy (one student update each; fashion: ~7 ms each on one "
                         "busy core, 20000 in 2-4 min)")
-    p.add_argument("--temp-policy", default=None, help="deploy this zip for @ppo instead of training one")
+    p.add_argument("--temp-policy", default=None, help="deploy this zip for the PPO row instead of training one")
     p.add_argument("--cache-dir", default=None, help="teacher cache (default: $METAGATE_CACHE or ~/.cache/metagate)")
     p.add_argument("--out", default="runs/temperature-quality", help="results (runs.jsonl), PPO zips")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
