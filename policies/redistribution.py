@@ -25,9 +25,10 @@ What ITKD's official code does (github Zhengbo-Zhang/ITKD, read, not copied):
 
 What this module does with those facts (our code): a batch's units are not a sequence (they act at once
 and the reward comes after the whole episode), so instead of differences of a sequence model's predictions
-the return is *decomposed* over the units, ``R_e ~ c + sum_i g(s_i, a_i)``: ``g`` is linear in the unit's
-state and action as in ITKD, plus the action times the state (without that product a linear ``g`` gives
-every unit the same credit per unit of action, whatever its state). It is fitted in closed form (ridge
+the return is *decomposed* over the units, ``R_e ~ c + sum_i g(s_i, a_i)``: ``g`` takes ITKD's inputs (the
+three ITKD state features, :data:`~metagate.policies.temperature.ITKD_FEATURES`, and the action) and is
+linear in them as in ITKD, plus the action times each state feature (without that product a linear ``g``
+gives every unit the same credit per unit of action, whatever its state): 7 coefficients. It is fitted in closed form (ridge
 regression on standardised per-episode sums of the features, intercept ``c`` not penalised) on the last
 ``window`` episodes, instead of a few Adam steps on squared mean errors. The per-unit rewards keep ITKD's
 rule: the model's share of each unit plus the prediction error spread equally,
@@ -58,7 +59,8 @@ class ReturnDecomposition:
     :param num_state: state features per unit ``S``
     :param window: episodes the model is fitted on (the most recent ones)
     :param ridge: L2 penalty on the standardised coefficients
-    :param min_episodes: episodes before the model is used (default: the number of features, at least 8)
+    :param min_episodes: episodes before the model is used (default: twice the number of coefficients, at
+        least 8, at most ``window``)
     """
 
     def __init__(self, num_state: int, window: int = 64, ridge: float = 1e-3, min_episodes: int | None = None) -> None:
@@ -66,7 +68,7 @@ class ReturnDecomposition:
             raise ValueError(f"the redistribution window must be >= 2 episodes, got {window}")
         self.num_state, self.window, self.ridge = int(num_state), int(window), float(ridge)
         self.dim = 2 * self.num_state + 1
-        self.min_episodes = max(8, min(self.dim, self.window)) if min_episodes is None else int(min_episodes)
+        self.min_episodes = min(max(8, 2 * self.dim), self.window) if min_episodes is None else int(min_episodes)
         self.sums: list[Tensor] = []  # per episode: the sum of its units' features [D]
         self.returns: list[float] = []
         self.coef: Tensor | None = None  # [D] per-unit coefficients (None: not fitted)

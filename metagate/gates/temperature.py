@@ -34,6 +34,7 @@ from metagate.gates.registry import register
 from metagate.options import option
 from metagate.policies.redistribution import ReturnDecomposition
 from metagate.policies.temperature import (
+    ITKD_FEATURES,
     ITKD_T_INIT,
     ITKD_T_MAX,
     ITKD_T_MIN,
@@ -173,7 +174,7 @@ class TemperatureGate(_RLGate):
             # per-unit credit needs per-unit exploration (ITKD: sigma = exp(-0.5) per instance), no shared
             # noise, and unpaired episodes
             self.antithetic = False
-            self.redistribution = ReturnDecomposition(NUM_STATE, window=c.temp_rrd_window)
+            self.redistribution = ReturnDecomposition(len(ITKD_FEATURES), window=c.temp_rrd_window)
         if module is None:
             if c.redistributed:
                 module = TemperaturePolicy(c.temp_min, c.temp_max, c.temp_init, c.temp_hidden,
@@ -250,7 +251,8 @@ class TemperatureGate(_RLGate):
         if self.redistribution is None or not self.learner.buffer:
             return self.learner.finish(reward)
         states, actions = self.learner.episode_units()
-        states, actions = states.reshape(states.shape[0], -1), actions.reshape(-1)
+        # ITKD's inputs: the ITKD part of the state (the first columns) and the action
+        states, actions = states.reshape(states.shape[0], -1)[:, : len(ITKD_FEATURES)], actions.reshape(-1)
         unit_rewards = self.redistribution.redistribute(states, actions, reward)  # the model before this episode
         stats = self.learner.finish_units(reward, unit_rewards)
         if math.isfinite(reward):
