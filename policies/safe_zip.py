@@ -155,13 +155,14 @@ def write_meta(path: str | Path, name: str, meta: dict[str, Any]) -> None:
         zf.writestr(name, json.dumps(meta, indent=2))
 
 
-def read_policy_zip(path: Path, where: str, meta_name: str,
-                    fallback: Any = None) -> tuple[Any, dict[str, torch.Tensor]]:
+def read_policy_zip(path: Path, where: str, meta_name: str, fallback: Any = None,
+                    check: Any = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """The JSON description ``meta_name`` and the ``policy.pth`` weights of a zip, executing nothing of it:
     ``json.loads`` and ``torch.load(weights_only=True)``, bounded reads, every ``:serialized:`` field ignored.
 
     :param fallback: ``fallback(data, where) -> meta`` for zips without ``meta_name`` (reads the plain entries
         of SB3's ``data`` JSON); ``None``: such a zip is refused
+    :param check: ``check(meta, where) -> meta`` validates the description before the weights are read
     :raises ConfigError: not a zip, a missing or malformed entry, weights that are not plain tensors
     """
     try:
@@ -179,6 +180,8 @@ def read_policy_zip(path: Path, where: str, meta_name: str,
                 if not isinstance(data, dict):
                     raise ConfigError(f"{where}: its data entry is not a mapping")
                 meta = fallback(data, where)
+            if check is not None:
+                meta = check(meta, where)
             weights = _read(zf, "policy.pth", MAX_WEIGHTS_BYTES, where)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise ConfigError(f"{where}: not a stable-baselines3 policy zip ({type(e).__name__}: {e})") from e
@@ -217,8 +220,7 @@ def load_policy_zip(path: str | Path, device: str | torch.device = "cpu", what: 
     from metagate.policies.sb3 import TeacherWeightingPolicy
 
     p, where = resolve_zip(path, what, "train one with `metagate train-policy --out ...`")
-    meta, state = read_policy_zip(p, where, META_NAME, fallback=_legacy_meta)
-    meta = _check_meta(meta, where)
+    meta, state = read_policy_zip(p, where, META_NAME, fallback=_legacy_meta, check=_check_meta)
     obs = spaces.Box(meta["observation_low"], meta["observation_high"], tuple(meta["observation_shape"]),
                      np.float32)
     act = spaces.Box(meta["action_low"], meta["action_high"], tuple(meta["action_shape"]), np.float32)

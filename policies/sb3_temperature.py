@@ -122,16 +122,20 @@ def load_temperature_zip(path: str | Path, num_state: int, device: str | torch.d
     """A :class:`TemperaturePolicySB3` from a zip, executing nothing of it (the JSON description and
     ``torch.load(weights_only=True)`` of the weights: :func:`metagate.policies.safe_zip.read_policy_zip`)."""
     p, where = resolve_zip(path, what, "train one with `metagate train-policy --env temperature --out ...`")
-    meta, state = read_policy_zip(p, where, META_NAME)
-    try:
-        obs_shape, act_shape = tuple(int(s) for s in meta["observation_shape"]), \
-            tuple(int(s) for s in meta["action_shape"])
-        kwargs = {k: meta["policy_kwargs"][k] for k in KWARGS}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {META_NAME} is malformed ({e})") from e
-    if len(obs_shape) != 3 or obs_shape[-1] != num_state:
-        raise ConfigError(f"{where}: trained for {obs_shape[-1] if obs_shape else '?'} state features per unit, "
-                          f"this version has {num_state}; retrain it")
+
+    def check(meta: Any, where: str) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+        try:
+            obs_shape, act_shape = tuple(int(s) for s in meta["observation_shape"]), \
+                tuple(int(s) for s in meta["action_shape"])
+            kwargs = {k: meta["policy_kwargs"][k] for k in KWARGS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {META_NAME} is malformed ({e})") from e
+        if len(obs_shape) != 3 or obs_shape[-1] != num_state:
+            raise ConfigError(f"{where}: trained for {obs_shape[-1] if obs_shape else '?'} state features per "
+                              f"unit, this version has {num_state}; retrain it")
+        return obs_shape, act_shape, kwargs
+
+    (obs_shape, act_shape, kwargs), state = read_policy_zip(p, where, META_NAME, check=check)
     obs = spaces.Box(0.0, FEATURE_HIGH, obs_shape, np.float32)
     act = spaces.Box(-ACTION_BOUND, ACTION_BOUND, act_shape, np.float32)
     return build_policy(TemperaturePolicySB3, obs, act, kwargs, state, where, device)
