@@ -112,12 +112,17 @@ def fit(task: Any, bank: Any, gate_name: str, opts: dict[str, Any], seed: int, e
             "seconds": time.perf_counter() - t0}
 
 
+def fixed_label(alpha: float, tau: float, lr: float) -> str:
+    """The key of a ``fixed`` run in runs.jsonl (a fixed row and a grid point with the same values share it)."""
+    return f"fixed:alpha={alpha:g},tau={tau:g},lr={lr:g}"
+
+
 def tuned(task: Any, bank: Any, opts: dict[str, Any], seed: int, epochs: int, done: Any) -> dict[str, Any]:
     """``fixed-tuned``: every grid point as ``fixed``; the best ``select`` accuracy (ties: lower NLL) wins."""
     cfg = FixedTunedConfig(**opts)
     scored = []
     for p in cfg.grid(TrainConfig.lr):
-        row = done(f"fixed:alpha={p['alpha']:g},tau={p['tau']:g},lr={p['lr']:g}", seed,
+        row = done(fixed_label(p["alpha"], p["tau"], p["lr"]), seed,
                    lambda p=p: fit(task, bank, "fixed", {"alpha": p["alpha"], "tau": p["tau"]}, seed, epochs,
                                    lr=p["lr"]))
         scored.append((row["metrics"]["select/acc"], -row["metrics"]["select/nll"], len(scored), p, row))
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         for text, gate, options in specs:
             opts = {k: (str(zip_path) if v == PPO else v) for k, v in options.items()}
             key = text.replace(PPO, zip_path.name) if zip_path is not None else text
+            if gate == "fixed" and set(opts) <= {"alpha", "tau"}:  # the same run as that point of a tuning grid
+                key = fixed_label(opts.get("alpha", 0.5), opts.get("tau", 4.0), TrainConfig.lr)
             res[text] = []
             for seed in a.seeds:
                 if gate == "fixed-tuned":
