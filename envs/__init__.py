@@ -6,6 +6,7 @@ Importing this package (``import metagate`` does) registers ``metagate/TeacherWe
 
 from gymnasium.envs.registration import register, registry
 
+from metagate.envs.config import EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
 from metagate.envs.instance_temperature import InstanceTemperatureEnv
 from metagate.envs.teacher_weighting import TeacherWeightingEnv
 
@@ -16,4 +17,5 @@ if ENV_ID not in registry:
 if TEMPERATURE_ENV_ID not in registry:
     register(id=TEMPERATURE_ENV_ID, entry_point="metagate.envs.instance_temperature:InstanceTemperatureEnv")
 
-__all__ = ["ENV_ID", "TEMPERATURE_ENV_ID", "InstanceTemperatureEnv", "TeacherWeightingEnv"]
+__all__ = ["ENV_ID", "TEMPERATURE_ENV_ID", "EnvConfig", "InstanceTemperatureEnv", "TeacherWeightingEnv",
+           "TeacherWeightingEnvConfig", "TemperatureEnvConfig"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
+from metagate.envs.config import EnvConfig, env_config
 from metagate.errors import ConfigError
 from metagate.features import TeacherFeatureCache
 from metagate.gates.base import GateOutput
@@ -39,75 +40,37 @@ class StudentLoopEnv(gym.Env):
 
     :param task: a task name (``digits``, ``fashion``) or a :class:`~metagate.data.task.Task`
     :param bank: teacher logits for ``task.train``; by default the task's cached teachers are loaded
-    :param teachers: number of teachers ``K`` (when loading)
-    :param adversarial_teacher: plant the permuted teacher as the last one (when loading)
-    :param noise: label-noise rate of the task (when ``task`` is a name)
-    :param student: student architecture (task default if ``None``)
-    :param batch_size: units per step ``B`` (fixed: short batches at the end of an epoch are skipped)
-    :param episode_steps: student updates per episode (one short training run)
-    :param alpha: label weight; the teachers share ``1 - alpha``
-    :param reward: ``loss`` (validation CE improvement) or ``acc`` (validation accuracy improvement)
-    :param reward_scale: multiplies the reward
-    :param val_size: size of the fixed ``meta`` subset the reward is measured on
-    :param reward_every: measure the validation loss every this many steps (and at the episode's end);
-        the improvement since the last measurement is the reward of that step, other steps get 0
-    :param lr: student learning rate (cosine schedule over the episode by default)
-    :param momentum: student SGD momentum
+        (``teachers``, ``adversarial_teacher``, ``noise``, ``data_seed``, ``cache_dir`` of the config)
+    :param config: the env's options (:attr:`config_class`, see :mod:`metagate.envs.config`); or give them as
+        keywords (field names: ``batch_size=16, episode_steps=4, ...``), not both
     """
 
     metadata = {"render_modes": []}
+    config_class: type[EnvConfig] = EnvConfig
 
-    def __init__(
-        self,
-        task: str | Task = "digits",
-        bank: TeacherBank | None = None,
-        teachers: int = 3,
-        adversarial_teacher: bool = False,
-        noise: float = 0.0,
-        data_seed: int = 0,
-        student: str | None = None,
-        batch_size: int = 64,
-        episode_steps: int = 50,
-        alpha: float = 0.5,
-        tau: float = 4.0,
-        reward: str = "loss",
-        reward_scale: float = 10.0,
-        val_size: int = 64,
-        reward_every: int = 1,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        optimizer: str = "sgd",
-        schedule: str = "cosine",
-        cache_dir: str | None = None,
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, task: str | Task = "digits", bank: TeacherBank | None = None,
+                 config: EnvConfig | None = None, **options: Any) -> None:
         super().__init__()
-        if reward not in ("loss", "acc"):
-            raise ConfigError(f"reward must be 'loss' or 'acc', got {reward!r}")
-        if episode_steps < 1:
-            raise ConfigError(f"episode_steps must be >= 1, got {episode_steps}")
-        if reward_every < 1:
-            raise ConfigError(f"reward_every must be >= 1, got {reward_every}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+        c = self.config = env_config(self.config_class, config, options)
         if isinstance(task, str) or bank is None:
-            task, bank = _load(task, bank, teachers, adversarial_teacher, noise, data_seed, cache_dir, device)
+            task, bank = _load(task, bank, c.teachers, c.adversarial_teacher, c.noise, c.data_seed, c.cache_dir,
+                               c.device)
         if bank.num_units != len(task.train):
             raise ConfigError(f"teacher bank covers {bank.num_units} units, task has {len(task.train)}")
-        if batch_size < 1 or batch_size > len(task.train):
-            raise ConfigError(f"batch_size must be in [1, {len(task.train)}], got {batch_size}")
+        if c.batch_size > len(task.train):
+            raise ConfigError(f"batch_size must be in [1, {len(task.train)}], got {c.batch_size}")
         self.task, self.bank = task, bank
-        self.student_arch = student
-        self.batch_size, self.episode_steps = int(batch_size), int(episode_steps)
-        self.alpha, self.tau = float(alpha), float(tau)
-        self.reward_kind, self.reward_scale, self.reward_every = reward, float(reward_scale), int(reward_every)
-        self.train_config = dict(batch_size=self.batch_size, lr=lr, momentum=momentum, optimizer=optimizer,
-                                 schedule=schedule,
-                                 epochs=1, device=device, progress=False, eval_test_every_epoch=False)
-        self.device = torch.device(device)
+        self.student_arch = c.student
+        self.batch_size, self.episode_steps = c.batch_size, c.episode_steps
+        self.alpha, self.tau = c.alpha, c.kd_tau
+        self.reward_kind, self.reward_scale, self.reward_every = c.reward, c.reward_scale, c.reward_every
+        self.train_config = dict(batch_size=self.batch_size, lr=c.lr, momentum=c.momentum, optimizer=c.optimizer,
+                                 schedule=c.schedule,
+                                 epochs=1, device=c.device, progress=False, eval_test_every_epoch=False)
+        self.device = torch.device(c.device)
         self.num_teachers = bank.num_teachers
         g = torch.Generator().manual_seed(0)  # the reward subset is fixed for the env's lifetime
-        idx = torch.randperm(len(task.meta), generator=g)[: min(val_size, len(task.meta))]
+        idx = torch.randperm(len(task.meta), generator=g)[: min(c.val_size, len(task.meta))]
         self._val_x = task.meta.x[idx].to(self.device)
         self._val_y = task.meta.y[idx].to(self.device)
         self.trainer: Trainer | None = None

@@ -19,57 +19,30 @@ from gymnasium import spaces
 from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.base import StudentLoopEnv
+from metagate.envs.config import TemperatureEnvConfig
 from metagate.features import FEATURE_HIGH
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import fixed_weights
 from metagate.policies.temperature import (
     ACTION_BOUND,
-    ITKD_T_MAX,
-    ITKD_T_MIN,
     NUM_STATE,
     TemperatureState,
     action_temperature,
 )
-from metagate.temperature import check_range
 
 
 class InstanceTemperatureEnv(StudentLoopEnv):
-    """Per-unit temperatures over the shared student loop (options of :class:`StudentLoopEnv`, plus:)
+    """Per-unit temperatures over the shared student loop (options:
+    :class:`~metagate.envs.config.TemperatureEnvConfig`; ``t_min``/``t_max`` are accepted for
+    ``temp_min``/``temp_max``). The temperature range is ITKD's ``(0, 10)`` with 1 as the lowest here."""
 
-    :param t_min: lowest temperature (> 0; ITKD's range is ``(0, 10)``, its default here 1)
-    :param t_max: highest temperature (> t_min)
-    """
+    config_class = TemperatureEnvConfig
+    config: TemperatureEnvConfig
 
-    def __init__(
-        self,
-        task: str | Task = "digits",
-        bank: TeacherBank | None = None,
-        teachers: int = 3,
-        adversarial_teacher: bool = False,
-        noise: float = 0.0,
-        data_seed: int = 0,
-        student: str | None = None,
-        batch_size: int = 64,
-        episode_steps: int = 50,
-        alpha: float = 0.5,
-        t_min: float = ITKD_T_MIN,
-        t_max: float = ITKD_T_MAX,
-        reward: str = "loss",
-        reward_scale: float = 10.0,
-        val_size: int = 64,
-        reward_every: int = 1,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        optimizer: str = "sgd",
-        schedule: str = "cosine",
-        cache_dir: str | None = None,
-        device: str = "cpu",
-    ) -> None:
-        check_range(t_min, t_max, ("--temp-min", "--temp-max"))
-        super().__init__(task, bank, teachers, adversarial_teacher, noise, data_seed, student, batch_size,
-                         episode_steps, alpha, 0.5 * (t_min + t_max), reward, reward_scale, val_size, reward_every,
-                         lr, momentum, optimizer, schedule, cache_dir, device)
-        self.t_min, self.t_max = float(t_min), float(t_max)
+    def __init__(self, task: str | Task = "digits", bank: TeacherBank | None = None,
+                 config: TemperatureEnvConfig | None = None, **options: Any) -> None:
+        super().__init__(task, bank, config, **options)
+        self.t_min, self.t_max = self.config.temp_min, self.config.temp_max
         self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, 1, NUM_STATE), np.float32)
         self.action_space = spaces.Box(-ACTION_BOUND, ACTION_BOUND, (self.batch_size, 1), np.float32)
         self._state = TemperatureState(self.bank.logits.to(self.device), self.task.train.y.to(self.device),

@@ -37,6 +37,20 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | list[str] | No
                                             "finite": finite, "shown": shown})
 
 
+def same_as(cls: type, name: str, default: Any = MISSING) -> Any:
+    """The option ``name`` of config class ``cls`` declared again in another config (its help and choices
+    are written once, in ``cls``); ``default`` replaces ``cls``'s default (and drops its ``shown`` text)."""
+    src = {f.name: f for f in fields(cls)}.get(name)
+    if src is None or src.metadata.get("help") is None:
+        raise TypeError(f"{cls.__name__} has no option {name!r}")
+    meta = dict(src.metadata)
+    if default is MISSING:
+        default = src.default
+    else:
+        meta["shown"] = None
+    return field(default=default, metadata=meta)
+
+
 def flag(name: str) -> str:
     """``meta_lr`` -> ``--meta-lr``."""
     return "--" + name.replace("_", "-")

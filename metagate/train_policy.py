@@ -12,57 +12,94 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metagate.cli_args import add_data_arguments, config_from_args
+from metagate.cli_args import add_data_arguments, config_from_args, set_help
+from metagate.envs.config import EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
 from metagate.errors import ConfigError
-from metagate.policies.temperature import ITKD_T_MAX, ITKD_T_MIN
+from metagate.options import Options, add_options, option, option_values, set_options
 
 ALGOS = ("ppo", "a2c")
-ENVS = ("weights", "temperature")
+#: ``--env`` -> the env's config class
+ENV_CONFIGS: dict[str, type[EnvConfig]] = {"weights": TeacherWeightingEnvConfig, "temperature": TemperatureEnvConfig}
+ENVS = tuple(ENV_CONFIGS)
+#: env options that are data options (``add_data_arguments`` adds their flags; their values come from
+#: :func:`config_from_args`, with the run's defaults and checks)
+DATA_FIELDS = ("teachers", "adversarial_teacher", "noise", "data_seed", "cache_dir", "device")
+
+
+@dataclass
+class AgentConfig(Options):
+    """The stable-baselines3 agent (PPO or A2C) and its policy network."""
+
+    algo: str = option("ppo", "stable-baselines3 algorithm", choices=ALGOS)
+    timesteps: int = option(5000, "total env steps (student updates)")
+    n_steps: int = option(30, "env steps per rollout (>= 2)")
+    n_epochs: int = option(4, "PPO: optimisation epochs per rollout")
+    policy_lr: float = option(3e-3, "agent learning rate")
+    gamma: float = option(0.9, "discount")
+    gae_lambda: float = option(0.9, "GAE lambda")
+    hidden: int = option(16, "policy encoder width")
+    shared_log_std: float = option(-0.5, "initial log-std of the exploration noise shared by a batch's units")
+    unit_log_std: float | None = option(None, "initial log-std of per-unit exploration noise (unset: off)")
+    seed: int = option(0, "seed of the agent and of the students' seeds")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.timesteps < 1:
+            raise ConfigError(f"--timesteps must be >= 1, got {self.timesteps}")
+        if self.n_steps < 2:
+            raise ConfigError(f"--n-steps must be >= 2, got {self.n_steps}")
+        if self.n_epochs < 1 or self.hidden < 1:
+            raise ConfigError("--n-epochs and --hidden must be >= 1")
+        if not self.policy_lr > 0:
+            raise ConfigError(f"--policy-lr must be > 0, got {self.policy_lr}")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.gae_lambda <= 1.0):
+            raise ConfigError("--gamma and --gae-lambda must be in [0, 1]")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_arguments(p)
+    set_help(p, "device", "device of the students (default: 'cpu')")
     g = p.add_argument_group("environment (one step = one student update)")
     g.add_argument("--env", default="weights", choices=list(ENVS),
                    help="weights: per-unit teacher weights (TeacherWeighting-v0); temperature: per-unit KD "
                         "temperatures (InstanceTemperature-v0)")
-    # own dests: --temp-min/--temp-max are also the temperature gate's options, which this command does not take
-    g.add_argument("--temp-min", dest="env_t_min", type=float, default=ITKD_T_MIN,
-                   help="temperature env: lowest temperature")
-    g.add_argument("--temp-max", dest="env_t_max", type=float, default=ITKD_T_MAX,
-                   help="temperature env: highest temperature")
-    g.add_argument("--student", default=None, help="student architecture (task default: mlp)")
-    g.add_argument("--batch-size", type=int, default=64, help="units per env step (observation [B, K, F])")
-    g.add_argument("--episode-steps", type=int, default=60, help="student updates per episode")
-    g.add_argument("--alpha", type=float, default=0.5, help="label weight; the teachers share 1 - alpha")
-    g.add_argument("--tau", type=float, default=4.0, help="KD temperature")
-    g.add_argument("--temperature", type=float, default=0.25, help="softmax temperature mapping actions to weights")
-    g.add_argument("--reward", default="loss", choices=["loss", "acc"], help="validation loss or accuracy improvement")
-    g.add_argument("--reward-scale", type=float, default=10.0, help="reward multiplier")
-    g.add_argument("--val-size", type=int, default=64, help="size of the fixed meta subset for the reward")
-    g.add_argument("--reward-every", type=int, default=1, help="validate (and reward) every this many steps")
-    g.add_argument("--lr", type=float, default=0.05, help="student learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
-    g = p.add_argument_group("agent")
-    g.add_argument("--algo", default="ppo", choices=list(ALGOS), help="stable-baselines3 algorithm")
-    g.add_argument("--timesteps", type=int, default=5000, help="total env steps (student updates)")
-    g.add_argument("--n-steps", type=int, default=30, help="env steps per rollout")
-    g.add_argument("--n-epochs", type=int, default=4, help="PPO: optimisation epochs per rollout")
-    g.add_argument("--policy-lr", type=float, default=3e-3, help="agent learning rate")
-    g.add_argument("--gamma", type=float, default=0.9, help="discount")
-    g.add_argument("--gae-lambda", type=float, default=0.9, help="GAE lambda")
-    g.add_argument("--hidden", type=int, default=16, help="policy encoder width")
-    g.add_argument("--shared-log-std", type=float, default=-0.5,
-                   help="initial log-std of the per-teacher exploration noise")
-    g.add_argument("--unit-log-std", type=float, default=None,
-                   help="initial log-std of per-unit exploration noise (default: off)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the agent and of the students' seeds")
+    done = set(DATA_FIELDS)
+    add_options(g, EnvConfig, done=done)
+    for name, cls in ENV_CONFIGS.items():
+        add_options(p.add_argument_group(f"--env {name}: {(cls.__doc__ or '').strip().splitlines()[0]}"), cls,
+                    done=done)
+    add_options(p.add_argument_group("agent"), AgentConfig)
+    g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="where to save the policy zip")
     g.add_argument("--logdir", default=None, help="TensorBoard directory (default: <out without .zip>-tb)")
     g.add_argument("--verbose", action="store_true", help="print stable-baselines3's progress table")
+
+
+def env_config_from_args(args: argparse.Namespace) -> EnvConfig:
+    """The config of ``--env``'s environment from the flags (data options with the run's defaults and checks);
+    a flag of the other env is a :class:`ConfigError`."""
+    kind = getattr(args, "env", "weights")
+    cls = ENV_CONFIGS[kind]
+    given = set_options(args, EnvConfig)
+    for other, other_cls in ENV_CONFIGS.items():
+        foreign = sorted(set(set_options(args, other_cls)) - cls.option_names())
+        if other != kind and foreign:
+            raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in foreign)}: an option of --env {other}, "
+                              f"not of --env {kind}")
+    given.update(set_options(args, cls))
+    data = config_from_args(args, gate="fixed", strict=False)  # the data options, with their defaults and checks
+    given.update({n: getattr(data, n) for n in DATA_FIELDS if n != "device"})
+    if getattr(args, "device", None) is not None:
+        given["device"] = args.device
+    return cls.from_options(given)  # type: ignore[return-value]
+
+
+def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig.from_options(set_options(args, AgentConfig))  # type: ignore[return-value]
 
 
 class TeacherWeightCallback:
@@ -108,14 +145,8 @@ class TeacherWeightCallback:
 
 
 def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    data = config_from_args(args, gate="fixed")  # the data options, with their defaults and checks
-    kind = dict(tau=args.tau, temperature=args.temperature) if getattr(args, "env", "weights") == "weights" else \
-        dict(t_min=args.env_t_min, t_max=args.env_t_max)
-    return dict(teachers=data.teachers, adversarial_teacher=data.adversarial_teacher, noise=data.noise,
-                data_seed=data.data_seed, student=args.student, batch_size=args.batch_size,
-                episode_steps=args.episode_steps, alpha=args.alpha, **kind,
-                reward=args.reward, reward_scale=args.reward_scale, val_size=args.val_size, reward_every=args.reward_every, lr=args.lr,
-                momentum=args.momentum, cache_dir=data.cache_dir, device="cpu")
+    """The env's options from the flags, as keywords of the env (``gym.make(id, **kwargs)``)."""
+    return option_values(env_config_from_args(args))
 
 
 def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
@@ -130,44 +161,43 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     from metagate.policies.sb3 import TeacherWeightingPolicy
     from metagate.policies.sb3_temperature import TemperaturePolicySB3, write_temperature_meta
 
-    if args.timesteps < 1:
-        raise ConfigError(f"--timesteps must be >= 1, got {args.timesteps}")
-    if args.n_steps < 2:
-        raise ConfigError(f"--n-steps must be >= 2, got {args.n_steps}")
+    agent = agent_config_from_args(args)
     out = Path(args.out)
     logdir = Path(args.logdir) if args.logdir else out.with_name(out.stem + "-tb")
-    temperature = getattr(args, "env", "weights") == "temperature"
     if env is None:
-        env_class = InstanceTemperatureEnv if temperature else TeacherWeightingEnv
-        env = env_class(args.task or "digits", **make_env_kwargs(args))
+        config = env_config_from_args(args)
+        env_class = InstanceTemperatureEnv if isinstance(config, TemperatureEnvConfig) else TeacherWeightingEnv
+        env = env_class(args.task or "digits", config=config)
     temperature = isinstance(env, InstanceTemperatureEnv)
     vec = DummyVecEnv([lambda: Monitor(env)])
-    vec.seed(args.seed)
-    policy_kwargs: dict[str, Any] = dict(hidden=args.hidden, log_std_init=args.unit_log_std,
-                                         shared_log_std_init=args.shared_log_std, label_alpha=env.alpha)
+    vec.seed(agent.seed)
+    policy_kwargs: dict[str, Any] = dict(hidden=agent.hidden, log_std_init=agent.unit_log_std,
+                                         shared_log_std_init=agent.shared_log_std, label_alpha=env.alpha)
     if temperature:
         policy_kwargs.update(t_min=env.t_min, t_max=env.t_max)
     else:
         policy_kwargs.update(weight_temperature=env.temperature, kd_tau=env.tau)
     policy_class = TemperaturePolicySB3 if temperature else TeacherWeightingPolicy
-    common = dict(learning_rate=args.policy_lr, n_steps=args.n_steps, gamma=args.gamma, gae_lambda=args.gae_lambda,
-                  policy_kwargs=policy_kwargs, seed=args.seed, device="cpu", verbose=0)
-    if args.algo == "ppo":
-        model = PPO(policy_class, vec, batch_size=args.n_steps, n_epochs=args.n_epochs, **common)
+    common = dict(learning_rate=agent.policy_lr, n_steps=agent.n_steps, gamma=agent.gamma,
+                  gae_lambda=agent.gae_lambda, policy_kwargs=policy_kwargs, seed=agent.seed, device="cpu", verbose=0)
+    if agent.algo == "ppo":
+        model = PPO(policy_class, vec, batch_size=agent.n_steps, n_epochs=agent.n_epochs, **common)
     else:
         model = A2C(policy_class, vec, **common)
     formats = ["tensorboard", "csv"] + (["stdout"] if args.verbose else [])
     model.set_logger(configure(str(logdir), formats))
-    model.learn(total_timesteps=args.timesteps, callback=TeacherWeightCallback.make())
+    model.learn(total_timesteps=agent.timesteps, callback=TeacherWeightCallback.make())
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     zipped = out if out.suffix else out.with_suffix(".zip")
     if temperature:
-        write_temperature_meta(zipped, model.policy, args.algo)
+        write_temperature_meta(zipped, model.policy, agent.algo)
     else:
-        write_policy_meta(zipped, model.policy, args.algo)
-    meta = {"algo": args.algo, "timesteps": args.timesteps, "task": getattr(env.task, "name", args.task),
-            "teachers": env.num_teachers, "env": {k: v for k, v in make_env_kwargs(args).items() if k != "cache_dir"}}
+        write_policy_meta(zipped, model.policy, agent.algo)
+    env_options = option_values(env.config) if isinstance(getattr(env, "config", None), EnvConfig) else {}
+    meta = {"algo": agent.algo, "timesteps": agent.timesteps, "task": getattr(env.task, "name", args.task),
+            "teachers": env.num_teachers, "agent": option_values(agent),
+            "env": {k: v for k, v in env_options.items() if k != "cache_dir"}}
     (logdir / "train_policy.json").write_text(json.dumps(meta, indent=2, default=str))
     return model
 

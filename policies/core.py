@@ -205,6 +205,14 @@ class TeacherGaussian:
         per_teacher = -0.5 * (quad / self.var_u + self._logdet() + b * LOG_2PI)
         return per_teacher.sum(-1)
 
+    def unit_log_prob(self, actions: Tensor) -> Tensor:
+        """Per-unit log-probabilities ``[..., B]`` (summed over teachers); only without the shared term, where
+        the units are independent (their sum is :meth:`log_prob`)."""
+        if self.var_t is not None or self.var_u is None:
+            raise ValueError("per-unit log-probabilities need per-unit noise only (no shared term)")
+        d = actions.reshape(self.mean.shape) - self.mean
+        return (-0.5 * (d * d / self.var_u + torch.log(self.var_u) + LOG_2PI)).sum(-1)
+
     def entropy(self) -> Tensor:
         k = self.mean.shape[-1]
         dims = 1 if self.var_u is None else self.num_units

@@ -228,6 +228,45 @@ class ReinforceLearner:
         self.episodes += 1
         return stats
 
+    def episode_units(self, buffer: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+        """The recorded decisions of an episode, its units concatenated: ``(features [n, ...], actions [n, ...])``."""
+        buf = self.buffer if buffer is None else buffer
+        return torch.cat([f for f, _ in buf], -3), torch.cat([a for _, a in buf], -2)
+
+    def finish_units(self, reward: float, unit_rewards: Tensor) -> dict[str, float]:
+        """Close the episode with a reward per recorded unit (``unit_rewards [n]``, summing to ``reward``).
+
+        Each unit's advantage is ``n (r_i - b / n) / s`` (``b``, ``s^2``: moving mean and variance of the
+        episode rewards, as in plain mode; clipped to ``[-5, 5]``), and the step is on
+        ``-sum_i A_i log pi(a_i | s_i) / steps``: with equal rewards ``r_i = R / n`` this is plain mode's step.
+        Needs a policy whose distribution has :meth:`~metagate.policies.core.TeacherGaussian.unit_log_prob`
+        (per-unit noise only); not antithetic.
+        """
+        stats = {"reward": float(reward)}
+        buffer, self.buffer = self.buffer, []
+        if not math.isfinite(reward) or not buffer or not bool(torch.isfinite(unit_rewards).all()):
+            return stats
+        if self.baseline is None:
+            self.baseline = float(reward)
+        feats, acts = self.episode_units(buffer)
+        n = int(unit_rewards.numel())
+        if n != feats.shape[-3]:
+            raise ValueError(f"{n} unit rewards for {feats.shape[-3]} recorded units")
+        delta = reward - self.baseline
+        if self.reward_var > 0:
+            adv = ((unit_rewards.to(feats) - self.baseline / n) * (n / math.sqrt(self.reward_var + 1e-12)))
+            adv = adv.clamp(-5.0, 5.0)
+            dist = self.policy.distribution(feats)
+            lp = dist.unit_log_prob(acts)  # [n]
+            self._step(-(adv.detach() * lp).sum() / len(buffer) - self.entropy_coef * dist.entropy() / len(buffer))
+            stats["advantage"] = float(adv.mean())
+            stats["advantage_spread"] = float(adv.std()) if n > 1 else 0.0
+        self.reward_var = self.decay * self.reward_var + (1 - self.decay) * delta * delta
+        self.baseline = self.decay * self.baseline + (1 - self.decay) * reward
+        stats["baseline"] = float(self.baseline)
+        self.episodes += 1
+        return stats
+
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, reward statistics and the open episodes' recorded decisions (tensors and numbers only)."""
         pending = None if self._pending is None else {"reward": self._pending[0], "buffer": self._pending[1]}

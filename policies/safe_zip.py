@@ -10,6 +10,9 @@ crafted zip runs its payload (stable-baselines3 issue #2281). This loader reads 
   ``_shape`` and a JSON ``policy_kwargs``.
 * ``policy.pth``: the weights, with ``torch.load(weights_only=True)``.
 
+The round trip (:func:`write_meta`, :func:`resolve_zip`, :func:`read_policy_zip`, :func:`build_policy`) is shared
+with the temperature policy's zip (:mod:`metagate.policies.sb3_temperature`).
+
 Every ``:serialized:`` field is ignored; the only class ever built is
 :class:`metagate.policies.sb3.TeacherWeightingPolicy`. Anything else is refused with a
 :class:`~metagate.errors.ConfigError` naming the file.
@@ -61,8 +64,7 @@ def policy_meta(policy: Any, algo: str) -> dict[str, Any]:
 
 def write_policy_meta(path: str | Path, policy: Any, algo: str) -> None:
     """Add ``metagate-policy.json`` to a zip saved by ``model.save`` (``metagate train-policy`` calls this)."""
-    with zipfile.ZipFile(path, mode="a") as zf:
-        zf.writestr(META_NAME, json.dumps(policy_meta(policy, algo), indent=2))
+    write_meta(path, META_NAME, policy_meta(policy, algo))
 
 
 def _read(zf: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
@@ -136,6 +138,76 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
     return meta
 
 
+def resolve_zip(path: str | Path, what: str, hint: str) -> tuple[Path, str]:
+    """The zip's path (``.zip`` appended when the name lacks it) and how errors name it; a missing file is a
+    :class:`ConfigError` ending with ``hint`` (how to make one)."""
+    p = Path(path)
+    if not p.is_file() and p.with_suffix(".zip").is_file():
+        p = p.with_suffix(".zip")
+    if not p.is_file():
+        raise ConfigError(f"{what} {path}: no such file ({hint})")
+    return p, f"{what} {p}"
+
+
+def write_meta(path: str | Path, name: str, meta: dict[str, Any]) -> None:
+    """Add the plain-JSON description ``name`` to a zip saved by ``model.save``."""
+    with zipfile.ZipFile(path, mode="a") as zf:
+        zf.writestr(name, json.dumps(meta, indent=2))
+
+
+def read_policy_zip(path: Path, where: str, meta_name: str, fallback: Any = None,
+                    check: Any = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The JSON description ``meta_name`` and the ``policy.pth`` weights of a zip, executing nothing of it:
+    ``json.loads`` and ``torch.load(weights_only=True)``, bounded reads, every ``:serialized:`` field ignored.
+
+    :param fallback: ``fallback(data, where) -> meta`` for zips without ``meta_name`` (reads the plain entries
+        of SB3's ``data`` JSON); ``None``: such a zip is refused
+    :param check: ``check(meta, where) -> meta`` validates the description before the weights are read
+    :raises ConfigError: not a zip, a missing or malformed entry, weights that are not plain tensors
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if meta_name in set(zf.namelist()) or fallback is None:
+                try:
+                    meta = json.loads(_read(zf, meta_name, MAX_JSON_BYTES, where))
+                except ValueError as e:
+                    raise ConfigError(f"{where}: {meta_name} is not JSON ({e})") from e
+            else:
+                try:
+                    data = json.loads(_read(zf, "data", MAX_JSON_BYTES, where))
+                except ValueError as e:
+                    raise ConfigError(f"{where}: its data entry is not JSON ({e})") from e
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{where}: its data entry is not a mapping")
+                meta = fallback(data, where)
+            if check is not None:
+                meta = check(meta, where)
+            weights = _read(zf, "policy.pth", MAX_WEIGHTS_BYTES, where)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ConfigError(f"{where}: not a stable-baselines3 policy zip ({type(e).__name__}: {e})") from e
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: refuse, never fall back to full pickle
+        raise ConfigError(f"{where}: policy.pth is not a plain tensor state dict ({type(e).__name__}: {e})") from e
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise ConfigError(f"{where}: policy.pth is not a mapping of parameter names to tensors")
+    return meta, state
+
+
+def build_policy(cls: type, observation_space: Any, action_space: Any, kwargs: dict[str, Any],
+                 state: dict[str, torch.Tensor], where: str, device: str | torch.device) -> Any:
+    """``cls(observation_space, action_space, lr_schedule, **kwargs)`` with the weights ``state`` loaded; weights
+    that do not fit or hold NaN/inf are a :class:`ConfigError`."""
+    try:
+        policy = cls(observation_space, action_space, lambda _: 0.0, **kwargs)
+        policy.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: the weights do not fit a {cls.__name__} with its options ({e})") from e
+    if not all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point()):
+        raise ConfigError(f"{where}: the policy's weights hold NaN/inf")
+    return policy.to(device)
+
+
 def load_policy_zip(path: str | Path, device: str | torch.device = "cpu", what: str = "--policy") -> Any:
     """A :class:`TeacherWeightingPolicy` from a zip of ``metagate train-policy``, executing nothing of it.
 
@@ -147,47 +219,9 @@ def load_policy_zip(path: str | Path, device: str | torch.device = "cpu", what: 
 
     from metagate.policies.sb3 import TeacherWeightingPolicy
 
-    p = Path(path)
-    if not p.is_file() and p.with_suffix(".zip").is_file():
-        p = p.with_suffix(".zip")
-    where = f"{what} {p}"
-    if not p.is_file():
-        raise ConfigError(f"{what} {path}: no such file (train one with `metagate train-policy --out ...`)")
-    try:
-        with zipfile.ZipFile(p) as zf:
-            names = set(zf.namelist())
-            if META_NAME in names:
-                raw = _read(zf, META_NAME, MAX_JSON_BYTES, where)
-                try:
-                    meta = json.loads(raw)
-                except ValueError as e:
-                    raise ConfigError(f"{where}: {META_NAME} is not JSON ({e})") from e
-            else:
-                try:
-                    data = json.loads(_read(zf, "data", MAX_JSON_BYTES, where))
-                except ValueError as e:
-                    raise ConfigError(f"{where}: its data entry is not JSON ({e})") from e
-                if not isinstance(data, dict):
-                    raise ConfigError(f"{where}: its data entry is not a mapping")
-                meta = _legacy_meta(data, where)
-            meta = _check_meta(meta, where)
-            weights = _read(zf, "policy.pth", MAX_WEIGHTS_BYTES, where)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ConfigError(f"{where}: not a stable-baselines3 policy zip ({type(e).__name__}: {e})") from e
-    try:
-        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure: refuse, never fall back to full pickle
-        raise ConfigError(f"{where}: policy.pth is not a plain tensor state dict ({type(e).__name__}: {e})") from e
-    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
-        raise ConfigError(f"{where}: policy.pth is not a mapping of parameter names to tensors")
+    p, where = resolve_zip(path, what, "train one with `metagate train-policy --out ...`")
+    meta, state = read_policy_zip(p, where, META_NAME, fallback=_legacy_meta, check=_check_meta)
     obs = spaces.Box(meta["observation_low"], meta["observation_high"], tuple(meta["observation_shape"]),
                      np.float32)
     act = spaces.Box(meta["action_low"], meta["action_high"], tuple(meta["action_shape"]), np.float32)
-    try:
-        policy = TeacherWeightingPolicy(obs, act, lambda _: 0.0, **meta["policy_kwargs"])
-        policy.load_state_dict(state)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"{where}: the weights do not fit a TeacherWeightingPolicy with its options ({e})") from e
-    if not all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point()):
-        raise ConfigError(f"{where}: the policy's weights hold NaN/inf")
-    return policy.to(device)
+    return build_policy(TeacherWeightingPolicy, obs, act, meta["policy_kwargs"], state, where, device)

@@ -19,7 +19,65 @@ from torch import Tensor, nn
 from metagate.policies.core import TeacherEncoder, TeacherGaussian, TeacherLogitHead, teacher_probs
 
 
-class TeacherWeightingPolicy(ActorCriticPolicy):
+class GaussianActorCritic(ActorCriticPolicy):
+    """What the project's SB3 policies share: state-independent per-unit and shared log-stds, observations
+    reshaped to the space's shape, and the ``ActorCriticPolicy`` API over ``distribution(x)`` and
+    ``_values(x)`` (a subclass defines those two and builds its networks in ``_build``)."""
+
+    shared_log_std_init: float | None
+
+    def _build_log_stds(self) -> None:
+        if self.log_std_init is None and self.shared_log_std_init is None:
+            raise ValueError("give log_std_init and/or shared_log_std_init")
+        self.unit_log_std = (nn.Parameter(torch.tensor(float(self.log_std_init)))
+                             if self.log_std_init is not None else None)
+        self.shared_log_std = (nn.Parameter(torch.tensor(float(self.shared_log_std_init)))
+                               if self.shared_log_std_init is not None else None)
+
+    def _constructor(self, **own: Any) -> dict[str, Any]:
+        """SB3's constructor parameters plus the subclass's ``own`` (what ``model.save`` stores)."""
+        data = super()._get_constructor_parameters()
+        data.update(shared_log_std_init=self.shared_log_std_init, **own)
+        data.pop("ortho_init", None)
+        return data
+
+    def distribution(self, x: Tensor) -> TeacherGaussian:
+        raise NotImplementedError
+
+    def _values(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _obs(self, obs: Tensor) -> Tensor:
+        return obs.float().reshape(-1, *self.observation_space.shape)  # type: ignore[misc]
+
+    @property
+    def log_std(self) -> Tensor:
+        """The per-unit log-std, or the shared one when there is no per-unit noise (SB3 logs ``train/std``)."""
+        return self.unit_log_std if self.unit_log_std is not None else self.shared_log_std
+
+    # -- the ActorCriticPolicy API ---------------------------------------------------------------
+    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        x = self._obs(obs)
+        dist = self.distribution(x)
+        actions = dist.get_actions(deterministic)
+        return actions, self._values(x), dist.log_prob(actions)
+
+    def evaluate_actions(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        x = self._obs(obs)
+        dist = self.distribution(x)
+        return self._values(x), dist.log_prob(actions), dist.entropy()
+
+    def get_distribution(self, obs: Tensor) -> TeacherGaussian:  # type: ignore[override]
+        return self.distribution(self._obs(obs))
+
+    def predict_values(self, obs: Tensor) -> Tensor:
+        return self._values(self._obs(obs))
+
+    def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
+        return self.get_distribution(observation).get_actions(deterministic)
+
+
+class TeacherWeightingPolicy(GaussianActorCritic):
     """Equivariant actor-critic over teachers.
 
     :param hidden: encoder width ``H``
@@ -65,25 +123,14 @@ class TeacherWeightingPolicy(ActorCriticPolicy):
         self.actor = TeacherLogitHead(f, self.hidden, bounded=True)
         self.critic_encoder = TeacherEncoder(f, self.hidden)
         self.critic_head = nn.Sequential(nn.Linear(2 * self.hidden, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
-        if self.log_std_init is None and self.shared_log_std_init is None:
-            raise ValueError("give log_std_init and/or shared_log_std_init")
-        self.unit_log_std = (nn.Parameter(torch.tensor(float(self.log_std_init)))
-                             if self.log_std_init is not None else None)
-        self.shared_log_std = (nn.Parameter(torch.tensor(float(self.shared_log_std_init)))
-                               if self.shared_log_std_init is not None else None)
+        self._build_log_stds()
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(hidden=self.hidden, shared_log_std_init=self.shared_log_std_init,
-                    weight_temperature=self.weight_temperature, label_alpha=self.label_alpha, kd_tau=self.kd_tau)
-        data.pop("ortho_init", None)
-        return data
+        return self._constructor(hidden=self.hidden, weight_temperature=self.weight_temperature,
+                                 label_alpha=self.label_alpha, kd_tau=self.kd_tau)
 
     # -- networks --------------------------------------------------------------------------------
-    def _obs(self, obs: Tensor) -> Tensor:
-        return obs.float().reshape(-1, *self.observation_space.shape)  # type: ignore[misc]
-
     def mean_logits(self, features: Tensor) -> Tensor:
         """The mean action: ``[..., B, K]`` teacher logits in ``[-1, 1]`` for features ``[..., B, K, F]``.
 
@@ -94,11 +141,6 @@ class TeacherWeightingPolicy(ActorCriticPolicy):
     def distribution(self, features: Tensor) -> TeacherGaussian:
         return TeacherGaussian(self.mean_logits(features), self.unit_log_std, self.shared_log_std)
 
-    @property
-    def log_std(self) -> Tensor:
-        """The per-unit log-std, or the shared one when there is no per-unit noise (SB3 logs ``train/std``)."""
-        return self.unit_log_std if self.unit_log_std is not None else self.shared_log_std
-
     def teacher_probs(self, features: Tensor) -> Tensor:
         """Mean-action teacher distribution ``[..., B, K]`` (the env's mapping)."""
         return teacher_probs(self.mean_logits(features), self.weight_temperature)
@@ -107,24 +149,3 @@ class TeacherWeightingPolicy(ActorCriticPolicy):
         h = self.critic_encoder(x)  # [n, B, K, H]
         pooled = torch.cat([h.mean((1, 2)), h.amax((1, 2))], -1)
         return self.critic_head(pooled)
-
-    # -- the ActorCriticPolicy API ---------------------------------------------------------------
-    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        x = self._obs(obs)
-        dist = self.distribution(x)
-        actions = dist.get_actions(deterministic)
-        return actions, self._values(x), dist.log_prob(actions)
-
-    def evaluate_actions(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        x = self._obs(obs)
-        dist = self.distribution(x)
-        return self._values(x), dist.log_prob(actions), dist.entropy()
-
-    def get_distribution(self, obs: Tensor) -> TeacherGaussian:  # type: ignore[override]
-        return self.distribution(self._obs(obs))
-
-    def predict_values(self, obs: Tensor) -> Tensor:
-        return self._values(self._obs(obs))
-
-    def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
-        return self.get_distribution(observation).get_actions(deterministic)

@@ -9,22 +9,19 @@ temperatures exactly as during training.
 
 from __future__ import annotations
 
-import io
-import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.policies import ActorCriticPolicy
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH
 from metagate.policies.core import TeacherGaussian
-from metagate.policies.safe_zip import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, _read
+from metagate.policies.safe_zip import build_policy, read_policy_zip, resolve_zip, write_meta
+from metagate.policies.sb3 import GaussianActorCritic
 from metagate.policies.temperature import (
     ACTION_BOUND,
     ITKD_T_INIT,
@@ -36,7 +33,7 @@ from metagate.policies.temperature import (
 )
 
 
-class TemperaturePolicySB3(ActorCriticPolicy):
+class TemperaturePolicySB3(GaussianActorCritic):
     """Per-unit temperature actor-critic.
 
     :param hidden: MLP width
@@ -80,29 +77,18 @@ class TemperaturePolicySB3(ActorCriticPolicy):
         self.actor = TemperatureHead(s, self.hidden, temperature_action(self.t_init, self.t_min, self.t_max))
         self.critic_encoder = nn.Sequential(nn.Linear(s, self.hidden), nn.ReLU())
         self.critic_head = nn.Sequential(nn.Linear(2 * self.hidden, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
-        if self.log_std_init is None and self.shared_log_std_init is None:
-            raise ValueError("give log_std_init and/or shared_log_std_init")
-        self.unit_log_std = (nn.Parameter(torch.tensor(float(self.log_std_init)))
-                             if self.log_std_init is not None else None)
-        self.shared_log_std = (nn.Parameter(torch.tensor(float(self.shared_log_std_init)))
-                               if self.shared_log_std_init is not None else None)
+        self._build_log_stds()
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(hidden=self.hidden, shared_log_std_init=self.shared_log_std_init, t_min=self.t_min,
-                    t_max=self.t_max, t_init=self.t_init, label_alpha=self.label_alpha)
-        data.pop("ortho_init", None)
-        return data
+        return self._constructor(hidden=self.hidden, t_min=self.t_min, t_max=self.t_max, t_init=self.t_init,
+                                 label_alpha=self.label_alpha)
 
     @property
     def num_state(self) -> int:
         return self.actor.num_state
 
     # -- networks --------------------------------------------------------------------------------
-    def _obs(self, obs: Tensor) -> Tensor:
-        return obs.float().reshape(-1, *self.observation_space.shape)  # type: ignore[misc]
-
     def mean_action(self, state: Tensor) -> Tensor:
         """``[..., B, 1]`` mean actions for states ``[..., B, 1, S]`` (any number of units)."""
         return self.actor(state)
@@ -114,34 +100,9 @@ class TemperaturePolicySB3(ActorCriticPolicy):
         """Actions ``[B, 1]`` -> temperatures ``[B]`` (the env's mapping)."""
         return action_temperature(action.reshape(-1), self.t_min, self.t_max)
 
-    @property
-    def log_std(self) -> Tensor:
-        return self.unit_log_std if self.unit_log_std is not None else self.shared_log_std
-
     def _values(self, x: Tensor) -> Tensor:
         h = self.critic_encoder(x)  # [n, B, 1, H]
         return self.critic_head(torch.cat([h.mean((1, 2)), h.amax((1, 2))], -1))
-
-    # -- the ActorCriticPolicy API ---------------------------------------------------------------
-    def forward(self, obs: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        x = self._obs(obs)
-        dist = self.distribution(x)
-        actions = dist.get_actions(deterministic)
-        return actions, self._values(x), dist.log_prob(actions)
-
-    def evaluate_actions(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        x = self._obs(obs)
-        dist = self.distribution(x)
-        return self._values(x), dist.log_prob(actions), dist.entropy()
-
-    def get_distribution(self, obs: Tensor) -> TeacherGaussian:  # type: ignore[override]
-        return self.distribution(self._obs(obs))
-
-    def predict_values(self, obs: Tensor) -> Tensor:
-        return self._values(self._obs(obs))
-
-    def _predict(self, observation: Tensor, deterministic: bool = False) -> Tensor:
-        return self.get_distribution(observation).get_actions(deterministic)
 
 
 #: the plain-JSON description of a temperature policy zip (the safe loader reads only it and the weights)
@@ -151,45 +112,30 @@ KWARGS = ("hidden", "log_std_init", "shared_log_std_init", "t_min", "t_max", "t_
 
 def write_temperature_meta(path: str | Path, policy: TemperaturePolicySB3, algo: str) -> None:
     """Add :data:`META_NAME` to a zip saved by ``model.save`` (``metagate train-policy --env temperature``)."""
-    meta = {"algo": algo, "observation_shape": [int(s) for s in policy.observation_space.shape],
-            "action_shape": [int(s) for s in policy.action_space.shape],
-            "policy_kwargs": {k: getattr(policy, k) for k in KWARGS}}
-    with zipfile.ZipFile(path, mode="a") as zf:
-        zf.writestr(META_NAME, json.dumps(meta, indent=2))
+    write_meta(path, META_NAME, {"algo": algo, "observation_shape": [int(s) for s in policy.observation_space.shape],
+                                 "action_shape": [int(s) for s in policy.action_space.shape],
+                                 "policy_kwargs": {k: getattr(policy, k) for k in KWARGS}})
 
 
 def load_temperature_zip(path: str | Path, num_state: int, device: str | torch.device = "cpu",
                          what: str = "--temp-policy") -> TemperaturePolicySB3:
-    """A :class:`TemperaturePolicySB3` from a zip, executing nothing of it (no unpickling: the JSON
-    description and ``torch.load(weights_only=True)`` of the weights; see :mod:`metagate.policies.safe_zip`)."""
-    p = Path(path)
-    if not p.is_file() and p.with_suffix(".zip").is_file():
-        p = p.with_suffix(".zip")
-    where = f"{what} {p}"
-    if not p.is_file():
-        raise ConfigError(f"{what} {path}: no such file (train one with `metagate train-policy --env temperature "
-                          "--out ...`)")
-    try:
-        with zipfile.ZipFile(p) as zf:
-            meta = json.loads(_read(zf, META_NAME, MAX_JSON_BYTES, where))
-            weights = _read(zf, "policy.pth", MAX_WEIGHTS_BYTES, where)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise ConfigError(f"{where}: not a metagate temperature policy zip ({type(e).__name__}: {e})") from e
-    try:
-        obs_shape, act_shape = tuple(int(s) for s in meta["observation_shape"]), \
-            tuple(int(s) for s in meta["action_shape"])
-        kwargs = {k: meta["policy_kwargs"][k] for k in KWARGS}
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {META_NAME} is malformed ({e})") from e
-    if len(obs_shape) != 3 or obs_shape[-1] != num_state:
-        raise ConfigError(f"{where}: trained for {obs_shape[-1] if obs_shape else '?'} state features per unit, "
-                          f"this version has {num_state}; retrain it")
-    try:
-        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-        obs = spaces.Box(0.0, FEATURE_HIGH, obs_shape, np.float32)
-        act = spaces.Box(-ACTION_BOUND, ACTION_BOUND, act_shape, np.float32)
-        policy = TemperaturePolicySB3(obs, act, lambda _: 0.0, **kwargs)
-        policy.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - anything unexpected in a user file: refuse it
-        raise ConfigError(f"{where}: the weights do not fit a temperature policy ({type(e).__name__}: {e})") from e
-    return policy.to(device)
+    """A :class:`TemperaturePolicySB3` from a zip, executing nothing of it (the JSON description and
+    ``torch.load(weights_only=True)`` of the weights: :func:`metagate.policies.safe_zip.read_policy_zip`)."""
+    p, where = resolve_zip(path, what, "train one with `metagate train-policy --env temperature --out ...`")
+
+    def check(meta: Any, where: str) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+        try:
+            obs_shape, act_shape = tuple(int(s) for s in meta["observation_shape"]), \
+                tuple(int(s) for s in meta["action_shape"])
+            kwargs = {k: meta["policy_kwargs"][k] for k in KWARGS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {META_NAME} is malformed ({e})") from e
+        if len(obs_shape) != 3 or obs_shape[-1] != num_state:
+            raise ConfigError(f"{where}: trained for {obs_shape[-1] if obs_shape else '?'} state features per "
+                              f"unit, this version has {num_state}; retrain it")
+        return obs_shape, act_shape, kwargs
+
+    (obs_shape, act_shape, kwargs), state = read_policy_zip(p, where, META_NAME, check=check)
+    obs = spaces.Box(0.0, FEATURE_HIGH, obs_shape, np.float32)
+    act = spaces.Box(-ACTION_BOUND, ACTION_BOUND, act_shape, np.float32)
+    return build_policy(TemperaturePolicySB3, obs, act, kwargs, state, where, device)

@@ -149,3 +149,61 @@ def test_nan_action_is_reported_not_trained_on(digits_clean, synth_bank):
         env.step(action)
     for p, q in zip(before, env.trainer.student.parameters()):
         assert torch.equal(p, q)  # the failed step did not move the student
+
+
+def test_env_config_and_keywords_build_the_same_env(digits_clean, synth_bank):
+    """An env takes its options as keywords (gym.make) or as a built config; both give the same env."""
+    import gymnasium
+
+    import metagate  # noqa: F401
+    from metagate.envs import TeacherWeightingEnv, TeacherWeightingEnvConfig, TemperatureEnvConfig
+    from metagate.envs.instance_temperature import InstanceTemperatureEnv
+    from metagate.errors import ConfigError
+
+    cfg = TeacherWeightingEnvConfig(batch_size=16, episode_steps=3, alpha=0.2, tau=2.0, lr=0.1)
+    a = TeacherWeightingEnv(digits_clean, synth_bank, config=cfg)
+    b = gymnasium.make("metagate/TeacherWeighting-v0", task=digits_clean, bank=synth_bank, batch_size=16,
+                       episode_steps=3, alpha=0.2, tau=2.0, lr=0.1).unwrapped
+    assert a.config == b.config and (b.batch_size, b.alpha, b.tau, b.train_config["lr"]) == (16, 0.2, 2.0, 0.1)
+    oa, _ = a.reset(seed=3)
+    ob, _ = b.reset(seed=3)
+    np.testing.assert_array_equal(oa, ob)
+    t = InstanceTemperatureEnv(digits_clean, synth_bank, batch_size=8, t_min=2.0, t_max=6.0)  # old keyword names
+    assert t.config == TemperatureEnvConfig(batch_size=8, temp_min=2.0, temp_max=6.0) and t.tau == 4.0
+    with pytest.raises(ConfigError, match="not both"):
+        InstanceTemperatureEnv(digits_clean, synth_bank, config=t.config, batch_size=8)
+    with pytest.raises(ConfigError, match="tau"):
+        InstanceTemperatureEnv(digits_clean, synth_bank, tau=3.0)  # an option of the other env
+
+
+def test_train_policy_flags_are_generated_from_the_configs():
+    """Every env and agent option is a train-policy flag, written once: the help of --lr is TrainConfig's,
+    --alpha's is the gate's; an option of the other env is refused by name."""
+    from metagate.cli import build_parser
+    from metagate.envs import EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
+    from metagate.errors import ConfigError
+    from metagate.gates.fixed import KDMixConfig
+    from metagate.options import flag
+    from metagate.train_policy import AgentConfig, agent_config_from_args, env_config_from_args
+    from metagate.trainer import TrainConfig
+
+    p = build_parser()
+    sub = next(a for a in p._actions if getattr(a, "choices", None) and "train-policy" in a.choices)
+    tp = sub.choices["train-policy"]
+    flags = {o: a for a in tp._actions for o in a.option_strings}
+    for cls in (EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig, AgentConfig):
+        for n in cls.option_names():
+            assert flag(n) in flags, n
+    helps = {f.name: f.metadata["help"] for cls in (TrainConfig, KDMixConfig) for f in cls.option_fields()}
+    assert flags["--lr"].help.startswith(helps["lr"]) and flags["--alpha"].help.startswith(helps["alpha"])
+    assert "(default: 64)" in flags["--batch-size"].help  # the env's own default, TrainConfig's help
+    args = p.parse_args(["train-policy", "--env", "temperature", "--temp-min", "2", "--lr", "0.2", "--timesteps",
+                         "7", "--out", "x.zip"])
+    cfg = env_config_from_args(args)
+    assert isinstance(cfg, TemperatureEnvConfig) and (cfg.temp_min, cfg.lr, cfg.device) == (2.0, 0.2, "cpu")
+    assert agent_config_from_args(args).timesteps == 7
+    with pytest.raises(ConfigError, match="--temperature: an option of --env weights"):
+        env_config_from_args(p.parse_args(["train-policy", "--env", "temperature", "--temperature", "1",
+                                           "--out", "x.zip"]))
+    with pytest.raises(ConfigError, match="--n-steps"):
+        agent_config_from_args(p.parse_args(["train-policy", "--n-steps", "1", "--out", "x.zip"]))

@@ -183,3 +183,41 @@ def _nan_weights(path):
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def test_temperature_zip_shares_the_safe_round_trip(tmp_path):
+    """The temperature policy's zip goes through the same loader: the saved policy comes back (same actions);
+    a poisoned data entry never runs and pickled weights are refused."""
+    from stable_baselines3 import PPO
+
+    from metagate.data import get_task
+    from metagate.envs import InstanceTemperatureEnv
+    from metagate.envs.synthetic import synthetic_bank
+    from metagate.policies.sb3_temperature import META_NAME as TEMP_META
+    from metagate.policies.sb3_temperature import TemperaturePolicySB3, load_temperature_zip, write_temperature_meta
+    from metagate.policies.temperature import NUM_STATE
+
+    task = get_task("digits")
+    env = InstanceTemperatureEnv(task, synthetic_bank(task), batch_size=8, episode_steps=4, temp_min=2.0,
+                                 temp_max=6.0)
+    torch.manual_seed(0)
+    model = PPO(TemperaturePolicySB3, env, n_steps=4, batch_size=4, device="cpu", seed=0,
+                policy_kwargs=dict(hidden=8, t_min=2.0, t_max=6.0, label_alpha=0.3))
+    path = tmp_path / "temp.zip"
+    model.save(path)
+    write_temperature_meta(path, model.policy, "ppo")
+    obs, _ = env.reset(seed=1)
+    pol = load_temperature_zip(path, NUM_STATE)
+    x = torch.as_tensor(obs)
+    torch.testing.assert_close(pol.mean_action(x), model.policy.mean_action(x))
+    assert (pol.t_min, pol.t_max, pol.label_alpha, pol.hidden) == (2.0, 6.0, 0.3, 8)
+    marker = tmp_path / "pwned"
+    poisoned = _rewrite(path, tmp_path / "poisoned.zip", {"data": _poisoned_data(path, marker)})
+    load_temperature_zip(poisoned, NUM_STATE)  # the data entry is never read
+    evil = io.BytesIO()
+    torch.save({"w": _Payload(marker)}, evil)
+    with pytest.raises(ConfigError, match="not a plain tensor state dict"):
+        load_temperature_zip(_rewrite(path, tmp_path / "evil.zip", {"policy.pth": evil.getvalue()}), NUM_STATE)
+    with pytest.raises(ConfigError, match=f"no {TEMP_META!r} entry"):
+        load_temperature_zip(_rewrite(path, tmp_path / "bare.zip", drop=(TEMP_META,)), NUM_STATE)
+    assert not marker.exists()

@@ -239,9 +239,14 @@ class _RLGate(Gate):
             return
         val = self.validation_loss()
         reward = 100.0 * (self._val_start - val)  # scaled validation improvement over the episode
-        self._last = self.learner.finish(reward)
+        self._last = self._finish_episode(reward)
         self._val_start = val
         self._prev_noise, self._noise, self._offset = self._noise, None, None
+
+    def _finish_episode(self, reward: float) -> dict[str, float]:
+        """Close the episode with its reward (a subclass may credit it per unit)."""
+        assert self.learner is not None
+        return self.learner.finish(reward)
 
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():

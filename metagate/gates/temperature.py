@@ -6,7 +6,10 @@ temperature; the label/KD mix is the fixed gate's ``alpha`` (or another gate's, 
   ``meta`` subset over ``--rl-episode`` steps) and antithetic learner of the ``reinforce`` gate
   (:class:`metagate.gates.policy._RLGate`), over :class:`~metagate.policies.temperature.TemperaturePolicy`.
   ITKD rewards the change of the student's *training-batch* accuracy with PPO and a reward-redistribution
-  model; here the reward is the project's validated one.
+  model; here the reward is the project's validated one. ``--temp-reward redistributed`` splits each
+  episode's reward over its units with a return-decomposition model in ITKD's manner
+  (:mod:`metagate.policies.redistribution`, which lists the facts taken from their code) and makes the
+  REINFORCE step per unit; ``episode`` (the default) credits every unit of the episode alike.
 * ``--temp-policy PATH``: deploy a PPO policy trained on ``metagate/InstanceTemperature-v0`` (mean action;
   ``--temp-online`` keeps learning with REINFORCE).
 
@@ -29,7 +32,9 @@ from metagate.gates.fixed import fixed_weights
 from metagate.gates.policy import RLConfig, _RLGate
 from metagate.gates.registry import register
 from metagate.options import option
+from metagate.policies.redistribution import ReturnDecomposition
 from metagate.policies.temperature import (
+    ITKD_FEATURES,
     ITKD_T_INIT,
     ITKD_T_MAX,
     ITKD_T_MIN,
@@ -112,6 +117,11 @@ class TemperatureConfig(RLConfig):
                                               "off, only the noise shared by a batch and held over an episode)")
     temp_shared_log_std: float = option(-0.5, "initial log-std of the exploration noise held over an episode")
     temp_warmup_epochs: int = option(0, "epochs at --tau before the policy acts (ITKD: 20 of 240)")
+    temp_reward: str = option("episode", "how the episode's reward credits its units: episode (every unit "
+                                         "alike) or redistributed (ITKD's reward redistribution: a return model "
+                                         "over the units' states and temperatures; per-unit exploration noise, "
+                                         "--temp-log-std, default -0.5)", choices=("episode", "redistributed"))
+    temp_rrd_window: int = option(64, "--temp-reward redistributed: episodes the return model is fitted on")
     temp_policy: str | None = option(None, "a temperature policy zip (PPO on metagate/InstanceTemperature-v0) to "
                                            "deploy instead of learning in the loop")
     temp_online: bool = option(False, "with --temp-policy: keep learning with REINFORCE during the run")
@@ -126,6 +136,12 @@ class TemperatureConfig(RLConfig):
             raise ConfigError(f"--temp-hidden must be >= 1, got {self.temp_hidden}")
         if self.temp_warmup_epochs < 0:
             raise ConfigError(f"--temp-warmup-epochs must be >= 0, got {self.temp_warmup_epochs}")
+        if self.temp_rrd_window < 2:
+            raise ConfigError(f"--temp-rrd-window must be >= 2, got {self.temp_rrd_window}")
+
+    @property
+    def redistributed(self) -> bool:
+        return self.temp_reward == "redistributed"
 
 
 def load_temperature_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -153,9 +169,23 @@ class TemperatureGate(_RLGate):
             module = load_temperature_policy(c.temp_policy)
         deployed = module is not None
         super().__init__(c, learn=(not deployed) or c.temp_online)
+        self.redistribution: ReturnDecomposition | None = None
+        if c.redistributed:
+            # per-unit credit needs per-unit exploration (ITKD: sigma = exp(-0.5) per instance), no shared
+            # noise, and unpaired episodes
+            self.antithetic = False
+            self.redistribution = ReturnDecomposition(len(ITKD_FEATURES), window=c.temp_rrd_window)
         if module is None:
-            module = TemperaturePolicy(c.temp_min, c.temp_max, c.temp_init, c.temp_hidden, c.temp_log_std,
-                                       c.temp_shared_log_std)
+            if c.redistributed:
+                module = TemperaturePolicy(c.temp_min, c.temp_max, c.temp_init, c.temp_hidden,
+                                           -0.5 if c.temp_log_std is None else c.temp_log_std, None)
+            else:
+                module = TemperaturePolicy(c.temp_min, c.temp_max, c.temp_init, c.temp_hidden, c.temp_log_std,
+                                           c.temp_shared_log_std)
+        elif c.redistributed and self.learn and getattr(module, "shared_log_std", None) is not None:
+            raise ConfigError("--temp-reward redistributed credits units through per-unit exploration noise; "
+                              "the policy of --temp-policy explores with noise shared by a batch: fine-tune it "
+                              "(--temp-online) with --temp-reward episode")
         self.policy = module
         self.t_min, self.t_max = float(module.t_min), float(module.t_max)  # a deployed policy's own range
         self.policy.train(self.learn)
@@ -215,6 +245,32 @@ class TemperatureGate(_RLGate):
         if self._warming_up():
             return
         super().after_step(ctx)
+
+    def _finish_episode(self, reward: float) -> dict[str, float]:
+        assert self.learner is not None
+        if self.redistribution is None or not self.learner.buffer:
+            return self.learner.finish(reward)
+        states, actions = self.learner.episode_units()
+        # ITKD's inputs: the ITKD part of the state (the first columns) and the action
+        states, actions = states.reshape(states.shape[0], -1)[:, : len(ITKD_FEATURES)], actions.reshape(-1)
+        unit_rewards = self.redistribution.redistribute(states, actions, reward)  # the model before this episode
+        stats = self.learner.finish_units(reward, unit_rewards)
+        if math.isfinite(reward):
+            self.redistribution.add(states, actions, reward)
+        if self.redistribution.fitted:
+            stats["rrd_r2"] = self.redistribution.r2
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.redistribution is not None:
+            state["redistribution"] = self.redistribution.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.redistribution is not None and "redistribution" in state:
+            self.redistribution.load_state_dict(state["redistribution"])
 
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():

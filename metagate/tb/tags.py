@@ -54,6 +54,10 @@ _TABLE: list[tuple[str, str]] = [
     (r"policy/reward", "policy gate: the last episode's reward, 100 x the drop of the validation loss"),
     (r"policy/advantage", "policy gate: the last reward minus the running baseline"),
     (r"policy/baseline", "policy gate: running mean of the rewards (the REINFORCE baseline)"),
+    (r"policy/advantage_spread", "temperature gate, --temp-reward redistributed: standard deviation of the "
+     "per-unit advantages of the last episode (0 would mean the episode reward spread equally)"),
+    (r"policy/rrd_r2", "temperature gate, --temp-reward redistributed: R^2 of the return-decomposition model on "
+     "the episodes it was fitted on"),
     (r"policy/(unit|shared)_log_std", "policy gate: log standard deviation of the {0} exploration noise"),
     (r"temperature/(.+)", "learned KD temperature ({0})"),
 ]

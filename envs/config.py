@@ -1,0 +1,125 @@
+"""The options of the gymnasium environments over the shared student loop, declared once.
+
+:class:`EnvConfig` holds what every env takes; :class:`TeacherWeightingEnvConfig` and
+:class:`TemperatureEnvConfig` add the options of ``metagate/TeacherWeighting-v0`` and
+``metagate/InstanceTemperature-v0``. An option that is also an option of the run (``teachers``, ``noise``,
+...), of the student's training (``lr``, ``batch_size``, ...) or of a gate (``alpha``, ``tau``,
+``temp_min``) is that option (:func:`metagate.options.same_as`: its help and choices come from the class
+that declares it; only the env's default may differ). ``metagate train-policy``'s environment flags are
+generated from these classes, and the envs take them as keywords (``gym.make(id, batch_size=16, ...)``)
+or as a built config (``config=``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from metagate.errors import ConfigError
+from metagate.gates.fixed import KDMixConfig
+from metagate.gates.policy import ReinforceConfig
+from metagate.gates.temperature import TemperatureConfig
+from metagate.options import Options, option, same_as
+from metagate.policies.temperature import ITKD_T_MAX, ITKD_T_MIN
+from metagate.run import DistillConfig
+from metagate.temperature import check_range
+from metagate.trainer import TrainConfig
+
+__all__ = ["EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
+
+
+@dataclass
+class EnvConfig(Options):
+    """Options of every env over the shared student loop (one step = one student update)."""
+
+    # the data and teachers (loaded when the env gets a task name)
+    teachers: int = same_as(DistillConfig, "teachers")
+    adversarial_teacher: bool = same_as(DistillConfig, "adversarial_teacher")
+    noise: float = same_as(DistillConfig, "noise")
+    data_seed: int = same_as(DistillConfig, "data_seed")
+    cache_dir: str | None = same_as(DistillConfig, "cache_dir")
+    student: str | None = same_as(DistillConfig, "student")
+    # the episode and its reward
+    batch_size: int = same_as(TrainConfig, "batch_size", 64)
+    episode_steps: int = option(60, "student updates per episode (one short training run)")
+    alpha: float = same_as(KDMixConfig, "alpha", 0.5)
+    reward: str = option("loss", "the reward: improvement of the validation loss or accuracy", choices=("loss", "acc"))
+    reward_scale: float = option(10.0, "reward multiplier")
+    val_size: int = option(64, "size of the fixed meta subset the reward is measured on")
+    reward_every: int = option(1, "validate (and reward) every this many steps and at the episode's end; the "
+                                  "improvement since the last measurement is that step's reward, other steps get 0")
+    # the students' optimisation (a cosine schedule over the episode by default)
+    lr: float = same_as(TrainConfig, "lr")
+    momentum: float = same_as(TrainConfig, "momentum")
+    optimizer: str = same_as(TrainConfig, "optimizer")
+    schedule: str = same_as(TrainConfig, "schedule")
+    device: str = same_as(TrainConfig, "device", "cpu")
+
+    #: old keyword names still accepted by the env constructors (name -> option)
+    aliases: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("episode_steps", "reward_every", "val_size", "batch_size", "teachers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.noise < 1.0:
+            raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
+        TrainConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, optimizer=self.optimizer,
+                    schedule=self.schedule, device=self.device)  # the student's options, checked once
+
+    @property
+    def kd_tau(self) -> float:
+        """The KD temperature of a step whose decision gives none."""
+        raise NotImplementedError
+
+
+@dataclass
+class TeacherWeightingEnvConfig(EnvConfig):
+    """``metagate/TeacherWeighting-v0`` (``--env weights``): per-unit teacher weights."""
+
+    tau: float = same_as(KDMixConfig, "tau", 4.0)
+    temperature: float = same_as(ReinforceConfig, "rl_temperature")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.tau > 0:
+            raise ConfigError(f"--tau must be > 0, got {self.tau}")
+        if not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+
+    @property
+    def kd_tau(self) -> float:
+        return self.tau
+
+
+@dataclass
+class TemperatureEnvConfig(EnvConfig):
+    """``metagate/InstanceTemperature-v0`` (``--env temperature``): per-unit KD temperatures."""
+
+    temp_min: float = same_as(TemperatureConfig, "temp_min", ITKD_T_MIN)
+    temp_max: float = same_as(TemperatureConfig, "temp_max", ITKD_T_MAX)
+
+    aliases: ClassVar[dict[str, str]] = {"t_min": "temp_min", "t_max": "temp_max"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self.temp_min, self.temp_max, ("--temp-min", "--temp-max"))
+
+    @property
+    def kd_tau(self) -> float:
+        return 0.5 * (self.temp_min + self.temp_max)
+
+
+def env_config(cls: type[EnvConfig], config: EnvConfig | None, options: dict[str, Any]) -> EnvConfig:
+    """``config`` (an instance of ``cls``) or ``cls`` built from keyword ``options`` (not both)."""
+    if config is not None:
+        if options:
+            raise ConfigError(f"give the env a config or options, not both (got {', '.join(sorted(options))})")
+        if not isinstance(config, cls):
+            raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
+        return config
+    opts = {cls.aliases.get(k, k): v for k, v in options.items()}
+    return cls.from_options(opts, what=cls.__name__)  # type: ignore[return-value]
