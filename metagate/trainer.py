@@ -438,7 +438,7 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return gate_diagnostics(*self._unit_weights_real())
+        return {**gate_diagnostics(*self._unit_weights_real()), **self.gate.diagnostics()}
 
     def _unit_weights_real(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Unit weights, corrupted flags and teacher correctness of the real (unpadded) training units."""

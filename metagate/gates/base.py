@@ -279,5 +279,9 @@ class Gate(ABC):
         """Options to record in TensorBoard's HPARAMS: the config's fields (gates add resolved values)."""
         return option_values(self.config)
 
+    def diagnostics(self) -> dict[str, float]:
+        """Gate-specific numbers for the run's final metrics (``diag/...``; e.g. the temperatures chosen)."""
+        return {}
+
     def log(self, logger: Any, step: int) -> None:  # noqa: B027
         """Write gate-specific scalars/histograms (called at the trainer's log interval)."""

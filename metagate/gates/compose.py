@@ -119,6 +119,12 @@ class ComposedGate(Gate):
         for p in self.parts:
             p.log(logger, step)
 
+    def diagnostics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for p in self.parts:
+            out.update(p.diagnostics())
+        return out
+
 
 @dataclass
 class MetaPolicyConfig(MetaConfig, PolicyConfig, ReinforceConfig):

@@ -128,6 +128,9 @@ class CTKDGate(Gate):
             w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
         return GateOutput(w, tau)
 
+    def diagnostics(self) -> dict[str, float]:
+        return {} if self._log is None else self._log.summary()
+
     def log(self, logger: Any, step: int) -> None:
         logger.scalar("temperature/lambda", self.lam, step)
         if self._log is not None:

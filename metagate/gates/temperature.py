@@ -84,6 +84,19 @@ class TemperatureLog:
         if ids is not None and ids.ndim == 1 and (t.ndim == 0 or t.shape[0] == ids.shape[0]):
             self.unit_tau.index_copy_(0, ids, t.to(self.unit_tau).expand(ids.shape[0]))
 
+    def summary(self) -> dict[str, float]:
+        """Mean of each training unit's last temperature: all units, and corrupted vs clean ones."""
+        tau = self.unit_tau
+        seen = ~torch.isnan(tau)
+        if not bool(seen.any()):
+            return {}
+        out = {"diag/tau_mean": float(tau[seen].mean())}
+        if self.corrupted is not None and bool(self.corrupted.any()) and bool((~self.corrupted).any()):
+            for name, sel in (("corrupted", self.corrupted), ("clean", ~self.corrupted)):
+                if bool((sel & seen).any()):
+                    out[f"diag/tau_{name}"] = float(tau[sel & seen].mean())
+        return out
+
     def write(self, logger: Any, step: int) -> None:
         if self._means:
             logger.scalar("temperature/mean", float(torch.cat(self._means).mean()), step)
@@ -271,6 +284,9 @@ class TemperatureGate(_RLGate):
         super().load_state_dict(state)
         if self.redistribution is not None and "redistribution" in state:
             self.redistribution.load_state_dict(state["redistribution"])
+
+    def diagnostics(self) -> dict[str, float]:
+        return {} if self._log is None else self._log.summary()
 
     def log(self, logger: Any, step: int) -> None:
         for k, v in self._last.items():

@@ -46,6 +46,9 @@ _TABLE: list[tuple[str, str]] = [
      "equally among teachers (the fixed gate's value; moves with which units get KD weight)"),
     (r"diag/teacher_choice_gain", "kd_on_right_teachers minus kd_on_right_teachers_equal: what choosing between "
      "teachers gained (0 for equal splits, > 0 when the gate favours the teacher right on each unit)"),
+    (r"diag/tau_mean", "mean over the training units of the KD temperature each was last given (temperature "
+     "gates)"),
+    (r"diag/tau_(corrupted|clean)", "mean last KD temperature of the training units whose label is {0}"),
     (r"diag/kd_share_teacher{k}_(right|wrong)", "mean share of its unit's KD weight that {teacher} gets on the "
      "units where it is {0} (equal weights: 1/K on both)"),
     (r"meta/loss", "meta gate: mean validation loss after the one-step look-ahead, over the epoch's meta updates"),
