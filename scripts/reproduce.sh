@@ -9,12 +9,15 @@ BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 TASKS=${TASKS:-"digits fashion fashion-clean"}
-PPO_STEPS=${PPO_STEPS:-4096}
-# every gate and baseline; fixed-tuned chooses alpha and tau on select (the temperature gates' tuned rival)
-GATES=(ce fixed fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/ hard label-filter best-teacher conf-teachers
-       meta:meta_param=net meta:meta_param=table reinforce ctkd ctkd:ctkd_variant=instance temperature)
+# fixed-tuned chooses alpha and tau on select (also the temperature gates' tuned rival); fashion's grid is
+# smaller to keep its table near half an hour on 2 cores
+TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/
+TUNED_FASHION=fixed-tuned:alpha_grid=0.1/0.5,tau_grid=2/4/8,lr_scales=1/
+# every gate and baseline
+gates() { echo ce fixed "$1" hard label-filter best-teacher conf-teachers meta:meta_param=net meta:meta_param=table \
+  reinforce ctkd ctkd:ctkd_variant=instance temperature; }
 # without label noise: the temperature gates against fixed tau=4 and tau tuned on select
-TEMPERATURE_GATES=(fixed fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/ ctkd ctkd:ctkd_variant=instance temperature)
+temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperature; }
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed
   local task=$1 noise=$2 dir=runs/reproduce/ppo; shift 2
@@ -31,7 +34,7 @@ policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deplo
   done
 }
 
-run() {  # name, task, noise, extra flags... (the gates in $ROWS, the PPO envs in $ENVS, K in $TEACHERS)
+run() {  # name, task, noise, extra flags... (gates $ROWS, PPO envs $ENVS and steps $PPO_STEPS, K $TEACHERS)
   local name=$1 task=$2 noise=$3; shift 3
   local t0=$SECONDS
   policies "$task" "$noise" $ENVS
@@ -42,13 +45,14 @@ run() {  # name, task, noise, extra flags... (the gates in $ROWS, the PPO envs i
 
 for t in $TASKS; do
   case $t in
-    digits) ROWS=("${GATES[@]}"); ENVS="weights temperature"; TEACHERS=3; run digits digits 0.4 ;;
+    digits) read -ra ROWS <<< "$(gates $TUNED_DIGITS)"; ENVS="weights temperature"; TEACHERS=3; PPO_STEPS=4096
+      run digits digits 0.4 ;;
     # fashion's 3 CNN teachers take 40 CPU-minutes per data draw: one draw, seeds vary the training
-    fashion) ROWS=("${GATES[@]}"); ENVS="weights temperature"; TEACHERS=3
-      run fashion fashion 0.4 --student mlp --epochs 10 --same-data ;;
+    fashion) read -ra ROWS <<< "$(gates $TUNED_FASHION)"; ENVS="weights temperature"; TEACHERS=3; PPO_STEPS=2048
+      run fashion fashion 0.4 --student mlp --epochs 5 --same-data ;;
     # single-teacher KD, the setting of CTKD and ITKD
-    fashion-clean) ROWS=("${TEMPERATURE_GATES[@]}"); ENVS="temperature"; TEACHERS=1
-      run fashion-clean fashion 0 --student mlp --epochs 10 --same-data ;;
+    fashion-clean) read -ra ROWS <<< "$(temperature_gates $TUNED_FASHION)"; ENVS="temperature"; TEACHERS=1; PPO_STEPS=2048
+      run fashion-clean fashion 0 --student mlp --epochs 5 --same-data ;;
     *) echo "unknown task $t (digits fashion fashion-clean)" >&2; exit 2 ;;
   esac
 done
