@@ -162,55 +162,27 @@ class MetaPolicyGate(ComposedGate):
         return self.teachers
 
 
-@dataclass
-class HardTemperatureConfig(HardConfig, TemperatureConfig):
-    """Options of ``hard+temperature``: HKD's label-or-teachers mix, per-unit temperatures from a policy."""
+def register_composition(mix: type[Gate], mix_config: type, temperature: type[Gate], temperature_config: type,
+                         mix_text: str, temperature_text: str) -> type[ComposedGate]:
+    """Register ``{mix}+{temperature}``: the mix gate's label/KD split with the temperature part's ``tau``.
+
+    :param mix_config: the mix's options; :param temperature_config: the temperature part's own options (without
+        the label/KD mix it has as a gate of its own)
+    """
+    name = f"{mix.name}+{temperature.name}"
+    look_ahead = " (the look-ahead scores its weights at ``--meta-tau``)" if issubclass(mix, MetaGate) else ""
+    config = dataclass(type(f"{mix.__name__[:-4]}{temperature.__name__[:-4]}Config", (mix_config, temperature_config),
+                            {"__doc__": f"Options of ``{name}``: {mix_text}, {temperature_text}.",
+                             "__module__": __name__}))
+    gate = type(f"{mix.__name__[:-4]}{temperature.__name__}", (ComposedGate,),
+                {"__doc__": f"{mix_text[0].upper()}{mix_text[1:]} with {temperature_text}{look_ahead}.",
+                 "__module__": __name__, "config_class": config, "mix_class": mix, "temperature_class": temperature})
+    return register(name)(gate)
 
 
-@register("hard+temperature")
-class HardTemperatureGate(ComposedGate):
-    """HKD's mix (``hard``) with per-unit temperatures from the ``temperature`` gate's policy."""
-
-    config_class = HardTemperatureConfig
-    mix_class, temperature_class = HardGate, TemperatureGate
-
-
-@dataclass
-class MetaTemperatureConfig(MetaConfig, TemperatureConfig):
-    """Options of ``meta+temperature``: the meta gate's mix, per-unit temperatures from a policy."""
-
-
-@register("meta+temperature")
-class MetaTemperatureGate(ComposedGate):
-    """The meta gate's mix with per-unit temperatures from the ``temperature`` gate's policy (the look-ahead
-    scores its weights at ``--meta-tau``)."""
-
-    config_class = MetaTemperatureConfig
-    mix_class, temperature_class = MetaGate, TemperatureGate
-
-
-@dataclass
-class HardCTKDConfig(HardConfig, CTKDTemperatureConfig):
-    """Options of ``hard+ctkd``: HKD's mix, CTKD's learnable temperature."""
-
-
-@register("hard+ctkd")
-class HardCTKDGate(ComposedGate):
-    """HKD's mix (``hard``) with CTKD's learnable temperature."""
-
-    config_class = HardCTKDConfig
-    mix_class, temperature_class = HardGate, CTKDGate
-
-
-@dataclass
-class MetaCTKDConfig(MetaConfig, CTKDTemperatureConfig):
-    """Options of ``meta+ctkd``: the meta gate's mix, CTKD's learnable temperature."""
-
-
-@register("meta+ctkd")
-class MetaCTKDGate(ComposedGate):
-    """The meta gate's mix with CTKD's learnable temperature (the look-ahead scores its weights at
-    ``--meta-tau``)."""
-
-    config_class = MetaCTKDConfig
-    mix_class, temperature_class = MetaGate, CTKDGate
+for _mix, _mix_config, _mix_text in ((HardGate, HardConfig, "HKD's label-or-teachers mix (``hard``)"),
+                                     (MetaGate, MetaConfig, "the meta gate's mix")):
+    for _temp, _temp_config, _temp_text in (
+            (TemperatureGate, TemperatureConfig, "per-unit temperatures from the ``temperature`` gate's policy"),
+            (CTKDGate, CTKDTemperatureConfig, "CTKD's learnable temperature")):
+        register_composition(_mix, _mix_config, _temp, _temp_config, _mix_text, _temp_text)
