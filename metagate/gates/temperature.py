@@ -216,6 +216,8 @@ class TemperatureGate(_RLGate):
             check_temperature(self.name, tau)
         if self._log is not None:
             self._log.record(view.unit_ids, tau)
+        if view.is_sequence:  # padding tokens get no weight
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
         return GateOutput(w, tau)
 
     def after_step(self, ctx: Any) -> None:
