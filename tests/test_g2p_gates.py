@@ -167,3 +167,11 @@ def test_handwritten_seq_kd_step_matches_the_trainer_with_fixed(g2p) -> None:
     tr.train_step(batch)
     for a, b in zip(s.parameters(), tr.student.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_instance_temperature_env_refuses_a_sequence_task_clearly(g2p) -> None:
+    from metagate.envs import InstanceTemperatureEnv
+
+    task, bank = g2p
+    with pytest.raises(ConfigError, match="classification tasks only.*`temperature` gate"):
+        InstanceTemperatureEnv(task, bank, batch_size=4)
