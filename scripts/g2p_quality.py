@@ -30,6 +30,7 @@ GATES = {
     "hard token pred": ("hard", {"hard_level": "token", "hard_reference": "pred"}),
     "hard sentence gold": ("hard", {"hard_level": "sentence", "hard_reference": "gold"}),
     "hard sentence pred": ("hard", {"hard_level": "sentence", "hard_reference": "pred"}),
+    "hard token hinton": ("hard", {"hard_level": "token", "hard_temper_student": True}),  # not the paper's
     "meta net": ("meta", {"meta_param": "net"}),
     "reinforce": ("reinforce", {}),
 }
