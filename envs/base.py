@@ -21,18 +21,18 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.config import EnvConfig, env_config
 from metagate.errors import ConfigError
-from metagate.features import TeacherFeatureCache
+from metagate.features import FEATURE_HIGH, TeacherFeatureCache, unit_features
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.trainer import TrainConfig, Trainer
+from metagate.units import PAD_ID, flat_logits, unit_ce
 
 
 class StudentLoopEnv(gym.Env):
@@ -76,8 +76,14 @@ class StudentLoopEnv(gym.Env):
         self.trainer: Trainer | None = None
         self._logits: torch.Tensor | None = None
         self._gate = FixedGate(alpha=self.alpha, tau=self.tau)
+        #: units of one step: ``batch_size`` examples, or their ``batch_size * T`` token positions (sequences;
+        #: padding tokens are observed too, and the trainer's reduction masks them)
+        self.sequence = task.train.y.ndim == 2
+        self.num_units = self.batch_size * (int(task.train.y.shape[1]) if self.sequence else 1)
         # teacher-only features of every training unit, once: an observation only adds KL and student features
-        self._features = TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
+        # (sequences: computed per step from the bank's token logits)
+        self._features = None if self.sequence else \
+            TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
         self._t = 0
 
     # -- what a subclass defines -----------------------------------------------------------------
@@ -118,8 +124,20 @@ class StudentLoopEnv(gym.Env):
         with eval_mode(self.trainer.student, self._mode_free) as student:
             logits = student(self._val_x)
         if self.reward_kind == "acc":
-            return float((logits.argmax(-1) == self._val_y).float().mean())
-        return float(F.cross_entropy(logits, self._val_y))
+            right = logits.argmax(-1) == self._val_y
+            if self.sequence:  # token accuracy over the real tokens
+                return float(right[self._val_y != PAD_ID].float().mean())
+            return float(right.float().mean())
+        return float(unit_ce(logits, self._val_y))
+
+    def _unit_features(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Clamped unit features ``[units, K, F]`` of ``batch`` (tokens for sequences)."""
+        assert self.trainer is not None
+        if self._features is not None:
+            return self._features.features(logits, batch.ids.to(self.device), self.trainer.progress)
+        t = self.bank.lookup(batch.ids.to(self.device))
+        return unit_features(flat_logits(logits), t, batch.y.reshape(-1), self.trainer.progress).clamp_(0.0,
+                                                                                                        FEATURE_HIGH)
 
     # -- gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:

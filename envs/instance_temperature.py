@@ -20,6 +20,7 @@ from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.base import StudentLoopEnv
 from metagate.envs.config import TemperatureEnvConfig
+from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import fixed_weights
@@ -43,6 +44,10 @@ class InstanceTemperatureEnv(StudentLoopEnv):
                  config: TemperatureEnvConfig | None = None, **options: Any) -> None:
         super().__init__(task, bank, config, **options)
         self.t_min, self.t_max = self.config.temp_min, self.config.temp_max
+        if self.sequence:
+            raise ConfigError("InstanceTemperature-v0 takes classification tasks only for now (its state cache is "
+                              "per example); on a sequence task train a teacher-weighting policy, or use the "
+                              "in-loop `temperature` gate, which runs on token units")
         self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, 1, NUM_STATE), np.float32)
         self.action_space = spaces.Box(-ACTION_BOUND, ACTION_BOUND, (self.batch_size, 1), np.float32)
         self._state = TemperatureState(self.bank.logits.to(self.device), self.task.train.y.to(self.device),

@@ -44,13 +44,14 @@ class TeacherWeightingEnv(StudentLoopEnv):
         super().__init__(task, bank, config, **options)
         self.temperature = self.config.temperature
         k = self.num_teachers
-        self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, k, NUM_FEATURES), np.float32)
-        self.action_space = spaces.Box(-1.0, 1.0, (self.batch_size, k), np.float32)
-        self._alpha_col = torch.full((self.batch_size, 1), self.alpha, device=self.device)
+        n = self.num_units  # examples, or token positions of a sequence batch
+        self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (n, k, NUM_FEATURES), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (n, k), np.float32)
+        self._alpha_col = torch.full((n, 1), self.alpha, device=self.device)
 
     def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
         assert self.trainer is not None
-        feats = self._features.features(logits, batch.ids.to(self.device), self.trainer.progress)
+        feats = self._unit_features(logits, batch)
         return feats.cpu().numpy()  # clamped to [0, FEATURE_HIGH]
 
     def weights_from_action(self, action: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ All variants run in one process, interleaved, on the same student architecture (
 initial weights), the same batches and the same cached teacher logits; we report the
 median per-step time of each and its ratio to the hand-written step and to the trainer
 with the ``fixed`` gate. Teacher logits are random tensors of the real shape: step time
-does not depend on their values. ``--gates`` adds learned gates, each given as
+does not depend on their values. On a sequence task (``g2p``) units are tokens: the reference is a
+hand-written seq2seq KD step under teacher forcing over the batch's real tokens, on per-token teacher
+logits (a :class:`~metagate.seq_bank.SeqTeacherBank`), and the default student is ``gru``. ``--gates`` adds learned gates, each given as
 ``name`` or ``name:option=value,...`` (options as in ``metagate distill --help``, e.g.
 ``meta:meta_backend=closed-form`` or ``reinforce:rl_episode=5``).
 """
@@ -29,7 +31,9 @@ from metagate.data import Batch, get_task
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate
 from metagate.report import table
+from metagate.seq_bank import SeqTeacherBank, token_index
 from metagate.trainer import TrainConfig, Trainer, resolve_device
+from metagate.units import PAD_ID
 
 
 def handwritten_kd_step(student: nn.Module, opt: torch.optim.Optimizer, bank_logits: Tensor,
@@ -43,6 +47,28 @@ def handwritten_kd_step(student: nn.Module, opt: torch.optim.Optimizer, bank_log
         kd = sum(F.kl_div(log_q, F.log_softmax(t[:, k] / tau, -1), reduction="batchmean", log_target=True)
                  for k in range(t.shape[1])) / t.shape[1]
         loss = alpha * F.cross_entropy(s, b.y) + (1 - alpha) * tau**2 * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def handwritten_seq_kd_step(student: nn.Module, opt: torch.optim.Optimizer, bank: SeqTeacherBank,
+                            alpha: float, tau: float) -> Callable[[Batch], None]:
+    """The sequence reference: plain PyTorch seq2seq KD under teacher forcing, per real (unpadded) target token:
+    CE + mean over teachers of tau²·KL, each averaged over the batch's real tokens, with SGD."""
+
+    def step(b: Batch) -> None:
+        s = student(b.x)  # [B, T, V]
+        v = s.shape[-1]
+        mask = (b.y != PAD_ID).reshape(-1)
+        s = s.reshape(-1, v)[mask]
+        t = bank.lookup(b.ids)[mask]  # [tokens, K, V]
+        log_q = F.log_softmax(s / tau, -1)
+        kd = sum(F.kl_div(log_q, F.log_softmax(t[:, k] / tau, -1), reduction="batchmean", log_target=True)
+                 for k in range(t.shape[1])) / t.shape[1]
+        loss = alpha * F.cross_entropy(s, b.y.reshape(-1)[mask]) + (1 - alpha) * tau**2 * kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,15 +124,23 @@ def build_bench_gate(spec: str) -> Gate:
 
 def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int, repeats: int,
                   device: torch.device, extra: dict[str, Callable] | None = None,
-                  gates: tuple[str, ...] = ("fixed", "hard")) -> dict[str, float]:
+                  gates: tuple[str, ...] = ("fixed", "hard"), task_options: dict[str, Any] | None = None
+                  ) -> dict[str, float]:
     """Median per-step seconds of each variant for one student architecture.
 
     :param gates: gate specs run through the shared trainer (see :func:`parse_gate_spec`)
+    :param task_options: keywords of the task's builder (e.g. ``subset`` for g2p)
     """
-    task = get_task(task_name)
+    task = get_task(task_name, **(task_options or {}))
     torch.manual_seed(0)
     n, c = len(task.train), task.num_classes
-    bank = TeacherBank(torch.randn(n, k, c) * 3, [f"t{j}" for j in range(k)]).to(device)
+    names = [f"t{j}" for j in range(k)]
+    seq = task.train.y.ndim == 2  # token units: per-token teacher logits of the real training tokens
+    if seq:
+        real = task.train.y != PAD_ID
+        bank: TeacherBank = SeqTeacherBank(torch.randn(int(real.sum()), k, c) * 3, token_index(real), names).to(device)
+    else:
+        bank = TeacherBank(torch.randn(n, k, c) * 3, names).to(device)
     init = task.make_student(arch)
     cfg = TrainConfig(epochs=1000, batch_size=batch_size, lr=0.01, device=str(device), progress=False)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +152,8 @@ def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int
     variants: dict[str, Callable[[Batch], None]] = {}
     s0 = copy.deepcopy(init).to(device)
     opt = torch.optim.SGD(s0.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    variants["hand-written KD"] = handwritten_kd_step(s0, opt, bank.logits, 0.5, 4.0)
+    variants["hand-written KD"] = handwritten_seq_kd_step(s0, opt, bank, 0.5, 4.0) if isinstance(bank, SeqTeacherBank) \
+        else handwritten_kd_step(s0, opt, bank.logits, 0.5, 4.0)
     for spec in dict.fromkeys(("fixed", *gates)):  # the fixed gate is every ratio's second reference
         tr = Trainer(task, copy.deepcopy(init), build_bench_gate(spec), bank, cfg)
         variants[f"trainer + {spec}"] = tr.train_step
@@ -137,7 +172,8 @@ def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         torch.set_num_threads(args.threads)
     results = {}
     rows = []
-    for arch in args.students:
+    students = args.students or (["gru"] if args.task == "g2p" else ["mlp", "cnn"])
+    for arch in students:
         res = bench_student(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device,
                             gates=tuple(args.gates))
         results[arch] = res

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="step-time ratios of gates vs a hand-written KD step",
                        formatter_class=HelpFormatter)
-    p.add_argument("--task", default="fashion", help="task whose shapes to use (digits | fashion; default: fashion)")
+    p.add_argument("--task", default="fashion",
+                   help="task whose shapes to use (digits | fashion | g2p: token units; default: fashion)")
     p.add_argument("--batch-size", type=int, default=128, help="units per step (default: 128)")
     p.add_argument("--steps", type=int, default=50, help="timed steps per repeat (default: 50)")
     p.add_argument("--repeats", type=int, default=30,
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 gives steadier ratios on a shared CPU; 0 keeps torch's default)")
     p.add_argument("--teachers", type=int, default=3, help="number of teachers K (default: 3)")
-    p.add_argument("--students", nargs="+", default=["mlp", "cnn"], help="student architectures (default: mlp cnn)")
+    p.add_argument("--students", nargs="+", default=None,
+                   help="student architectures (default: mlp cnn; gru for g2p)")
     p.add_argument("--gates", nargs="+", default=["fixed", "hard"],
                    help="gates through the trainer: NAME or NAME:option=value,... (e.g. meta:meta_backend=closed-form)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")

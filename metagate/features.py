@@ -153,7 +153,7 @@ class TeacherFeatureCache:
     def for_run(cls, run: Any) -> TeacherFeatureCache | None:
         """The cache of a run's teacher bank and training labels (``None`` without teachers)."""
         bank = getattr(run, "bank", None)
-        if bank is None:
+        if bank is None or run.train_y.ndim != 1:  # sequences: features from the view (no token cache yet)
             return None
         return cls(bank.logits, run.train_y)
 

@@ -204,7 +204,9 @@ class Trainer:
 
     @property
     def num_train_units(self) -> int:
-        return len(self.task.train)
+        """Training units: examples, or ``B_train * T`` token positions for sequences (padding included;
+        :attr:`UnitView.unit_ids` indexes them)."""
+        return units.num_units(self.task)
 
     @property
     def seed(self) -> int:

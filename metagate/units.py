@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metagate.data.task import Batch
@@ -54,3 +55,15 @@ def num_units(task: Task) -> int:
 def train_unit_mask(task: Task) -> Tensor | None:
     """``[N_train * T]`` bool, False on padding (``None`` for classification: every unit is real)."""
     return (task.train.y != PAD_ID).reshape(-1) if is_sequence(task) else None
+
+
+def unit_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean CE over the units of a batch: examples, or the real (unpadded) tokens of ``[B, T, V]`` logits."""
+    if logits.ndim == 3:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=PAD_ID)
+    return F.cross_entropy(logits, y)
+
+
+def flat_logits(logits: Tensor) -> Tensor:
+    """``[B*T, V]`` for sequence logits ``[B, T, V]``; classification logits unchanged."""
+    return logits.reshape(-1, logits.shape[-1]) if logits.ndim == 3 else logits

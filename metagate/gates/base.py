@@ -118,6 +118,21 @@ class UnitView:
         return int(self.labels.shape[0])
 
     @property
+    def is_sequence(self) -> bool:
+        """Whether the units are the ``T > 1`` tokens of ``B`` sequences."""
+        return self.seq_shape[1] > 1
+
+    @property
+    def unit_ids(self) -> Tensor | None:
+        """``[N]`` global training-unit ids: the example ids, or ``id * T + t`` for each token of a sequence
+        batch (the rows of a per-token table of ``B_train * T`` units); ``None`` without ids."""
+        ids = self.ids
+        if ids is None or not self.is_sequence:
+            return ids
+        t = self.seq_shape[1]
+        return (ids.unsqueeze(1) * t + torch.arange(t, device=ids.device)).reshape(-1)
+
+    @property
     def student_log_probs_graph(self) -> Tensor:
         """``[N, C]`` student log-probabilities *with* their graph; the trainer reuses them for the
         CE column when a gate has asked for them (one log-softmax per step)."""

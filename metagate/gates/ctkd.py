@@ -121,11 +121,13 @@ class CTKDGate(Gate):
         tau = self.temperature(view)
         check_temperature(self.name, tau)
         if self._log is not None:
-            self._log.record(view.ids, tau)
+            self._log.record(view.unit_ids, tau)
         key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
         w = self._weights.get(key)
         if w is None:
             w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
+        if view.is_sequence:  # padding tokens get no weight
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
         return GateOutput(w, tau)
 
     def diagnostics(self) -> dict[str, float]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
@@ -33,6 +32,7 @@ from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights
 from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
 from metagate.policies.safe_zip import load_policy_zip
+from metagate.units import unit_ce
 
 __all__ = ["FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
 
@@ -66,7 +66,16 @@ class RLConfig(KDMixConfig):
 
 
 @dataclass
-class ReinforceConfig(RLConfig):
+class TeacherRLConfig(RLConfig):
+    """The unit of a teacher-weighting policy on sequences, shared by ``reinforce`` and ``policy``."""
+
+    rl_unit: str = option("token", "sequences: teacher weights per token, or per word (the policy acts once on "
+                                   "the mean features of the word's unmasked tokens; every token gets them)",
+                          choices=("token", "word"))
+
+
+@dataclass
+class ReinforceConfig(TeacherRLConfig):
     """Options of the ``reinforce`` gate."""
 
     rl_mode: str = option("weights", "per-unit teacher weights (softmax) or Bernoulli teacher selection",
@@ -88,7 +97,7 @@ class ReinforceConfig(RLConfig):
 
 
 @dataclass
-class PolicyConfig(RLConfig):
+class PolicyConfig(TeacherRLConfig):
     """Options of the ``policy`` gate (a policy zip from ``metagate train-policy``)."""
 
     policy: str | None = option(None, "a policy zip written by `metagate train-policy`")
@@ -208,15 +217,29 @@ class _RLGate(Gate):
         if view.num_teachers == 0:  # not ``view.teacher_logits``: that would gather the raw logits
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
         feats = clamped_view_features(view, self._features)
+        seq = view.is_sequence
+        per_word = seq and getattr(self.config, "rl_unit", "token") == "word"
+        if per_word:  # one decision per word: the mean features of its unmasked tokens
+            b, t = view.seq_shape
+            m_tok = view.mask.to(feats.dtype).view(b, t, 1, 1)
+            feats = (feats.view(b, t, *feats.shape[1:]) * m_tok).sum(1) / m_tok.sum(1).clamp_min(1.0)
         learning = self.learn and self._run is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
             assert self.learner is not None
+            rec_f, rec_a = feats, action
+            if seq and not per_word:  # padding tokens are no decisions: REINFORCE scores the real tokens only
+                real = view.mask.reshape(-1) > 0
+                rec_f, rec_a = feats[real], action[real]
             m = self.update_units  # batches are random draws: their first units are a random subset
-            self.learner.record(feats if m is None else feats[:m], action if m is None else action[:m])
+            self.learner.record(rec_f if m is None else rec_f[:m], rec_a if m is None else rec_a[:m])
         w = self._weights_from_action(action)
+        if per_word:
+            w = w.unsqueeze(1).expand(-1, view.seq_shape[1], -1).reshape(view.num_units, -1)
         if w.dtype != view.student_logits.dtype:
             w = w.to(view.student_logits.dtype)
+        if seq:  # padding tokens get no weight
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
         return GateOutput(w, self.tau)
 
     @torch.no_grad()
@@ -224,7 +247,7 @@ class _RLGate(Gate):
         """Student CE on the fixed ``meta`` subset (eval mode; the trainer switches back to train)."""
         assert self._run is not None
         with eval_mode(self._run.student, self._mode_free) as student:
-            return float(F.cross_entropy(student(self._val_x), self._val_y))
+            return float(unit_ce(student(self._val_x), self._val_y))  # sequences: over real tokens
 
     def after_step(self, ctx: StepContext) -> None:
         if not (self.learn and self.learner is not None and self.policy.training):

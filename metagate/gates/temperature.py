@@ -72,6 +72,9 @@ class TemperatureLog:
         bank = run.bank
         self.confidence = None if bank is None else \
             torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
+        index = getattr(bank, "token_index", None)
+        if self.confidence is not None and index is not None:  # sequences: one entry per token position
+            self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
         self.bins = None if self.confidence is None else \
             torch.quantile(self.confidence, torch.tensor([1 / 3, 2 / 3], device=run.device)).tolist()
         self._sum, self._count = 0.0, 0
@@ -246,12 +249,18 @@ class TemperatureGate(_RLGate):
             action = self._act(state, learning)
             if learning:
                 assert self.learner is not None
+                rec_s, rec_a = state, action
+                if view.is_sequence:  # padding tokens are no decisions: REINFORCE scores the real tokens only
+                    real = view.mask.reshape(-1) > 0
+                    rec_s, rec_a = state[real], action[real]
                 m = self.update_units
-                self.learner.record(state if m is None else state[:m], action if m is None else action[:m])
+                self.learner.record(rec_s if m is None else rec_s[:m], rec_a if m is None else rec_a[:m])
             tau = self.policy.temperature(action).to(view.student_logits.dtype)
             check_temperature(self.name, tau)
         if self._log is not None:
-            self._log.record(view.ids, tau)
+            self._log.record(view.unit_ids, tau)
+        if view.is_sequence:  # padding tokens get no weight
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
         return GateOutput(w, tau)
 
     def after_step(self, ctx: Any) -> None:

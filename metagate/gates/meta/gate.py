@@ -94,7 +94,10 @@ class MetaGate(Gate):
 
     # -- weights ---------------------------------------------------------------------------------------
     def weights(self, view: UnitView) -> GateOutput:
-        return self._output(view, self.learner.decided(view))
+        w = self.learner.decided(view)
+        if view.is_sequence:  # padding tokens get no weight (the reduction masks them anyway)
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
+        return self._output(view, w)
 
     def _output(self, view: UnitView, w: Tensor) -> GateOutput:
         """The decision, with the real step's logit gradient ``scale_i sum_j w_ij g_ij`` when this batch's

@@ -21,6 +21,18 @@ from metagate.gates.meta.params import (
     normalize_weights,
 )
 
+#: the largest meta table built (bytes of its raw rows); sequences have a row per token position
+TABLE_MAX_BYTES = 2 << 30
+
+
+def check_table_size(rows: int, cols: int, dtype: torch.dtype, limit: int = TABLE_MAX_BYTES) -> None:
+    """Refuse a weight table that would not fit: a :class:`ConfigError` naming its size."""
+    size = rows * cols * torch.empty((), dtype=dtype).element_size()
+    if size > limit:
+        raise ConfigError(f"--meta-param table needs {rows} units x {cols} columns = {size / 2**30:.2f} GiB "
+                          f"(limit {limit / 2**30:.2f} GiB); use --meta-param net (weights from unit features) "
+                          "or a smaller --subset")
+
 
 class WeightLearner:
     """``W [N, 1+K]`` from a :class:`.params.WeightTable` or :class:`.params.WeightNet`, and its meta updates.
@@ -47,6 +59,7 @@ class WeightLearner:
         init = learned_init(self.target_row, self.columns)
         self.param: nn.Module
         if c.meta_param == "table":
+            check_table_size(num_train_units, int(init.numel()), dtype)
             self.param = WeightTable(num_train_units, init, c.meta_transform)
         else:
             self.param = WeightNet(NUM_FEATURES, init, self.columns, c.meta_hidden)
@@ -90,7 +103,8 @@ class WeightLearner:
             raise ConfigError("the meta gate needs teacher logits")
         # the table never reads the teachers' logits: do not make the view gather them
         t = None if isinstance(self.param, WeightTable) else view.teacher_logits
-        return self.live(view.ids, view.student_logits, t, view.labels, view.progress, view.mask)
+        # unit_ids: the example ids, or one row per token position of a sequence batch
+        return self.live(view.unit_ids, view.student_logits, t, view.labels, view.progress, view.mask)
 
     def decided(self, view: UnitView) -> Tensor:
         """The detached ``W`` of the real step on ``view``: the table rows the meta update just wrote on it, if

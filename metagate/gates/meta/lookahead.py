@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from metagate.errors import ConfigError
 from metagate.losses import reduce_weighted
+from metagate.units import flat_logits, unit_ce
 
 #: ``loss_fn(student_logits [N, C]) -> unit losses [N, 1+K]``
 LossFn = Callable[[Tensor], Tensor]
@@ -151,7 +152,7 @@ def func_lookahead_loss(
         state.update(zip(names, leaves))
         state.update(buffers)
         logits = functional_call(model, state, (x,))
-    inner = reduce_weighted(loss_fn(logits), weights, mask, validate=False)
+    inner = reduce_weighted(loss_fn(flat_logits(logits)), weights, mask, validate=False)  # sequences: token units
     grads = torch.autograd.grad(inner, leaves, create_graph=True, allow_unused=True)
     new = {n: p.detach() - lr * g for n, p, g in zip(names, leaves, grads) if g is not None}
     head = getattr(model, "head", None)
@@ -165,7 +166,7 @@ def func_lookahead_loss(
     state = {n: p.detach() for n, p in named.items()}
     state.update(new)
     state.update(buffers)
-    return F.cross_entropy(functional_call(model, state, (val_x,)), val_y)
+    return unit_ce(functional_call(model, state, (val_x,)), val_y)  # sequences: mean over real tokens
 
 
 def jvp_lookahead_hypergrad(

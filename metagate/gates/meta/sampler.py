@@ -31,7 +31,9 @@ class ValSampler:
 
     def __init__(self, split: Split, batch_size: int, seed: int, device: torch.device, dtype: torch.dtype,
                  conv: bool) -> None:
-        x, y = split.x.to(device, dtype), split.y.to(device)
+        # token ids (sequence inputs) keep their integer dtype
+        x = split.x.to(device, dtype) if split.x.is_floating_point() else split.x.to(device)
+        y = split.y.to(device)
         self._gen = torch.Generator().manual_seed(7919 + int(seed))
         perm = torch.randperm(len(split), generator=self._gen).to(device)
         self.x, self.y = x.index_select(0, perm), y.index_select(0, perm)

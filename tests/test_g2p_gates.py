@@ -1,0 +1,177 @@
+"""Learned gates on token units (g2p): meta net / table per token, reinforce per token or per word, a deployed
+policy trained on the token env, the temperature gates. Small subset, random-init teachers, one epoch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metagate.data import get_task
+from metagate.data.task import Task
+from metagate.errors import ConfigError
+from metagate.gates.ctkd import CTKDGate
+from metagate.gates.meta import MetaGate
+from metagate.gates.meta.learner import check_table_size
+from metagate.gates.policy import PolicyGate, ReinforceGate
+from metagate.gates.temperature import TemperatureGate
+from metagate.seq_bank import build_seq_bank
+from metagate.seq_metrics import sequence_metrics
+from metagate.seq_models import GRUSeq2Seq
+from metagate.trainer import TrainConfig, Trainer
+from metagate.units import PAD_ID
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def g2p() -> tuple[Task, object]:
+    task = get_task("g2p", subset=300, noise=0.2)
+    torch.manual_seed(0)
+    teachers = [GRUSeq2Seq(len(task.info["chars"]), task.num_classes, 16, 24).eval() for _ in range(2)]
+    return task, build_seq_bank(task, teachers, ["a", "b"], None)
+
+
+def _fit(task: Task, bank, gate, epochs: int = 1) -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=3e-3, optimizer="adam", weight_decay=0.0, device="cpu",
+                      progress=False, eval_test_every_epoch=False)
+    tr = Trainer(task, task.make_student(), gate, bank, cfg)
+    for _ in range(epochs):
+        tr.run_epoch()
+    return tr
+
+
+def _check_run(task: Task, tr: Trainer) -> torch.Tensor:
+    """Finite PER/WER on test; per-token weights of every training token position, none on padding."""
+    m = sequence_metrics(tr.student, task.test)
+    assert math.isfinite(m["per"]) and 0 < m["per"] < 10 and 0 <= m["wer"] <= 1 and math.isfinite(m["nll"])
+    n, t = task.train.y.shape
+    w = tr.unit_weights
+    assert w.shape == (n * t, 3) and tr.num_train_units == n * t
+    pad = (task.train.y == PAD_ID).reshape(-1)
+    assert bool(pad.any()) and (w[pad] == 0).all()  # padding tokens get no weight
+    assert (w[~pad].sum(1) > 0).all()  # every real token was decided (one epoch visits every word)
+    return w.view(n, t, 3)
+
+
+def test_meta_net_per_token(g2p) -> None:
+    task, bank = g2p
+    gate = MetaGate(meta_param="net")
+    tr = _fit(task, bank, gate)
+    w = _check_run(task, tr)
+    real = task.train.y != PAD_ID
+    # weights come from token features: they differ between the tokens of one word
+    assert float(w[real][:, 0].std()) > 0
+    assert gate.updates == tr.step > 0 and math.isfinite(gate.last_hypergrad_norm)
+
+
+def test_meta_table_per_token_position(g2p) -> None:
+    task, bank = g2p
+    gate = MetaGate(meta_param="table", meta_lr=50.0)
+    tr = _fit(task, bank, gate)
+    n, t = task.train.y.shape
+    assert gate.param.raw.shape == (n * t, 3)  # one row per token position
+    w = _check_run(task, tr)
+    real = task.train.y != PAD_ID
+    init = torch.tensor([gate.config.meta_init_label, gate.config.meta_init_teacher, gate.config.meta_init_teacher])
+    moved = (w[real] - init).abs().amax(1) > 1e-6
+    assert 0.5 < float(moved.float().mean())  # the look-ahead moved the rows of the real tokens it saw
+    rows = gate.param.raw.detach().view(n, t, 3)
+    assert torch.equal(rows[~real], init.expand(int((~real).sum()), 3))  # padding rows never get a hypergradient
+
+
+def test_meta_table_too_big_is_refused_with_its_size() -> None:
+    check_table_size(1000, 3, torch.float32, limit=12_000)
+    with pytest.raises(ConfigError, match=r"1001 units x 3 columns.*--meta-param net"):
+        check_table_size(1001, 3, torch.float32, limit=12_000)
+
+
+@pytest.mark.parametrize("unit", ["token", "word"])
+def test_reinforce_per_token_or_word(g2p, unit: str) -> None:
+    task, bank = g2p
+    gate = ReinforceGate(rl_unit=unit, rl_episode=2, rl_log_std=-0.5)
+    before = [p.detach().clone() for p in gate.parameters()]
+    tr = _fit(task, bank, gate)
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))  # REINFORCE updated it
+    w = _check_run(task, tr)
+    real = task.train.y != PAD_ID
+    kd = w[..., 1:] / w[..., 1:].sum(-1, keepdim=True).clamp_min(1e-12)
+    first = kd[:, :1].expand_as(kd)
+    same_in_word = ((kd - first).abs().amax(-1) < 1e-6)[real]
+    if unit == "word":
+        assert bool(same_in_word.all())  # one decision per word, on every token
+    else:
+        assert not bool(same_in_word.all())  # per-unit noise: tokens of a word differ
+    torch.testing.assert_close(w[real][:, 0], torch.full((int(real.sum()),), 0.5))  # --alpha 0.5 label share
+
+
+def test_deployed_policy_trained_on_the_token_env(g2p, tmp_path) -> None:
+    from metagate.cli import build_parser
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.train_policy import train_policy
+
+    task, bank = g2p
+    env = TeacherWeightingEnv(task, bank, batch_size=4, episode_steps=4, val_size=16, optimizer="adam", lr=3e-3)
+    t = task.train.y.shape[1]
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4 * t, 2, 11) and env.action_space.shape == (4 * t, 2)  # token units
+    obs, reward, _, _, info = env.step(env.action_space.sample())
+    assert math.isfinite(reward) and math.isfinite(info["train_loss"])
+    out = tmp_path / "policy.zip"
+    args = build_parser().parse_args(["train-policy", "--algo", "a2c", "--timesteps", "8", "--n-steps", "4",
+                                      "--out", str(out)])
+    train_policy(args, env=env)
+    gate = PolicyGate(policy=out)
+    before = [p.detach().clone() for p in gate.parameters()]
+    tr = _fit(task, bank, gate)
+    assert all(torch.equal(a, b) for a, b in zip(before, gate.parameters()))  # deployed: mean action, frozen
+    _check_run(task, tr)
+
+
+@pytest.mark.parametrize("make", [lambda: TemperatureGate(rl_episode=2), lambda: CTKDGate()], ids=["temperature",
+                                                                                                 "ctkd"])
+def test_temperature_gates_on_tokens(g2p, make) -> None:
+    task, bank = g2p
+    gate = make()
+    tr = _fit(task, bank, gate)
+    _check_run(task, tr)
+
+
+def test_bench_g2p_runs_fixed_against_the_hand_written_seq_kd_step() -> None:
+    from metagate.bench import bench_student
+
+    res = bench_student("g2p", "gru-tiny", 2, 8, 2, 1, torch.device("cpu"), gates=("fixed", "hard"),
+                        task_options={"subset": 200})
+    assert set(res) == {"hand-written KD", "trainer + fixed", "trainer + hard"}
+    assert all(math.isfinite(t) and t > 0 for t in res.values())
+
+
+def test_handwritten_seq_kd_step_matches_the_trainer_with_fixed(g2p) -> None:
+    """The bench's reference computes the same loss as the trainer's fixed gate: one SGD step from the same
+    weights on the same batch lands on the same parameters."""
+    import copy
+
+    from metagate.bench import handwritten_seq_kd_step
+    from metagate.gates.fixed import FixedGate
+
+    task, bank = g2p
+    torch.manual_seed(0)
+    init = task.make_student()
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, momentum=0.0, weight_decay=0.0, device="cpu", progress=False)
+    tr = Trainer(task, copy.deepcopy(init), FixedGate(alpha=0.5, tau=4.0), bank, cfg)
+    batch = next(tr.epoch_batches(0))
+    s = copy.deepcopy(init)
+    handwritten_seq_kd_step(s, torch.optim.SGD(s.parameters(), lr=0.05), bank, 0.5, 4.0)(batch)
+    tr.train_step(batch)
+    for a, b in zip(s.parameters(), tr.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_instance_temperature_env_refuses_a_sequence_task_clearly(g2p) -> None:
+    from metagate.envs import InstanceTemperatureEnv
+
+    task, bank = g2p
+    with pytest.raises(ConfigError, match="classification tasks only.*`temperature` gate"):
+        InstanceTemperatureEnv(task, bank, batch_size=4)
