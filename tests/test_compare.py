@@ -226,3 +226,15 @@ def test_tuned_and_rule_baselines_in_a_compare(reference, tmp_path):
     assert stats[chosen] == max(stats.values())
     assert all(blob["summary"]["gates"][g]["baseline"] for g in gates)
     assert "## Tuned on select" in (out / "results.md").read_text()
+
+
+def test_temperature_table_against_hand_computation():
+    from metagate.compare.outputs import temperature_table
+
+    rows = [{"label": "ctkd", "metrics": {"diag/tau_mean": 15.0, "diag/tau_corrupted": 14.0, "diag/tau_clean": 16.0}},
+            {"label": "ctkd", "metrics": {"diag/tau_mean": 17.0, "diag/tau_corrupted": 18.0, "diag/tau_clean": 16.0}},
+            {"label": "fixed", "metrics": {"test/acc": 0.9}}]
+    table = temperature_table(rows)
+    assert "`fixed`" not in table  # no temperatures chosen
+    assert "| `ctkd` | 2 | 16.00 ± 1.41 | 16.00 ± 2.83 | 16.00 ± 0.00 |" in table
+    assert temperature_table(rows[2:]) == ""

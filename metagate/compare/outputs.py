@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from metagate.compare.cell import atomic_write_text
 from metagate.compare.summary import PAIRED
 
@@ -95,6 +97,27 @@ def tuning_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(["gate", "seed", "grid points", "alpha", "tau", "lr", "select acc %"], out) if out else ""
 
 
+TAU_KEYS = ("diag/tau_mean", "diag/tau_corrupted", "diag/tau_clean")
+
+
+def temperature_table(rows: list[dict[str, Any]]) -> str:
+    """The temperatures the temperature gates chose: the mean over training units of each unit's last one,
+    on all, corrupted and clean units (mean ± std over seeds); empty when no row chose any."""
+    by_label: dict[str, list[dict[str, float]]] = {}
+    for r in rows:
+        if "diag/tau_mean" in r["metrics"]:
+            by_label.setdefault(r["label"], []).append(r["metrics"])
+    out = []
+    for label, ms in by_label.items():
+        cells = []
+        for k in TAU_KEYS:
+            v = [float(m[k]) for m in ms if k in m]
+            sd = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+            cells.append(_pm({"mean": float(np.mean(v)), "std": sd}, 1.0, 2) if v else "-")
+        out.append([f"`{label}`", str(len(ms)), *cells])
+    return markdown_table(["gate", "seeds", "τ all units", "τ corrupted", "τ clean"], out) if out else ""
+
+
 def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]], title: str,
              extra: str = "", rows: list[dict[str, Any]] | None = None) -> str:
     """The whole ``results.md``."""
@@ -105,6 +128,9 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
     tuning = tuning_table(rows or [])
     if tuning:
         parts += ["## Tuned on select", "", tuning, ""]
+    temperatures = temperature_table(rows or [])
+    if temperatures:
+        parts += ["## Temperatures chosen", "", temperatures, ""]
     if any(teachers.values()):
         parts += ["## Teachers", "", teachers_table(teachers), ""]
     if extra:
