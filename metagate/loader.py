@@ -1,13 +1,15 @@
-"""Training batches from a torch ``DataLoader`` instead of the in-memory split (``num_workers``, a dataset's
-transform run every epoch).
+"""Training batches from a torch ``DataLoader`` instead of the in-memory split (data on disk, ``num_workers``, a
+dataset's transform run every epoch).
 
 :class:`WithIds` gives any map-style dataset's items their unit ids (the index); :class:`LoaderTrainer` is
 the shared :class:`~metagate.trainer.Trainer` with only its batch source replaced: the loader visits the
 units in the same per-(seed, epoch) order as the in-memory path, so with a deterministic dataset both give
-the same student bit for bit. The in-memory path stays the default (the trainer itself is unchanged).
+the same student bit for bit. The in-memory path stays the default of the built-in tasks (the trainer itself
+is unchanged).
 
-The teacher bank and the gates still read the materialised training split by unit id (``train_x``), so the
-dataset must return the same unit for the same id; teacher logits stay cached (no online teachers yet).
+What reads the training inputs by unit id outside the batches (``train_x``: the meta gate's full pass, module
+teachers' logits) reads the dataset's items (:class:`~metagate.data.inputs.DatasetInputs`); online teachers
+(:mod:`metagate.online_bank`) run on each batch's inputs.
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ class Trainer:
         if gate.uses_teachers and bank is None:
             raise ConfigError(f"gate {gate.name!r} needs teachers; pass --teachers K >= 1")
         self.bank = bank.to(self.device) if (bank is not None and gate.uses_teachers) else None
+        self._online = bool(getattr(self.bank, "online", False))  # teachers run on each step's inputs
         if self.bank is not None:
             if self.bank.num_units != len(task.train):
                 raise InputError(f"teacher bank covers {self.bank.num_units} units, training split has "
@@ -294,6 +295,8 @@ class Trainer:
             group["lr"] = self._lr_at(self.step)
         logits = student(batch.x) if logits is None else logits
         batch, logits = units.token_units(batch, logits)  # sequences: [B, T, V] -> B*T token units + mask
+        if self._online:
+            self.bank.set_step(batch.x, batch.ids)  # type: ignore[union-attr]
         view = self.make_view(batch, logits)
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:

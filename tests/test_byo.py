@@ -374,16 +374,3 @@ def test_loader_path_gives_the_in_memory_student(wine, gate):
     for workers in (0, 1):
         res = metagate.distill(wine_student, [teacher], split["train"], num_workers=workers, **kw)
         assert res.metrics == want
-
-
-def test_a_random_transform_is_refused(wine):
-    split, teacher = wine
-
-    class Augmented(WineDataset):
-        random_transform = True
-
-    ds = split["train"]
-    with pytest.raises(InputError, match=r"train: the dataset marks its transform random .*online teachers are "
-                                         r"not implemented"):
-        metagate.distill(wine_student, [teacher], Augmented(ds.x, ds.y, ds.mean, ds.std), val=split["val"],
-                         gate="fixed")
