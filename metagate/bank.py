@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metagate.checks import check_finite
 from metagate.errors import StaleCacheError
 from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
+from metagate.teacher_files import file_logits
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Task
@@ -180,8 +181,12 @@ def _check_logits(blob: dict, path: Path, shape: tuple[int, int | None]) -> None
 
 
 def build_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
-               device: str | torch.device = "cpu", rebuild: bool = False) -> TeacherBank:
-    """Stack each teacher's cached training-split logits into a :class:`TeacherBank`."""
+               device: str | torch.device = "cpu", rebuild: bool = False,
+               files: list[tuple[str, Path]] | None = None) -> TeacherBank:
+    """Stack each teacher's cached training-split logits into a :class:`TeacherBank`, then the teacher-logits
+    files' (``(name, path)``; row i = training unit i, or keyed by the file's ``ids``)."""
     fp = task.fingerprint()
     logits = [cached_logits(m, n, task, cache_dir, device, rebuild, fp) for m, n in zip(modules, names)]
-    return TeacherBank(torch.stack(logits, dim=1), names)
+    ids = torch.arange(len(task.train))
+    logits += [file_logits(p, ids, task.num_classes, what=f"task {task.name!r}") for _, p in files or []]
+    return TeacherBank(torch.stack(logits, dim=1), [*names, *(n for n, _ in files or [])])
