@@ -129,3 +129,15 @@ def test_bad_per_token_files_are_clear_errors(g2p_task, tmp_path):
                                          r"per example"):
         torch.save({"logits": torch.randn(5, 4, 3)}, tmp_path / "f.pt")
         teacher_table(read_teacher_file(tmp_path / "f.pt"), torch.arange(5), 3, what="the task")
+
+
+def test_compare_takes_teacher_files_for_one_data_draw(digits_bank, tmp_path, capsys):
+    bank, _ = digits_bank
+    np.save(tmp_path / "t0.npy", bank.logits[:, 0].numpy())
+    base = ["compare", "--task", "digits", "--noise", "0.4", "--gates", "fixed", "hard", "--teachers", "0",
+            "--teacher-file", str(tmp_path / "t0.npy"), "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--seeds", "0", "--out", str(tmp_path / "one")]) == 0
+    out = capsys.readouterr().out
+    assert "fixed" in out and "hard" in out
+    assert main([*base, "--seeds", "0", "1", "--out", str(tmp_path / "two")]) != 0
+    assert "--teacher-file with --seeds 0 1: each seed is its own data draw" in capsys.readouterr().err

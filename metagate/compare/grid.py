@@ -52,6 +52,11 @@ def cell_config(args: argparse.Namespace, spec: GateSpec, seed: int, run_dir: Pa
     from metagate.cli_args import config_from_args
 
     cfg = config_from_args(args, gate=spec.gate, seed=seed, logdir=str(run_dir.resolve()), strict=False)
+    if cfg.teacher_file and len(getattr(args, "seeds", ()) or ()) > 1:
+        raise ConfigError(f"--teacher-file with --seeds {' '.join(map(str, args.seeds))}: each seed is its own data "
+                          "draw (--data-seed), but a teacher file's rows are the training units of one draw. Compare "
+                          "one seed per file (--seeds S, the file made for --data-seed S), or use "
+                          "metagate.compare_gates with unit ids")
     train = replace(cfg.train, progress=False)  # one bar over the grid instead
     return replace(cfg, data_seed=seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
                    cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).resolve()),  # workers may run elsewhere
