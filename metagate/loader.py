@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from metagate.data.task import Batch
 from metagate.errors import InputError
@@ -38,6 +38,26 @@ class WithIds(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
         item = self.dataset[i]
         return item[0], item[1], i
+
+    def __getitems__(self, ids: list[int]) -> Any:
+        """A batch's items (the DataLoader's batched fetch): a ``TensorDataset`` is gathered in one index per
+        tensor, any other dataset item by item."""
+        if isinstance(self.dataset, TensorDataset) and len(self.dataset.tensors) >= 2:
+            idx = torch.as_tensor(ids, dtype=torch.long)
+            return Gathered(self.dataset.tensors[0][idx], self.dataset.tensors[1][idx], idx)
+        return [self[i] for i in ids]
+
+
+class Gathered(tuple):
+    """``(x, y, ids)`` of a batch already stacked by :meth:`WithIds.__getitems__`."""
+
+    def __new__(cls, x: Tensor, y: Tensor, ids: Tensor) -> Gathered:
+        return super().__new__(cls, (x, y, ids))
+
+
+def collate(batch: Any) -> Any:
+    """The default collation, except for a batch :class:`WithIds` already stacked."""
+    return tuple(batch) if isinstance(batch, Gathered) else default_collate(batch)
 
 
 class EpochOrder(Sampler[int]):
@@ -72,7 +92,7 @@ class LoaderTrainer(Trainer):
             raise InputError(f"num_workers must be >= 0, got {num_workers}")
         self.sampler = EpochOrder(n, self.config.seed)
         self.loader = DataLoader(WithIds(dataset), batch_size=self.config.batch_size, sampler=self.sampler,
-                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda", collate_fn=collate,
                                  persistent_workers=num_workers > 0)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:

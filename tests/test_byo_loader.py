@@ -192,3 +192,29 @@ def _first(wine, n):
     x, y, idx, mean, std = wine
     tr = idx["train"][:n]
     return Wine(x[tr], y[tr], mean, std)
+
+
+def test_a_loader_over_tensors_gathers_batches_and_gives_the_in_memory_student(wine, trained_teacher):
+    kw = {"val": make(wine, "val"), "test": make(wine, "test"), "gate": "fixed", "train_config": FAST}
+    data = tensors(make(wine, "train"))
+    want = metagate.distill(student, [trained_teacher], data, **kw)
+    got = metagate.distill(student, [trained_teacher], data, num_workers=0, **kw)
+    assert isinstance(got.trainer, LoaderTrainer) and not isinstance(want.trainer, LoaderTrainer)
+    assert got.metrics == want.metrics
+    from metagate.loader import Gathered, WithIds
+
+    batch = WithIds(torch.utils.data.TensorDataset(*data)).__getitems__([4, 1])
+    assert isinstance(batch, Gathered) and torch.equal(batch[0], data[0][[4, 1]]) and batch[2].tolist() == [4, 1]
+
+
+def test_bench_times_the_loader_path_against_the_in_memory_path(capsys):
+    from metagate.cli import main
+
+    assert main(["bench", "--loader", "--task", "digits", "--students", "mlp", "--gates", "fixed", "--steps", "2",
+                 "--repeats", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0].strip() + "|" + " ".join(line.split()[2:-2]): line.split()[-1]
+            for line in out.splitlines() if line.startswith("mlp")}
+    assert rows["mlp|in-memory"] == "1.000x"
+    assert set(rows) == {"mlp|in-memory", "mlp|loader (tensors)", "mlp|loader (items)"}
+    assert all(float(v.rstrip("x")) > 0 for v in rows.values())
