@@ -71,7 +71,7 @@ def build_grid(args: argparse.Namespace, specs: list[GateSpec], out: Path, threa
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """A config dict without the fields that may change between a run and its resumption."""
-    out = {k: v for k, v in cfg.items() if k not in VOLATILE}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k not in VOLATILE}  # as JSON
     out["train"] = {k: v for k, v in cfg["train"].items() if k not in VOLATILE_TRAIN}
     return out
 
