@@ -8,9 +8,14 @@
     res.metrics["test/acc"], res.student
 
 Data are ``(x, y)`` (or ``(x, y, ids)``) tensors / numpy arrays, or map-style torch ``Dataset`` s whose
-items are ``(x, y)`` or ``(x, y, id)``. A dataset is **materialised**: every item is read once and stacked
-into the in-memory :class:`~metagate.data.task.Split` the shared trainer gathers batches from (so a
-dataset's transform runs once, not every epoch: a random augmentation would be frozen). Floating inputs
+items are ``(x, y)`` or ``(x, y, id)``. Tensors are the in-memory path: the trainer gathers batches from them
+by index (the fast default of the built-in tasks). A training **Dataset** is not read into memory: its labels
+(and ids) are read once (``dataset.targets`` when it has them), its inputs are read by id when a teacher or a
+gate needs them (:class:`~metagate.data.inputs.DatasetInputs`), and the trainer's batches come from a
+``DataLoader`` over it (``num_workers=``; its transform runs every epoch). A training dataset that marks its
+transform random (``random_transform = True``) takes online teachers only (:func:`metagate.online`): cached
+logits of inputs that change every epoch would be wrong. The ``meta``, ``select`` and ``test`` parts are read
+into memory once (evaluation data: no augmentation; a random transform there is refused). Floating inputs
 become float32, labels int64. Ids default to the position in the split; with explicit ids, the splits share
 one id space (teacher files are keyed by it, and overlap between splits is found by it).
 
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from metagate.bank import TeacherBank
+from metagate.data.inputs import DatasetInputs, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
 from metagate.gates import Gate, GateConfig, get_gate_class
@@ -44,7 +50,13 @@ from metagate.logger import Logger
 from metagate.modes import eval_mode
 from metagate.report import comparison_table
 from metagate.run import build_gate
-from metagate.teacher_sources import TeacherLike, build_mixed_bank, named_teachers, teacher_classes
+from metagate.teacher_sources import (
+    TeacherLike,
+    build_mixed_bank,
+    named_teachers,
+    refuse_cached_with_random,
+    teacher_classes,
+)
 from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
 
 #: what may stand for a split
@@ -62,15 +74,24 @@ class UnitSplit:
     explicit: bool
 
 
-def as_split(data: DataLike, what: str) -> UnitSplit:
-    """``(x, y[, ids])`` arrays or a map-style ``Dataset`` of ``(x, y[, id])`` items as an in-memory split."""
-    if getattr(data, "random_transform", False):
-        raise InputError(f"{what}: the dataset marks its transform random (random_transform=True); metagate reads a "
-                         "dataset once and caches teacher logits for fixed inputs, so a random augmentation would "
-                         "be frozen and the cached logits wrong (online teachers are not implemented yet)")
+def is_random(data: Any) -> bool:
+    """The dataset marks its transform random (``random_transform = True``)."""
+    return bool(getattr(data, "random_transform", False))
+
+
+def as_split(data: DataLike, what: str, lazy: bool = False) -> UnitSplit:
+    """``(x, y[, ids])`` arrays or a map-style ``Dataset`` of ``(x, y[, id])`` items as a split: in memory, or with
+    ``lazy`` a Dataset's inputs read by id (:class:`~metagate.data.inputs.DatasetInputs`)."""
     if isinstance(data, IterableDataset):
-        raise InputError(f"{what}: an IterableDataset cannot be materialised by index; give a map-style Dataset "
+        raise InputError(f"{what}: an IterableDataset cannot be read by unit id; give a map-style Dataset "
                          "(with __getitem__ and __len__) or (x, y) tensors")
+    if is_random(data) and not lazy:
+        raise InputError(f"{what}: the dataset marks its transform random (random_transform=True); {what} is "
+                         "evaluation data, read into memory once, where a random augmentation would be frozen. Give "
+                         f"{what} without the augmentation (only the training data may be random)")
+    if lazy and isinstance(data, Dataset) and hasattr(data, "__getitem__"):
+        y, ids = scan_dataset(data, what)
+        return _checked(DatasetInputs(data, random=is_random(data)), y, ids, what)
     if isinstance(data, (tuple, list)) and len(data) in (2, 3) and not isinstance(data, Dataset):
         parts = [torch.as_tensor(np.asarray(p)) if not isinstance(p, Tensor) else p.detach().cpu() for p in data]
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
@@ -87,9 +108,12 @@ def as_split(data: DataLike, what: str) -> UnitSplit:
     else:
         raise InputError(f"{what}: expected (x, y) tensors/arrays or a map-style torch Dataset, got "
                          f"{type(data).__name__}")
-    x, y = parts[0], parts[1]
-    if x.is_floating_point():
-        x = x.float()
+    x = parts[0].float() if parts[0].is_floating_point() else parts[0]
+    return _checked(x, parts[1], parts[2] if len(parts) == 3 else None, what)
+
+
+def _checked(x: Any, y: Tensor, ids: Tensor | None, what: str) -> UnitSplit:
+    """Labels 1-D integers, one per input, ids unique."""
     if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1:
         if y.is_floating_point() and y.ndim == 1 and torch.equal(y, y.round()):
             y = y.long()  # integral float labels (numpy/pandas habit)
@@ -100,8 +124,8 @@ def as_split(data: DataLike, what: str) -> UnitSplit:
         raise InputError(f"{what} has {x.shape[0]} inputs but {y.shape[0]} labels")
     if len(y) == 0:
         raise InputError(f"{what} is empty")
-    explicit = len(parts) == 3
-    ids = parts[2].long() if explicit else torch.arange(len(y))
+    explicit = ids is not None
+    ids = ids.long() if ids is not None else torch.arange(len(y))
     if explicit:
         if ids.shape != y.shape:
             raise InputError(f"{what} has {ids.shape[0]} ids for {y.shape[0]} units")
@@ -121,10 +145,13 @@ def check_label_range(part: UnitSplit, num_classes: int, what: str) -> None:
                          f"range [0, {num_classes}) ({int(bad.sum())} such unit(s))")
 
 
-def _row_keys(split: Split) -> list[bytes]:
-    x = np.ascontiguousarray(split.x.reshape(len(split), -1).numpy())
-    y = split.y.numpy()
-    return [x[i].tobytes() + y[i].tobytes() for i in range(len(split))]
+def _row_keys(split: Split, chunk: int = 1024) -> list[bytes]:
+    keys, y = [], split.y.numpy()
+    for a in range(0, len(split), chunk):  # in chunks: a dataset's inputs are read by id
+        xa = split.x[a : a + chunk].cpu()
+        x = np.ascontiguousarray(xa.reshape(xa.shape[0], -1).numpy())
+        keys += [x[i].tobytes() + y[a + i].tobytes() for i in range(x.shape[0])]
+    return keys
 
 
 def check_disjoint(train: UnitSplit, part: UnitSplit, what: str) -> None:
@@ -158,6 +185,9 @@ class Prepared:
     teacher_stats: list[dict[str, Any]]
     has_test: bool
     ids: dict[str, Tensor] = field(default_factory=dict)
+    #: the training Dataset the trainer's DataLoader iterates (``None``: the in-memory path) and its workers
+    dataset: Dataset | None = None
+    num_workers: int = 0
 
 
 def prepare(
@@ -178,10 +208,18 @@ def prepare(
     rebuild_cache: bool = False,
     device: str = "auto",
     val_seed: int = 0,
+    num_workers: int | None = None,
 ) -> Prepared:
-    """Materialise and check the data, build the teacher bank (the first half of :func:`distill`)."""
+    """Read and check the data, build the teacher bank (the first half of :func:`distill`).
+
+    :param num_workers: the training DataLoader's workers (a training Dataset always takes the loader path;
+        with tensors, a number given here builds a loader over them too)
+    """
     dev = resolve_device(device)
-    parts = {"train": as_split(train, "train")}
+    if num_workers is not None and num_workers < 0:
+        raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+    lazy = isinstance(train, Dataset) and not isinstance(train, (tuple, list))
+    parts = {"train": as_split(train, "train", lazy=lazy)}
     if meta is None or select is None:
         if val is None:
             raise ConfigError("give meta= and select= (clean validation parts), or val= to split them from")
@@ -206,6 +244,8 @@ def prepare(
         with torch.random.fork_rng(devices=[]):  # a probe instance: the real one is made after seeding
             model = student()
     pairs = named_teachers(teachers or [], teacher_names)
+    if is_random(train):
+        refuse_cached_with_random(pairs)
     # the class count: given, else the teachers', else the student's; everyone must agree
     c_student = _output_size(model, tr.split.x, dev)
     c = num_classes
@@ -244,7 +284,10 @@ def prepare(
         known = [p.ids for nm, p in parts.items() if nm != "train" and p.explicit]
         bank, stats = build_mixed_bank(task, pairs, tr.ids, torch.cat(known) if known else None,
                                        None if cache_dir is None else Path(cache_dir), dev, rebuild_cache)
-    return Prepared(task, bank, stats, has_test, {k: p.ids for k, p in parts.items()})
+    dataset: Dataset | None = train if lazy else None  # type: ignore[assignment]
+    if dataset is None and num_workers is not None:
+        dataset = TensorDataset(task.train.x, task.train.y)
+    return Prepared(task, bank, stats, has_test, {k: p.ids for k, p in parts.items()}, dataset, num_workers or 0)
 
 
 @dataclass
@@ -285,13 +328,10 @@ def _train_config(train_config: TrainConfig | Mapping[str, Any] | None) -> Train
 def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta",
                  gate_config: GateConfig | Mapping[str, Any] | None = None,
                  train_config: TrainConfig | Mapping[str, Any] | None = None,
-                 logdir: str | Path | None = None, overwrite: bool = False,
-                 loader: tuple[Dataset, int] | None = None) -> DistillResult:
-    """Train a student on prepared data and teachers (the second half of :func:`distill`).
-
-    :param loader: ``(dataset, num_workers)``: training batches from a ``DataLoader`` over ``dataset``
-        (:class:`~metagate.loader.LoaderTrainer`) instead of the in-memory split
-    """
+                 logdir: str | Path | None = None, overwrite: bool = False) -> DistillResult:
+    """Train a student on prepared data and teachers (the second half of :func:`distill`): training batches from
+    a ``DataLoader`` over ``prep.dataset`` (:class:`~metagate.loader.LoaderTrainer`), else from the in-memory
+    split."""
     cfg = _train_config(train_config)
     g = _make_gate(gate, gate_config)
     if g.uses_teachers and prep.bank is None:
@@ -308,7 +348,8 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
     identity = {"task": prep.task.key, "gate": g.name, "student": type(model).__name__,
                 "teachers": ",".join(prep.bank.names) if prep.bank else ""}
     args = (prep.task, model, g, prep.bank, cfg, Logger(run_dir) if run_dir else None, run_dir, identity)
-    trainer = Trainer(*args) if loader is None else LoaderTrainer(*args, dataset=loader[0], num_workers=loader[1])
+    trainer = Trainer(*args) if prep.dataset is None else LoaderTrainer(*args, dataset=prep.dataset,
+                                                                         num_workers=prep.num_workers)
     try:
         metrics = trainer.fit()
         if run_dir is not None:
@@ -345,8 +386,8 @@ def distill(
         fingerprint when ``cache_dir`` is given), logits files (``.npy/.npz/.pt/.safetensors``, full or top-k,
         see :mod:`metagate.teacher_files`), ``[N_train, C]`` tensors (row i = training unit i), or
         :class:`~metagate.data.task.TeacherSpec` (trained here); ``None``/``[]`` for ``gate="ce"``
-    :param train: ``(x, y)`` / ``(x, y, ids)`` or a map-style Dataset of ``(x, y[, id])`` items, materialised
-        into memory (module docstring)
+    :param train: ``(x, y)`` / ``(x, y, ids)`` tensors (in memory) or a map-style Dataset of ``(x, y[, id])``
+        items (batches from a DataLoader over it; module docstring)
     :param meta: clean part gates may learn from; :param select: clean part for model selection;
         give both, or ``val`` to split them off (stratified halves)
     :param test: the test set (without it the metrics are ``select/*`` only)
@@ -355,21 +396,16 @@ def distill(
     :param train_config: :class:`~metagate.trainer.TrainConfig` or a mapping of its fields
     :param options: ``num_classes``, ``teacher_names``, ``corrupted`` / ``clean_labels`` (training units'
         corrupted-label mask and clean labels, for diagnostics only), ``name``, ``cache_dir``,
-        ``rebuild_cache``, ``val_seed`` (see :func:`prepare`); ``logdir``, ``overwrite`` (TensorBoard events,
-        checkpoints and ``metrics.json``; default: nothing written); ``num_workers``: train from a
-        ``DataLoader`` over ``train`` with that many workers (the dataset's transform then runs every epoch;
-        default: batches from the in-memory split)
+        ``rebuild_cache``, ``val_seed``, ``num_workers`` (the training DataLoader's workers; given with tensors, a
+        loader over them) (see :func:`prepare`); ``logdir``, ``overwrite`` (TensorBoard events, checkpoints and
+        ``metrics.json``; default: nothing written)
     :raises InputError: student vs teacher output sizes, labels out of range, duplicate ids, bad teacher
         files, ``meta``/``select`` overlapping ``train``
     """
     run_opts: dict[str, Any] = {k: options.pop(k) for k in ("logdir", "overwrite") if k in options}
-    num_workers = options.pop("num_workers", None)
     cfg = _train_config(train_config)
     prep = prepare(student, teachers, train, meta=meta, select=select, val=val, test=test, device=cfg.device,
                    **options)
-    if num_workers is not None:
-        ds = train if isinstance(train, Dataset) else TensorDataset(prep.task.train.x, prep.task.train.y)
-        run_opts["loader"] = (ds, int(num_workers))
     return run_prepared(prep, student, gate, gate_config, cfg, **run_opts)
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metagate.checks import check_finite
 from metagate.errors import StaleCacheError
 from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
+from metagate.teacher_files import file_logits
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Task
@@ -76,8 +77,39 @@ class TeacherBank:
         return rows(self.log_probs(tau), ids)
 
     def to(self, device: torch.device | str) -> TeacherBank:
-        return TeacherBank(self.logits.to(device), self.names) if self.logits.device != torch.device(device) \
-            else self
+        """The bank on ``device``; on CUDA, when the logits do not fit (:func:`fits_on_gpu`), a
+        :class:`HostBank` in pinned CPU memory serving lookups on the GPU."""
+        device = torch.device(device)
+        if self.logits.device == device:
+            return self
+        if device.type == "cuda" and not fits_on_gpu(self.logits, device):
+            return HostBank(self.logits, self.names, device)
+        return TeacherBank(self.logits.to(device), self.names)
+
+
+def fits_on_gpu(t: Tensor, device: torch.device, share: float = 0.25) -> bool:
+    """Whether ``t`` and one per-temperature log-probability copy of it take at most ``share`` of the GPU's free
+    memory (the student, its activations and the optimizer need the rest)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * t.numel() * t.element_size() <= share * free
+
+
+class HostBank(TeacherBank):
+    """Teacher logits too large for the GPU: kept in pinned CPU memory, the rows of a batch gathered on the CPU
+    and copied to ``device`` asynchronously."""
+
+    def __init__(self, logits: Tensor, names: list[str], device: torch.device) -> None:
+        super().__init__(logits.cpu().pin_memory(), names)
+        self.device = device
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return rows(self.logits, ids.cpu()).pin_memory().to(self.device, non_blocking=True)
+
+    def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
+        return rows(self.log_probs(tau), ids.cpu()).pin_memory().to(self.device, non_blocking=True)
+
+    def to(self, device: torch.device | str) -> TeacherBank:
+        return self if torch.device(device) == self.device else TeacherBank(self.logits, self.names).to(device)
 
 
 def rows(table: Tensor, ids: Tensor) -> Tensor:
@@ -149,8 +181,12 @@ def _check_logits(blob: dict, path: Path, shape: tuple[int, int | None]) -> None
 
 
 def build_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
-               device: str | torch.device = "cpu", rebuild: bool = False) -> TeacherBank:
-    """Stack each teacher's cached training-split logits into a :class:`TeacherBank`."""
+               device: str | torch.device = "cpu", rebuild: bool = False,
+               files: list[tuple[str, Path]] | None = None) -> TeacherBank:
+    """Stack each teacher's cached training-split logits into a :class:`TeacherBank`, then the teacher-logits
+    files' (``(name, path)``; row i = training unit i, or keyed by the file's ``ids``)."""
     fp = task.fingerprint()
     logits = [cached_logits(m, n, task, cache_dir, device, rebuild, fp) for m, n in zip(modules, names)]
-    return TeacherBank(torch.stack(logits, dim=1), names)
+    ids = torch.arange(len(task.train))
+    logits += [file_logits(p, ids, task.num_classes, what=f"task {task.name!r}") for _, p in files or []]
+    return TeacherBank(torch.stack(logits, dim=1), [*names, *(n for n, _ in files or [])])

@@ -17,7 +17,7 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
 
 from metagate.bank import TeacherBank
 from metagate.data import Batch, get_task
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate
+from metagate.loader import LoaderTrainer
 from metagate.report import table
 from metagate.seq_bank import SeqTeacherBank, token_index
 from metagate.trainer import TrainConfig, Trainer, resolve_device
@@ -166,10 +168,93 @@ def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int
                                repeats)
 
 
+class ItemDataset(Dataset):
+    """The split's tensors served item by item (what a user's map-style dataset costs the loader)."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+
+def _stream(trainer: Trainer) -> Iterator[Batch]:
+    """The trainer's own batches, epoch after epoch (a loader's iterator is made once per epoch, as in ``fit``)."""
+    epoch = 0
+    while True:
+        yield from trainer.epoch_batches(epoch)
+        epoch += 1
+
+
+def _time_stream(trainer: Trainer, stream: Iterator[Batch], steps: int, device: torch.device) -> float:
+    """Mean seconds per step: the batch from the trainer's batch source, then its step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(stream))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_loader(task_name: str, arch: str, k: int, batch_size: int, steps: int, repeats: int,
+                 device: torch.device, gates: tuple[str, ...] = ("fixed",)) -> dict[str, float]:
+    """Median per-step seconds, batches included, of the in-memory path and the DataLoader path
+    (``num_workers=0``: over the split's tensors, gathered per batch, and over an item-by-item dataset) for the
+    same gate, student, initial weights and teacher logits, interleaved in one process."""
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    n, c = len(task.train), task.num_classes
+    bank = TeacherBank(torch.randn(n, k, c) * 3, [f"t{j}" for j in range(k)]).to(device)
+    init = task.make_student(arch)
+    cfg = TrainConfig(epochs=1000, batch_size=batch_size, lr=0.01, device=str(device), progress=False)
+    sources: dict[str, Callable[[Gate], Trainer]] = {
+        "in-memory": lambda g: Trainer(task, copy.deepcopy(init), g, bank, cfg),
+        "loader (tensors)": lambda g: LoaderTrainer(task, copy.deepcopy(init), g, bank, cfg,
+                                                    dataset=TensorDataset(task.train.x, task.train.y)),
+        "loader (items)": lambda g: LoaderTrainer(task, copy.deepcopy(init), g, bank, cfg,
+                                                  dataset=ItemDataset(task.train.x, task.train.y)),
+    }
+    runs: dict[str, Callable[[], float]] = {}
+    for spec in gates:
+        for src, make in sources.items():
+            tr = make(build_bench_gate(spec))
+            stream = _stream(tr)
+            for _ in range(min(10, steps)):  # warm-up
+                tr.train_step(next(stream))
+            runs[f"{src} + {spec}"] = partial(_time_stream, tr, stream, steps, device)
+    return interleaved_medians(runs, repeats)
+
+
+def bench_loader_report(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """``metagate bench --loader``: the loader path's step time against the in-memory path's, per gate."""
+    results, rows = {}, []
+    for arch in args.students:
+        res = bench_loader(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device,
+                           tuple(args.gates))
+        results[arch] = res
+        for spec in args.gates:
+            ref = res[f"in-memory + {spec}"]
+            for src in ("in-memory", "loader (tensors)", "loader (items)"):
+                t = res[f"{src} + {spec}"]
+                rows.append([arch, spec, src, f"{t * 1e3:.3f}", f"{t / ref:.3f}x"])
+    print(f"task {args.task}, K={args.teachers}, batch {args.batch_size}, {args.steps} steps x {args.repeats} "
+          f"repeats (median, batches included), num_workers=0, device {device}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(table(["student", "gate", "batches from", "ms/step", "ratio to in-memory"], rows))
+    return results
+
+
 def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "loader", False):
+        return bench_loader_report(args, device)
     results = {}
     rows = []
     students = args.students or (["gru"] if args.task == "g2p" else ["mlp", "cnn"])

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gates", nargs="+", default=["fixed", "hard"],
                    help="gates through the trainer: NAME or NAME:option=value,... (e.g. meta:meta_backend=closed-form)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--loader", action="store_true",
+                   help="time the DataLoader path (num_workers=0; over the split's tensors and over an item-by-item "
+                        "dataset) against the in-memory path for each of --gates, batches included")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-policy", help=(train_policy.run.__doc__ or "").strip(),

@@ -1,13 +1,15 @@
-"""Training batches from a torch ``DataLoader`` instead of the in-memory split (``num_workers``, a dataset's
-transform run every epoch).
+"""Training batches from a torch ``DataLoader`` instead of the in-memory split (data on disk, ``num_workers``, a
+dataset's transform run every epoch).
 
 :class:`WithIds` gives any map-style dataset's items their unit ids (the index); :class:`LoaderTrainer` is
 the shared :class:`~metagate.trainer.Trainer` with only its batch source replaced: the loader visits the
 units in the same per-(seed, epoch) order as the in-memory path, so with a deterministic dataset both give
-the same student bit for bit. The in-memory path stays the default (the trainer itself is unchanged).
+the same student bit for bit. The in-memory path stays the default of the built-in tasks (the trainer itself
+is unchanged).
 
-The teacher bank and the gates still read the materialised training split by unit id (``train_x``), so the
-dataset must return the same unit for the same id; teacher logits stay cached (no online teachers yet).
+What reads the training inputs by unit id outside the batches (``train_x``: the meta gate's full pass, module
+teachers' logits) reads the dataset's items (:class:`~metagate.data.inputs.DatasetInputs`); online teachers
+(:mod:`metagate.online_bank`) run on each batch's inputs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from metagate.data.task import Batch
 from metagate.errors import InputError
@@ -36,6 +38,26 @@ class WithIds(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, Any, int]:
         item = self.dataset[i]
         return item[0], item[1], i
+
+    def __getitems__(self, ids: list[int]) -> Any:
+        """A batch's items (the DataLoader's batched fetch): a ``TensorDataset`` is gathered in one index per
+        tensor, any other dataset item by item."""
+        if isinstance(self.dataset, TensorDataset) and len(self.dataset.tensors) >= 2:
+            idx = torch.as_tensor(ids, dtype=torch.long)
+            return Gathered(self.dataset.tensors[0][idx], self.dataset.tensors[1][idx], idx)
+        return [self[i] for i in ids]
+
+
+class Gathered(tuple):
+    """``(x, y, ids)`` of a batch already stacked by :meth:`WithIds.__getitems__`."""
+
+    def __new__(cls, x: Tensor, y: Tensor, ids: Tensor) -> Gathered:
+        return super().__new__(cls, (x, y, ids))
+
+
+def collate(batch: Any) -> Any:
+    """The default collation, except for a batch :class:`WithIds` already stacked."""
+    return tuple(batch) if isinstance(batch, Gathered) else default_collate(batch)
 
 
 class EpochOrder(Sampler[int]):
@@ -70,7 +92,7 @@ class LoaderTrainer(Trainer):
             raise InputError(f"num_workers must be >= 0, got {num_workers}")
         self.sampler = EpochOrder(n, self.config.seed)
         self.loader = DataLoader(WithIds(dataset), batch_size=self.config.batch_size, sampler=self.sampler,
-                                 num_workers=num_workers, pin_memory=self.device.type == "cuda",
+                                 num_workers=num_workers, pin_memory=self.device.type == "cuda", collate_fn=collate,
                                  persistent_workers=num_workers > 0)
 
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:

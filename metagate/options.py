@@ -23,7 +23,7 @@ from metagate.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | list[str] | None = None,
-           finite: bool = True, shown: str | None = None) -> Any:
+           finite: bool = True, shown: str | None = None, metavar: str | None = None) -> Any:
     """A dataclass field that is also a command-line flag, a YAML key and an HPARAMS entry.
 
     :param default: the value when unset (``None`` for "unset: decided by the gate", say so in ``help``)
@@ -32,9 +32,10 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | list[str] | No
     :param finite: refuse NaN and infinities for a float option
     :param shown: the default as ``--help`` shows it, when the field is ``None`` ("unset") but resolves to a
         value most of the time (say in ``help`` who resolves it otherwise)
+    :param metavar: the flag's value name in ``--help``
     """
     return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
-                                            "finite": finite, "shown": shown})
+                                            "finite": finite, "shown": shown, "metavar": metavar})
 
 
 def same_as(cls: type, name: str, default: Any = MISSING) -> Any:
@@ -101,6 +102,12 @@ def check_value(owner: str, name: str, value: Any, annotation: Any, meta: dict[s
         if choices and value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
         return value
+    if tuple in allowed:  # a repeatable string option (the flag may be given several times)
+        if isinstance(value, (str, os.PathLike)):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return tuple(os.fspath(v) for v in value)
     if dict in allowed:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -151,6 +158,8 @@ def default_text(f: Field) -> str:
     d = f.default if f.default is not MISSING else None
     if isinstance(d, bool):
         return "on" if d else "off"
+    if isinstance(d, tuple):
+        return "none" if not d else ", ".join(d)
     return "unset" if d is None else repr(d) if isinstance(d, str) else f"{d:g}" if isinstance(d, float) else str(d)
 
 
@@ -171,6 +180,9 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         helptext = f"{f.metadata['help']} (default: {default_text(f)})"
         if bool in allowed:
             parser.add_argument(flag(f.name), action="store_const", const=True, default=None, help=helptext)
+        elif tuple in allowed:
+            parser.add_argument(flag(f.name), action="append", default=None, help=helptext + "; repeatable",
+                                metavar=f.metadata.get("metavar") or f.name.upper().split("_")[-1])
         else:
             typ = int if int in allowed and float not in allowed else float if float in allowed else str
             parser.add_argument(flag(f.name), type=_parse(typ, f.name), default=None, help=helptext,

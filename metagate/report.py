@@ -22,6 +22,9 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+NAN = float("nan")
+
+
 def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:.{digits}f}"
@@ -34,7 +37,8 @@ def print_run(cfg: Any, result: dict[str, Any]) -> None:
         ts = result["teachers"]
         seq = [k for k in ("test_per", "test_wer") if all(k in t for t in ts)]  # sequence teachers
         print(table(["teacher", "test acc", "select acc", *(k[5:].upper() for k in seq)],
-                    [[t["name"], fmt(t["test_acc"]), fmt(t["select_acc"]), *(fmt(t[k]) for k in seq)] for t in ts]))
+                    [[t["name"], fmt(t.get("test_acc", NAN)), fmt(t.get("select_acc", NAN)), *(fmt(t[k]) for k in seq)]
+                     for t in ts]))  # a file teacher has no accuracies
         print()
     keys = [k for k in (*MAIN_METRICS, *SEQ_METRICS, *DIAG_METRICS) if k in result]
     keys += sorted(k for k in result if k.startswith("gate/mean_w"))

@@ -47,7 +47,11 @@ class DistillConfig(Options):
     topk: int | None = option(None, "g2p: cache teacher token logits as the k largest log-probabilities + the "
                               "remaining mass (unset: every logit, float16); k < vocabulary size")
     student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
-    teachers: int = option(3, "number of teachers K")
+    teachers: int = option(3, "number of teachers K trained by the project (0: only --teacher-file teachers)")
+    teacher_file: tuple[str, ...] = option((), "a teacher whose logits come from a file, NAME=PATH or PATH (name: "
+                                           "the file's stem): .npy/.npz/.pt/.safetensors, [N, C] or per-token "
+                                           "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
+                                           "added to the bank after the trained teachers", metavar="[NAME=]PATH")
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
     gate: str = option("fixed", "which gate decides W")
     gate_options: dict[str, Any] = field(default_factory=dict)
@@ -97,7 +101,7 @@ class DistillConfig(Options):
         hp: dict[str, Any] = option_values(self)
         hp.update(option_values(self.train, "train_"))
         hp.update(gate.hparams())
-        return {k: ("" if v is None else v) for k, v in hp.items()}
+        return {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
 
 
 def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
@@ -122,8 +126,12 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
     """Teachers of the run (trained once, cached) and their training-split logits bank."""
     cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
     device = resolve_device(cfg.train.device)
-    modules, names, stats = load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
-                                                   str(device), cfg.retrain_teachers, progress, verbose)
+    files = parse_teacher_files(cfg.teacher_file)
+    if cfg.teachers == 0 and not files:
+        raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
+    modules, names, stats = (load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
+                                                    str(device), cfg.retrain_teachers, progress, verbose)
+                             if cfg.teachers else ([], [], []))
     for m, n, st in zip(modules, names, stats):
         if math.isnan(st.get("test_acc", 0.0)):
             st["test_acc"] = float((teacher_logits(m, task.test.x, device).argmax(-1) == task.test.y)
@@ -131,12 +139,31 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
         st["name"] = n  # type: ignore[assignment]
     rebuild = cfg.rebuild_cache or cfg.retrain_teachers
     if is_sequence(task):
-        bank: TeacherBank = build_seq_bank(task, modules, names, cache, device, rebuild, cfg.topk)
+        bank: TeacherBank = build_seq_bank(task, modules, names, cache, device, rebuild, cfg.topk, files)
     else:
         if cfg.topk is not None:
             raise ConfigError(f"--topk is for sequence tasks (g2p); task {cfg.task!r} has one unit per example")
-        bank = build_bank(task, modules, names, cache, device, rebuild)
+        bank = build_bank(task, modules, names, cache, device, rebuild, files)
+    taken = set(names)
+    for name, _ in files:
+        if name in taken:
+            raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
+        taken.add(name)
+        stats.append({"name": name, "kind": "file"})  # type: ignore[dict-item]
     return bank, stats
+
+
+def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` or ``PATH`` (named by the file's stem) -> ``(name, path)`` pairs."""
+    out = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ConfigError(f"--teacher-file {spec!r}: expected NAME=PATH or PATH")
+        out.append((name, Path(path)))
+    return out
 
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,

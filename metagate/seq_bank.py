@@ -33,6 +33,7 @@ from metagate.bank import TeacherBank, logits_fingerprint, rows
 from metagate.checks import check_finite
 from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.io import atomic_save, safe_load
+from metagate.teacher_files import read_teacher_file, token_table
 from metagate.units import PAD_ID
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -191,11 +192,15 @@ def cached_token_logits(teacher: nn.Module, name: str, task: Task, cache_dir: Pa
 
 def build_seq_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
                    device: str | torch.device = "cpu", rebuild: bool = False,
-                   topk: int | None = None) -> SeqTeacherBank:
-    """Stack each teacher's cached token logits into a :class:`SeqTeacherBank`."""
+                   topk: int | None = None, files: list[tuple[str, Path]] | None = None) -> SeqTeacherBank:
+    """Stack each teacher's cached token logits into a :class:`SeqTeacherBank`, then the per-token ``[N, T, V]``
+    teacher-logits files' (``(name, path)``, :func:`metagate.teacher_files.token_table`)."""
     if topk is not None:
         topk_compress(torch.zeros(1, task.num_classes), topk)  # refuse k >= V before any teacher runs
     fp = task.fingerprint()
     logits = [cached_token_logits(m, n, task, cache_dir, device, rebuild, topk, fp) for m, n in zip(modules, names)]
+    mask = task.train.y != PAD_ID
+    ids = torch.arange(len(task.train))
+    logits += [token_table(read_teacher_file(p), ids, mask, task.num_classes) for _, p in files or []]
     stacked = torch.stack([lg.to(torch.float16) for lg in logits], 1)  # float16 in memory too
-    return SeqTeacherBank(stacked, token_index(task.train.y != PAD_ID), names)
+    return SeqTeacherBank(stacked, token_index(mask), [*names, *(n for n, _ in files or [])])

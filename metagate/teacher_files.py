@@ -1,7 +1,9 @@
 """Teachers whose logits come from files: another framework, a model that is not torch, a large model's
 offline outputs.
 
-A teacher-logits file holds one teacher's outputs for the training units, ``[N, C]``:
+A teacher-logits file holds one teacher's outputs for the training units, ``[N, C]``, or ``[N, T, V]`` per target
+token for a sequence task (``T`` the task's padded target length, ``V`` its target vocabulary; padded
+positions are ignored; top-k arrays are then ``[N, T, k]`` and ``remainder [N, T]``):
 
 * ``.npy`` -- one array: full logits (or log-probabilities); row ``i`` is training unit ``i``.
 * ``.npz``, ``.pt``, ``.safetensors`` -- named arrays (a ``.pt`` file may also be a bare tensor of full logits):
@@ -29,7 +31,8 @@ uniform and otherwise loses only the tail's shape (digits CNN teachers, k = 5 of
 mean KL(full || rebuilt) 0.011 at ``tau`` 1, 0.0025 at ``tau`` 4).
 
 Every problem is an :class:`~metagate.errors.InputError` that names the file and both sizes: wrong
-length, wrong class count, non-finite values, unknown / duplicate / missing unit ids, top-k with ``k >= C``.
+length, wrong class count (or ``T`` / ``V``), non-finite values, unknown / duplicate / missing unit ids, top-k
+with ``k >= C``.
 """
 
 from __future__ import annotations
@@ -79,8 +82,14 @@ class TeacherArrays:
 
     @property
     def file_classes(self) -> int | None:
-        """``C`` as the file states it (full logits' width, or ``num_classes`` of a top-k file)."""
-        return int(self.logits.shape[1]) if self.logits is not None else self.num_classes
+        """``C`` (``V``) as the file states it (full logits' width, or ``num_classes`` of a top-k file)."""
+        return int(self.logits.shape[-1]) if self.logits is not None else self.num_classes
+
+    @property
+    def seq_len(self) -> int | None:
+        """``T`` of a per-token ``[N, T, V]`` file (``None``: ``[N, C]``)."""
+        t = self.logits if self.logits is not None else self.log_probs
+        return int(t.shape[1]) if t is not None and t.ndim == 3 else None
 
 
 def read_teacher_file(path: str | os.PathLike) -> TeacherArrays:
@@ -151,8 +160,8 @@ def teacher_arrays(blob: dict[str, Any], source: str) -> TeacherArrays:
     if full:
         out.logits = _float_matrix(t["logits"], source, "logits")
         n = out.logits.shape[0]
-        if out.num_classes is not None and out.num_classes != out.logits.shape[1]:
-            raise InputError(f"{source}: 'logits' has {out.logits.shape[1]} classes but 'num_classes' says "
+        if out.num_classes is not None and out.num_classes != out.logits.shape[-1]:
+            raise InputError(f"{source}: 'logits' has {out.logits.shape[-1]} classes but 'num_classes' says "
                              f"{out.num_classes}")
     else:
         if "indices" not in t or "log_probs" not in t:
@@ -167,19 +176,21 @@ def teacher_arrays(blob: dict[str, Any], source: str) -> TeacherArrays:
         out.indices = idx.long()
         n = out.log_probs.shape[0]
         if (out.log_probs > 1e-6).any():
-            r = int((out.log_probs > 1e-6).any(1).nonzero()[0])
+            r = int((out.log_probs > 1e-6).reshape(n, -1).any(1).nonzero()[0])
             raise InputError(f"{source}: 'log_probs' must be log-probabilities (<= 0); row {r} has "
                              f"{float(out.log_probs[r].max()):g}")
         if "remainder" in t:
-            rem = t["remainder"].reshape(-1).double() if t["remainder"].ndim == 2 and t["remainder"].shape[1] == 1 \
-                else t["remainder"].double()
-            if rem.shape != (n,):
-                raise InputError(f"{source}: 'remainder' has shape {tuple(t['remainder'].shape)}, expected [{n}] "
-                                 f"(one mass per row of 'log_probs')")
+            want = tuple(out.log_probs.shape[:-1])
+            rem = t["remainder"].double()
+            if rem.ndim == len(want) + 1 and rem.shape[-1] == 1:
+                rem = rem.squeeze(-1)
+            if tuple(rem.shape) != want:
+                raise InputError(f"{source}: 'remainder' has shape {tuple(t['remainder'].shape)}, expected "
+                                 f"{list(want)} (one mass per row of 'log_probs')")
             _check_finite(rem, source, "remainder")
             out.remainder = rem
-        srt = out.indices.sort(1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+        srt = out.indices.sort(-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]).any(-1).reshape(n, -1).any(1)
         if dup.any():
             r = int(dup.nonzero()[0])
             raise InputError(f"{source}: row {r} of 'indices' repeats a class ({srt[r].tolist()})")
@@ -194,11 +205,9 @@ def teacher_arrays(blob: dict[str, Any], source: str) -> TeacherArrays:
 
 
 def _float_matrix(x: Tensor, source: str, key: str) -> Tensor:
-    if x.ndim == 3:
-        raise InputError(f"{source}: {key!r} is 3-D {tuple(x.shape)} (per-token [N, T, V] outputs): sequence "
-                         "teacher files are not supported yet; a classification file is [N, C]")
-    if x.ndim != 2:
-        raise InputError(f"{source}: {key!r} must be [N, C] (rows = units), got shape {tuple(x.shape)}")
+    if x.ndim not in (2, 3):
+        raise InputError(f"{source}: {key!r} must be [N, C] (rows = units) or [N, T, V] (per-token, sequence "
+                         f"tasks), got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
         raise InputError(f"{source}: {key!r} must be floating point, got {x.dtype}")
     _check_finite(x, source, key)
@@ -298,6 +307,9 @@ def teacher_table(arrays: TeacherArrays, unit_ids: Tensor, num_classes: int, kno
     :param what: who fixes ``C``, for the error (``"the student"``, ``"the other teachers"``)
     """
     got = arrays.file_classes
+    if arrays.seq_len is not None:
+        raise InputError(f"{arrays.source} is a per-token [N, T, V] file (T = {arrays.seq_len}) but {what} has one "
+                         "unit per example: give [N, C]")
     if got is not None and got != num_classes:
         raise InputError(f"{arrays.source} has {got} classes but {what} has {num_classes}")
     rows = align_rows(arrays, unit_ids, known_ids)
@@ -307,6 +319,35 @@ def teacher_table(arrays: TeacherArrays, unit_ids: Tensor, num_classes: int, kno
     rem = None if arrays.remainder is None else arrays.remainder.index_select(0, rows)
     return topk_log_probs(arrays.indices.index_select(0, rows), arrays.log_probs.index_select(0, rows), rem,
                           num_classes, arrays.source)
+
+
+def token_table(arrays: TeacherArrays, unit_ids: Tensor, mask: Tensor, vocab: int,
+                known_ids: Tensor | None = None) -> Tensor:
+    """``[M, V]`` per-token logits (full) or rebuilt log-probabilities (top-k) of the ``M`` real training tokens, in
+    the row-major order of ``mask`` (:mod:`metagate.seq_bank`'s packing), from an ``[N, T, V]`` file.
+
+    :param mask: ``[N_train, T]`` the real (unpadded) target positions
+    :param vocab: the task's target vocabulary size ``V``
+    """
+    src, (n, t) = arrays.source, tuple(mask.shape)
+    if arrays.seq_len is None:
+        raise InputError(f"{src} is [N, C] but the task is a sequence task: a teacher file holds per-token logits "
+                         f"[N, T, V] = [{n}, {t}, {vocab}]")
+    if arrays.seq_len != t:
+        raise InputError(f"{src} has T = {arrays.seq_len} positions per unit but the task's padded target length "
+                         f"is {t}")
+    got = arrays.file_classes
+    if got is not None and got != vocab:
+        raise InputError(f"vocabulary mismatch: {src} has V = {got} target tokens but the task's (and the "
+                         f"student's) target vocabulary has {vocab}")
+    rows = align_rows(arrays, unit_ids, known_ids)
+    keep = mask.to(rows.device)
+    if arrays.logits is not None:
+        return arrays.logits.index_select(0, rows)[keep].contiguous()
+    assert arrays.indices is not None and arrays.log_probs is not None
+    rem = None if arrays.remainder is None else arrays.remainder.index_select(0, rows)[keep]
+    return topk_log_probs(arrays.indices.index_select(0, rows)[keep], arrays.log_probs.index_select(0, rows)[keep],
+                          rem, vocab, src)
 
 
 def file_logits(path: str | os.PathLike, unit_ids: Tensor, num_classes: int, known_ids: Tensor | None = None,

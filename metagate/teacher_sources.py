@@ -7,15 +7,17 @@
 * precomputed logits: a file path (:mod:`metagate.teacher_files`), or an ``[N, C]`` tensor / array whose
   row ``i`` is training unit ``i``.
 
-Teachers are *cached*: each one's logits are computed once for the fixed training inputs. Inputs that change
-every epoch (random augmentation) make such a cache wrong; computing a teacher in the step ("online") is not
-implemented yet.
+Teachers are *cached* by default: each one's logits are computed once for the fixed training inputs. Inputs
+that change every epoch (random augmentation) make such a cache wrong: :func:`online` marks a module teacher
+to be run in the step on the step's inputs instead (:mod:`metagate.online_bank`), and a training dataset that
+marks its transform random (``random_transform = True``) is refused with any cached teacher.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -26,11 +28,30 @@ from torch import Tensor, nn
 from metagate.bank import TeacherBank, cached_logits, teacher_logits
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
+from metagate.online_bank import OnlineBank
 from metagate.teacher_files import read_teacher_file, teacher_arrays, teacher_table
 from metagate.teachers import load_or_train_teachers
 
+
+@dataclass
+class OnlineTeacher:
+    """A module teacher run in the step on the step's inputs (never cached): see :func:`online`."""
+
+    module: nn.Module
+
+
+def online(module: nn.Module) -> OnlineTeacher:
+    """Mark a pretrained module as an *online* teacher: frozen, eval mode, its logits computed in every step on
+    that step's inputs (for a dataset whose random transform changes the inputs every epoch)."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"online() takes an nn.Module teacher, got {type(module).__name__}")
+    return OnlineTeacher(module)
+
+
 #: what may stand for one teacher
-TeacherLike = Union[nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray]
+TeacherLike = Union[nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray, OnlineTeacher]
+#: the kinds of teacher, for errors
+_KINDS = (nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray, OnlineTeacher)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -46,6 +67,8 @@ def teacher_name(teacher: TeacherLike, index: int) -> str:
         return teacher.name
     if isinstance(teacher, (str, os.PathLike)):
         return Path(teacher).stem
+    if isinstance(teacher, OnlineTeacher):
+        return f"{type(teacher.module).__name__.lower()}{index}"
     if isinstance(teacher, nn.Module):
         return f"{type(teacher).__name__.lower()}{index}"
     return f"tensor{index}"
@@ -58,7 +81,7 @@ def named_teachers(teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike],
     if isinstance(teachers, Mapping):
         pairs = [(str(k), v) for k, v in teachers.items()]
     else:
-        if isinstance(teachers, (str, os.PathLike, Tensor, np.ndarray, nn.Module, TeacherSpec)):
+        if isinstance(teachers, _KINDS):
             teachers = [teachers]
         teachers = list(teachers)
         if names is not None and len(names) != len(teachers):
@@ -69,15 +92,17 @@ def named_teachers(teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike],
         if n in seen:
             raise ConfigError(f"two teachers are named {n!r}; give teacher names (or a {{name: teacher}} mapping)")
         seen.add(n)
-        if not isinstance(t, (nn.Module, TeacherSpec, str, os.PathLike, Tensor, np.ndarray)):
+        if not isinstance(t, _KINDS):
             raise ConfigError(f"teacher {n!r} is a {type(t).__name__}; a teacher is an nn.Module, a TeacherSpec, "
-                              "a logits file path or an [N, C] tensor")
+                              "a logits file path, an [N, C] tensor or online(module)")
     return pairs
 
 
 def teacher_classes(teacher: TeacherLike, x: Tensor, device: torch.device | str = "cpu") -> int | None:
     """The class count a teacher outputs (a module: one forward on two inputs), ``None`` when only the run
     can say (a top-k file without ``num_classes``, a spec)."""
+    if isinstance(teacher, OnlineTeacher):
+        teacher = teacher.module
     if isinstance(teacher, nn.Module):
         freeze(teacher).to(device)
         with torch.no_grad():
@@ -115,8 +140,15 @@ def build_mixed_bank(
     if specs:
         task.teacher_specs = specs
         trained, _, _ = load_or_train_teachers(task, len(specs), cache_dir, device=str(device), progress=progress)
-    tables, stats = [], []
+    tables: list[Tensor | nn.Module] = []
+    stats = []
     for name, t in teachers:
+        if isinstance(t, OnlineTeacher):
+            m = freeze(t.module).to(device)
+            tables.append(m)
+            stats.append({"name": name, "kind": "online", "test_acc": float(
+                (teacher_logits(m, task.test.x, device).argmax(-1) == task.test.y).float().mean())})
+            continue
         if isinstance(t, TeacherSpec):
             module, kind = trained.pop(0), "trained"
         elif isinstance(t, nn.Module):
@@ -132,10 +164,24 @@ def build_mixed_bank(
         else:
             arr = teacher_arrays({"logits": t}, f"teacher tensor {name!r}")
             logits, kind = teacher_table(arr, ids, c, None), "tensor"
-        tables.append(logits.float())
+        tables.append(logits.float())  # type: ignore[union-attr]
         st: dict[str, object] = {"name": name, "kind": kind}
         if module is not None:
             st["test_acc"] = float((teacher_logits(module, task.test.x, device).argmax(-1) == task.test.y)
                                    .float().mean())
         stats.append(st)
-    return TeacherBank(torch.stack(tables, 1), [nm for nm, _ in teachers]), stats
+    names = [nm for nm, _ in teachers]
+    if any(isinstance(t, nn.Module) for t in tables):
+        return OnlineBank(tables, names, task.train.x, c), stats
+    return TeacherBank(torch.stack(tables, 1), names), stats  # type: ignore[arg-type]
+
+
+def refuse_cached_with_random(teachers: Sequence[tuple[str, TeacherLike]], what: str = "train") -> None:
+    """A training dataset with a random transform takes online teachers only (a cache would be wrong)."""
+    cached = [n for n, t in teachers if not isinstance(t, OnlineTeacher)]
+    if cached:
+        raise InputError(f"{what}: the dataset marks its transform random (random_transform=True), but teacher "
+                         f"{cached[0]!r} is cached: its logits are computed once for fixed inputs, and the "
+                         "augmentation changes the inputs every epoch, so the cached logits would be wrong. Give "
+                         "module teachers as metagate.online(module) (computed in the step), or drop the random "
+                         "transform")

@@ -48,6 +48,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the student forward (``None``: fp32, no autocast)."""
+    if precision not in AMP_DTYPES:
+        raise ConfigError(f"--precision must be one of {', '.join(AMP_DTYPES)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs CUDA (its gradient scaler and fast fp16 kernels), but the device "
+                          f"is {device}; on CPU use --precision bf16 or fp32")
+    return AMP_DTYPES[precision]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -83,6 +96,9 @@ class TrainConfig(Options):
                            choices=("cosine", "constant"))
     seed: int = option(0, "training seed")
     device: str = option("auto", "auto | cpu | cuda[:N] (auto picks CUDA when present)")
+    precision: str = option("fp32", "the student forward's precision: fp32, or autocast to bf16 (CPU or CUDA) or "
+                            "fp16 (CUDA only, with a gradient scaler); the loss columns are always fp32",
+                            choices=("fp32", "bf16", "fp16"))
     progress: bool = option(True, "show progress bars (--no-progress hides them)")
     eval_test_every_epoch: bool = option(True, "evaluate on test after every epoch (else only after the last)")
 
@@ -103,7 +119,7 @@ class TrainConfig(Options):
 
 
 #: options whose change alters a run's result: a resume with another value is refused
-RESULT_OPTIONS = ("batch_size", "lr", "momentum", "weight_decay", "optimizer", "schedule", "seed")
+RESULT_OPTIONS = ("batch_size", "lr", "momentum", "weight_decay", "optimizer", "schedule", "seed", "precision")
 CHECKPOINT_KEYS = ("version", "identity", "config", "student", "optimizer", "gate", "rng", "epoch", "step",
                    "unit_weights")
 
@@ -142,6 +158,9 @@ class Trainer:
     ) -> None:
         self.task, self.gate, self.config = task, gate, config
         self.device = resolve_device(config.device)
+        self._amp = resolve_precision(config.precision, self.device)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler("cuda") if self._amp == torch.float16 else None
         self.student = student.to(self.device)
         self.logger = logger or Logger(None)
         self.run_dir = Path(run_dir) if run_dir else None
@@ -149,6 +168,7 @@ class Trainer:
         if gate.uses_teachers and bank is None:
             raise ConfigError(f"gate {gate.name!r} needs teachers; pass --teachers K >= 1")
         self.bank = bank.to(self.device) if (bank is not None and gate.uses_teachers) else None
+        self._online = bool(getattr(self.bank, "online", False))  # teachers run on each step's inputs
         if self.bank is not None:
             if self.bank.num_units != len(task.train):
                 raise InputError(f"teacher bank covers {self.bank.num_units} units, training split has "
@@ -294,8 +314,17 @@ class Trainer:
             student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.step)
-        logits = student(batch.x) if logits is None else logits
+        if logits is None:
+            if self._amp is None:
+                logits = student(batch.x)
+            else:
+                with torch.autocast(self.device.type, dtype=self._amp):
+                    logits = student(batch.x)
+        if logits.dtype != torch.float32 and self._amp is not None:
+            logits = logits.float()  # the loss columns in fp32
         batch, logits = units.token_units(batch, logits)  # sequences: [B, T, V] -> B*T token units + mask
+        if self._online:
+            self.bank.set_step(batch.x, batch.ids)  # type: ignore[union-attr]
         view = self.make_view(batch, logits)
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:
@@ -326,11 +355,20 @@ class Trainer:
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
         self.optimizer.zero_grad(set_to_none=True)
-        if grad is None:
-            loss.backward()
-        else:
-            logits.backward(grad.detach())
-        self.optimizer.step()
+        scaler = self.scaler
+        if scaler is None:
+            if grad is None:
+                loss.backward()
+            else:
+                logits.backward(grad.detach())
+            self.optimizer.step()
+        else:  # fp16: scaled backward; the step is skipped (and the scale lowered) when a gradient overflowed
+            if grad is None:
+                scaler.scale(loss).backward()
+            else:
+                logits.backward(scaler.scale(grad.detach()))
+            scaler.step(self.optimizer)
+            scaler.update()
         losses = losses.detach()
         ctx.output, ctx.losses = out, losses
         self.gate.after_step(ctx)
@@ -509,7 +547,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
+        extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+        return {**extra,
             "version": CHECKPOINT_VERSION,
             "identity": self.identity,
             "config": asdict(self.config),
@@ -551,6 +590,8 @@ class Trainer:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.gate.load_state_dict(state["gate"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
             rng = state["rng"]
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():

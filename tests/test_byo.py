@@ -127,7 +127,10 @@ def test_topk_file_against_full_logits(digits_bank, tmp_path):
     (np.zeros((9, 3), np.float32), r"bad\.npy has 9 rows but the training split has 10 units"),
     (np.zeros((10, 4), np.float32), r"bad\.npy has 4 classes but the task has 3"),
     (np.full((10, 3), np.nan, np.float32), r"bad\.npy: 'logits' holds 30 NaN/inf value\(s\) of 30, first in row 0"),
-    (np.zeros((10, 2, 3), np.float32), r"bad\.npy: 'logits' is 3-D \(10, 2, 3\)"),
+    (np.zeros((10, 2, 3), np.float32), r"bad\.npy is a per-token \[N, T, V\] file \(T = 2\) but the task has one "
+                                       r"unit per example"),
+    (np.zeros((10, 2, 3, 1), np.float32), r"bad\.npy: 'logits' must be \[N, C\] .* or \[N, T, V\] .*got shape "
+                                          r"\(10, 2, 3, 1\)"),
     (np.zeros((10, 3), np.int64), r"bad\.npy: 'logits' must be floating point"),
 ])
 def test_bad_npy_file_is_a_clear_error(tmp_path, blob, pattern):
@@ -374,16 +377,3 @@ def test_loader_path_gives_the_in_memory_student(wine, gate):
     for workers in (0, 1):
         res = metagate.distill(wine_student, [teacher], split["train"], num_workers=workers, **kw)
         assert res.metrics == want
-
-
-def test_a_random_transform_is_refused(wine):
-    split, teacher = wine
-
-    class Augmented(WineDataset):
-        random_transform = True
-
-    ds = split["train"]
-    with pytest.raises(InputError, match=r"train: the dataset marks its transform random .*online teachers are "
-                                         r"not implemented"):
-        metagate.distill(wine_student, [teacher], Augmented(ds.x, ds.y, ds.mean, ds.std), val=split["val"],
-                         gate="fixed")

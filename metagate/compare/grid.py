@@ -53,6 +53,11 @@ def cell_config(args: argparse.Namespace, spec: GateSpec, seed: int, run_dir: Pa
     from metagate.cli_args import config_from_args
 
     cfg = config_from_args(args, gate=spec.gate, seed=seed, logdir=str(run_dir.resolve()), strict=False)
+    if cfg.teacher_file and len(getattr(args, "seeds", ()) or ()) > 1:
+        raise ConfigError(f"--teacher-file with --seeds {' '.join(map(str, args.seeds))}: each seed is its own data "
+                          "draw (--data-seed), but a teacher file's rows are the training units of one draw. Compare "
+                          "one seed per file (--seeds S, the file made for --data-seed S), or use "
+                          "metagate.compare_gates with unit ids")
     train = replace(cfg.train, progress=False)  # one bar over the grid instead
     data_seed = cfg.data_seed if getattr(args, "same_data", False) else seed
     return replace(cfg, data_seed=data_seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
@@ -68,7 +73,7 @@ def build_grid(args: argparse.Namespace, specs: list[GateSpec], out: Path, threa
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     """A config dict without the fields that may change between a run and its resumption."""
-    out = {k: v for k, v in cfg.items() if k not in VOLATILE}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k not in VOLATILE}  # as JSON
     out["train"] = {k: v for k, v in cfg["train"].items() if k not in VOLATILE_TRAIN}
     return out
 
