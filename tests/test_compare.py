@@ -238,3 +238,15 @@ def test_temperature_table_against_hand_computation():
     assert "`fixed`" not in table  # no temperatures chosen
     assert "| `ctkd` | 2 | 16.00 ± 1.41 | 16.00 ± 2.83 | 16.00 ± 0.00 |" in table
     assert temperature_table(rows[2:]) == ""
+
+
+def test_a_rerun_of_a_finished_compare_keeps_its_wall_time(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(reference, out)
+    before = json.loads((out / "results.json").read_text())["run"]["wall_seconds"]
+    assert main(compare_args(out)) == 0  # every run finished: only the outputs are written again
+    after = json.loads((out / "results.json").read_text())["run"]["wall_seconds"]
+    assert before <= after < before + 60
+    assert f"Made by `metagate compare` in {after:.0f} s" in (out / "results.md").read_text()

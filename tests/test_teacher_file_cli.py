@@ -141,3 +141,8 @@ def test_compare_takes_teacher_files_for_one_data_draw(digits_bank, tmp_path, ca
     assert "fixed" in out and "hard" in out
     assert main([*base, "--seeds", "0", "1", "--out", str(tmp_path / "two")]) != 0
     assert "--teacher-file with --seeds 0 1: each seed is its own data draw" in capsys.readouterr().err
+    # --same-data: every seed trains on the file's draw
+    assert main([*base, "--seeds", "0", "1", "--same-data", "--out", str(tmp_path / "same")]) == 0
+    rows = json.loads((tmp_path / "same" / "results.json").read_text())["rows"]
+    assert sorted((r["label"], r["seed"], r["config"]["data_seed"]) for r in rows) == [
+        ("fixed", 0, 0), ("fixed", 1, 0), ("hard", 0, 0), ("hard", 1, 0)]

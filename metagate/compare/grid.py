@@ -53,13 +53,14 @@ def cell_config(args: argparse.Namespace, spec: GateSpec, seed: int, run_dir: Pa
     from metagate.cli_args import config_from_args
 
     cfg = config_from_args(args, gate=spec.gate, seed=seed, logdir=str(run_dir.resolve()), strict=False)
-    if cfg.teacher_file and len(getattr(args, "seeds", ()) or ()) > 1:
+    same_data = getattr(args, "same_data", False)
+    if cfg.teacher_file and len(getattr(args, "seeds", ()) or ()) > 1 and not same_data:
         raise ConfigError(f"--teacher-file with --seeds {' '.join(map(str, args.seeds))}: each seed is its own data "
                           "draw (--data-seed), but a teacher file's rows are the training units of one draw. Compare "
-                          "one seed per file (--seeds S, the file made for --data-seed S), or use "
-                          "metagate.compare_gates with unit ids")
+                          "one seed per file (--seeds S, the file made for --data-seed S), add --same-data (every "
+                          "seed trains on the --data-seed draw), or use metagate.compare_gates with unit ids")
     train = replace(cfg.train, progress=False)  # one bar over the grid instead
-    data_seed = cfg.data_seed if getattr(args, "same_data", False) else seed
+    data_seed = cfg.data_seed if same_data else seed
     return replace(cfg, data_seed=data_seed, gate_options={**cfg.gate_options, **spec.options}, train=train,
                    cache_dir=str(Path(cfg.cache_dir or default_cache_dir()).resolve()),  # workers may run elsewhere
                    resume=False, overwrite=False)  # replace() validates the merged options again

@@ -17,7 +17,7 @@ import torch
 from metagate.compare.backends import map_processes, run_jobs, run_ray, run_serial
 from metagate.compare.cell import finished_row, prepare_teachers
 from metagate.compare.figures import write_figures
-from metagate.compare.grid import Cell, build_grid, cell_state
+from metagate.compare.grid import Cell, build_grid, cell_state, read_json
 from metagate.compare.outputs import cost_table, results_table, write_outputs
 from metagate.compare.specs import GateSpec, parse_specs
 from metagate.compare.summary import summarise
@@ -110,6 +110,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[tuple[str, int], dict[str, Any]] = {
         (c.spec.label, c.seed): finished_row(c.run_dir) for c in cells if states[(c.spec.label, c.seed)] == "done"}
     partial = sum(states[(c.spec.label, c.seed)] == "partial" for c in todo)
+    resumed = bool(rows) or partial > 0
     print(f"compare: {len(cells)} runs ({len(specs)} gates x {len(args.seeds)} seeds), {len(rows)} finished, "
           f"{partial} to continue from a checkpoint; backend {args.backend}, jobs {args.jobs}, "
           f"{threads} torch thread(s) per run", flush=True)
@@ -143,6 +144,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     title = (f"{first.task}, {first.noise:g} {first.noise_type} noise, {seeds}, "
              f"{first.train.epochs} epochs, student {first.student or 'default'}, {first.teachers} teachers")
     elapsed = time.perf_counter() - t_start
+    if resumed:  # the earlier invocations' time counts too (a resume that only rewrites outputs is not "4 s")
+        old = (read_json(out / "results.json") or {}).get("run", {})
+        elapsed += float(old.get("wall_seconds", 0.0)) if isinstance(old, dict) else 0.0
     info = {"machine": machine(), "backend": args.backend, "jobs": args.jobs, "threads": threads,
             "wall_seconds": elapsed, "specs": [s.label for s in specs], "seeds": list(args.seeds)}
     extra_md = (f"Made by `metagate compare` in {elapsed:.0f} s on {info['machine']['processor']}, "
