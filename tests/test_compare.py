@@ -250,3 +250,19 @@ def test_a_rerun_of_a_finished_compare_keeps_its_wall_time(reference, tmp_path):
     after = json.loads((out / "results.json").read_text())["run"]["wall_seconds"]
     assert before <= after < before + 60
     assert f"Made by `metagate compare` in {after:.0f} s" in (out / "results.md").read_text()
+
+
+def test_runs_made_before_an_option_existed_still_resume(reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    cell = out / "runs" / "fixed" / "seed0" / "cell.json"
+    saved = json.loads(cell.read_text())
+    del saved["config"]["teacher_file"], saved["config"]["train"]["precision"]  # as written before they existed
+    cell.write_text(json.dumps(saved))
+    assert main(compare_args(out)) == 0  # left at their defaults now: the same run
+    assert rows_of(out)[("fixed", 0)]["metrics"] == rows_of(reference)[("fixed", 0)]["metrics"]
+    saved["config"]["train"]["epochs"] = 3  # a real difference is still refused
+    cell.write_text(json.dumps(saved))
+    assert main(compare_args(out)) == 2

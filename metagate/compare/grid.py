@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,28 @@ def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
+def with_new_defaults(saved: dict[str, Any], current: DistillConfig) -> dict[str, Any]:
+    """A saved config with the options metagate gained since it was written filled in, where the current run
+    leaves them at their defaults (a run made before ``--precision`` existed is an fp32 run)."""
+    now = asdict(current)
+    out = dict(saved)
+    for k, v in _defaults(DistillConfig).items():
+        if k not in out and k in now and now[k] == v:
+            out[k] = now[k]
+    if isinstance(out.get("train"), dict):
+        train = dict(out["train"])
+        for k, v in _defaults(type(current.train)).items():
+            if k not in train and now["train"].get(k) == v:
+                train[k] = now["train"][k]
+        out["train"] = train
+    return out
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -94,6 +116,8 @@ def cell_state(cell: Cell) -> str:
     """
     d = cell.run_dir
     saved = read_json(d / "cell.json")
+    if saved is not None:
+        saved = {**saved, "config": with_new_defaults(saved["config"], cell.config)}
     if saved is not None and comparable(saved["config"]) != comparable(asdict(cell.config)):
         a, b = comparable(saved["config"]), comparable(asdict(cell.config))
         diff = sorted({k for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
