@@ -15,9 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from metagate.compare.cell import atomic_write_text
+from metagate.compare.stats import mean_std
 from metagate.compare.summary import PAIRED
 
 #: (metric, column title, scale, digits) of the results table
@@ -111,9 +110,8 @@ def temperature_table(rows: list[dict[str, Any]]) -> str:
     for label, ms in by_label.items():
         cells = []
         for k in TAU_KEYS:
-            v = [float(m[k]) for m in ms if k in m]
-            sd = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-            cells.append(_pm({"mean": float(np.mean(v)), "std": sd}, 1.0, 2) if v else "-")
+            mean, sd = mean_std([float(r[k]) for r in ms if k in r])
+            cells.append(_pm({"mean": mean, "std": sd}, 1.0, 2))  # "-" when no seed has it
         out.append([f"`{label}`", str(len(ms)), *cells])
     return markdown_table(["gate", "seeds", "τ all units", "τ corrupted", "τ clean"], out) if out else ""
 
