@@ -333,6 +333,7 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
     a ``DataLoader`` over ``prep.dataset`` (:class:`~metagate.loader.LoaderTrainer`), else from the in-memory
     split."""
     cfg = _train_config(train_config)
+    seed_everything(cfg.seed)  # a gate built here by name starts from the seed (its policy or net is random)
     g = _make_gate(gate, gate_config)
     if g.uses_teachers and prep.bank is None:
         raise ConfigError(f"gate {g.name!r} needs teachers; pass teachers=[...] (or use gate='ce')")
@@ -341,7 +342,6 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
         if not overwrite:
             raise ConfigError(f"{run_dir} already holds a run; pass overwrite=True or another logdir")
         shutil.rmtree(run_dir)
-    seed_everything(cfg.seed)
     model = student if isinstance(student, nn.Module) else student()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"student must be an nn.Module or a factory of one, got {type(model).__name__}")

@@ -172,7 +172,8 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
     """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
 
     The seed is set before the gate and the student are built (a gate's policy is initialised from
-    it); loading or training teachers does not move the run's random state.
+    it); loading or training teachers does not move the run's random state. A ``gate`` passed in is used as
+    it was built: one with random parameters reproduces only if it was built after seeding.
 
     :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does), e.g. to time epochs
     """

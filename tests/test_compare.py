@@ -266,3 +266,13 @@ def test_runs_made_before_an_option_existed_still_resume(reference, tmp_path):
     saved["config"]["train"]["epochs"] = 3  # a real difference is still refused
     cell.write_text(json.dumps(saved))
     assert main(compare_args(out)) == 2
+
+
+def test_a_gate_with_random_parameters_does_not_depend_on_the_cells_before_it(tmp_path):
+    """A cell's gate is built after its seed is set: the same reinforce run alone and after a meta-net cell in
+    the same process (as in a worker, whose cells are not the serial order) gives the same metrics."""
+    args = ["--seeds", "1", "--epochs", "3"]
+    alone, after = tmp_path / "alone", tmp_path / "after"
+    assert main([*compare_args(alone, ["reinforce"]), *args]) == 0
+    assert main([*compare_args(after, ["meta:meta_param=net", "reinforce"]), *args]) == 0
+    assert rows_of(after)[("reinforce", 1)]["metrics"] == rows_of(alone)[("reinforce", 1)]["metrics"]

@@ -175,11 +175,10 @@ def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
     """One distillation run of a cell (continued from its checkpoint when there is one); its row."""
     run_dir = cfg.run_dir
     task = task_of(cfg)
-    from metagate.run import build_gate
+    from metagate.gates import get_gate_class
 
-    gate = build_gate(cfg.gate, cfg.gate_options)
     teachers: dict[str, Any] = {"names": [], "fingerprint": "", "stats": []}
-    if gate.uses_teachers:
+    if get_gate_class(cfg.gate).uses_teachers:
         missing = [str(p) for p in teacher_files(cfg, task) if not p.exists()]
         if missing:
             raise CheckpointError(f"teacher cache incomplete for {payload['label']} seed {payload['seed']}: "
@@ -197,7 +196,9 @@ def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
     atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
     ends: list[float] = []
     t0 = time.perf_counter()
-    result = run_distill(cfg, gate=gate, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
+    # run_distill builds the gate after seeding: a gate built here would start from whatever random state
+    # the cells before it in this process left (a worker's cells differ from the serial order)
+    result = run_distill(cfg, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
     elapsed = time.perf_counter() - t0
     epochs = len(ends)
     # between epoch ends (training, evaluation, checkpoint): no set-up, no first-epoch warm-up; one
