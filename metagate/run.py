@@ -109,6 +109,11 @@ def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
     return get_gate_class(name)(gate_config(name, options))
 
 
+# the DistillConfig fields load_task reads: a cache of loaded tasks must key on all of them
+TASK_FIELDS = ("task", "noise", "noise_type", "data_seed", "val_fraction", "data_dir", "subset", "g2p_all_words",
+               "g2p_no_stress")
+
+
 def load_task(cfg: DistillConfig) -> Task:
     extra: dict[str, Any] = {}
     if cfg.task == "g2p":

@@ -150,6 +150,11 @@ def token_logits(teacher: nn.Module, task: Task, device: torch.device | str = "c
     return torch.cat(out)
 
 
+def token_logits_file(name: str, topk: int | None = None) -> str:
+    """The cache file name of a teacher's token logits (full float16, or the top-k form)."""
+    return f"tokens-{name}-top{topk}.pt" if topk else f"tokens-{name}.pt"
+
+
 def cached_token_logits(teacher: nn.Module, name: str, task: Task, cache_dir: Path | None,
                         device: torch.device | str = "cpu", rebuild: bool = False, topk: int | None = None,
                         task_fingerprint: str | None = None) -> Tensor:
@@ -162,8 +167,7 @@ def cached_token_logits(teacher: nn.Module, name: str, task: Task, cache_dir: Pa
     v = task.num_classes
     ids = torch.arange(len(task.train))
     fp = logits_fingerprint(task_fingerprint or task.fingerprint(), ids, teacher) + (f"-top{topk}" if topk else "")
-    fname = f"tokens-{name}-top{topk}.pt" if topk else f"tokens-{name}.pt"
-    path = None if cache_dir is None else Path(cache_dir) / task.key / fname
+    path = None if cache_dir is None else Path(cache_dir) / task.key / token_logits_file(name, topk)
     if path is not None and path.exists() and not rebuild:
         blob = safe_load(path, "teacher token-logits cache")
         if not isinstance(blob, dict) or blob.get("fingerprint") != fp:

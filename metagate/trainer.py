@@ -133,6 +133,13 @@ class StepResult:
     weights: Tensor
 
 
+
+def _rows(real: Tensor | None, *tensors: Any) -> tuple[Any, ...]:
+    """``tensors`` (``None``, floats and 0-dim tensors pass through) at rows ``real``; all of them when ``None``."""
+    if real is None:
+        return tensors
+    return tuple(t[real] if torch.is_tensor(t) and t.ndim > 0 else t for t in tensors)
+
 class Trainer:
     """Runs the step of DESIGN.md for any gate.
 
@@ -347,10 +354,15 @@ class Trainer:
         grad = out.logit_grad if decision is None else None
         if grad is not None and grad.shape != logits.shape:
             raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
+        # sequences: loss columns of the real tokens only (padding has weight 0; in a g2p batch it is 2/3 of
+        # the B*T units), put back at their positions as zeros for the reduction and the gate
+        real = view.mask.nonzero().squeeze(1) if batch.mask is not None else None
         with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
             # validated once: the data at load time, the weights above (the loss is checked for NaN below)
-            losses = unit_losses(logits, teacher_logits, view.labels, tau, t_logp, s_logp, validate=False,
-                                  student_tau=out.student_tau)
+            picked = _rows(real, logits, teacher_logits, view.labels, tau, t_logp, s_logp, out.student_tau)
+            real_losses = unit_losses(*picked[:6], validate=False, student_tau=picked[6])
+            losses = real_losses if real is None else \
+                real_losses.new_zeros(view.num_units, real_losses.shape[1]).index_copy(0, real, real_losses)
             loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
             self._diagnose_nonfinite(logits, view, w)
@@ -373,7 +385,7 @@ class Trainer:
         ctx.output, ctx.losses = out, losses
         self.gate.after_step(ctx)
         # bookkeeping is deferred (no tensor ops per step): reduced when an epoch ends or someone reads it
-        self._step_losses.append(losses)
+        self._step_losses.append(real_losses.detach())  # the epoch's loss means are over real units
         if batch.ids is not None and w.shape[0] == batch.y.numel():
             self._pending_weights.append((units.unit_ids(batch), w))
         if len(self._step_losses) >= 1024:  # an outside driver may never end an epoch: stay bounded

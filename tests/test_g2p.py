@@ -361,3 +361,27 @@ def test_distill_g2p_end_to_end(gate: str, tmp_path, capsys) -> None:
     assert 0 < m["test/per"] < 10 and 0 <= m["test/wer"] <= 1 and math.isfinite(m["test/nll"])
     if gate != "ce":
         assert {"test_per", "test_wer"} <= set(m["teachers"][0])
+
+
+def test_compare_on_g2p_has_the_sequence_table(tmp_path) -> None:
+    """A compare on token units: PER/WER/sentence ECE summarised and paired to fixed (checked by hand), the
+    reliability bins over the real test tokens, the weight histograms over the real training tokens."""
+    import json
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--task", "g2p", "--subset", "150", "--noise", "0.1", "--teachers", "2", "--seeds", "0", "1",
+               "--epochs", "2", "--optimizer", "adam", "--lr", "0.003", "--batch-size", "32", "--device", "cpu",
+               "--threads", "1", "--no-progress", "--gates", "fixed", "hard", "--out", str(out)])
+    assert rc == 0
+    blob = json.loads((out / "results.json").read_text())
+    rows = {(r["label"], r["seed"]): r for r in blob["rows"]}
+    diff = [rows[("hard", s)]["metrics"]["test/per"] - rows[("fixed", s)]["metrics"]["test/per"] for s in (0, 1)]
+    got = blob["summary"]["gates"]["hard"]["vs_fixed"]["test/per"]["t"]["mean"]
+    assert got == pytest.approx(sum(diff) / 2, abs=1e-12)
+    md = (out / "results.md").read_text()
+    assert "## Sequences" in md and "| `hard` | 2 |" in md.split("## Sequences")[1]
+    task = get_task("g2p", subset=150, noise=0.1)
+    r = rows[("hard", 0)]
+    assert sum(r["calibration"]["count"]) == int((task.test.y != PAD_ID).sum())
+    assert sum(r["weights"]["label_clean"]) + sum(r["weights"]["label_corrupted"]) == int(task.train.mask.sum())
+    assert (out / "reliability.png").exists()

@@ -25,8 +25,10 @@ from metagate.data.task import Task
 from metagate.errors import CheckpointError
 from metagate.io import safe_load
 from metagate.metrics import calibration_bins
-from metagate.run import DistillConfig, load_task, load_teachers, run_distill
+from metagate.run import TASK_FIELDS, DistillConfig, load_task, load_teachers, run_distill
 from metagate.rundir import mark_run_dir
+from metagate.seq_bank import token_logits_file
+from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
 WEIGHT_BINS = 20
@@ -42,15 +44,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _task(task: str, noise: float, noise_type: str, data_seed: int, val_fraction: float,
-          data_dir: str | None) -> Task:
-    return load_task(DistillConfig(task=task, noise=noise, noise_type=noise_type, data_seed=data_seed,
-                                   val_fraction=val_fraction, data_dir=data_dir))
+def _task(key: tuple[tuple[str, Any], ...]) -> Task:
+    return load_task(DistillConfig(**dict(key)))
 
 
 def task_of(cfg: DistillConfig) -> Task:
-    """The cell's task, loaded once per process and data draw."""
-    return _task(cfg.task, cfg.noise, cfg.noise_type, cfg.data_seed, cfg.val_fraction, cfg.data_dir)
+    """The cell's task, loaded once per process and data draw (keyed by every option that shapes the data)."""
+    return _task(tuple((f, getattr(cfg, f)) for f in TASK_FIELDS))
 
 
 def _hash(*tensors: torch.Tensor) -> str:
@@ -67,6 +67,8 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     names = [s.name for s in task.teacher_specs[:n_real]]
     files = [root / f"teacher-{n}.pt" for n in names]
     logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
+    if is_sequence(task):  # per-token logits, full or top-k
+        return files + [root / token_logits_file(n, cfg.topk) for n in logit_names]
     return files + [root / f"logits-{n}.pt" for n in logit_names]
 
 
@@ -106,11 +108,16 @@ def _artefacts(cfg: DistillConfig, task: Task, teacher_names: list[str]) -> dict
     student.eval()
     with torch.no_grad():
         logits = torch.cat([student(task.test.x[i : i + 2048]) for i in range(0, len(task.test), 2048)])
-    b = calibration_bins(torch.softmax(logits.double(), -1), task.test.y)
+    y, corrupted, uw = task.test.y, task.corrupted, state["unit_weights"]
+    if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
+        keep = y != PAD_ID
+        logits, y = logits[keep], y[keep]
+        real = train_unit_mask(task)
+        uw, corrupted = uw[real], corrupted.reshape(-1)[real]
+    b = calibration_bins(torch.softmax(logits.double(), -1), y)
     out: dict[str, Any] = {"calibration": {k: b[k].tolist() for k in ("count", "confidence", "accuracy")}}
-    uw = state["unit_weights"]
     if uw.shape[1] > 1 and state["step"] > 0:
-        out["weights"] = _weight_histograms(uw, task.corrupted, teacher_names)
+        out["weights"] = _weight_histograms(uw, corrupted, teacher_names)
     return out
 
 

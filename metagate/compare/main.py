@@ -18,7 +18,7 @@ from metagate.compare.backends import map_processes, run_jobs, run_ray, run_seri
 from metagate.compare.cell import finished_row, prepare_teachers
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, build_grid, cell_state, read_json
-from metagate.compare.outputs import cost_table, results_table, write_outputs
+from metagate.compare.outputs import cost_table, results_table, sequence_table, write_outputs
 from metagate.compare.specs import GateSpec, parse_specs
 from metagate.compare.summary import summarise
 from metagate.errors import ConfigError
@@ -157,6 +157,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     write_experiment(out, cells)
     print(f"\n{title} (mean ± std; Δ: paired over seeds, 95% {args.interval} interval):\n")
     print(results_table(summary))
+    sequences = sequence_table(summary)
+    if sequences:
+        print(f"\nsequences (PER/WER of greedy decodings):\n\n{sequences}")
     print()
     print(cost_table(summary))
     print(f"\nfiles in {out}: {', '.join(sorted(p.name for p in paths.values()))}   "

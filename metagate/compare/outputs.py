@@ -71,6 +71,28 @@ def results_table(summary: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+#: (metric, column title, scale, digits) of the sequence table
+SEQUENCE_COLUMNS = (("test/per", "PER %", 100.0, 2), ("test/wer", "WER %", 100.0, 2), ("test/ece", "token ECE", 1.0, 4),
+                    ("test/sent_ece", "sentence ECE", 1.0, 4))
+
+
+def sequence_table(summary: dict[str, Any]) -> str:
+    """Sequence tasks: PER and WER of greedy decodings on test, token and sentence ECE, and their paired
+    differences to ``fixed``; empty for classification."""
+    if not any("test/per" in s["metrics"] for s in summary["gates"].values()):
+        return ""
+    rows = []
+    for label, s in summary["gates"].items():
+        row = [f"`{label}`", str(len(s["seeds"]))]
+        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in SEQUENCE_COLUMNS]
+        row += [_interval(s.get("vs_fixed"), k, scale, d) for k, _, scale, d in SEQUENCE_COLUMNS if k != "test/wer"]
+        rows.append(row)
+    fixed = summary["fixed"] or "fixed"
+    header = ["gate", "seeds", *[c[1] for c in SEQUENCE_COLUMNS],
+              *[f"Δ{c[1].replace(' %', '')} vs {fixed} (95%)" for c in SEQUENCE_COLUMNS if c[0] != "test/wer"]]
+    return markdown_table(header, rows)
+
+
 def cost_table(summary: dict[str, Any]) -> str:
     """Wall time per epoch and the per-step cost relative to ``fixed`` (paired by seed)."""
     rows = []
@@ -122,7 +144,12 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
     parts = [f"# {title}", "", "## Results", "",
              "Mean ± std over seeds; Δ: paired difference per seed (same data draw and teachers), mean "
              f"[{summary['interval']} 95% interval]. Best baseline: the non-learned gate with the best mean "
-             "test accuracy.", "", results_table(summary), "", "## Cost", "", cost_table(summary), ""]
+             "test accuracy.", "", results_table(summary), ""]
+    sequences = sequence_table(summary)
+    if sequences:
+        parts += ["## Sequences", "", "Token accuracy, NLL and token ECE above are under teacher forcing; PER and "
+                  "WER are of greedy decodings (closest reference pronunciation).", "", sequences, ""]
+    parts += ["## Cost", "", cost_table(summary), ""]
     tuning = tuning_table(rows or [])
     if tuning:
         parts += ["## Tuned on select", "", tuning, ""]

@@ -12,6 +12,8 @@ METRICS = ("test/acc", "test/nll", "test/ece", "test/mce", "test/brier", "select
            "diag/auroc_teacher_share", "diag/teacher_choice_gain")
 #: metrics given paired differences against the references
 PAIRED = ("test/acc", "test/nll", "test/ece")
+#: sequence tasks' metrics (PER/WER of greedy decodings, sentence-level ECE), summarised and paired when present
+SEQUENCE = ("test/per", "test/wer", "test/sent_ece")
 
 
 def by_label(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -58,17 +60,18 @@ def summarise(rows: list[dict[str, Any]], baselines: dict[str, bool], method: st
     groups = by_label(rows)
     fixed, best = reference_labels(groups, baselines)
     fixed_time = {r["seed"]: r["time"]["per_epoch"] for r in groups.get(fixed, [])} if fixed else {}
+    seq = SEQUENCE if any("test/per" in r["metrics"] for r in rows) else ()
     gates: dict[str, Any] = {}
     for label, rs in groups.items():
         s: dict[str, Any] = {"gate": rs[0]["gate"], "baseline": bool(baselines.get(label)),
                              "seeds": [r["seed"] for r in rs], "options": rs[0]["options"], "metrics": {}}
-        for k in METRICS:
+        for k in (*METRICS, *seq):
             m, sd = mean_std(_values(rs, k))
             s["metrics"][k] = {"mean": m, "std": sd}
         for name, ref in (("vs_fixed", fixed), ("vs_best_baseline", best)):
             if ref is not None and ref != label:
                 s[name] = {"reference": ref, **{k: _paired_on_seeds(rs, groups[ref], k, method, samples)
-                                                for k in PAIRED}}
+                                                for k in (*PAIRED, *seq)}}
         per_epoch = [r["time"]["per_epoch"] for r in rs]
         s["time_per_epoch"] = dict(zip(("mean", "std"), mean_std(per_epoch)))
         s["steps_per_epoch"] = rs[0]["time"]["steps_per_epoch"]
