@@ -41,8 +41,9 @@ def main() -> int:
         if not (ROOT / "runs" / "reproduce" / name / "results.md").is_file():
             print(f"skip {name}: runs/reproduce/{name}/results.md not found (run scripts/reproduce.sh)")
             continue
-        text = re.sub(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)",
-                      lambda m, n=name: m.group(1) + block(n) + m.group(2), text, flags=re.S)
+        # an empty block has a single newline between its markers
+        text = re.sub(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)",
+                      lambda m, n=name: m.group(1) + block(n) + "\n" + m.group(2), text, flags=re.S)
         print(f"README: {name} table updated")
     readme.write_text(text)
     return 0
