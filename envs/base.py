@@ -53,8 +53,7 @@ class StudentLoopEnv(gym.Env):
         super().__init__()
         c = self.config = env_config(self.config_class, config, options)
         if isinstance(task, str) or bank is None:
-            task, bank = _load(task, bank, c.teachers, c.adversarial_teacher, c.noise, c.data_seed, c.cache_dir,
-                               c.device)
+            task, bank = _load(task, bank, c)
         if bank.num_units != len(task.train):
             raise ConfigError(f"teacher bank covers {bank.num_units} units, task has {len(task.train)}")
         if c.batch_size > len(task.train):
@@ -179,14 +178,10 @@ class StudentLoopEnv(gym.Env):
         return obs, float(reward), False, truncated, info
 
 
-def _load(task: str | Task, bank: TeacherBank | None, teachers: int, adversarial: bool, noise: float,
-          data_seed: int, cache_dir: str | None, device: str) -> tuple[Task, TeacherBank]:
-    from metagate.run import DistillConfig, load_task, load_teachers
+def _load(task: str | Task, bank: TeacherBank | None, config: EnvConfig) -> tuple[Task, TeacherBank]:
+    from metagate.run import load_task, load_teachers
 
-    name = task if isinstance(task, str) else task.name
-    cfg = DistillConfig(task=name, noise=noise, data_seed=data_seed, teachers=teachers,
-                        adversarial_teacher=adversarial, cache_dir=cache_dir,
-                        train=TrainConfig(device=device, progress=False))
+    cfg = config.data_config(task if isinstance(task, str) else task.name)
     task_obj = load_task(cfg) if isinstance(task, str) else task
     if bank is None:
         bank, _ = load_teachers(cfg, task_obj, progress=False)

@@ -25,7 +25,12 @@ from metagate.run import DistillConfig
 from metagate.temperature import check_range
 from metagate.trainer import TrainConfig
 
-__all__ = ["EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
+#: the env options that are options of the run's data and teachers (handed to :class:`DistillConfig`)
+DATA_OPTIONS = ("teachers", "adversarial_teacher", "teacher_file", "noise", "noise_type", "data_seed",
+                "val_fraction", "data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk", "cache_dir",
+                "rebuild_cache", "retrain_teachers")
+
+__all__ = ["DATA_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
 
 
 @dataclass
@@ -35,9 +40,19 @@ class EnvConfig(Options):
     # the data and teachers (loaded when the env gets a task name)
     teachers: int = same_as(DistillConfig, "teachers")
     adversarial_teacher: bool = same_as(DistillConfig, "adversarial_teacher")
+    teacher_file: tuple[str, ...] = same_as(DistillConfig, "teacher_file")
     noise: float = same_as(DistillConfig, "noise")
+    noise_type: str = same_as(DistillConfig, "noise_type")
     data_seed: int = same_as(DistillConfig, "data_seed")
+    val_fraction: float = same_as(DistillConfig, "val_fraction")
+    data_dir: str | None = same_as(DistillConfig, "data_dir")
+    subset: int | None = same_as(DistillConfig, "subset")
+    g2p_all_words: bool = same_as(DistillConfig, "g2p_all_words")
+    g2p_no_stress: bool = same_as(DistillConfig, "g2p_no_stress")
+    topk: int | None = same_as(DistillConfig, "topk")
     cache_dir: str | None = same_as(DistillConfig, "cache_dir")
+    rebuild_cache: bool = same_as(DistillConfig, "rebuild_cache")
+    retrain_teachers: bool = same_as(DistillConfig, "retrain_teachers")
     student: str | None = same_as(DistillConfig, "student")
     # the episode and its reward
     batch_size: int = same_as(TrainConfig, "batch_size", 64)
@@ -60,13 +75,16 @@ class EnvConfig(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("episode_steps", "reward_every", "val_size", "batch_size", "teachers"):
+        for name in ("episode_steps", "reward_every", "val_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.teachers < (0 if self.teacher_file else 1):
+            raise ConfigError(f"--teachers must be >= 1 (or >= 0 with --teacher-file), got {self.teachers}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
+        self.data_config()  # the data options, checked by the run's own rules
         TrainConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, optimizer=self.optimizer,
                     schedule=self.schedule, device=self.device)  # the student's options, checked once
 
@@ -74,6 +92,11 @@ class EnvConfig(Options):
     def kd_tau(self) -> float:
         """The KD temperature of a step whose decision gives none."""
         raise NotImplementedError
+
+    def data_config(self, task: str = "digits") -> DistillConfig:
+        """The run config that loads this env's task and teachers (its data options, the rest defaults)."""
+        return DistillConfig(task=task, train=TrainConfig(device=self.device, progress=False),
+                             **{name: getattr(self, name) for name in DATA_OPTIONS})
 
 
 @dataclass

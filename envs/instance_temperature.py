@@ -3,7 +3,8 @@
 One step = one student update through the shared :meth:`metagate.trainer.Trainer.train_step` with the
 temperatures the action encodes and the fixed label/KD mix ``alpha`` (equal teacher weights); the
 episode, reward and reset machinery is :class:`metagate.envs.base.StudentLoopEnv`, shared with
-``metagate/TeacherWeighting-v0``. The observation is the next batch's state ``[B, 1, S]``
+``metagate/TeacherWeighting-v0``. The observation is the next batch's state ``[B, 1, S]`` (``B`` examples, or the
+``B*T`` token positions of a sequence batch)
 (:func:`metagate.policies.temperature.temperature_state`: the ITKD state plus the project's unit features
 averaged over teachers); the action ``Box(-6, 6, [B, 1])`` maps to ``T = t_min + (t_max - t_min) sigmoid(a)``.
 """
@@ -20,7 +21,6 @@ from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.base import StudentLoopEnv
 from metagate.envs.config import TemperatureEnvConfig
-from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import fixed_weights
@@ -29,7 +29,9 @@ from metagate.policies.temperature import (
     NUM_STATE,
     TemperatureState,
     action_temperature,
+    temperature_state,
 )
+from metagate.units import PAD_ID, flat_logits
 
 
 class InstanceTemperatureEnv(StudentLoopEnv):
@@ -44,19 +46,23 @@ class InstanceTemperatureEnv(StudentLoopEnv):
                  config: TemperatureEnvConfig | None = None, **options: Any) -> None:
         super().__init__(task, bank, config, **options)
         self.t_min, self.t_max = self.config.temp_min, self.config.temp_max
-        if self.sequence:
-            raise ConfigError("InstanceTemperature-v0 takes classification tasks only for now (its state cache is "
-                              "per example); on a sequence task train a teacher-weighting policy, or use the "
-                              "in-loop `temperature` gate, which runs on token units")
-        self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (self.batch_size, 1, NUM_STATE), np.float32)
-        self.action_space = spaces.Box(-ACTION_BOUND, ACTION_BOUND, (self.batch_size, 1), np.float32)
-        self._state = TemperatureState(self.bank.logits.to(self.device), self.task.train.y.to(self.device),
-                                       self._features)
-        self._weights = fixed_weights(self.batch_size, self.num_teachers, self.alpha, self.device, torch.float32)
+        n = self.num_units  # examples, or token positions of a sequence batch
+        self.observation_space = spaces.Box(0.0, FEATURE_HIGH, (n, 1, NUM_STATE), np.float32)
+        self.action_space = spaces.Box(-ACTION_BOUND, ACTION_BOUND, (n, 1), np.float32)
+        # the teacher part of the state, once per training example (sequences: per step from the token logits)
+        self._state = None if self.sequence else \
+            TemperatureState(self.bank.logits.to(self.device), self.task.train.y.to(self.device), self._features)
+        self._weights = fixed_weights(n, self.num_teachers, self.alpha, self.device, torch.float32)
+        self._real: torch.Tensor | None = None  # the real (not padding) tokens of the batch being decided
 
     def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
         assert self.trainer is not None
-        return self._state.state(logits, batch.ids.to(self.device), self.trainer.progress).cpu().numpy()
+        ids = batch.ids.to(self.device)
+        if self._state is not None:
+            return self._state.state(logits, ids, self.trainer.progress).cpu().numpy()
+        state = temperature_state(flat_logits(logits), self.bank.lookup(ids), batch.y.reshape(-1).to(self.device),
+                                  self.trainer.progress)
+        return state.cpu().numpy()
 
     def temperatures_from_action(self, action: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Action ``[B, 1]`` -> temperatures ``[B]`` (clipped to the box first)."""
@@ -65,8 +71,10 @@ class InstanceTemperatureEnv(StudentLoopEnv):
 
     def decision(self, action: np.ndarray | torch.Tensor) -> GateOutput:
         # fixed weights are valid; a NaN action gives a NaN temperature, which the loss check reports
+        self._real = self._batch.y.reshape(-1).to(self.device) != PAD_ID if self.sequence else None
         return GateOutput(self._weights, self.temperatures_from_action(action), trusted=True)
 
     def _step_info(self, decision: GateOutput) -> dict[str, Any]:
         assert torch.is_tensor(decision.tau)
-        return {"temperatures": decision.tau.cpu().numpy()}
+        tau = decision.tau if self._real is None else decision.tau[self._real]  # padding tokens decide nothing
+        return {"temperatures": tau.cpu().numpy()}

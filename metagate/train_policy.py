@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metagate.cli_args import add_data_arguments, config_from_args, set_help
-from metagate.envs.config import EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
+from metagate.envs.config import DATA_OPTIONS, EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
 from metagate.errors import ConfigError
 from metagate.options import Options, add_options, option, option_values, set_options
 
@@ -27,7 +27,7 @@ ENV_CONFIGS: dict[str, type[EnvConfig]] = {"weights": TeacherWeightingEnvConfig,
 ENVS = tuple(ENV_CONFIGS)
 #: env options that are data options (``add_data_arguments`` adds their flags; their values come from
 #: :func:`config_from_args`, with the run's defaults and checks)
-DATA_FIELDS = ("teachers", "adversarial_teacher", "noise", "data_seed", "cache_dir", "device")
+DATA_FIELDS = (*DATA_OPTIONS, "device")
 
 
 @dataclass

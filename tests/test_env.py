@@ -207,3 +207,30 @@ def test_train_policy_flags_are_generated_from_the_configs():
                                            "--out", "x.zip"]))
     with pytest.raises(ConfigError, match="--n-steps"):
         agent_config_from_args(p.parse_args(["train-policy", "--n-steps", "1", "--out", "x.zip"]))
+
+
+def test_every_train_policy_flag_reaches_the_env_or_the_agent():
+    """A data flag of train-policy is an env option (no flag is read and then dropped): --subset, --noise-type,
+    --val-fraction, --topk and --teacher-file reach the env's config and the run config its task loads from."""
+    from metagate.cli import build_parser
+    from metagate.envs import EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
+    from metagate.options import flag
+    from metagate.train_policy import AgentConfig, env_config_from_args
+
+    p = build_parser()
+    sub = next(a for a in p._actions if getattr(a, "choices", None) and "train-policy" in a.choices)
+    tp = sub.choices["train-policy"]
+    used = set().union(*(c.option_names() for c in (EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig,
+                                                     AgentConfig)))
+    own = {"help", "env", "out", "logdir", "verbose", "task", "progress"}
+    assert {a.dest for a in tp._actions} - own <= used
+    args = p.parse_args(["train-policy", "--task", "g2p", "--subset", "150", "--noise", "0.2", "--noise-type", "word",
+                         "--val-fraction", "0.2", "--topk", "8", "--teacher-file", "a=x.npy", "--g2p-no-stress",
+                         "--env", "temperature", "--out", "x.zip"])
+    cfg = env_config_from_args(args)
+    assert (cfg.subset, cfg.noise_type, cfg.val_fraction, cfg.topk, cfg.teacher_file, cfg.g2p_no_stress) == \
+        (150, "word", 0.2, 8, ("a=x.npy",), True)
+    run = cfg.data_config("g2p")
+    assert (run.task, run.subset, run.noise, run.noise_type, run.val_fraction, run.topk, run.g2p_no_stress) == \
+        ("g2p", 150, 0.2, "word", 0.2, 8, True)
+    assert flag("subset") in {o for a in tp._actions for o in a.option_strings}

@@ -169,9 +169,68 @@ def test_handwritten_seq_kd_step_matches_the_trainer_with_fixed(g2p) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_instance_temperature_env_refuses_a_sequence_task_clearly(g2p) -> None:
+def test_instance_temperature_env_on_token_units(g2p, tmp_path) -> None:
+    """InstanceTemperature-v0 on g2p: one temperature per token position (both checkers pass), the state equals
+    the reference :func:`temperature_state` over the batch's tokens, a step is the trainer's step with those
+    temperatures, and a PPO policy trained on it deploys as the `temperature` gate on the same tokens."""
+    import warnings
+
+    import numpy as np
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    from metagate.cli import build_parser
     from metagate.envs import InstanceTemperatureEnv
+    from metagate.gates.base import GateOutput
+    from metagate.gates.fixed import FixedGate, fixed_weights
+    from metagate.policies.temperature import NUM_STATE, temperature_state
+    from metagate.train_policy import train_policy
+    from metagate.units import flat_logits
 
     task, bank = g2p
-    with pytest.raises(ConfigError, match="classification tasks only.*`temperature` gate"):
-        InstanceTemperatureEnv(task, bank, batch_size=4)
+    t = task.train.y.shape[1]
+
+    def make() -> InstanceTemperatureEnv:
+        return InstanceTemperatureEnv(task, bank, batch_size=4, episode_steps=4, val_size=16, optimizer="adam",
+                                      lr=3e-3, t_min=2.0, t_max=6.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SB3 mistakes a [N, 1, S] float Box for an image
+        check_env(make(), skip_render_check=True)
+        sb3_check_env(make(), warn=False)
+    env = make()
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (4 * t, 1, NUM_STATE) and env.action_space.shape == (4 * t, 1)
+    b = env._batch
+    with torch.no_grad():
+        logits = env.trainer.student(b.x)
+    ref = temperature_state(flat_logits(logits), bank.lookup(b.ids), b.y.reshape(-1), env.trainer.progress)
+    np.testing.assert_allclose(obs, ref.numpy(), rtol=1e-5, atol=1e-6)
+    batches, actions = [], []
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = rng.uniform(-6, 6, env.action_space.shape).astype(np.float32)
+        batches.append(env._batch)
+        actions.append(a)
+        real = int((env._batch.y != PAD_ID).sum())
+        _, r, _, _, step_info = env.step(a)
+        tau = step_info["temperatures"]
+        assert math.isfinite(r) and tau.shape == (real,) and tau.min() > 2.0 and tau.max() < 6.0  # real tokens
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(info["student_seed"])
+        student = task.make_student()
+    tr = Trainer(task, student, FixedGate(), bank, TrainConfig(seed=info["student_seed"], **env.train_config))
+    tr.set_total_steps(env.episode_steps)
+    w = fixed_weights(4 * t, 2, env.alpha, "cpu", torch.float32)
+    for batch, a in zip(batches, actions):
+        tr.train_step(batch, GateOutput(w, 2.0 + 4.0 * torch.sigmoid(torch.as_tensor(a).reshape(-1))))
+    for (k, p), q in zip(tr.student.state_dict().items(), env.trainer.student.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=k)
+    out = tmp_path / "temp.zip"
+    args = build_parser().parse_args(["train-policy", "--env", "temperature", "--timesteps", "8", "--n-steps", "4",
+                                      "--out", str(out)])
+    train_policy(args, env=make())
+    gate = TemperatureGate(temp_policy=str(out))
+    tr = _fit(task, bank, gate)
+    _check_run(task, tr)
+    assert 2.0 < gate.diagnostics()["diag/tau_mean"] < 6.0  # the deployed policy keeps its own range
