@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from metagate.errors import ConfigError
+from metagate.errors import ConfigError, InputError
 
 __all__ = ["CTKD_T_MIN", "CTKD_T_MAX", "CTKD_THETA_INIT", "GradientReversal", "grad_reverse", "cosine_curriculum",
-           "check_range", "range_temperature", "GlobalTemperature", "InstanceTemperature"]
+           "check_range", "check_temperature", "range_temperature", "GlobalTemperature", "InstanceTemperature"]
 
 CTKD_T_MIN, CTKD_T_MAX, CTKD_THETA_INIT = 1.0, 21.0, 1.0  # T = 1 + 20 sigmoid(theta), theta_0 = 1
 
@@ -64,6 +64,13 @@ def check_range(t_min: float, t_max: float, flags: tuple[str, str]) -> None:
         raise ConfigError(f"{flags[0]} must be > 0, got {t_min}")
     if not (math.isfinite(t_max) and t_max > t_min):
         raise ConfigError(f"{flags[1]} must be > {flags[0]} ({t_min}), got {t_max}")
+
+
+def check_temperature(gate: str, tau: Tensor) -> None:
+    """A NaN/inf temperature stops the run with an :class:`InputError` naming the gate."""
+    if not bool(torch.isfinite(tau.detach()).all()):
+        raise InputError(f"gate {gate!r}: the KD temperature became NaN or inf (the last checkpoint holds the "
+                         "state before it; lower --lr or narrow the temperature range)")
 
 
 def range_temperature(z: Tensor, t_min: float, t_max: float) -> Tensor:

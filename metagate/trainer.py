@@ -33,6 +33,7 @@ from metagate.metrics import classification_metrics, reliability_figure, reliabi
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
+from metagate.temperature import check_temperature
 
 CHECKPOINT_VERSION = 1
 
@@ -365,7 +366,7 @@ class Trainer:
                 real_losses.new_zeros(view.num_units, real_losses.shape[1]).index_copy(0, real, real_losses)
             loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
-            self._diagnose_nonfinite(logits, view, w)
+            self._diagnose_nonfinite(logits, view, w, out.tau)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.scaler
         if scaler is None:
@@ -394,7 +395,10 @@ class Trainer:
         self.step += 1
         return StepResult(loss.detach(), losses, w)
 
-    def _diagnose_nonfinite(self, logits: Tensor, view: UnitView, w: Tensor) -> None:
+    def _diagnose_nonfinite(self, logits: Tensor, view: UnitView, w: Tensor, tau: Tensor | float) -> None:
+        """Name what made the loss NaN/inf (checked here, once, instead of on every step)."""
+        if torch.is_tensor(tau):
+            check_temperature(self.gate.name, tau)
         check_finite("student logits", logits)
         if view.teacher_logits is not None:
             check_finite("teacher logits", view.teacher_logits)

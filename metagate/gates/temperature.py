@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metagate.errors import ConfigError, InputError
+from metagate.errors import ConfigError
 from metagate.gates.base import Gate, GateContext, GateOutput, UnitView
 from metagate.gates.fixed import fixed_weights
 from metagate.gates.policy import RLConfig, _RLGate
@@ -43,16 +43,9 @@ from metagate.policies.temperature import (
     TemperatureState,
     temperature_state,
 )
-from metagate.temperature import check_range
+from metagate.temperature import check_range, check_temperature
 
 __all__ = ["TemperatureConfig", "TemperatureGate", "TemperatureLog", "check_temperature", "load_temperature_policy"]
-
-
-def check_temperature(gate: str, tau: Tensor) -> None:
-    """A NaN/inf temperature stops the run with an :class:`InputError` naming the gate."""
-    if not bool(torch.isfinite(tau.detach()).all()):
-        raise InputError(f"gate {gate!r}: the KD temperature became NaN or inf (the last checkpoint holds the "
-                         "state before it; lower --lr or narrow the temperature range)")
 
 
 class TemperatureLog:
@@ -77,18 +70,26 @@ class TemperatureLog:
             self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
         self.bins = None if self.confidence is None else \
             torch.quantile(self.confidence, torch.tensor([1 / 3, 2 / 3], device=run.device)).tolist()
-        self._sum, self._count = 0.0, 0
         self._means: list[Tensor] = []
+        self._pending: list[tuple[Tensor | None, Tensor]] = []
 
     def record(self, ids: Tensor | None, tau: Tensor | float) -> None:
-        t = tau.detach() if torch.is_tensor(tau) else torch.tensor(float(tau))
-        if len(self._means) < 4096:  # reduced when logged (no sync per step)
-            self._means.append(t.float().mean().reshape(1))
-        if ids is not None and ids.ndim == 1 and (t.ndim == 0 or t.shape[0] == ids.shape[0]):
-            self.unit_tau.index_copy_(0, ids, t.to(self.unit_tau).expand(ids.shape[0]))
+        """Keep a step's temperatures; reduced when read or written (no tensor op per step)."""
+        self._pending.append((ids, tau.detach() if torch.is_tensor(tau) else torch.tensor(float(tau))))
+        if len(self._pending) >= 1024:  # an outside driver may never read: stay bounded
+            self._flush()
+
+    def _flush(self) -> None:
+        for ids, t in self._pending:
+            if len(self._means) < 4096:
+                self._means.append(t.float().mean().reshape(1))
+            if ids is not None and ids.ndim == 1 and (t.ndim == 0 or t.shape[0] == ids.shape[0]):
+                self.unit_tau.index_copy_(0, ids, t.to(self.unit_tau).expand(ids.shape[0]))
+        self._pending.clear()
 
     def summary(self) -> dict[str, float]:
         """Mean of each training unit's last temperature: all units, and corrupted vs clean ones."""
+        self._flush()
         tau = self.unit_tau
         seen = ~torch.isnan(tau)
         if not bool(seen.any()):
@@ -101,6 +102,7 @@ class TemperatureLog:
         return out
 
     def write(self, logger: Any, step: int) -> None:
+        self._flush()
         if self._means:
             logger.scalar("temperature/mean", float(torch.cat(self._means).mean()), step)
             self._means.clear()
@@ -255,8 +257,7 @@ class TemperatureGate(_RLGate):
                     rec_s, rec_a = state[real], action[real]
                 m = self.update_units
                 self.learner.record(rec_s if m is None else rec_s[:m], rec_a if m is None else rec_a[:m])
-            tau = self.policy.temperature(action).to(view.student_logits.dtype)
-            check_temperature(self.name, tau)
+            tau = self.policy.temperature(action).to(view.student_logits.dtype)  # NaN: the trainer's loss check
         if self._log is not None:
             self._log.record(view.unit_ids, tau)
         if view.is_sequence:  # padding tokens get no weight
