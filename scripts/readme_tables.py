@@ -1,7 +1,7 @@
 """Copy the compare tables that ``scripts/reproduce.sh`` wrote into the README, between its markers.
 
 Each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block of README.md is replaced by the title, the
-results table, the "Temperatures chosen" table (when there is one) and the machine line of
+results table, the "Sequences" and "Temperatures chosen" tables (when there are) and the machine line of
 ``runs/reproduce/NAME/results.md``. Run after ``scripts/reproduce.sh``::
 
     .venv/bin/python scripts/readme_tables.py
@@ -27,6 +27,8 @@ def block(name: str) -> str:
     title = md.splitlines()[0].lstrip("# ").strip()
     made = next((line for line in md.splitlines() if line.startswith("Made by")), "")
     parts = [f"**{title}**", "", section(md, "Results")]
+    if section(md, "Sequences"):
+        parts += ["", "Sequences (PER/WER of greedy decodings on test; Δ paired to fixed):", "", section(md, "Sequences")]
     if section(md, "Temperatures chosen"):
         parts += ["", "Temperatures chosen (mean of each training unit's last τ):", "", section(md, "Temperatures chosen")]
     parts += ["", made]

@@ -2,13 +2,13 @@
 # Regenerate the README's compare tables end to end (teachers, every gate and baseline, paired intervals).
 # Each table lands in runs/reproduce/<task>/results.md (with the machine and wall time that made it);
 # the same command continues an interrupted run. JOBS=2 scripts/reproduce.sh runs two cells at a time.
-#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean)
+#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean g2p g2p-clean)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
-TASKS=${TASKS:-"digits fashion fashion-clean"}
+TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean"}
 # fixed-tuned chooses alpha and tau on select (also the temperature gates' tuned rival); fashion's grid is
 # smaller to keep its table near half an hour on 2 cores
 TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/
@@ -18,6 +18,10 @@ gates() { echo ce fixed "$1" hard label-filter best-teacher conf-teachers meta:m
   reinforce ctkd ctkd:ctkd_variant=instance temperature; }
 # without label noise: the temperature gates against fixed tau=4 and tau tuned on select
 temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperature; }
+# g2p (token units): HKD's gate at both levels with both references (gold: the paper's), against fixed KD
+G2P_GATES="ce fixed hard hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred
+  meta:meta_param=net reinforce"
+G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed
   local task=$1 noise=$2 dir=runs/reproduce/ppo; shift 2
@@ -53,6 +57,11 @@ for t in $TASKS; do
     # single-teacher KD, the setting of CTKD and ITKD
     fashion-clean) read -ra ROWS <<< "$(temperature_gates $TUNED_FASHION)"; ENVS="temperature"; TEACHERS=1; PPO_STEPS=2048
       run fashion-clean fashion 0 --student mlp --epochs 5 --same-data ;;
-    *) echo "unknown task $t (digits fashion fashion-clean)" >&2; exit 2 ;;
+    # 8000 words, 3 teachers (a BiGRU, a Transformer, a wider GRU: 8 CPU-minutes per draw): one draw
+    g2p) read -ra ROWS <<< "$(echo $G2P_GATES)"; ENVS=""; TEACHERS=3
+      run g2p g2p 0.2 --same-data $G2P_TRAIN ;;
+    g2p-clean) read -ra ROWS <<< "$(echo $G2P_GATES)"; ENVS=""; TEACHERS=3
+      run g2p-clean g2p 0 --same-data $G2P_TRAIN ;;
+    *) echo "unknown task $t (digits fashion fashion-clean g2p g2p-clean)" >&2; exit 2 ;;
   esac
 done
