@@ -2,13 +2,13 @@
 # Regenerate the README's compare tables end to end (teachers, every gate and baseline, paired intervals).
 # Each table lands in runs/reproduce/<task>/results.md (with the machine and wall time that made it);
 # the same command continues an interrupted run. JOBS=2 scripts/reproduce.sh runs two cells at a time.
-#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean g2p g2p-clean)
+#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean g2p g2p-clean g2p-temperature)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
-TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean"}
+TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean g2p-temperature"}
 # fixed-tuned chooses alpha and tau on select (also the temperature gates' tuned rival); fashion's grid is
 # smaller to keep its table near half an hour on 2 cores
 TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/
@@ -21,6 +21,8 @@ temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperatur
 # g2p (token units): HKD's gate at both levels with both references (gold: the paper's), against fixed KD
 G2P_GATES="ce fixed hard hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred
   meta:meta_param=net reinforce"
+# and the temperature gates per token, against fixed tau=4 and tau tuned on select
+G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8,lr_scales=1/ ctkd ctkd:ctkd_variant=instance temperature"
 G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed
@@ -30,7 +32,7 @@ policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deplo
   for env in "$@"; do
     local zip="$dir/$task-$noise-$env.zip"
     [ -f "$zip" ] || "$BIN/metagate" train-policy --task "$task" --noise "$noise" --teachers "$TEACHERS" --env "$env" \
-      --timesteps "$PPO_STEPS" --seed 0 --out "$zip" --no-progress
+      --timesteps "$PPO_STEPS" --seed 0 --out "$zip" --no-progress ${PPO_FLAGS:-}
     case $env in
       weights) PPO+=("policy:policy=$zip") ;;
       temperature) PPO+=("temperature:temp_policy=$zip") ;;
@@ -62,6 +64,9 @@ for t in $TASKS; do
       run g2p g2p 0.2 --same-data $G2P_TRAIN ;;
     g2p-clean) read -ra ROWS <<< "$(echo $G2P_GATES)"; ENVS=""; TEACHERS=3
       run g2p-clean g2p 0 --same-data $G2P_TRAIN ;;
-    *) echo "unknown task $t (digits fashion fashion-clean g2p g2p-clean)" >&2; exit 2 ;;
+    g2p-temperature) read -ra ROWS <<< "$(echo $G2P_TEMPERATURE)"; ENVS="temperature"; TEACHERS=3; PPO_STEPS=1024
+      PPO_FLAGS="--optimizer adam --lr 0.003"  # the env's students train as the compare's do
+      run g2p-temperature g2p 0.2 --same-data $G2P_TRAIN ;;
+    *) echo "unknown task $t (digits fashion fashion-clean g2p g2p-clean g2p-temperature)" >&2; exit 2 ;;
   esac
 done
