@@ -149,6 +149,26 @@ def test_temperature_gate_learns_in_the_loop_with_warmup(digits_noisy, digits_ba
     assert gate.learner.episodes > 0
 
 
+def test_temperature_gate_samples_its_policy_distribution(digits_noisy, digits_bank):
+    """The gate's fused sampling draws what the policy's own distribution draws from the same generator state
+    (per-unit noise, then the episode's shared offset), and acts on the mean when not learning."""
+    from metagate.gates.temperature import TemperatureGate
+
+    bank, _ = digits_bank
+    gate = TemperatureGate(temp_log_std=-1.0, rl_episode=3)
+    tr = _trainer(digits_noisy, bank, gate)
+    b = next(tr.epoch_batches(0))
+    state = gate.state(tr.make_view(b, tr.student(b.x).detach()))
+    gate._act(state, learning=True)  # draws the episode's shared noise
+    torch.manual_seed(5)
+    got = gate._act(state, learning=True)
+    torch.manual_seed(5)
+    want = gate.policy.distribution(state).sample(gate._noise)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, gate.policy.mean_action(state))  # it explores
+    torch.testing.assert_close(gate._act(state, learning=False), gate.policy.mean_action(state).detach())
+
+
 def test_deployed_ppo_temperature_policy_acts_as_saved(digits_noisy, digits_bank, tmp_path):
     """train-policy --env temperature writes a zip; the gate deploys its mean action (identical to SB3's)."""
     import numpy as np

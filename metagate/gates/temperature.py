@@ -225,6 +225,15 @@ class TemperatureGate(_RLGate):
             w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
         return w
 
+    def _head(self) -> Any:
+        """The policy's mean action without a graph: :meth:`_act` adds the exploration noise itself, fused
+        (fewer tensor ops per step than building the policy's distribution and sampling it)."""
+        return self._mean_action
+
+    @torch.no_grad()
+    def _mean_action(self, state: Tensor) -> Tensor:
+        return self.policy.mean_action(state)
+
     def _warming_up(self) -> bool:
         run = self._run
         return run is not None and self.config.temp_warmup_epochs > 0 and \
