@@ -106,15 +106,22 @@ def interleaved_medians(runs: dict[str, Callable[[], float]], repeats: int) -> d
 
 def parse_gate_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"meta:meta_backend=closed-form,meta_val_batch=64"`` -> ``("meta", {...})`` (values read as YAML
-    scalars: data, never code)."""
+    scalars: data, never code). A text-only option of the gate keeps its text as written, so a one-value
+    grid ``fixed-tuned:alpha_grid=0.5`` is ``"0.5"``, not the number 0.5."""
+    from metagate.gates import GATES
+
     name, _, rest = spec.partition(":")
+    name = name.strip()
+    config = getattr(GATES.get(name), "config_class", None)
+    text_only = config.text_option_names() if config is not None else set()
     opts: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--gates {spec!r}: options are key=value pairs separated by commas")
-        opts[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return name.strip(), opts
+        key = key.strip().replace("-", "_")
+        opts[key] = value.strip() if key in text_only else yaml.safe_load(value)
+    return name, opts
 
 
 def build_bench_gate(spec: str) -> Gate:

@@ -137,6 +137,12 @@ class Options:
         return {f.name for f in cls.option_fields()}
 
     @classmethod
+    def text_option_names(cls) -> set[str]:
+        """Options whose value is text only (a spec's ``alpha_grid=0.5`` is the text ``"0.5"``, not a number)."""
+        hints = typing.get_type_hints(cls)
+        return {f.name for f in cls.option_fields() if _allowed(hints[f.name])[0] == {str}}
+
+    @classmethod
     def from_options(cls, options: dict[str, Any] | None = None, *, what: str | None = None) -> Options:
         """Build from a mapping of option names (``-`` or ``_``); unknown names are a :class:`ConfigError`."""
         opts = {k.replace("-", "_"): v for k, v in (options or {}).items()}

@@ -112,6 +112,14 @@ def test_bench_gate_specs_are_data():
     assert parse_gate_spec("meta:meta_backend=closed-form,meta-lr=0.5,meta_no_reuse=true") == \
         ("meta", {"meta_backend": "closed-form", "meta_lr": 0.5, "meta_no_reuse": True})
     assert parse_gate_spec("fixed") == ("fixed", {})
+    # a one-value grid is text, as the grid option is (it was read as the float 0.5 and refused)
+    assert parse_gate_spec("fixed-tuned:alpha_grid=0.5,tau_grid=4") == \
+        ("fixed-tuned", {"alpha_grid": "0.5", "tau_grid": "4"})
+    from metagate.compare.specs import parse_specs
+    (spec,) = parse_specs(["fixed-tuned:alpha_grid=0.5,tau_grid=1/4"])
+    assert spec.options == {"alpha_grid": "0.5", "tau_grid": "1/4"}
+    with pytest.raises(ConfigError, match="alpha-grid"):
+        parse_specs(["fixed-tuned:alpha_grid=1.5"])
     with pytest.raises(ConfigError, match="key=value"):
         parse_gate_spec("meta:closed-form")
     assert main(["bench", "--task", "digits", "--students", "mlp", "--gates", "meta:no_such_option=1",
