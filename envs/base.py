@@ -84,6 +84,8 @@ class StudentLoopEnv(gym.Env):
         self._features = None if self.sequence else \
             TeacherFeatureCache(bank.logits.to(self.device), task.train.y.to(self.device))
         self._t = 0
+        #: the real (not padding) tokens of the batch being decided; ``None`` on example units
+        self._real: torch.Tensor | None = None
 
     # -- what a subclass defines -----------------------------------------------------------------
     def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
@@ -107,10 +109,15 @@ class StudentLoopEnv(gym.Env):
                     yield batch
             epoch += 1
 
+    def _real_units(self, per_unit: torch.Tensor) -> torch.Tensor:
+        """``per_unit`` (one row per unit of the step) without the padding tokens: padding decides nothing."""
+        return per_unit if self._real is None else per_unit[self._real]
+
     def _observe(self, batch: Batch) -> np.ndarray:
-        """Observation of ``batch`` from the student's train-mode forward, whose logits (and graph) the next
-        ``train_step`` reuses: the observation costs no extra forward pass."""
+        """Observation of ``batch`` (the batch the next action decides) from the student's train-mode forward,
+        whose logits (and graph) the next ``train_step`` reuses: the observation costs no extra forward pass."""
         assert self.trainer is not None
+        self._real = batch.y.reshape(-1).to(self.device) != PAD_ID if self.sequence else None
         student = self.trainer.student
         if not student.training:  # Module.train() walks every submodule
             student.train()
@@ -161,6 +168,7 @@ class StudentLoopEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         decision = self.decision(action)
         res = self.trainer.train_step(self._batch, decision, logits=self._logits)
+        step_info = self._step_info(decision)  # before the next batch is observed: it is about this batch
         self._logits = None
         self._t += 1
         truncated = self._t >= self.episode_steps
@@ -174,7 +182,7 @@ class StudentLoopEnv(gym.Env):
             self._val = val
         self._batch = next(self._iter)
         obs = self._observe(self._batch)
-        info = {"val": val, "train_loss": float(res.loss), **self._step_info(decision)}
+        info = {"val": val, "train_loss": float(res.loss), **step_info}
         return obs, float(reward), False, truncated, info
 
 

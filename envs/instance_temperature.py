@@ -31,7 +31,7 @@ from metagate.policies.temperature import (
     action_temperature,
     temperature_state,
 )
-from metagate.units import PAD_ID, flat_logits
+from metagate.units import flat_logits
 
 
 class InstanceTemperatureEnv(StudentLoopEnv):
@@ -53,7 +53,6 @@ class InstanceTemperatureEnv(StudentLoopEnv):
         self._state = None if self.sequence else \
             TemperatureState(self.bank.logits.to(self.device), self.task.train.y.to(self.device), self._features)
         self._weights = fixed_weights(n, self.num_teachers, self.alpha, self.device, torch.float32)
-        self._real: torch.Tensor | None = None  # the real (not padding) tokens of the batch being decided
 
     def _observation(self, logits: torch.Tensor, batch: Batch) -> np.ndarray:
         assert self.trainer is not None
@@ -71,10 +70,8 @@ class InstanceTemperatureEnv(StudentLoopEnv):
 
     def decision(self, action: np.ndarray | torch.Tensor) -> GateOutput:
         # fixed weights are valid; a NaN action gives a NaN temperature, which the loss check reports
-        self._real = self._batch.y.reshape(-1).to(self.device) != PAD_ID if self.sequence else None
         return GateOutput(self._weights, self.temperatures_from_action(action), trusted=True)
 
     def _step_info(self, decision: GateOutput) -> dict[str, Any]:
         assert torch.is_tensor(decision.tau)
-        tau = decision.tau if self._real is None else decision.tau[self._real]  # padding tokens decide nothing
-        return {"temperatures": tau.cpu().numpy()}
+        return {"temperatures": self._real_units(decision.tau).cpu().numpy()}

@@ -117,8 +117,11 @@ def test_deployed_policy_trained_on_the_token_env(g2p, tmp_path) -> None:
     t = task.train.y.shape[1]
     obs, _ = env.reset(seed=0)
     assert obs.shape == (4 * t, 2, 11) and env.action_space.shape == (4 * t, 2)  # token units
+    real = int((env._batch.y != PAD_ID).sum())
     obs, reward, _, _, info = env.step(env.action_space.sample())
     assert math.isfinite(reward) and math.isfinite(info["train_loss"])
+    w = info["teacher_weights"]  # the decided batch's real tokens only: padding decides nothing
+    assert w.shape == (real, 2) and abs(w.sum(1) - 1.0).max() < 1e-5
     out = tmp_path / "policy.zip"
     args = build_parser().parse_args(["train-policy", "--algo", "a2c", "--timesteps", "8", "--n-steps", "4",
                                       "--out", str(out)])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate, GateConfig, GateContext, GateOutput, UnitView
-from metagate.gates.fixed import KDMixConfig, fixed_weights
+from metagate.gates.fixed import FixedMix, KDMixConfig
 from metagate.gates.registry import register
 from metagate.gates.temperature import TemperatureLog
 from metagate.options import option
@@ -80,7 +80,7 @@ class CTKDGate(Gate):
         self.module: nn.Module | None = None
         self._run: GateContext | None = None
         self._log: TemperatureLog | None = None
-        self._weights: dict[tuple, Tensor] = {}
+        self._mix = FixedMix(self.alpha)
         self.lam = 0.0
 
     def setup(self, run: GateContext) -> None:
@@ -121,13 +121,7 @@ class CTKDGate(Gate):
         tau = self.temperature(view)  # a NaN temperature makes the loss NaN: the trainer names this gate
         if self._log is not None:
             self._log.record(view.unit_ids, tau)
-        key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
-        w = self._weights.get(key)
-        if w is None:
-            w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
-        if view.is_sequence:  # padding tokens get no weight
-            w = w * view.mask.to(w.dtype).unsqueeze(1)
-        return GateOutput(w, tau)
+        return GateOutput(self._mix(view), tau)
 
     def diagnostics(self) -> dict[str, float]:
         return {} if self._log is None else self._log.summary()

@@ -22,6 +22,24 @@ def fixed_weights(num_units: int, num_teachers: int, alpha: float, device: Any, 
     return row.expand(num_units, -1)
 
 
+class FixedMix:
+    """The constant ``[N, 1+K]`` label/teacher split of a gate that learns only something else (the
+    temperature gates): built once per batch shape and dtype, padding tokens of a sequence batch zeroed."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, view: UnitView, mask_padding: bool = True) -> torch.Tensor:
+        key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
+        w = self._cache.get(key)
+        if w is None:  # constant: build once per shape
+            w = self._cache[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
+        if mask_padding and view.is_sequence:
+            w = w * view.mask.to(w.dtype).unsqueeze(1)
+        return w
+
+
 @dataclass
 class KDMixConfig(GateConfig):
     """The label weight and the KD temperature, shared by the gates that keep a constant label/KD split
@@ -63,15 +81,10 @@ class FixedGate(Gate):
     def __init__(self, config: FixedConfig | None = None, **options: Any) -> None:
         super().__init__(config, **options)
         self.alpha, self.tau = self.config.label_weight, self.config.temperature
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._mix = FixedMix(self.alpha)
 
     def weights(self, view: UnitView) -> GateOutput:
-        key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
-        w = self._cache.get(key)
-        if w is None:  # constant: build once per shape
-            w = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
-            self._cache[key] = w
-        return GateOutput(w, self.tau)
+        return GateOutput(self._mix(view, mask_padding=False), self.tau)  # the reduce masks padding
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau}
@@ -92,7 +105,7 @@ class CEGate(FixedGate):
     def __init__(self, config: CEConfig | None = None, **options: Any) -> None:
         Gate.__init__(self, config, **options)
         self.alpha, self.tau = 1.0, 1.0
-        self._cache = {}
+        self._mix = FixedMix(self.alpha)
 
     def hparams(self) -> dict[str, Any]:
         return {}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate, GateContext, GateOutput, UnitView
-from metagate.gates.fixed import fixed_weights
+from metagate.gates.fixed import FixedMix
 from metagate.gates.policy import RLConfig, _RLGate
 from metagate.gates.registry import register
 from metagate.options import option
@@ -209,7 +209,7 @@ class TemperatureGate(_RLGate):
         self.policy.train(self.learn)
         self._state: TemperatureState | None = None
         self._log: TemperatureLog | None = None
-        self._weights: dict[tuple, Tensor] = {}
+        self._mix = FixedMix(self.alpha)
 
     def setup(self, run: GateContext) -> None:
         super().setup(run)
@@ -217,13 +217,6 @@ class TemperatureGate(_RLGate):
         if self._features is not None:
             self._state = TemperatureState(run.bank.logits, run.train_y, self._features)  # type: ignore[union-attr]
         self._log = TemperatureLog(run)
-
-    def _mix(self, view: UnitView) -> Tensor:
-        key = (view.num_units, view.num_teachers, view.student_logits.device, view.student_logits.dtype)
-        w = self._weights.get(key)
-        if w is None:
-            w = self._weights[key] = fixed_weights(view.num_units, view.num_teachers, self.alpha, key[2], key[3])
-        return w
 
     def _head(self) -> Any:
         """The policy's mean action without a graph: :meth:`_act` adds the exploration noise itself, fused
@@ -269,8 +262,6 @@ class TemperatureGate(_RLGate):
             tau = self.policy.temperature(action).to(view.student_logits.dtype)  # NaN: the trainer's loss check
         if self._log is not None:
             self._log.record(view.unit_ids, tau)
-        if view.is_sequence:  # padding tokens get no weight
-            w = w * view.mask.to(w.dtype).unsqueeze(1)
         return GateOutput(w, tau)
 
     def after_step(self, ctx: Any) -> None:
