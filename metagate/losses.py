@@ -71,6 +71,59 @@ def ce_per_unit(student_logits: Tensor, labels: Tensor, validate: bool = True) -
     return F.cross_entropy(student_logits, labels, reduction="none")
 
 
+def _tempered_kd_reference(s: Tensor, t: Tensor, tau: Tensor) -> Tensor:
+    """``tau**2 * KL(softmax(t/tau) || softmax(s/tau))`` ``[N, K]`` by plain autograd ops (tensor ``tau``)."""
+    log_q = F.log_softmax(s / tau.reshape(-1, 1), dim=-1).unsqueeze(1)
+    log_p = F.log_softmax(t / tau.reshape(-1, 1, 1), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * tau.reshape(-1, 1) ** 2
+
+
+class TemperedKD(torch.autograd.Function):
+    """:func:`_tempered_kd_reference` as one autograd node, its gradients in closed form (a learned or
+    per-unit temperature changes every step, so the teacher side cannot come from the bank's cache; one node
+    instead of a dozen is what keeps ``ctkd`` and ``temperature`` near fixed KD's step cost).
+
+    With ``z_s = s/τ``, ``z_t = t/τ``, ``q = softmax(z_s)``, ``p = softmax(z_t)``, ``d = log p - log q`` and
+    ``f = Σ_c p d`` (the KL): ``∂f/∂z_s = q - p``, ``∂f/∂z_t = p (d - f)``, ``∂z/∂τ = -z/τ``, hence
+    ``∂(τ² f)/∂s = τ (q - p)`` and ``∂(τ² f)/∂τ = 2τ f - Σ_c [p (d - f) t + (q - p) s]``. The teacher
+    logits get no gradient. A second derivative (``create_graph``) differentiates the reference formula.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, tau: Tensor) -> Tensor:  # type: ignore[override]
+        tau_s = tau.reshape(-1, 1)
+        log_q = F.log_softmax(s / tau_s, dim=-1)
+        log_p = F.log_softmax(t / tau.reshape(-1, 1, 1), dim=-1)
+        p = log_p.exp()
+        d = log_p - log_q.unsqueeze(1)
+        f = (p * d).sum(-1)
+        ctx.save_for_backward(s, t, tau, log_q, p, d, f)
+        return f * tau_s**2
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # type: ignore[override]
+        s, t, tau, log_q, p, d, f = ctx.saved_tensors
+        need_s, need_t, need_tau = ctx.needs_input_grad
+        if need_t:
+            raise RuntimeError("TemperedKD gives no gradient to the teacher logits")
+        if torch.is_grad_enabled():  # create_graph: the closed form's saved parts carry no graph
+            with torch.enable_grad():
+                inputs = [x for x, need in ((s, need_s), (tau, need_tau)) if need]
+                grads = iter(torch.autograd.grad(_tempered_kd_reference(s, t, tau), inputs, g, create_graph=True))
+            return (next(grads) if need_s else None), None, (next(grads) if need_tau else None)
+        tau_s = tau.reshape(-1, 1)
+        q = log_q.exp()
+        gs = gtau = None
+        if need_s:
+            gs = tau_s * (g.sum(1, keepdim=True) * q - (g.unsqueeze(-1) * p).sum(1))
+        if need_tau:
+            a = (p * (d - f.unsqueeze(-1)) * t).sum(-1)
+            b = (q * s).sum(-1, keepdim=True) - (p * s.unsqueeze(1)).sum(-1)
+            gtau = (g * (2.0 * tau_s * f - a - b)).sum(1)
+            gtau = gtau.sum() if tau.ndim == 0 else gtau
+        return gs, None, gtau
+
+
 def kd_per_unit(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
@@ -122,6 +175,10 @@ def kd_per_unit(
         log_p = teacher_log_probs
         kl = (log_p.exp() * (log_p - log_q.unsqueeze(1))).sum(-1)
         return kl if st == 1.0 else kl * st**2
+    if torch.is_tensor(tau) and teacher_log_probs is None and teacher_logits is not None \
+            and not teacher_logits.requires_grad:
+        # a tensor temperature (learned, or per unit): the teacher side is recomputed anyway; one fused node
+        return TemperedKD.apply(student_logits, teacher_logits, tau.to(student_logits.dtype))
     if not torch.is_tensor(tau):  # python scalar: no tensor ops to build
         tau_s = tau_t = float(tau)
         scale: Tensor | float = float(tau) ** 2

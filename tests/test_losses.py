@@ -78,3 +78,29 @@ def test_check_weights_rejects_nan_and_negative(bad, msg):
     w[1, 1] = bad
     with pytest.raises(InputError, match=msg):
         check_weights(w)
+
+
+@pytest.mark.parametrize("tau_shape", [(), (5,)], ids=["global", "per-unit"])
+def test_tempered_kd_node_matches_autograd_of_the_formula(tau_shape) -> None:
+    """The fused tensor-temperature KD node (ctkd, temperature): value, first and second derivatives against
+    autograd of the plain formula and finite differences (float64)."""
+    from metagate.losses import TemperedKD, _tempered_kd_reference
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(5, 7, generator=g, dtype=torch.double, requires_grad=True)
+    t = torch.randn(5, 3, 7, generator=g, dtype=torch.double) * 3
+    tau = (torch.rand(tau_shape, generator=g, dtype=torch.double) * 5 + 1).requires_grad_()
+    assert torch.autograd.gradcheck(TemperedKD.apply, (s, t, tau))
+    assert torch.autograd.gradgradcheck(TemperedKD.apply, (s, t, tau))  # create_graph (meta + ctkd)
+    ours, ref = kd_per_unit(s, t, tau), _tempered_kd_reference(s, t, tau)
+    assert ours.grad_fn.name() == "TemperedKDBackward"  # the trainer's tensor-temperature path takes the node
+    torch.testing.assert_close(ours, ref)
+    w = torch.randn(5, 3, generator=g, dtype=torch.double)
+    for a, b in zip(torch.autograd.grad(ours, (s, tau), w), torch.autograd.grad(ref, (s, tau), w)):
+        torch.testing.assert_close(a, b)
+    # a temperature without a gradient (the temperature gate's policy output): the student's gradient only
+    fixed_tau = tau.detach()
+    (gs,) = torch.autograd.grad(kd_per_unit(s, t, fixed_tau), (s,), w)
+    torch.testing.assert_close(gs, torch.autograd.grad(_tempered_kd_reference(s, t, fixed_tau), (s,), w)[0])
+    with pytest.raises(RuntimeError, match="teacher"):
+        TemperedKD.apply(s, t.clone().requires_grad_(), tau).sum().backward()
