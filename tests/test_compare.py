@@ -150,13 +150,34 @@ def test_resume_after_kill_skips_finished_runs(reference, tmp_path, capsys):
     assert results_section(out) == results_section(reference)
 
 
-def test_jobs_2_gives_the_serial_metrics(reference, tmp_path):
+def test_jobs_2_gives_the_serial_metrics(reference, tmp_path, monkeypatch):
+    import metagate.compare.main as compare_main
+
+    pools = []
+    real_pool = compare_main.worker_pool
+    monkeypatch.setattr(compare_main, "worker_pool", lambda *a: pools.append(a) or real_pool(*a))
     out = tmp_path / "jobs"
-    assert main([*compare_args(out, ["fixed"]), "--jobs", "2"]) == 0
+    assert main([*compare_args(out), "--jobs", "2"]) == 0
+    assert pools == [(2, 1)]  # one pool of workers prepares the teachers and runs the cells
     ref, got = rows_of(reference), rows_of(out)
-    assert set(got) == {("fixed", 0), ("fixed", 1)}
+    assert set(got) == set(ref) == {(g, s) for g in GATES for s in (0, 1)}
     for k, r in got.items():
         assert r["metrics"] == ref[k]["metrics"]
+    assert [r["label"] for r in json.loads((out / "results.json").read_text())["rows"]] == \
+        [r["label"] for r in json.loads((reference / "results.json").read_text())["rows"]]  # grid order kept
+
+
+def test_jobs_submit_learned_gates_first():
+    from types import SimpleNamespace
+
+    from metagate.compare.backends import _longest_first
+    from metagate.compare.specs import parse_specs
+
+    specs = parse_specs(["fixed", "meta", "hard", "reinforce"])
+    cells = [SimpleNamespace(spec=sp, seed=s) for sp in specs for s in (0, 1)]
+    order = [(c.spec.label, c.seed) for c in _longest_first(cells)]
+    assert order == [("meta", 0), ("meta", 1), ("reinforce", 0), ("reinforce", 1), ("fixed", 0), ("fixed", 1),
+                     ("hard", 0), ("hard", 1)]
 
 
 @pytest.mark.slow  # starting Ray takes 20-100 s on a shared 2-core machine

@@ -33,35 +33,49 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(max(1, threads))  # before the first op: bounded intra-op threads per worker
 
 
-def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow) -> None:
-    """Cells in ``jobs`` worker processes (``spawn``: no forked torch thread pools or open files).
+def worker_pool(jobs: int, threads: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes (no forked torch thread pools or open files), each with ``threads``
+    torch threads; one pool serves a compare's teacher preparation and its cells (workers import once)."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(threads,))
+
+
+def _longest_first(cells: list[Cell]) -> list[Cell]:
+    """Learned gates first: they take the longest, and the short rule cells fill the workers' last gaps."""
+    return sorted(cells, key=lambda c: c.spec.is_baseline)
+
+
+def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow, pool: ProcessPoolExecutor | None = None) -> None:
+    """Cells in ``jobs`` worker processes (of ``pool``, else a new :func:`worker_pool`), longest first.
 
     At most ``jobs`` cells are in flight; on an interrupt the queued ones are cancelled and the running
     ones end with their workers (their checkpoints let the next compare continue them).
     """
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    threads = cells[0].threads if cells else 1
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        pending = {pool.submit(run_cell, c.payload()): c for c in cells}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    cell = pending.pop(fut)
-                    on_row(cell, fut.result())
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
+    if pool is None:
+        with worker_pool(jobs, cells[0].threads if cells else 1) as own:
+            return run_jobs(cells, jobs, on_row, own)
+    pending = {pool.submit(run_cell, c.payload()): c for c in _longest_first(cells)}
+    try:
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                cell = pending.pop(fut)
+                on_row(cell, fut.result())
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
 
 
-def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], jobs: int, threads: int) -> list[Any]:
-    """``[fn(*args) for args in arg_tuples]`` in ``jobs`` spawned worker processes, in order."""
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        return list(pool.map(fn, *zip(*arg_tuples)))
+def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], jobs: int, threads: int,
+                  pool: ProcessPoolExecutor | None = None) -> list[Any]:
+    """``[fn(*args) for args in arg_tuples]`` in worker processes (of ``pool``, else a new one), in order."""
+    if pool is None:
+        with worker_pool(jobs, threads) as own:
+            return map_processes(fn, arg_tuples, jobs, threads, own)
+    return list(pool.map(fn, *zip(*arg_tuples)))
 
 
 def _ray_trial(config: dict[str, Any]) -> None:

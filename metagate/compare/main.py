@@ -4,17 +4,19 @@ summarise, write files and figures, print the tables."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from metagate.compare.backends import map_processes, run_jobs, run_ray, run_serial
+from metagate.compare.backends import map_processes, run_jobs, run_ray, run_serial, worker_pool
 from metagate.compare.cell import finished_row, prepare_teachers
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, build_grid, cell_state, read_json
@@ -47,17 +49,18 @@ def machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def _teachers_per_seed(cells: list[Cell], progress: bool, jobs: int = 1) -> dict[int, list[dict[str, Any]]]:
+def _teachers_per_seed(cells: list[Cell], progress: bool, jobs: int = 1,
+                       pool: ProcessPoolExecutor | None = None) -> dict[int, list[dict[str, Any]]]:
     """Train and cache each seed's teachers before any cell starts: in this process, or with ``jobs > 1`` one
-    seed per worker process (each seed is its own data draw with its own cache files, so no two processes
-    ever train or write the same teacher)."""
+    seed per worker process of ``pool`` (each seed is its own data draw with its own cache files, so no two
+    processes ever train or write the same teacher)."""
     first = {}
     for cell in cells:
         if cell.seed not in first and get_gate_class(cell.spec.gate).uses_teachers:
             first[cell.seed] = cell
     if jobs > 1 and len(first) > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        stats = map_processes(prepare_teachers, [(c.config, False) for c in first.values()], jobs, threads)
+        stats = map_processes(prepare_teachers, [(c.config, False) for c in first.values()], jobs, threads, pool)
         return dict(zip(first, stats))
     return {seed: prepare_teachers(c.config, progress) for seed, c in first.items()}
 
@@ -85,8 +88,6 @@ def write_experiment(out: Path, cells: list[Cell]) -> None:
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     """See :func:`metagate.compare.compare`; returns ``{"rows", "summary", "paths"}``."""
-    from tqdm.auto import tqdm
-
     t_start = time.perf_counter()
     specs: list[GateSpec] = parse_specs(list(args.gates), base_gate_options(args))
     check_shared_options(args, specs)
@@ -103,7 +104,18 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         for c in cells:
             shutil.rmtree(c.run_dir, ignore_errors=True)
     progress = getattr(args, "progress", None) is not False
-    teachers = _teachers_per_seed(cells, progress, args.jobs if args.backend == "local" else 1)
+    with contextlib.ExitStack() as stack:
+        # one pool of workers for the teachers and the cells: they import torch and metagate once
+        pool = stack.enter_context(worker_pool(args.jobs, threads)) if args.backend == "local" and args.jobs > 1 \
+            else None
+        return _run_compare(args, specs, cells, out, threads, progress, pool, t_start)
+
+
+def _run_compare(args: argparse.Namespace, specs: list[GateSpec], cells: list[Cell], out: Path, threads: int,
+                 progress: bool, pool: ProcessPoolExecutor | None, t_start: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    teachers = _teachers_per_seed(cells, progress, args.jobs if pool is not None else 1, pool)
     cells = [choose_on_select(c, teachers.get(c.seed, [])) for c in cells]
     states = {(c.spec.label, c.seed): cell_state(c) for c in cells}  # a mismatching old run fails here
     todo = [c for c in cells if states[(c.spec.label, c.seed)] != "done"]
@@ -127,7 +139,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             run_ray(todo, on_row, args.ray_address, cpus_per_cell=threads, storage=out / "ray",
                     max_concurrent=args.jobs if args.jobs > 1 else 0)
         elif args.jobs > 1 and len(todo) > 1:
-            run_jobs(todo, args.jobs, on_row)
+            run_jobs(todo, args.jobs, on_row, pool)
         else:
             run_serial(todo, on_row)
     except KeyboardInterrupt:
