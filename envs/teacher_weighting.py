@@ -64,7 +64,8 @@ class TeacherWeightingEnv(StudentLoopEnv):
         return GateOutput(self.weights_from_action(action), self.tau, trusted=True)
 
     def _step_info(self, decision: GateOutput) -> dict[str, Any]:
-        kd = self._real_units(decision.weights[:, 1:]).cpu().numpy()  # sequences: the real tokens  # the softmax scaled by 1 - alpha: divide it out in numpy (cheap)
+        # the real tokens' softmax scaled by 1 - alpha: divide it out in numpy (cheap)
+        kd = self._real_units(decision.weights[:, 1:]).cpu().numpy()
         if self.alpha < 1.0:
             kd = kd / (1.0 - self.alpha)
         return {"teacher_weights": kd}

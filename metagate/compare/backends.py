@@ -47,15 +47,12 @@ def _longest_first(cells: list[Cell]) -> list[Cell]:
     return sorted(cells, key=lambda c: c.spec.is_baseline)
 
 
-def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow, pool: ProcessPoolExecutor | None = None) -> None:
-    """Cells in ``jobs`` worker processes (of ``pool``, else a new :func:`worker_pool`), longest first.
+def run_jobs(cells: list[Cell], on_row: OnRow, pool: ProcessPoolExecutor) -> None:
+    """Cells in the worker processes of ``pool`` (a :func:`worker_pool`), longest first.
 
-    At most ``jobs`` cells are in flight; on an interrupt the queued ones are cancelled and the running
-    ones end with their workers (their checkpoints let the next compare continue them).
+    At most the pool's ``jobs`` cells are in flight; on an interrupt the queued ones are cancelled and the
+    running ones end with their workers (their checkpoints let the next compare continue them).
     """
-    if pool is None:
-        with worker_pool(jobs, cells[0].threads if cells else 1) as own:
-            return run_jobs(cells, jobs, on_row, own)
     pending = {pool.submit(run_cell, c.payload()): c for c in _longest_first(cells)}
     try:
         while pending:
@@ -69,12 +66,8 @@ def run_jobs(cells: list[Cell], jobs: int, on_row: OnRow, pool: ProcessPoolExecu
         raise
 
 
-def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], jobs: int, threads: int,
-                  pool: ProcessPoolExecutor | None = None) -> list[Any]:
-    """``[fn(*args) for args in arg_tuples]`` in worker processes (of ``pool``, else a new one), in order."""
-    if pool is None:
-        with worker_pool(jobs, threads) as own:
-            return map_processes(fn, arg_tuples, jobs, threads, own)
+def map_processes(fn: Callable[..., Any], arg_tuples: list[tuple], pool: ProcessPoolExecutor) -> list[Any]:
+    """``[fn(*args) for args in arg_tuples]`` in the worker processes of ``pool``, in order."""
     return list(pool.map(fn, *zip(*arg_tuples)))
 
 

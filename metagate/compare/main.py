@@ -49,18 +49,17 @@ def machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def _teachers_per_seed(cells: list[Cell], progress: bool, jobs: int = 1,
+def _teachers_per_seed(cells: list[Cell], progress: bool,
                        pool: ProcessPoolExecutor | None = None) -> dict[int, list[dict[str, Any]]]:
-    """Train and cache each seed's teachers before any cell starts: in this process, or with ``jobs > 1`` one
-    seed per worker process of ``pool`` (each seed is its own data draw with its own cache files, so no two
-    processes ever train or write the same teacher)."""
+    """Train and cache each seed's teachers before any cell starts: in this process, or one seed per worker
+    process of ``pool`` (each seed is its own data draw with its own cache files, so no two processes ever
+    train or write the same teacher)."""
     first = {}
     for cell in cells:
         if cell.seed not in first and get_gate_class(cell.spec.gate).uses_teachers:
             first[cell.seed] = cell
-    if jobs > 1 and len(first) > 1:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        stats = map_processes(prepare_teachers, [(c.config, False) for c in first.values()], jobs, threads, pool)
+    if pool is not None and len(first) > 1:
+        stats = map_processes(prepare_teachers, [(c.config, False) for c in first.values()], pool)
         return dict(zip(first, stats))
     return {seed: prepare_teachers(c.config, progress) for seed, c in first.items()}
 
@@ -104,10 +103,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         for c in cells:
             shutil.rmtree(c.run_dir, ignore_errors=True)
     progress = getattr(args, "progress", None) is not False
-    with contextlib.ExitStack() as stack:
-        # one pool of workers for the teachers and the cells: they import torch and metagate once
-        pool = stack.enter_context(worker_pool(args.jobs, threads)) if args.backend == "local" and args.jobs > 1 \
-            else None
+    # one pool of workers for the teachers and the cells: they import torch and metagate once
+    local_jobs = args.backend == "local" and args.jobs > 1
+    with worker_pool(args.jobs, threads) if local_jobs else contextlib.nullcontext() as pool:
         return _run_compare(args, specs, cells, out, threads, progress, pool, t_start)
 
 
@@ -115,7 +113,7 @@ def _run_compare(args: argparse.Namespace, specs: list[GateSpec], cells: list[Ce
                  progress: bool, pool: ProcessPoolExecutor | None, t_start: float) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    teachers = _teachers_per_seed(cells, progress, args.jobs if pool is not None else 1, pool)
+    teachers = _teachers_per_seed(cells, progress, pool)
     cells = [choose_on_select(c, teachers.get(c.seed, [])) for c in cells]
     states = {(c.spec.label, c.seed): cell_state(c) for c in cells}  # a mismatching old run fails here
     todo = [c for c in cells if states[(c.spec.label, c.seed)] != "done"]
@@ -138,8 +136,8 @@ def _run_compare(args: argparse.Namespace, specs: list[GateSpec], cells: list[Ce
         if args.backend == "ray":
             run_ray(todo, on_row, args.ray_address, cpus_per_cell=threads, storage=out / "ray",
                     max_concurrent=args.jobs if args.jobs > 1 else 0)
-        elif args.jobs > 1 and len(todo) > 1:
-            run_jobs(todo, args.jobs, on_row, pool)
+        elif pool is not None and len(todo) > 1:
+            run_jobs(todo, on_row, pool)
         else:
             run_serial(todo, on_row)
     except KeyboardInterrupt:
