@@ -10,4 +10,6 @@ __version__ = "0.1.0"
 __all__ = ["GATES", "Gate", "GateOutput", "StepContext", "UnitView", "Trainer", "TrainConfig", "unit_losses",
            "reduce_weighted", "distill", "compare_gates", "online", "__version__"]
 
-import metagate.envs  # noqa: E402,F401  (registers metagate/TeacherWeighting-v0 with gymnasium)
+from metagate.envs.registration import install as _install_envs  # noqa: E402
+
+_install_envs()  # metagate/TeacherWeighting-v0 and InstanceTemperature-v0, without importing gymnasium now
