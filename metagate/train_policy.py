@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metagate.cli_args import add_data_arguments, config_from_args, set_help
-from metagate.envs.config import DATA_OPTIONS, EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
+from metagate.envs.config import DATA_OPTIONS, TASK_OPTIONS, EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
 from metagate.errors import ConfigError
 from metagate.options import Options, add_options, option, option_values, set_options
 
@@ -92,7 +92,8 @@ def env_config_from_args(args: argparse.Namespace) -> EnvConfig:
                               f"not of --env {kind}")
     given.update(set_options(args, cls))
     data = config_from_args(args, gate="fixed", strict=False)  # the data options, with their defaults and checks
-    given.update({n: getattr(data, n) for n in DATA_FIELDS if n != "device"})
+    given.update({n: getattr(data, n) for n in DATA_FIELDS if n not in ("device", *TASK_OPTIONS)})
+    given.update({n: v for n, v in data.task_options.items() if n in TASK_OPTIONS})
     if getattr(args, "device", None) is not None:
         given["device"] = args.device
     return cls.from_options(given)  # type: ignore[return-value]
