@@ -158,9 +158,9 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from metagate.envs import InstanceTemperatureEnv, TeacherWeightingEnv
+    from metagate.gates.temperature.sb3 import TemperaturePolicySB3, write_temperature_meta
     from metagate.policies.safe_zip import write_policy_meta
     from metagate.policies.sb3 import TeacherWeightingPolicy
-    from metagate.policies.sb3_temperature import TemperaturePolicySB3, write_temperature_meta
 
     agent = agent_config_from_args(args)
     out = Path(args.out)

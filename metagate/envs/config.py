@@ -20,11 +20,11 @@ from metagate.data.g2p import G2PConfig
 from metagate.errors import ConfigError
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.policy import ReinforceConfig
-from metagate.gates.temperature import TemperatureConfig
+from metagate.gates.temperature.itkd import TemperatureConfig
+from metagate.gates.temperature.policy import ITKD_T_MAX, ITKD_T_MIN
+from metagate.gates.temperature.reversal import check_range
 from metagate.options import Options, option, same_as
-from metagate.policies.temperature import ITKD_T_MAX, ITKD_T_MIN
 from metagate.run import DistillConfig
-from metagate.temperature import check_range
 from metagate.trainer import TrainConfig
 
 #: the env options that are options of a task (:class:`~metagate.data.TaskConfig`; handed to the run config as
