@@ -156,6 +156,10 @@ class TemperatureConfig(RLConfig):
             raise ConfigError(f"--temp-warmup-epochs must be >= 0, got {self.temp_warmup_epochs}")
         if self.temp_rrd_window < 2:
             raise ConfigError(f"--temp-rrd-window must be >= 2, got {self.temp_rrd_window}")
+        if self.temp_online and self.temp_policy is None:
+            raise ConfigError("--temp-online keeps a deployed --temp-policy learning; without --temp-policy there is "
+                              "nothing to deploy (the gate learns in the loop anyway): give --temp-policy PATH or "
+                              "drop --temp-online")
 
     @property
     def redistributed(self) -> bool:
