@@ -126,14 +126,14 @@ def test_train_policy_out_refusals_touch_nothing(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_policy_prints_the_true_path_and_replaces_its_own_zip(tmp_path, capsys, monkeypatch):
-    from metagate.policies.safe_zip import load_policy
+    from metagate.policies.safe_zip import load_policy_zip
 
     monkeypatch.chdir(tmp_path)
     assert main(["train-policy", "--timesteps", "4", "--n-steps", "2", "--episode-steps", "4", "--no-progress",
                  "--out", "pol"]) == 0
     out = capsys.readouterr().out
     assert "saved pol.zip; deploy with `metagate distill --gate policy --policy pol.zip`" in out
-    load_policy(tmp_path / "pol.zip")  # what the message names loads
+    load_policy_zip(tmp_path / "pol.zip")  # what the message names loads
     first = (tmp_path / "pol.zip").read_bytes()
     assert main(["train-policy", "--timesteps", "4", "--n-steps", "2", "--episode-steps", "4", "--no-progress",
                  "--seed", "1", "--out", "pol.zip"]) == 0  # its own zip: replaced
