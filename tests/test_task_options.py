@@ -135,6 +135,13 @@ def build(noise=0.0, noise_type="symmetric", data_seed=0, val_fraction=0.1, ring
 
 
 build.config_class = RingsConfig
+
+
+def plain(data_dir=None, **kw):
+    """A builder that declares no options: it takes --data-dir, as plugin builders always could."""
+    task = build(**kw)
+    task.name = f"plain-{data_dir}"
+    return task
 '''
 
 
@@ -173,6 +180,17 @@ def test_a_plugin_task_declares_its_options(rings, tmp_path, capsys):
         _cfg("--task", "rings", "--subset", "3")
     with pytest.raises(ConfigError, match=r"task 'g2p' does not take option\(s\) --rings \(an option of task rings\)"):
         _cfg("--task", "g2p", "--rings", "3")
+
+
+def test_a_plugin_without_a_config_takes_data_dir_only(rings):
+    from metagate.data.builtin import DataDirConfig
+
+    assert task_config_class("rings_plugin:plain") is DataDirConfig
+    assert load_task(DistillConfig(task="rings_plugin:plain", task_options={"data_dir": "/d"})).name == "plain-/d"
+    with pytest.raises(ConfigError, match=r"task 'rings_plugin:plain' does not take option\(s\) --rings"):
+        DistillConfig(task="rings_plugin:plain", task_options={"rings": 3})
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'"):
+        DistillConfig(task="nope")  # when the config is built, not when the run starts
 
 
 def test_register_task_takes_a_config_class_only():

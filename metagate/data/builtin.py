@@ -50,13 +50,13 @@ def _unknown(name: str) -> ConfigError:
 
 def task_config_class(name: str) -> type[TaskConfig]:
     """The options of task ``name``: its registered config, or a plugin builder's ``config_class``
-    (:class:`TaskConfig`, no options, when it declares none)."""
+    (:class:`DataDirConfig`, ``data_dir`` only, when it declares none)."""
     if name in TASK_CONFIGS:
         return TASK_CONFIGS[name]
     builder = load_builder(name)
     if builder is None:
         raise _unknown(name)
-    cls = getattr(builder, "config_class", TaskConfig)
+    cls = getattr(builder, "config_class", DataDirConfig)  # undeclared: --data-dir, as plugins always got
     if not (isinstance(cls, type) and issubclass(cls, TaskConfig)):
         raise ConfigError(f"task {name!r}: its builder's config_class must be a metagate.data.TaskConfig "
                           f"subclass, got {cls!r}")
@@ -218,11 +218,16 @@ def find_fashion_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 @dataclass
-class FashionConfig(TaskConfig):
-    """fashion: where its data files are."""
+class DataDirConfig(TaskConfig):
+    """A task that reads its data from a directory (the options of a plugin builder that declares none)."""
 
-    data_dir: str | None = option(None, "fashion: directory with the idx .gz files (unset: $METAGATE_FASHION_DIR "
-                                  f"or {FASHION_DIRS[0]})")
+    data_dir: str | None = option(None, "directory with the task's data files (fashion: the idx .gz files; unset: "
+                                  f"$METAGATE_FASHION_DIR or {FASHION_DIRS[0]})")
+
+
+@dataclass
+class FashionConfig(DataDirConfig):
+    """fashion: where its data files are."""
 
 
 @register_task("fashion", config=FashionConfig)
