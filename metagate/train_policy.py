@@ -11,6 +11,7 @@ rollout, histograms and means of the chosen KD-internal weight of every teacher
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -98,7 +99,8 @@ def env_config_from_args(args: argparse.Namespace) -> EnvConfig:
     given.update({n: v for n, v in data.task_options.items() if n in TASK_OPTIONS})
     if getattr(args, "device", None) is not None:
         given["device"] = args.device
-    return cls.from_options(given)  # type: ignore[return-value]
+    plugin = {n: v for n, v in data.task_options.items() if n not in TASK_OPTIONS}  # a plugin task's own
+    return dataclasses.replace(cls.from_options(given), plugin_task_options=plugin)  # type: ignore[return-value]
 
 
 #: the JSON entries that mark a zip as a policy written by ``metagate train-policy`` (teacher weights, temperatures)
@@ -193,7 +195,11 @@ class TeacherWeightCallback:
 
 def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The env's options from the flags, as keywords of the env (``gym.make(id, **kwargs)``)."""
-    return option_values(env_config_from_args(args))
+    config = env_config_from_args(args)
+    kwargs = option_values(config)
+    if config.plugin_task_options:
+        kwargs["plugin_task_options"] = config.plugin_task_options
+    return kwargs
 
 
 def train_policy(args: argparse.Namespace, env: Any = None) -> Any:

@@ -182,6 +182,19 @@ def test_a_plugin_task_declares_its_options(rings, tmp_path, capsys):
         _cfg("--task", "g2p", "--rings", "3")
 
 
+def test_a_plugin_tasks_options_reach_the_train_policy_env(rings):
+    from metagate.envs.config import TeacherWeightingEnvConfig, env_config
+    from metagate.train_policy import env_config_from_args, make_env_kwargs
+
+    args = build_parser().parse_args(["train-policy", "--task", "rings", "--rings", "3", "--out", "x.zip"])
+    cfg = env_config_from_args(args)
+    assert cfg.plugin_task_options == {"rings": 3}
+    run = cfg.data_config("rings")
+    assert run.task_options == {"rings": 3} and load_task(run).num_classes == 3
+    kwargs = make_env_kwargs(args)
+    assert env_config(TeacherWeightingEnvConfig, None, kwargs).plugin_task_options == {"rings": 3}
+
+
 def test_a_plugin_without_a_config_takes_data_dir_only(rings):
     from metagate.data.builtin import DataDirConfig
 

@@ -12,7 +12,8 @@ or as a built config (``config=``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from metagate.data.builtin import FashionConfig
@@ -73,6 +74,8 @@ class EnvConfig(Options):
     optimizer: str = same_as(TrainConfig, "optimizer")
     schedule: str = same_as(TrainConfig, "schedule")
     device: str = same_as(TrainConfig, "device", "cpu")
+    #: the options of a plugin task (its own ``config_class``), beyond the built-in tasks' above
+    plugin_task_options: dict[str, Any] = field(default_factory=dict)
 
     #: old keyword names still accepted by the env constructors (name -> option)
     aliases: ClassVar[dict[str, str]] = {}
@@ -89,8 +92,10 @@ class EnvConfig(Options):
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
         self.data_config(None)  # the data options, checked by the run's own rules
-        for cls in (FashionConfig, G2PConfig):  # and the tasks' options by their tasks' rules
+        for cls in (FashionConfig, G2PConfig):  # (a plugin's are checked by its config when its task loads)  # and the tasks' options by their tasks' rules
             cls.from_options({n: v for n, v in self.task_options().items() if n in cls.option_names()})
+        if not isinstance(self.plugin_task_options, dict):
+            raise ConfigError(f"plugin_task_options must be a mapping, got {self.plugin_task_options!r}")
         TrainConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, optimizer=self.optimizer,
                     schedule=self.schedule, device=self.device)  # the student's options, checked once
 
@@ -100,9 +105,10 @@ class EnvConfig(Options):
         raise NotImplementedError
 
     def task_options(self) -> dict[str, Any]:
-        """The task options that are set (not their unset default)."""
+        """The task options that are set (not their unset default), a plugin task's included."""
         defaults = {f.name: f.default for f in fields(self)}
-        return {n: getattr(self, n) for n in TASK_OPTIONS if getattr(self, n) != defaults[n]}
+        return {**{n: getattr(self, n) for n in TASK_OPTIONS if getattr(self, n) != defaults[n]},
+                **self.plugin_task_options}
 
     def data_config(self, task: str | None = "digits") -> DistillConfig:
         """The run config that loads this env's task and teachers (its data options, the rest defaults);
@@ -158,4 +164,6 @@ def env_config(cls: type[EnvConfig], config: EnvConfig | None, options: dict[str
             raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
         return config
     opts = {cls.aliases.get(k, k): v for k, v in options.items()}
-    return cls.from_options(opts, what=cls.__name__)  # type: ignore[return-value]
+    plugin = opts.pop("plugin_task_options", None) or {}  # not a flag: a plugin task's own options
+    config = cls.from_options(opts, what=cls.__name__)
+    return dataclasses.replace(config, plugin_task_options=plugin) if plugin else config  # type: ignore[return-value]
