@@ -118,6 +118,21 @@ def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
 TASK_FIELDS = ("task", "noise", "noise_type", "data_seed", "val_fraction", "task_options")
 
 
+#: DistillConfig fields that became task options (``task_options``): read from configs saved before
+LEGACY_TASK_FIELDS = ("data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk")
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved as ``asdict(DistillConfig)`` before the task options moved into ``task_options``, in
+    today's form: the old flat fields that were set go to ``task_options``, the unset ones are dropped."""
+    out = dict(saved)
+    moved = {k: out.pop(k) for k in LEGACY_TASK_FIELDS if k in out}
+    if moved:
+        out["task_options"] = {**{k: v for k, v in moved.items() if v not in (None, False)},
+                               **(out.get("task_options") or {})}
+    return out
+
+
 def task_key(cfg: DistillConfig) -> tuple[tuple[str, Any], ...]:
     """The options that shape the loaded task, hashable (``task_options`` as sorted pairs)."""
     return tuple((f, tuple(sorted(cfg.task_options.items())) if f == "task_options" else getattr(cfg, f))

@@ -212,3 +212,22 @@ def test_register_task_takes_a_config_class_only():
     with pytest.raises(ConfigError, match="config must be a TaskConfig subclass"):
         register_task("bad", config=dict)  # type: ignore[arg-type]
     assert issubclass(G2PConfig, TaskConfig)
+
+
+def test_a_compare_cell_saved_before_task_options_still_matches():
+    """A compare cell.json written when g2p's options were DistillConfig fields is read in today's form (the
+    set ones in task_options), so an old --out resumes instead of reporting changed options."""
+    from dataclasses import asdict
+
+    from metagate.compare.grid import with_new_defaults
+    from metagate.run import upgrade_saved_config
+
+    now = DistillConfig(task="g2p", task_options={"subset": 150, "topk": 8})
+    old = {k: v for k, v in asdict(now).items() if k != "task_options"}
+    old.update(data_dir=None, subset=150, g2p_all_words=False, g2p_no_stress=False, topk=8)
+    assert upgrade_saved_config(old) == asdict(now)
+    assert with_new_defaults(old, now) == asdict(now)
+    digits = asdict(DistillConfig())
+    old_digits = {k: v for k, v in digits.items() if k != "task_options"}
+    old_digits.update(data_dir=None, subset=None, g2p_all_words=False, g2p_no_stress=False, topk=None)
+    assert with_new_defaults(old_digits, DistillConfig()) == digits
