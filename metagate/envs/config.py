@@ -3,8 +3,9 @@
 :class:`EnvConfig` holds what every env takes; :class:`TeacherWeightingEnvConfig` and
 :class:`TemperatureEnvConfig` add the options of ``metagate/TeacherWeighting-v0`` and
 ``metagate/InstanceTemperature-v0``. An option that is also an option of the run (``teachers``, ``noise``,
-...), of the student's training (``lr``, ``batch_size``, ...) or of a gate (``alpha``, ``tau``,
-``temp_min``) is that option (:func:`metagate.options.same_as`: its help and choices come from the class
+...), of a task (``subset``, ``topk``, ``data_dir``: handed to the run config's ``task_options`` when set), of
+the student's training (``lr``, ``batch_size``, ...) or of a gate (``alpha``, ``tau``, ``temp_min``) is that
+option (:func:`metagate.options.same_as`: its help and choices come from the class
 that declares it; only the env's default may differ). ``metagate train-policy``'s environment flags are
 generated from these classes, and the envs take them as keywords (``gym.make(id, batch_size=16, ...)``)
 or as a built config (``config=``).
