@@ -135,8 +135,9 @@ def config_from_args(args: argparse.Namespace, gate: str | None = None, seed: in
 def build_config(values: dict[str, Any], gate: str, seed: int | None = None, logdir: str | None = None,
                  strict: bool = True) -> DistillConfig:
     """Sort flat option values into a :class:`DistillConfig`: run fields, ``train`` fields, the task's options
-    and gate options (flat, or under ``task_options`` / ``gate_options`` / ``train`` as in a YAML file). A flat
-    key no known task or gate takes goes to the task (a plugin task's options are known once it is loaded)."""
+    and gate options (flat, or under ``task_options`` / ``gate_options`` / ``train`` as in a YAML file). Task
+    options are those of the built-in and installed tasks, and of a ``package.module:builder`` task named in
+    ``values`` (loaded to read its config); a key of none of them is a :class:`ConfigError`."""
     values = dict(values)
     train = dict(_mapping(values.pop("train", None), "train"))
     gate_opts = dict(_mapping(values.pop("gate_options", None), "gate_options"))
