@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from metagate.bank import TeacherBank
-from metagate.data.inputs import DatasetInputs, scan_dataset
+from metagate.data.inputs import DatasetInputs, as_tensor, check_item_shapes, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
 from metagate.gates import Gate, GateConfig, get_gate_class
@@ -89,11 +89,19 @@ def as_split(data: DataLike, what: str, lazy: bool = False) -> UnitSplit:
         raise InputError(f"{what}: the dataset marks its transform random (random_transform=True); {what} is "
                          "evaluation data, read into memory once, where a random augmentation would be frozen. Give "
                          f"{what} without the augmentation (only the training data may be random)")
+    if isinstance(data, Mapping):
+        keys = ", ".join(repr(k) for k in list(data)[:4])
+        raise InputError(f"{what}: a mapping (keys {keys}) is not a split; give {what}=(x, y) or (x, y, ids) "
+                         f"tensors/arrays, e.g. {what}=(d['x'], d['y']), or a map-style torch Dataset")
+    if isinstance(data, (str, bytes, Path)):
+        raise InputError(f"{what}: expected (x, y) tensors/arrays or a map-style torch Dataset, got the "
+                         f"{type(data).__name__} {str(data)[:80]!r} (files are not read as data)")
     if lazy and isinstance(data, Dataset) and hasattr(data, "__getitem__"):
         y, ids = scan_dataset(data, what)
-        return _checked(DatasetInputs(data, random=is_random(data)), y, ids, what)
+        return _checked(DatasetInputs(data, random=is_random(data), what=what), y, ids, what)
     if isinstance(data, (tuple, list)) and len(data) in (2, 3) and not isinstance(data, Dataset):
-        parts = [torch.as_tensor(np.asarray(p)) if not isinstance(p, Tensor) else p.detach().cpu() for p in data]
+        names = ("inputs", "labels", "ids")
+        parts = [as_tensor(p, f"{what} {names[j]}") for j, p in enumerate(data)]
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         items = [data[i] for i in range(len(data))]
         if not items:
@@ -102,14 +110,25 @@ def as_split(data: DataLike, what: str, lazy: bool = False) -> UnitSplit:
         if arity - {2, 3} or len(arity) != 1:
             raise InputError(f"{what}: dataset items must all be (x, y) or (x, y, id) tuples, got lengths "
                              f"{sorted(arity)}")
-        parts = [torch.stack([torch.as_tensor(np.asarray(it[0])) if not isinstance(it[0], Tensor) else it[0]
-                              for it in items])]
-        parts += [torch.as_tensor([int(it[j]) for it in items]) for j in range(1, arity.pop())]
+        n_fields = arity.pop()
+        inputs = [as_tensor(it[0], f"{what} item {i}'s input") for i, it in enumerate(items)]
+        check_item_shapes([tuple(t.shape) for t in inputs], [it[2] for it in items] if n_fields == 3 else None,
+                          what)
+        parts = [torch.stack(inputs)]
+        parts += [as_tensor([_scalar(it[j]) for it in items], f"{what} {('labels', 'ids')[j - 1]}")
+                  for j in range(1, n_fields)]
     else:
         raise InputError(f"{what}: expected (x, y) tensors/arrays or a map-style torch Dataset, got "
                          f"{type(data).__name__}")
     x = parts[0].float() if parts[0].is_floating_point() else parts[0]
     return _checked(x, parts[1], parts[2] if len(parts) == 3 else None, what)
+
+
+def _scalar(v: Any) -> Any:
+    """A one-element tensor / array as its Python value (labels and ids of dataset items)."""
+    if isinstance(v, Tensor) and v.numel() == 1 or isinstance(v, (np.ndarray, np.generic)) and v.size == 1:
+        return v.item()
+    return v
 
 
 def _checked(x: Any, y: Tensor, ids: Tensor | None, what: str) -> UnitSplit:
@@ -171,6 +190,29 @@ def check_disjoint(train: UnitSplit, part: UnitSplit, what: str) -> None:
                          "training data. If these are genuine duplicates, give ids: (x, y, ids)")
 
 
+def probe_student(student: StudentLike) -> nn.Module:
+    """The student, or a probe instance of a factory (made without moving the random state: the real one is
+    made after seeding).
+
+    :raises ConfigError: neither an ``nn.Module`` nor a zero-argument callable returning one
+    """
+    if isinstance(student, nn.Module):
+        return student
+    if not callable(student):
+        raise ConfigError(f"student must be an nn.Module or a zero-argument factory of one, got "
+                          f"{type(student).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = student()
+        except TypeError as e:
+            raise ConfigError(f"student: calling the factory {getattr(student, '__name__', student)!r} with no "
+                              f"arguments failed: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"student: the factory {getattr(student, '__name__', student)!r} returned a "
+                          f"{type(model).__name__}, not an nn.Module (give the module, or a function returning one)")
+    return model
+
+
 def _output_size(model: nn.Module, x: Tensor, device: torch.device) -> int:
     with torch.no_grad(), eval_mode(model):
         return int(model.to(device)(x[:2].to(device)).shape[-1])
@@ -218,6 +260,7 @@ def prepare(
     dev = resolve_device(device)
     if num_workers is not None and num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
+    model = probe_student(student)  # before any data work: a wrong student fails fast
     lazy = isinstance(train, Dataset) and not isinstance(train, (tuple, list))
     parts = {"train": as_split(train, "train", lazy=lazy)}
     if meta is None or select is None:
@@ -238,11 +281,6 @@ def prepare(
     if test is not None:
         parts["test"] = as_split(test, "test")
     tr = parts["train"]
-    if isinstance(student, nn.Module):
-        model = student
-    else:
-        with torch.random.fork_rng(devices=[]):  # a probe instance: the real one is made after seeding
-            model = student()
     pairs = named_teachers(teachers or [], teacher_names)
     if is_random(train):
         refuse_cached_with_random(pairs)

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_const", const=True, default=None,
                    help="replace an existing run in --logdir")
     p.add_argument("--config", default=None,
-                   help="YAML file of options (parsed as data; flags given on the command line win)")
+                   help="YAML file of options (parsed as data; flags given on the command line win; relative paths "
+                        "in it resolve against the current directory, as flags do)")
     add_gate_arguments(p)
     p.set_defaults(func=cmd_distill)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from metagate.data import task_names
+from metagate.data import task_config_classes, task_names, task_option_owners
 from metagate.data.plugins import GROUP as TASK_GROUP
 from metagate.errors import ConfigError
 from metagate.gates import GATES, option_owners
@@ -33,13 +33,32 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """Task, data, teachers and cache options (:class:`DistillConfig`)."""
+    """Task, data, teachers and cache options (:class:`DistillConfig`), then every task's own options
+    (:func:`add_task_arguments`)."""
     g = p.add_argument_group("task and data")
     add_options(g, DistillConfig, skip=RUN_FIELDS | {"student"})
     set_help(p, "task", task_help())
     add_options(g, TrainConfig, only={"device"})
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                    help="hide progress bars")
+    add_task_arguments(p)
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """Every known task's options (built-in and installed plugins), each once, grouped by the config class
+    that declares it (a ``package.module:builder`` task's options are YAML keys / ``task_options`` only)."""
+    done: set[str] = set()
+    owners = task_option_owners()
+    seen: dict[type, None] = {}
+    for cls in task_config_classes().values():
+        seen.setdefault(cls, None)
+    for cls in seen:
+        own = cls.option_names() - done
+        if not own:
+            continue
+        tasks = sorted({t for n in own for t in owners.get(n, [])})
+        title = f"task {', '.join(tasks)}: {(cls.__doc__ or cls.__name__).strip().splitlines()[0]}"
+        add_options(p.add_argument_group(title), cls, only=own, done=done)
 
 
 def task_help() -> str:
@@ -89,6 +108,10 @@ def gate_option_names() -> set[str]:
     return set(option_owners())
 
 
+def task_option_names() -> set[str]:
+    return set(task_option_owners())
+
+
 def config_from_args(args: argparse.Namespace, gate: str | None = None, seed: int | None = None,
                      logdir: str | None = None, strict: bool = True) -> DistillConfig:
     """Build a :class:`DistillConfig` from parsed flags over a ``--config`` YAML file over the defaults.
@@ -100,7 +123,8 @@ def config_from_args(args: argparse.Namespace, gate: str | None = None, seed: in
     values: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
     for cls in (DistillConfig, TrainConfig):
         values.update(set_options(args, cls))
-    values.update({n: getattr(args, n) for n in gate_option_names() if getattr(args, n, None) is not None})
+    values.update({n: getattr(args, n) for n in gate_option_names() | task_option_names()
+                   if getattr(args, n, None) is not None})
     if getattr(args, "progress", None) is not None:
         values["progress"] = args.progress
     gate_name = gate or values.get("gate") or getattr(args, "gate", None) or "fixed"
@@ -110,22 +134,28 @@ def config_from_args(args: argparse.Namespace, gate: str | None = None, seed: in
 
 def build_config(values: dict[str, Any], gate: str, seed: int | None = None, logdir: str | None = None,
                  strict: bool = True) -> DistillConfig:
-    """Sort flat option values into a :class:`DistillConfig`: run fields, ``train`` fields and gate options
-    (flat, or under ``gate_options`` / ``train`` as in a YAML file)."""
+    """Sort flat option values into a :class:`DistillConfig`: run fields, ``train`` fields, the task's options
+    and gate options (flat, or under ``task_options`` / ``gate_options`` / ``train`` as in a YAML file). Task
+    options are those of the built-in and installed tasks, and of a ``package.module:builder`` task named in
+    ``values`` (loaded to read its config); a key of none of them is a :class:`ConfigError`."""
     values = dict(values)
-    train = dict(values.pop("train", None) or {})
-    gate_opts = dict(values.pop("gate_options", None) or {})
+    train = dict(_mapping(values.pop("train", None), "train"))
+    gate_opts = dict(_mapping(values.pop("gate_options", None), "gate_options"))
+    task_opts = dict(_mapping(values.pop("task_options", None), "task_options"))
     run_names, train_names, gate_names = DistillConfig.option_names(), TrainConfig.option_names(), gate_option_names()
+    task_names_ = task_option_names() | _plugin_option_names(values.get("task"))
     distill: dict[str, Any] = {}
     for k, v in values.items():
         if k in run_names:
             distill[k] = v
         elif k in train_names:
             train[k] = v
+        elif k in task_names_:
+            task_opts[k] = v
         elif k in gate_names:
             gate_opts[k] = v
         else:
-            raise ConfigError(f"unknown option {k!r}: not an option of the run, the training or any gate")
+            raise ConfigError(f"unknown option {k!r}: not an option of the run, the training, a task or any gate")
     if seed is not None:
         train["seed"] = seed
     if logdir is not None:
@@ -135,5 +165,22 @@ def build_config(values: dict[str, Any], gate: str, seed: int | None = None, log
 
         takes = get_gate_class(gate).config_class.option_names()
         gate_opts = {k: v for k, v in gate_opts.items() if k in takes}
-    return DistillConfig(gate=gate, gate_options=gate_opts, train=TrainConfig.from_options(train, what="train"),
-                         **distill)
+    return DistillConfig(gate=gate, gate_options=gate_opts, task_options=task_opts,
+                         train=TrainConfig.from_options(train, what="train"), **distill)
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping of option -> value, got {value!r}")
+    return value
+
+
+def _plugin_option_names(task: Any) -> set[str]:
+    """The options of a ``package.module:builder`` task (not among the known tasks until it is loaded)."""
+    if not isinstance(task, str) or ":" not in task:
+        return set()
+    from metagate.data import task_config_class
+
+    return task_config_class(task).option_names()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
-from metagate.data import get_task
+from metagate.data import TaskConfig, get_task, task_config
 from metagate.data.task import Task
 from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
@@ -28,6 +28,8 @@ from metagate.units import is_sequence
 class DistillConfig(Options):
     """Everything one ``metagate distill`` run needs (from flags, a YAML file or Python; typed, validated).
 
+    :param task_options: the task's own options by field name, e.g. ``{"subset": 300}`` for g2p (see the
+        task's :class:`~metagate.data.TaskConfig`); validated against the chosen task when the config is built
     :param gate_options: the gate's options by field name, e.g. ``{"alpha": 0.1}`` (see the gate's
         ``config_class``); validated against the chosen gate when the config is built
     :param train: the student's :class:`TrainConfig` (or a mapping of its fields)
@@ -40,12 +42,7 @@ class DistillConfig(Options):
                              choices=("symmetric", "pairflip", "word"))
     data_seed: int = option(0, "seed of the split and the noise")
     val_fraction: float = option(0.1, "clean validation share of train (meta + select), in (0, 1)")
-    data_dir: str | None = option(None, "fashion: directory with the idx .gz files")
-    subset: int | None = option(None, "g2p: number of CMUdict words, a seeded sample (unset: 8000)")
-    g2p_all_words: bool = option(False, "g2p: the whole dictionary (126,052 words) instead of --subset")
-    g2p_no_stress: bool = option(False, "g2p: phonemes without stress digits")
-    topk: int | None = option(None, "g2p: cache teacher token logits as the k largest log-probabilities + the "
-                              "remaining mass (unset: every logit, float16); k < vocabulary size")
+    task_options: dict[str, Any] = field(default_factory=dict)
     student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
     teachers: int = option(3, "number of teachers K trained by the project (0: only --teacher-file teachers)")
     teacher_file: tuple[str, ...] = option((), "a teacher whose logits come from a file, NAME=PATH or PATH (name: "
@@ -72,24 +69,31 @@ class DistillConfig(Options):
         if not isinstance(self.gate_options, dict):
             raise ConfigError(f"gate_options must be a mapping of option -> value, got {self.gate_options!r}")
         self.gate_config()  # unknown gate, unknown or ill-typed option -> ConfigError now, not mid-run
+        if not isinstance(self.task_options, dict):
+            raise ConfigError(f"task_options must be a mapping of option -> value, got {self.task_options!r}")
+        self.task_options = {k.replace("-", "_"): v for k, v in self.task_options.items()}
+        self.task_config()  # unknown task, an option of another task, ill-typed -> ConfigError now
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.teachers < 0:
             raise ConfigError(f"--teachers must be >= 0, got {self.teachers}")
-        if self.subset is not None and self.subset < 1:
-            raise ConfigError(f"--subset must be >= 1 word (an empty subset has no data), got {self.subset}")
-        if self.subset is not None and self.g2p_all_words:
-            raise ConfigError(f"--subset {self.subset} and --g2p-all-words exclude each other")
-        if self.topk is not None and self.topk < 1:
-            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
     def gate_config(self) -> GateConfig:
         """The chosen gate's typed options."""
         return gate_config(self.gate, self.gate_options)
+
+    def task_config(self) -> TaskConfig:
+        """The chosen task's typed options."""
+        return task_config(self.task, self.task_options)
+
+    @property
+    def topk(self) -> int | None:
+        """The teacher bank's top-k compression: the task's ``topk`` option (``None`` when it has none)."""
+        return getattr(self.task_config(), "topk", None)
 
     @property
     def run_dir(self) -> Path:
@@ -99,6 +103,7 @@ class DistillConfig(Options):
 
     def hparams(self, gate: Gate) -> dict[str, Any]:
         hp: dict[str, Any] = option_values(self)
+        hp.update(option_values(self.task_config()))
         hp.update(option_values(self.train, "train_"))
         hp.update(gate.hparams())
         return {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
@@ -109,21 +114,39 @@ def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
     return get_gate_class(name)(gate_config(name, options))
 
 
-# the DistillConfig fields load_task reads: a cache of loaded tasks must key on all of them
-TASK_FIELDS = ("task", "noise", "noise_type", "data_seed", "val_fraction", "data_dir", "subset", "g2p_all_words",
-               "g2p_no_stress")
+# the DistillConfig fields load_task reads: a cache of loaded tasks must key on all of them (task_key)
+TASK_FIELDS = ("task", "noise", "noise_type", "data_seed", "val_fraction", "task_options")
+
+
+#: DistillConfig fields that became task options (``task_options``): read from configs saved before
+LEGACY_TASK_FIELDS = ("data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk")
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved as ``asdict(DistillConfig)`` before the task options moved into ``task_options``, in
+    today's form: the old flat fields that were set go to ``task_options``, the unset ones are dropped."""
+    out = dict(saved)
+    moved = {k: out.pop(k) for k in LEGACY_TASK_FIELDS if k in out}
+    if moved:
+        out["task_options"] = {**{k: v for k, v in moved.items() if v not in (None, False)},
+                               **(out.get("task_options") or {})}
+    return out
+
+
+def task_key(cfg: DistillConfig) -> tuple[tuple[str, Any], ...]:
+    """The options that shape the loaded task, hashable (``task_options`` as sorted pairs)."""
+    return tuple((f, tuple(sorted(cfg.task_options.items())) if f == "task_options" else getattr(cfg, f))
+                 for f in TASK_FIELDS)
 
 
 def load_task(cfg: DistillConfig) -> Task:
-    extra: dict[str, Any] = {}
-    if cfg.task == "g2p":
-        extra["no_stress"] = cfg.g2p_no_stress
-        if cfg.g2p_all_words:
-            extra["subset"] = None
-        elif cfg.subset is not None:
-            extra["subset"] = cfg.subset
-    return get_task(cfg.task, noise=cfg.noise, noise_type=cfg.noise_type, data_seed=cfg.data_seed,
-                    val_fraction=cfg.val_fraction, data_dir=cfg.data_dir, **extra)
+    """The run's task, built from the shared data options and the task's own (:meth:`DistillConfig.task_config`),
+    then checked against them (e.g. g2p's ``--topk`` against its vocabulary) before any teacher work."""
+    options = cfg.task_config()
+    task = get_task(cfg.task, noise=cfg.noise, noise_type=cfg.noise_type, data_seed=cfg.data_seed,
+                    val_fraction=cfg.val_fraction, **options.builder_kwargs())
+    options.check_task(task)
+    return task
 
 
 def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,

@@ -11,13 +11,15 @@ rollout, histograms and means of the chosen KD-internal weight of every teacher
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from metagate.cli_args import add_data_arguments, config_from_args, set_help
-from metagate.envs.config import DATA_OPTIONS, EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
+from metagate.envs.config import DATA_OPTIONS, TASK_OPTIONS, EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig
 from metagate.errors import ConfigError
 from metagate.options import Options, add_options, option, option_values, set_options
 
@@ -74,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     done=done)
     add_options(p.add_argument_group("agent"), AgentConfig)
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="where to save the policy zip")
+    g.add_argument("--out", required=True, help="the policy zip to write (.zip appended to a name without a suffix): "
+                                                "a new file, or a policy zip train-policy wrote, replaced")
     g.add_argument("--logdir", default=None, help="TensorBoard directory (default: <out without .zip>-tb)")
     g.add_argument("--verbose", action="store_true", help="print stable-baselines3's progress table")
 
@@ -92,10 +95,56 @@ def env_config_from_args(args: argparse.Namespace) -> EnvConfig:
                               f"not of --env {kind}")
     given.update(set_options(args, cls))
     data = config_from_args(args, gate="fixed", strict=False)  # the data options, with their defaults and checks
-    given.update({n: getattr(data, n) for n in DATA_FIELDS if n != "device"})
+    given.update({n: getattr(data, n) for n in DATA_FIELDS if n not in ("device", *TASK_OPTIONS)})
+    given.update({n: v for n, v in data.task_options.items() if n in TASK_OPTIONS})
     if getattr(args, "device", None) is not None:
         given["device"] = args.device
-    return cls.from_options(given)  # type: ignore[return-value]
+    plugin = {n: v for n, v in data.task_options.items() if n not in TASK_OPTIONS}  # a plugin task's own
+    return dataclasses.replace(cls.from_options(given), plugin_task_options=plugin)  # type: ignore[return-value]
+
+
+#: the JSON entries that mark a zip as a policy written by ``metagate train-policy`` (teacher weights, temperatures)
+POLICY_MARKS = ("metagate-policy.json", "metagate-temperature-policy.json")
+
+
+def policy_out(out: str | Path) -> Path:
+    """The zip ``--out`` names, checked before any training: ``.zip`` appended to a name without a suffix; a new
+    file, or a policy zip an earlier ``train-policy`` wrote (replaced when the new one is saved). Refused: an
+    existing directory, any other existing file, another suffix, a path under a file.
+
+    :raises ConfigError: naming the path and the reason; nothing is written
+    """
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"--out {out} is an existing directory; give the zip's file name, e.g. --out {p / 'policy.zip'}")
+    if p.suffix not in ("", ".zip"):
+        raise ConfigError(f"--out {out}: a policy is a .zip file; give a name ending in .zip (or without a suffix: "
+                          ".zip is appended)")
+    zipped = p if p.suffix else p.with_name(p.name + ".zip")
+    if zipped.is_dir():
+        raise ConfigError(f"--out {out}: {zipped} is an existing directory; give another file name")
+    if zipped.exists() or zipped.is_symlink():
+        if not zipped.is_file() or zipped.is_symlink():
+            raise ConfigError(f"--out {out}: {zipped} exists and is not a regular file; refused")
+        if not _is_policy_zip(zipped):
+            raise ConfigError(f"--out {out}: {zipped} exists and is not a policy zip written by metagate "
+                              "train-policy; refused, nothing written (give a new file name)")
+    for parent in zipped.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is a file, not a directory")
+            break
+    return zipped
+
+
+def _is_policy_zip(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n in zf.namelist() for n in POLICY_MARKS)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -146,7 +195,11 @@ class TeacherWeightCallback:
 
 def make_env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The env's options from the flags, as keywords of the env (``gym.make(id, **kwargs)``)."""
-    return option_values(env_config_from_args(args))
+    config = env_config_from_args(args)
+    kwargs = option_values(config)
+    if config.plugin_task_options:
+        kwargs["plugin_task_options"] = config.plugin_task_options
+    return kwargs
 
 
 def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
@@ -157,13 +210,13 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from metagate.envs import InstanceTemperatureEnv, TeacherWeightingEnv
+    from metagate.gates.temperature.sb3 import TemperaturePolicySB3, write_temperature_meta
     from metagate.policies.safe_zip import write_policy_meta
     from metagate.policies.sb3 import TeacherWeightingPolicy
-    from metagate.policies.sb3_temperature import TemperaturePolicySB3, write_temperature_meta
 
     agent = agent_config_from_args(args)
-    out = Path(args.out)
-    logdir = Path(args.logdir) if args.logdir else out.with_name(out.stem + "-tb")
+    zipped = policy_out(args.out)  # before any training: a refused --out costs nothing
+    logdir = Path(args.logdir) if args.logdir else zipped.with_name(zipped.stem + "-tb")
     if env is None:
         config = env_config_from_args(args)
         env_class = InstanceTemperatureEnv if isinstance(config, TemperatureEnvConfig) else TeacherWeightingEnv
@@ -187,13 +240,21 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
     formats = ["tensorboard", "csv"] + (["stdout"] if args.verbose else [])
     model.set_logger(configure(str(logdir), formats))
     model.learn(total_timesteps=agent.timesteps, callback=TeacherWeightCallback.make())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-    zipped = out if out.suffix else out.with_suffix(".zip")
-    if temperature:
-        write_temperature_meta(zipped, model.policy, agent.algo)
-    else:
-        write_policy_meta(zipped, model.policy, agent.algo)
+    try:
+        zipped.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot create {zipped.parent}: {e}") from e
+    policy_out(args.out)  # checked again: the path may have changed while training
+    tmp = zipped.with_name(f".{zipped.stem}.{os.getpid()}.tmp.zip")
+    try:
+        model.save(tmp)
+        if temperature:
+            write_temperature_meta(tmp, model.policy, agent.algo)
+        else:
+            write_policy_meta(tmp, model.policy, agent.algo)
+        os.replace(tmp, zipped)  # a complete zip, or the old one: never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
     env_options = option_values(env.config) if isinstance(getattr(env, "config", None), EnvConfig) else {}
     meta = {"algo": agent.algo, "timesteps": agent.timesteps, "task": getattr(env.task, "name", args.task),
             "teachers": env.num_teachers, "agent": option_values(agent),
@@ -205,8 +266,8 @@ def train_policy(args: argparse.Namespace, env: Any = None) -> Any:
 def run(args: argparse.Namespace) -> int:
     """train a teacher-weighting policy (PPO/A2C) on the gymnasium env; save a zip"""
     train_policy(args)
-    out = Path(args.out)
-    deploy = f"--gate temperature --temp-policy {args.out}" if args.env == "temperature" else \
-        f"--gate policy --policy {args.out}"
-    print(f"saved {out if out.suffix else out.with_suffix('.zip')}; deploy with `metagate distill {deploy}`")
+    zipped = policy_out(args.out)
+    deploy = f"--gate temperature --temp-policy {zipped}" if args.env == "temperature" else \
+        f"--gate policy --policy {zipped}"
+    print(f"saved {zipped}; deploy with `metagate distill {deploy}`")
     return 0

@@ -26,6 +26,7 @@ from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
 from metagate.errors import CheckpointError, ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.temperature.reversal import check_temperature
 from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
@@ -33,7 +34,6 @@ from metagate.metrics import classification_metrics, reliability_figure, reliabi
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
-from metagate.temperature import check_temperature
 
 CHECKPOINT_VERSION = 1
 

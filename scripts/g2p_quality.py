@@ -65,7 +65,8 @@ def main() -> None:
     if "fixed" not in a.gates:
         a.gates = ["fixed", *a.gates]
     torch.set_num_threads(1)
-    cfg = DistillConfig(task="g2p", noise=a.noise, noise_type=a.noise_type, subset=a.subset, teachers=a.teachers,
+    cfg = DistillConfig(task="g2p", noise=a.noise, noise_type=a.noise_type, teachers=a.teachers,
+                        task_options={"subset": a.subset},
                         train=TrainConfig(device="cpu", progress=False))
     task = load_task(cfg)
     bank, teacher_metrics = load_teachers(cfg, task, progress=False)

@@ -231,6 +231,7 @@ def test_every_train_policy_flag_reaches_the_env_or_the_agent():
     assert (cfg.subset, cfg.noise_type, cfg.val_fraction, cfg.topk, cfg.teacher_file, cfg.g2p_no_stress) == \
         (150, "word", 0.2, 8, ("a=x.npy",), True)
     run = cfg.data_config("g2p")
-    assert (run.task, run.subset, run.noise, run.noise_type, run.val_fraction, run.topk, run.g2p_no_stress) == \
+    opts = run.task_config()
+    assert (run.task, opts.subset, run.noise, run.noise_type, run.val_fraction, opts.topk, opts.g2p_no_stress) == \
         ("g2p", 150, 0.2, "word", 0.2, 8, True)
     assert flag("subset") in {o for a in tp._actions for o in a.option_strings}

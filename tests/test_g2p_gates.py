@@ -11,11 +11,11 @@ import torch
 from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
-from metagate.gates.ctkd import CTKDGate
 from metagate.gates.meta import MetaGate
 from metagate.gates.meta.learner import check_table_size
 from metagate.gates.policy import PolicyGate, ReinforceGate
-from metagate.gates.temperature import TemperatureGate
+from metagate.gates.temperature.ctkd import CTKDGate
+from metagate.gates.temperature.itkd import TemperatureGate
 from metagate.seq_bank import build_seq_bank
 from metagate.seq_metrics import sequence_metrics
 from metagate.seq_models import GRUSeq2Seq
@@ -186,7 +186,7 @@ def test_instance_temperature_env_on_token_units(g2p, tmp_path) -> None:
     from metagate.envs import InstanceTemperatureEnv
     from metagate.gates.base import GateOutput
     from metagate.gates.fixed import FixedGate, fixed_weights
-    from metagate.policies.temperature import NUM_STATE, temperature_state
+    from metagate.gates.temperature.policy import NUM_STATE, temperature_state
     from metagate.train_policy import train_policy
     from metagate.units import flat_logits
 

@@ -24,7 +24,7 @@ def _planted_episode(g, n=32):
 
 
 def test_return_model_assigns_the_planted_credit_to_the_right_units():
-    from metagate.policies.redistribution import ReturnDecomposition
+    from metagate.gates.temperature.redistribution import ReturnDecomposition
 
     g = torch.Generator().manual_seed(0)
     model = ReturnDecomposition(3, window=200)
@@ -54,8 +54,8 @@ def test_return_model_assigns_the_planted_credit_to_the_right_units():
 def test_unit_rewards_spread_equally_give_plain_reinforce_step():
     """finish_units with r_i = R / n is plain REINFORCE's step; with the whole credit on one unit only that
     unit's log-probability moves the policy."""
+    from metagate.gates.temperature.policy import TemperaturePolicy
     from metagate.policies.reinforce import ReinforceLearner
-    from metagate.policies.temperature import TemperaturePolicy
 
     torch.manual_seed(0)
     pol = TemperaturePolicy(hidden=8, log_std=-0.5, shared_log_std=None, num_state=3)
@@ -106,7 +106,7 @@ def test_unit_rewards_spread_equally_give_plain_reinforce_step():
 
 
 def test_temperature_gate_redistributed_runs_and_resumes(digits_noisy, digits_bank, tmp_path):
-    from metagate.gates.temperature import TemperatureGate
+    from metagate.gates.temperature.itkd import TemperatureGate
     from metagate.trainer import TrainConfig, Trainer
 
     bank, _ = digits_bank

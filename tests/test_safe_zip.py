@@ -193,9 +193,9 @@ def test_temperature_zip_shares_the_safe_round_trip(tmp_path):
     from metagate.data import get_task
     from metagate.envs import InstanceTemperatureEnv
     from metagate.envs.synthetic import synthetic_bank
-    from metagate.policies.sb3_temperature import META_NAME as TEMP_META
-    from metagate.policies.sb3_temperature import TemperaturePolicySB3, load_temperature_zip, write_temperature_meta
-    from metagate.policies.temperature import NUM_STATE
+    from metagate.gates.temperature.policy import NUM_STATE
+    from metagate.gates.temperature.sb3 import META_NAME as TEMP_META
+    from metagate.gates.temperature.sb3 import TemperaturePolicySB3, load_temperature_zip, write_temperature_meta
 
     task = get_task("digits")
     env = InstanceTemperatureEnv(task, synthetic_bank(task), batch_size=8, episode_steps=4, temp_min=2.0,

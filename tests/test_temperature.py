@@ -47,7 +47,7 @@ def test_unit_losses_per_unit_tau_against_hand_computation():
 # -- gradient reversal and the curriculum -----------------------------------------------------------
 @pytest.mark.parametrize("epoch", [0, 1, 5, 10, 30])
 def test_gradient_reversal_is_exact_at_curriculum_points(epoch):
-    from metagate.temperature import cosine_curriculum, grad_reverse
+    from metagate.gates.temperature.reversal import cosine_curriculum, grad_reverse
 
     lam = cosine_curriculum(epoch, 10)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -70,7 +70,7 @@ def test_gradient_reversal_is_exact_at_curriculum_points(epoch):
 
 
 def test_cosine_curriculum_values():
-    from metagate.temperature import cosine_curriculum
+    from metagate.gates.temperature.reversal import cosine_curriculum
 
     # independent: the official CosineDecay(max=0, min=-1, loops=10) is -lambda
     def official(i, loops=10):
@@ -89,7 +89,7 @@ def test_cosine_curriculum_values():
 
 
 def test_global_temperature_defaults_and_reversed_gradient():
-    from metagate.temperature import GlobalTemperature
+    from metagate.gates.temperature.reversal import GlobalTemperature
 
     mod = GlobalTemperature()
     t = mod(0.7)
@@ -100,7 +100,7 @@ def test_global_temperature_defaults_and_reversed_gradient():
 
 
 def test_instance_temperature_starts_global_and_reverses():
-    from metagate.temperature import GlobalTemperature, InstanceTemperature
+    from metagate.gates.temperature.reversal import GlobalTemperature, InstanceTemperature
 
     torch.manual_seed(0)
     net = InstanceTemperature(num_classes=5, hidden=8)
@@ -127,7 +127,7 @@ def test_instance_temperature_starts_global_and_reverses():
 @pytest.mark.parametrize("t_min,t_max,flag", [(0.0, 5.0, "--ctkd-t-min"), (-1.0, 5.0, "--ctkd-t-min"),
                                               (3.0, 3.0, "--ctkd-t-max"), (4.0, 2.0, "--ctkd-t-max")])
 def test_bad_temperature_range(t_min, t_max, flag):
-    from metagate.temperature import GlobalTemperature, InstanceTemperature
+    from metagate.gates.temperature.reversal import GlobalTemperature, InstanceTemperature
 
     with pytest.raises(ConfigError, match=flag):
         GlobalTemperature(t_min, t_max)
@@ -137,7 +137,7 @@ def test_bad_temperature_range(t_min, t_max, flag):
 
 # -- ITKD state and policy --------------------------------------------------------------------------
 def test_itkd_state_takes_the_second_largest_probability():
-    from metagate.policies.temperature import NUM_STATE, TemperatureState, temperature_state
+    from metagate.gates.temperature.policy import NUM_STATE, TemperatureState, temperature_state
 
     # student probabilities 0.5, 0.3, 0.15, 0.05: margin 0.2 (the second *smallest* would give 0.35)
     s = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
@@ -154,7 +154,12 @@ def test_itkd_state_takes_the_second_largest_probability():
 
 
 def test_temperature_policy_range_init_and_errors():
-    from metagate.policies.temperature import ACTION_BOUND, TemperaturePolicy, action_temperature, temperature_action
+    from metagate.gates.temperature.policy import (
+        ACTION_BOUND,
+        TemperaturePolicy,
+        action_temperature,
+        temperature_action,
+    )
 
     pol = TemperaturePolicy(t_min=0.5, t_max=10.0, init=4.0)
     x = torch.rand(16, 1, pol.num_state)
@@ -176,8 +181,8 @@ def test_temperature_policy_range_init_and_errors():
 
 def test_reinforce_moves_the_temperature_toward_the_best_one():
     """A toy where temperature 8 is always best: REINFORCE moves every unit's temperature from 4 toward it."""
+    from metagate.gates.temperature.policy import TemperaturePolicy
     from metagate.policies.reinforce import ReinforceLearner
-    from metagate.policies.temperature import TemperaturePolicy
 
     torch.manual_seed(0)
     pol = TemperaturePolicy(t_min=1.0, t_max=10.0, init=4.0, log_std=-0.5, shared_log_std=None)
@@ -233,7 +238,7 @@ def test_temperature_env_registered_and_steps_are_trainer_steps(digits_clean, sy
     import metagate  # noqa: F401  (registers the envs)
     from metagate.gates.base import GateOutput
     from metagate.gates.fixed import FixedGate, fixed_weights
-    from metagate.policies.temperature import NUM_STATE
+    from metagate.gates.temperature.policy import NUM_STATE
     from metagate.trainer import TrainConfig, Trainer
 
     env = gymnasium.make("metagate/InstanceTemperature-v0", task=digits_clean, bank=synth_bank, batch_size=16,
@@ -275,7 +280,7 @@ def test_temperature_env_bad_range(digits_clean, synth_bank):
 def test_sb3_temperature_policy_save_load_gives_identical_actions(digits_clean, synth_bank, tmp_path):
     from stable_baselines3 import PPO
 
-    from metagate.policies.sb3_temperature import TemperaturePolicySB3
+    from metagate.gates.temperature.sb3 import TemperaturePolicySB3
 
     env = make_env(digits_clean, synth_bank, episode_steps=10)
     model = PPO(TemperaturePolicySB3, env, n_steps=8, batch_size=8, n_epochs=1, seed=0, device="cpu",

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from metagate.gates.temperature import TemperatureLog
+from metagate.gates.temperature.itkd import TemperatureLog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,7 @@ def test_summary_against_hand_computation():
 
 
 def test_ctkd_global_run_reports_its_temperature(digits_noisy, digits_bank):
-    from metagate.gates.ctkd import CTKDGate
+    from metagate.gates.temperature.ctkd import CTKDGate
     from metagate.trainer import TrainConfig, Trainer
 
     gate = CTKDGate()

@@ -22,7 +22,7 @@ def _trainer(task, bank, gate, **train):
 
 def test_ctkd_theta_is_a_student_optimizer_step_on_the_reversed_gradient(digits_noisy, digits_bank):
     """One step: theta moves by SGD on -lambda * dL/dtheta, with dL/dT from autograd of the same loss at T."""
-    from metagate.gates.ctkd import CTKDGate
+    from metagate.gates.temperature.ctkd import CTKDGate
     from metagate.losses import reduce_weighted, unit_losses
 
     bank, _ = digits_bank
@@ -47,7 +47,7 @@ def test_ctkd_theta_is_a_student_optimizer_step_on_the_reversed_gradient(digits_
 
 
 def test_ctkd_instance_resumes_to_the_same_result(digits_noisy, digits_bank, tmp_path):
-    from metagate.gates.ctkd import CTKDGate
+    from metagate.gates.temperature.ctkd import CTKDGate
 
     bank, _ = digits_bank
     opts = {"ctkd_variant": "instance", "ctkd_curriculum_epochs": 1}
@@ -92,7 +92,7 @@ def test_ctkd_run_writes_temperature_diagnostics(digits_noisy, digits_bank, tmp_
 
 
 def test_ctkd_nan_temperature_stops_the_run_naming_the_gate(digits_noisy, digits_bank, tmp_path):
-    from metagate.gates.ctkd import CTKDGate
+    from metagate.gates.temperature.ctkd import CTKDGate
 
     bank, _ = digits_bank
     gate = CTKDGate()
@@ -131,7 +131,7 @@ def test_temperature_bad_options(options, flag):
 
 
 def test_temperature_gate_learns_in_the_loop_with_warmup(digits_noisy, digits_bank):
-    from metagate.gates.temperature import TemperatureGate
+    from metagate.gates.temperature.itkd import TemperatureGate
 
     bank, _ = digits_bank
     gate = TemperatureGate(temp_warmup_epochs=1, rl_episode=2)
@@ -152,7 +152,7 @@ def test_temperature_gate_learns_in_the_loop_with_warmup(digits_noisy, digits_ba
 def test_temperature_gate_samples_its_policy_distribution(digits_noisy, digits_bank):
     """The gate's fused sampling draws what the policy's own distribution draws from the same generator state
     (per-unit noise, then the episode's shared offset), and acts on the mean when not learning."""
-    from metagate.gates.temperature import TemperatureGate
+    from metagate.gates.temperature.itkd import TemperatureGate
 
     bank, _ = digits_bank
     gate = TemperatureGate(temp_log_std=-1.0, rl_episode=3)
@@ -176,7 +176,7 @@ def test_deployed_ppo_temperature_policy_acts_as_saved(digits_noisy, digits_bank
 
     from metagate.cli import build_parser
     from metagate.envs import InstanceTemperatureEnv
-    from metagate.gates.temperature import TemperatureGate
+    from metagate.gates.temperature.itkd import TemperatureGate
     from metagate.train_policy import train_policy
 
     bank, _ = digits_bank
@@ -202,9 +202,9 @@ def test_temperature_policy_zip_for_another_state_size(tmp_path):
     import numpy as np
     from stable_baselines3 import PPO
 
-    from metagate.gates.temperature import load_temperature_policy
-    from metagate.policies.sb3_temperature import TemperaturePolicySB3, write_temperature_meta
-    from metagate.policies.temperature import NUM_STATE
+    from metagate.gates.temperature.itkd import load_temperature_policy
+    from metagate.gates.temperature.policy import NUM_STATE
+    from metagate.gates.temperature.sb3 import TemperaturePolicySB3, write_temperature_meta
 
     class Tiny(gym.Env):
         observation_space = gym.spaces.Box(0.0, 5.0, (4, 1, NUM_STATE + 2), np.float32)

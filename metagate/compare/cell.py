@@ -25,7 +25,7 @@ from metagate.data.task import Task
 from metagate.errors import CheckpointError
 from metagate.io import safe_load
 from metagate.metrics import calibration_bins
-from metagate.run import TASK_FIELDS, DistillConfig, load_task, load_teachers, run_distill
+from metagate.run import DistillConfig, load_task, load_teachers, run_distill, task_key
 from metagate.rundir import mark_run_dir
 from metagate.seq_bank import token_logits_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
@@ -45,12 +45,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _task(key: tuple[tuple[str, Any], ...]) -> Task:
-    return load_task(DistillConfig(**dict(key)))
+    return load_task(DistillConfig(**{k: dict(v) if k == "task_options" else v for k, v in key}))
 
 
 def task_of(cfg: DistillConfig) -> Task:
     """The cell's task, loaded once per process and data draw (keyed by every option that shapes the data)."""
-    return _task(tuple((f, getattr(cfg, f)) for f in TASK_FIELDS))
+    return _task(task_key(cfg))
 
 
 def _hash(*tensors: torch.Tensor) -> str:

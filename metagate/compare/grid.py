@@ -16,7 +16,7 @@ from typing import Any
 from metagate.bank import default_cache_dir
 from metagate.compare.specs import GateSpec
 from metagate.errors import ConfigError
-from metagate.run import DistillConfig
+from metagate.run import DistillConfig, upgrade_saved_config
 
 #: config fields that may differ between a run and its resumption (they do not change the result)
 VOLATILE = ("resume", "overwrite", "rebuild_cache", "retrain_teachers", "logdir")
@@ -88,7 +88,7 @@ def with_new_defaults(saved: dict[str, Any], current: DistillConfig) -> dict[str
     """A saved config with the options metagate gained since it was written filled in, where the current run
     leaves them at their defaults (a run made before ``--precision`` existed is an fp32 run)."""
     now = asdict(current)
-    out = dict(saved)
+    out = upgrade_saved_config(saved)  # task options saved flat before they moved into task_options
     for k, v in _defaults(DistillConfig).items():
         if k not in out and k in now and now[k] == v:
             out[k] = now[k]

@@ -7,29 +7,96 @@ import os
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from metagate.data.options import TaskConfig
 from metagate.data.plugins import call_builder, entry_point_tasks, load_builder
 from metagate.data.task import Task, TeacherSpec, build_task
 from metagate.errors import ConfigError, InputError
 from metagate.models import CNN, MLP
+from metagate.options import flag, option
 
 TASKS: dict[str, Callable[..., Task]] = {}
+#: task name -> its options (the built-in tasks and those registered in Python)
+TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
 
 
-def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
-    """Register a task builder ``f(noise, noise_type, data_seed, val_fraction, **kw) -> Task``."""
+def register_task(name: str, config: type[TaskConfig] = TaskConfig
+                  ) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Register a task builder ``f(noise, noise_type, data_seed, val_fraction, **options) -> Task`` that takes
+    the options of ``config`` (a :class:`TaskConfig` subclass; the default: no options of its own)."""
+    if not (isinstance(config, type) and issubclass(config, TaskConfig)):
+        raise ConfigError(f"task {name!r}: config must be a TaskConfig subclass, got {config!r}")
 
     def deco(fn: Callable[..., Task]) -> Callable[..., Task]:
         TASKS[name] = fn
+        TASK_CONFIGS[name] = config
         return fn
 
     return deco
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(f"unknown task {name!r}; choose from {', '.join(task_names())}, or name a builder as "
+                       "package.module:function")
+
+
+def task_config_class(name: str) -> type[TaskConfig]:
+    """The options of task ``name``: its registered config, or a plugin builder's ``config_class``
+    (:class:`DataDirConfig`, ``data_dir`` only, when it declares none)."""
+    if name in TASK_CONFIGS:
+        return TASK_CONFIGS[name]
+    builder = load_builder(name)
+    if builder is None:
+        raise _unknown(name)
+    cls = getattr(builder, "config_class", DataDirConfig)  # undeclared: --data-dir, as plugins always got
+    if not (isinstance(cls, type) and issubclass(cls, TaskConfig)):
+        raise ConfigError(f"task {name!r}: its builder's config_class must be a metagate.data.TaskConfig "
+                          f"subclass, got {cls!r}")
+    return cls
+
+
+def task_config_classes() -> dict[str, type[TaskConfig]]:
+    """Task name -> config class, for the built-in tasks and the installed plugins that load (a plugin that
+    fails to load is reported when it is chosen, not here)."""
+    out = dict(TASK_CONFIGS)
+    for name in sorted(set(entry_point_tasks()) - set(out)):
+        try:
+            out[name] = task_config_class(name)
+        except ConfigError:
+            continue
+    return out
+
+
+def task_option_owners() -> dict[str, list[str]]:
+    """Task option name -> the tasks that take it."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in sorted(task_config_classes().items()):
+        for opt in cls.option_names():
+            owners.setdefault(opt, []).append(name)
+    return owners
+
+
+def task_config(name: str, options: dict[str, Any] | None = None) -> TaskConfig:
+    """The typed options of task ``name``; an option of another task, or of none, is a :class:`ConfigError`
+    naming it and the tasks that take it."""
+    cls = task_config_class(name)
+    opts = {k.replace("-", "_"): v for k, v in (options or {}).items()}
+    foreign = sorted(set(opts) - cls.option_names())
+    if foreign:
+        owners = task_option_owners()
+        parts = [f"{flag(k)} (an option of task {', '.join(owners[k])})" if k in owners else
+                 f"{flag(k)} (no task takes it)" for k in foreign]
+        raise ConfigError(f"task {name!r} does not take option(s) {', '.join(parts)}; it takes: "
+                          f"{', '.join(flag(n) for n in sorted(cls.option_names())) or 'no options of its own'}")
+    return cls.from_options(opts, what=f"task {name!r}")  # type: ignore[return-value]
 
 
 def task_names() -> list[str]:
@@ -42,8 +109,7 @@ def get_task(name: str, **kwargs: object) -> Task:
     (:mod:`metagate.data.plugins`)."""
     builder = TASKS.get(name) or load_builder(name)
     if builder is None:
-        raise ConfigError(f"unknown task {name!r}; choose from {', '.join(task_names())}, or name a builder as "
-                          "package.module:function")
+        raise _unknown(name)
     task = call_builder(builder, **kwargs)
     if not isinstance(task, Task):
         raise ConfigError(f"task builder {name!r} returned a {type(task).__name__}, not a metagate Task")
@@ -70,7 +136,12 @@ def image_models(size: int, num_classes: int, mlp_hidden: int, teacher_epochs: i
     return students, teachers
 
 
-@register_task("digits")
+@dataclass
+class DigitsConfig(TaskConfig):
+    """digits: no options of its own."""
+
+
+@register_task("digits", config=DigitsConfig)
 def digits_task(
     noise: float = 0.0, noise_type: str = "symmetric", data_seed: int = 0, val_fraction: float = 0.1, **_: object
 ) -> Task:
@@ -146,7 +217,20 @@ def find_fashion_dir(data_dir: str | os.PathLike | None = None) -> Path:
     )
 
 
-@register_task("fashion")
+@dataclass
+class DataDirConfig(TaskConfig):
+    """A task that reads its data from a directory (the options of a plugin builder that declares none)."""
+
+    data_dir: str | None = option(None, "directory with the task's data files (fashion: the idx .gz files; unset: "
+                                  f"$METAGATE_FASHION_DIR or {FASHION_DIRS[0]})")
+
+
+@dataclass
+class FashionConfig(DataDirConfig):
+    """fashion: where its data files are."""
+
+
+@register_task("fashion", config=FashionConfig)
 def fashion_task(
     noise: float = 0.0,
     noise_type: str = "symmetric",

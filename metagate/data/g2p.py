@@ -23,13 +23,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from metagate.data.builtin import register_task
+from metagate.data.options import TaskConfig
 from metagate.data.task import Split, Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
+from metagate.options import option
 from metagate.seq_models import PAD as PAD_ID
 from metagate.seq_models import GRUSeq2Seq, TransformerSeq2Seq, pack_inputs
 
@@ -189,7 +192,43 @@ def g2p_models(chars: int, phones: int, max_len: int) -> tuple[dict, list[Teache
     return students, teachers
 
 
-@register_task("g2p")
+@dataclass
+class G2PConfig(TaskConfig):
+    """g2p: which CMUdict words and phonemes, and how the teachers' token logits are cached."""
+
+    subset: int | None = option(None, f"g2p: number of CMUdict words, a seeded sample (unset: {DEFAULT_SUBSET})")
+    g2p_all_words: bool = option(False, "g2p: the whole dictionary (126,052 words) instead of --subset")
+    g2p_no_stress: bool = option(False, "g2p: phonemes without stress digits")
+    topk: int | None = option(None, "g2p: cache teacher token logits as the k largest log-probabilities + the "
+                              "remaining mass (unset: every logit, float16); k < vocabulary size (checked "
+                              "whenever given, whatever the gate)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"--subset must be >= 1 word (an empty subset has no data), got {self.subset}")
+        if self.subset is not None and self.g2p_all_words:
+            raise ConfigError(f"--subset {self.subset} and --g2p-all-words exclude each other")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"no_stress": self.g2p_no_stress}
+        if self.g2p_all_words:
+            kw["subset"] = None
+        elif self.subset is not None:
+            kw["subset"] = self.subset
+        return kw
+
+    def check_task(self, task: Task) -> None:
+        """``--topk`` below the phoneme vocabulary, checked when the task is loaded (before any teacher is
+        trained and whether or not the gate reads teachers: one rule for every gate)."""
+        if self.topk is not None and self.topk >= task.num_classes:
+            raise ConfigError(f"--topk must be in [1, V) = [1, {task.num_classes}) for this g2p vocabulary of "
+                              f"{task.num_classes} tokens, got {self.topk}")
+
+
+@register_task("g2p", config=G2PConfig)
 def g2p_task(
     noise: float = 0.0,
     noise_type: str = "symmetric",

@@ -22,9 +22,53 @@ from torch.utils.data import Dataset
 from metagate.errors import InputError
 
 
-def item_input(value: Any) -> Tensor:
+def as_tensor(value: Any, what: str) -> Tensor:
+    """``value`` (a tensor, an array, a list of numbers) as a CPU tensor.
+
+    :raises InputError: text (e.g. string class labels), objects or ragged lists, naming ``what``
+    """
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    try:
+        arr = np.asarray(value)
+    except ValueError as e:  # ragged nested lists
+        raise InputError(f"{what}: not a rectangular array of numbers ({e})") from e
+    if arr.dtype.kind in "USO":
+        first = arr.reshape(-1)[0].item() if arr.size else None
+        kind = "text" if arr.dtype.kind in "US" or isinstance(first, (str, bytes)) else "objects"
+        hint = (" (class labels must be integer ids 0..C-1: map them first, e.g. with "
+                "sklearn.preprocessing.LabelEncoder)" if "label" in what else "")
+        raise InputError(f"{what} hold {kind}, e.g. {first!r}, not numbers{hint}")
+    try:
+        return torch.as_tensor(arr)
+    except TypeError as e:
+        raise InputError(f"{what}: cannot be read as numbers ({arr.dtype}): {e}") from e
+
+
+def check_item_shapes(shapes: list[tuple[int, ...]], ids: list[Any] | None, what: str,
+                      positions: list[int] | None = None) -> None:
+    """Every item's input has the first item's shape; else an :class:`InputError` naming both items.
+
+    :param ids: the items' unit ids when the dataset gives them (else the item index is the id)
+    :param positions: the items' indices in the dataset (default ``0..len-1``)
+    """
+    positions = positions if positions is not None else list(range(len(shapes)))
+    for k, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            def name(j: int) -> str:
+                return f"item {positions[j]}" + (f" (id {_plain(ids[j])})" if ids is not None else "")
+            raise InputError(f"{what}: inputs of different shapes cannot be stacked into a batch: {name(0)} has "
+                             f"shape {tuple(shapes[0])}, {name(k)} has {tuple(shape)} (pad or resize them to one "
+                             "shape, e.g. in the dataset's transform)")
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+
+
+def item_input(value: Any, what: str = "input") -> Tensor:
     """One item's input as a tensor (floating inputs as float32, like the in-memory splits)."""
-    t = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
+    t = as_tensor(value, what)
     return t.float() if t.is_floating_point() else t
 
 
@@ -40,7 +84,7 @@ def scan_dataset(dataset: Dataset, what: str) -> tuple[Tensor, Tensor | None]:
     arity = len(first)
     targets = getattr(dataset, "targets", None)
     if targets is not None and arity == 2:
-        y = torch.as_tensor(np.asarray(targets))
+        y = as_tensor(targets, f"{what} labels (dataset.targets)")
         if y.shape[0] != n:
             raise InputError(f"{what}: dataset.targets has {y.shape[0]} labels for {n} items")
         return y, None
@@ -53,7 +97,7 @@ def scan_dataset(dataset: Dataset, what: str) -> tuple[Tensor, Tensor | None]:
         ys.append(it[1])
         if arity == 3:
             ids.append(int(it[2]))
-    y = torch.as_tensor(np.asarray([v.item() if isinstance(v, Tensor) else v for v in ys]))
+    y = as_tensor([v.item() if isinstance(v, Tensor) and v.numel() == 1 else v for v in ys], f"{what} labels")
     return y, (torch.as_tensor(ids, dtype=torch.long) if arity == 3 else None)
 
 
@@ -63,10 +107,12 @@ class DatasetInputs:
     :param dataset: map-style, item ``i`` = ``(x, y[, id])``
     :param device: where indexed inputs are returned
     :param random: the dataset's transform is random (its inputs have no fixed content to hash)
+    :param what: the argument the dataset was given as (``train``), for errors
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device | str = "cpu", random: bool = False) -> None:
-        self.dataset, self.device, self.random = dataset, torch.device(device), random
+    def __init__(self, dataset: Dataset, device: torch.device | str = "cpu", random: bool = False,
+                 what: str = "dataset") -> None:
+        self.dataset, self.device, self.random, self.what = dataset, torch.device(device), random, what
         self._n = len(dataset)  # type: ignore[arg-type]
         self._item_shape: tuple[int, ...] | None = None
         self._digest: bytes | None = None
@@ -90,7 +136,11 @@ class DatasetInputs:
     def _read(self, ids: list[int]) -> Tensor:
         if not ids:
             return torch.empty(0, *self.shape[1:]).to(self.device)
-        return torch.stack([item_input(self.dataset[i][0]) for i in ids]).to(self.device)
+        xs = [item_input(self.dataset[i][0], f"item {i}'s input") for i in ids]
+        shapes = [tuple(x.shape) for x in xs]
+        if any(sh != tuple(self.shape[1:]) for sh in shapes):  # item 0 fixes the shape of every item
+            check_item_shapes([tuple(self.shape[1:]), *shapes], None, self.what, [0, *ids])
+        return torch.stack(xs).to(self.device)
 
     def __getitem__(self, index: Any) -> Tensor:
         if isinstance(index, slice):
@@ -113,7 +163,7 @@ class DatasetInputs:
             raise ValueError("DatasetInputs keep their items' dtype")
         if torch.device(device) == self.device:
             return self
-        out = DatasetInputs(self.dataset, device, self.random)
+        out = DatasetInputs(self.dataset, device, self.random, self.what)
         out._item_shape, out._digest = self._item_shape, self._digest
         return out
 

@@ -7,8 +7,13 @@ A package declares its task in its ``pyproject.toml``::
     wine = "mypkg.tasks:wine_task"
 
 A builder is called like the built-in ones, ``builder(noise=..., noise_type=..., data_seed=...,
-val_fraction=..., data_dir=...)`` -- only with the keywords its signature takes -- and returns a
+val_fraction=..., **its options)`` -- only with the keywords its signature takes -- and returns a
 :class:`~metagate.data.task.Task` (:func:`metagate.data.task.build_task` makes one from tensors).
+
+Its options are a :class:`~metagate.data.TaskConfig` subclass set as the builder's ``config_class`` attribute
+(``wine_task.config_class = WineConfig``): they become YAML keys and ``DistillConfig(task_options=...)`` keys,
+and for an installed entry point command-line flags too; a builder that declares none takes ``data_dir``
+(``--data-dir``) only, as before options were declared.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 :class:`EnvConfig` holds what every env takes; :class:`TeacherWeightingEnvConfig` and
 :class:`TemperatureEnvConfig` add the options of ``metagate/TeacherWeighting-v0`` and
 ``metagate/InstanceTemperature-v0``. An option that is also an option of the run (``teachers``, ``noise``,
-...), of the student's training (``lr``, ``batch_size``, ...) or of a gate (``alpha``, ``tau``,
-``temp_min``) is that option (:func:`metagate.options.same_as`: its help and choices come from the class
+...), of a task (``subset``, ``topk``, ``data_dir``: handed to the run config's ``task_options`` when set), of
+the student's training (``lr``, ``batch_size``, ...) or of a gate (``alpha``, ``tau``, ``temp_min``) is that
+option (:func:`metagate.options.same_as`: its help and choices come from the class
 that declares it; only the env's default may differ). ``metagate train-policy``'s environment flags are
 generated from these classes, and the envs take them as keywords (``gym.make(id, batch_size=16, ...)``)
 or as a built config (``config=``).
@@ -12,25 +13,30 @@ or as a built config (``config=``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from metagate.data.builtin import FashionConfig
+from metagate.data.g2p import G2PConfig
 from metagate.errors import ConfigError
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.policy import ReinforceConfig
-from metagate.gates.temperature import TemperatureConfig
+from metagate.gates.temperature.itkd import TemperatureConfig
+from metagate.gates.temperature.policy import ITKD_T_MAX, ITKD_T_MIN
+from metagate.gates.temperature.reversal import check_range
 from metagate.options import Options, option, same_as
-from metagate.policies.temperature import ITKD_T_MAX, ITKD_T_MIN
 from metagate.run import DistillConfig
-from metagate.temperature import check_range
 from metagate.trainer import TrainConfig
 
+#: the env options that are options of a task (:class:`~metagate.data.TaskConfig`; handed to the run config as
+#: ``task_options`` when set: an option of another task than the env's is an error there)
+TASK_OPTIONS = ("data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk")
 #: the env options that are options of the run's data and teachers (handed to :class:`DistillConfig`)
 DATA_OPTIONS = ("teachers", "adversarial_teacher", "teacher_file", "noise", "noise_type", "data_seed",
-                "val_fraction", "data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk", "cache_dir",
-                "rebuild_cache", "retrain_teachers")
+                "val_fraction", *TASK_OPTIONS, "cache_dir", "rebuild_cache", "retrain_teachers")
 
-__all__ = ["DATA_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
+__all__ = ["DATA_OPTIONS", "TASK_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
 
 
 @dataclass
@@ -45,11 +51,11 @@ class EnvConfig(Options):
     noise_type: str = same_as(DistillConfig, "noise_type")
     data_seed: int = same_as(DistillConfig, "data_seed")
     val_fraction: float = same_as(DistillConfig, "val_fraction")
-    data_dir: str | None = same_as(DistillConfig, "data_dir")
-    subset: int | None = same_as(DistillConfig, "subset")
-    g2p_all_words: bool = same_as(DistillConfig, "g2p_all_words")
-    g2p_no_stress: bool = same_as(DistillConfig, "g2p_no_stress")
-    topk: int | None = same_as(DistillConfig, "topk")
+    data_dir: str | None = same_as(FashionConfig, "data_dir")
+    subset: int | None = same_as(G2PConfig, "subset")
+    g2p_all_words: bool = same_as(G2PConfig, "g2p_all_words")
+    g2p_no_stress: bool = same_as(G2PConfig, "g2p_no_stress")
+    topk: int | None = same_as(G2PConfig, "topk")
     cache_dir: str | None = same_as(DistillConfig, "cache_dir")
     rebuild_cache: bool = same_as(DistillConfig, "rebuild_cache")
     retrain_teachers: bool = same_as(DistillConfig, "retrain_teachers")
@@ -69,6 +75,8 @@ class EnvConfig(Options):
     optimizer: str = same_as(TrainConfig, "optimizer")
     schedule: str = same_as(TrainConfig, "schedule")
     device: str = same_as(TrainConfig, "device", "cpu")
+    #: the options of a plugin task (its own ``config_class``), beyond the built-in tasks' above
+    plugin_task_options: dict[str, Any] = field(default_factory=dict)
 
     #: old keyword names still accepted by the env constructors (name -> option)
     aliases: ClassVar[dict[str, str]] = {}
@@ -84,7 +92,11 @@ class EnvConfig(Options):
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
-        self.data_config()  # the data options, checked by the run's own rules
+        self.data_config(None)  # the data options, checked by the run's own rules
+        for cls in (FashionConfig, G2PConfig):  # (a plugin's are checked by its config when its task loads)  # and the tasks' options by their tasks' rules
+            cls.from_options({n: v for n, v in self.task_options().items() if n in cls.option_names()})
+        if not isinstance(self.plugin_task_options, dict):
+            raise ConfigError(f"plugin_task_options must be a mapping, got {self.plugin_task_options!r}")
         TrainConfig(batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, optimizer=self.optimizer,
                     schedule=self.schedule, device=self.device)  # the student's options, checked once
 
@@ -93,10 +105,18 @@ class EnvConfig(Options):
         """The KD temperature of a step whose decision gives none."""
         raise NotImplementedError
 
-    def data_config(self, task: str = "digits") -> DistillConfig:
-        """The run config that loads this env's task and teachers (its data options, the rest defaults)."""
-        return DistillConfig(task=task, train=TrainConfig(device=self.device, progress=False),
-                             **{name: getattr(self, name) for name in DATA_OPTIONS})
+    def task_options(self) -> dict[str, Any]:
+        """The task options that are set (not their unset default), a plugin task's included."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {**{n: getattr(self, n) for n in TASK_OPTIONS if getattr(self, n) != defaults[n]},
+                **self.plugin_task_options}
+
+    def data_config(self, task: str | None = "digits") -> DistillConfig:
+        """The run config that loads this env's task and teachers (its data options, the rest defaults);
+        ``None``: the data options without the task's (checked apart)."""
+        run = {name: getattr(self, name) for name in DATA_OPTIONS if name not in TASK_OPTIONS}
+        return DistillConfig(task=task or "digits", train=TrainConfig(device=self.device, progress=False),
+                             task_options=self.task_options() if task else {}, **run)
 
 
 @dataclass
@@ -145,4 +165,6 @@ def env_config(cls: type[EnvConfig], config: EnvConfig | None, options: dict[str
             raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
         return config
     opts = {cls.aliases.get(k, k): v for k, v in options.items()}
-    return cls.from_options(opts, what=cls.__name__)  # type: ignore[return-value]
+    plugin = opts.pop("plugin_task_options", None) or {}  # not a flag: a plugin task's own options
+    config = cls.from_options(opts, what=cls.__name__)
+    return dataclasses.replace(config, plugin_task_options=plugin) if plugin else config  # type: ignore[return-value]

@@ -5,7 +5,7 @@ temperatures the action encodes and the fixed label/KD mix ``alpha`` (equal teac
 episode, reward and reset machinery is :class:`metagate.envs.base.StudentLoopEnv`, shared with
 ``metagate/TeacherWeighting-v0``. The observation is the next batch's state ``[B, 1, S]`` (``B`` examples, or the
 ``B*T`` token positions of a sequence batch)
-(:func:`metagate.policies.temperature.temperature_state`: the ITKD state plus the project's unit features
+(:func:`metagate.gates.temperature.policy.temperature_state`: the ITKD state plus the project's unit features
 averaged over teachers); the action ``Box(-6, 6, [B, 1])`` maps to ``T = t_min + (t_max - t_min) sigmoid(a)``.
 """
 
@@ -24,7 +24,7 @@ from metagate.envs.config import TemperatureEnvConfig
 from metagate.features import FEATURE_HIGH
 from metagate.gates.base import GateOutput
 from metagate.gates.fixed import fixed_weights
-from metagate.policies.temperature import (
+from metagate.gates.temperature.policy import (
     ACTION_BOUND,
     NUM_STATE,
     TemperatureState,

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from metagate.gates.base import Gate, GateConfig, GateContext, GateOutput, StepContext, UnitView
-from metagate.gates.ctkd import CTKDGate, CTKDTemperatureConfig
 from metagate.gates.hard import HardConfig, HardGate
 from metagate.gates.meta import MetaGate
 from metagate.gates.meta.config import MetaConfig
 from metagate.gates.policy import PolicyConfig, PolicyGate, ReinforceConfig, ReinforceGate
 from metagate.gates.registry import register
-from metagate.gates.temperature import TemperatureConfig, TemperatureGate
+from metagate.gates.temperature.ctkd import CTKDGate, CTKDTemperatureConfig
+from metagate.gates.temperature.itkd import TemperatureConfig, TemperatureGate
 from metagate.policies.core import split_kd_share
 
 __all__ = ["ComposedGate", "MetaPolicyGate"]

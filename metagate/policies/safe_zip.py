@@ -11,7 +11,7 @@ crafted zip runs its payload (stable-baselines3 issue #2281). This loader reads 
 * ``policy.pth``: the weights, with ``torch.load(weights_only=True)``.
 
 The round trip (:func:`write_meta`, :func:`resolve_zip`, :func:`read_policy_zip`, :func:`build_policy`) is shared
-with the temperature policy's zip (:mod:`metagate.policies.sb3_temperature`).
+with the temperature policy's zip (:mod:`metagate.gates.temperature.sb3`).
 
 Every ``:serialized:`` field is ignored; the only class ever built is
 :class:`metagate.policies.sb3.TeacherWeightingPolicy`. Anything else is refused with a

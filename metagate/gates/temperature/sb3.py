@@ -1,7 +1,7 @@
 """A stable-baselines3 actor-critic policy for :class:`metagate.envs.InstanceTemperatureEnv`.
 
 Observation ``[B, 1, S]`` unit states, action ``[B, 1]`` per-unit temperature actions. The actor is the
-in-loop gate's :class:`~metagate.policies.temperature.TemperatureHead` with a Gaussian whose log-stds do
+in-loop gate's :class:`~metagate.gates.temperature.policy.TemperatureHead` with a Gaussian whose log-stds do
 not depend on the state; the critic pools an encoding of the units' states over the batch. The
 temperature range and label weight are stored with the policy, so a deployed policy maps actions to
 temperatures exactly as during training.
@@ -19,10 +19,7 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH
-from metagate.policies.core import TeacherGaussian
-from metagate.policies.safe_zip import build_policy, read_policy_zip, resolve_zip, write_meta
-from metagate.policies.sb3 import GaussianActorCritic
-from metagate.policies.temperature import (
+from metagate.gates.temperature.policy import (
     ACTION_BOUND,
     ITKD_T_INIT,
     ITKD_T_MAX,
@@ -31,6 +28,9 @@ from metagate.policies.temperature import (
     action_temperature,
     temperature_action,
 )
+from metagate.policies.core import TeacherGaussian
+from metagate.policies.safe_zip import build_policy, read_policy_zip, resolve_zip, write_meta
+from metagate.policies.sb3 import GaussianActorCritic
 
 
 class TemperaturePolicySB3(GaussianActorCritic):

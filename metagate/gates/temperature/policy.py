@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, FEATURE_NAMES, NUM_FEATURES, TeacherFeatureCache, unit_features
+from metagate.gates.temperature.reversal import check_range, range_temperature
 from metagate.policies.core import TeacherGaussian
-from metagate.temperature import check_range, range_temperature
 
 ITKD_FEATURES = ("itkd_s_top1", "itkd_t_top1", "itkd_s_margin")
 STATE_NAMES = ITKD_FEATURES + tuple(f"mean_{n}" for n in FEATURE_NAMES)

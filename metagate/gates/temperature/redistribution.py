@@ -26,7 +26,7 @@ What ITKD's official code does (github Zhengbo-Zhang/ITKD, read, not copied):
 What this module does with those facts (our code): a batch's units are not a sequence (they act at once
 and the reward comes after the whole episode), so instead of differences of a sequence model's predictions
 the return is *decomposed* over the units, ``R_e ~ c + sum_i g(s_i, a_i)``: ``g`` takes ITKD's inputs (the
-three ITKD state features, :data:`~metagate.policies.temperature.ITKD_FEATURES`, and the action) and is
+three ITKD state features, :data:`~metagate.gates.temperature.policy.ITKD_FEATURES`, and the action) and is
 linear in them as in ITKD, plus the action times each state feature (without that product a linear ``g``
 gives every unit the same credit per unit of action, whatever its state): 7 coefficients. It is fitted in closed form (ridge
 regression on standardised per-episode sums of the features, intercept ``c`` not penalised) on the last

@@ -1,5 +1,5 @@
 """The ``ctkd`` gate (Li et al., AAAI 2023): a learnable KD temperature trained by the student's own
-optimizer through a gradient-reversal layer (:mod:`metagate.temperature`), so it ascends the KD loss
+optimizer through a gradient-reversal layer (:mod:`metagate.gates.temperature.reversal`), so it ascends the KD loss
 while the student descends it, with the reversal strength on a cosine curriculum.
 
 ``--ctkd-variant global`` is the official code's single temperature; ``instance`` the paper's per-instance
@@ -23,9 +23,8 @@ from metagate.errors import ConfigError
 from metagate.gates.base import Gate, GateConfig, GateContext, GateOutput, UnitView
 from metagate.gates.fixed import FixedMix, KDMixConfig
 from metagate.gates.registry import register
-from metagate.gates.temperature import TemperatureLog
-from metagate.options import option
-from metagate.temperature import (
+from metagate.gates.temperature.itkd import TemperatureLog
+from metagate.gates.temperature.reversal import (
     CTKD_T_MAX,
     CTKD_T_MIN,
     CTKD_THETA_INIT,
@@ -34,6 +33,7 @@ from metagate.temperature import (
     check_range,
     cosine_curriculum,
 )
+from metagate.options import option
 
 __all__ = ["CTKDConfig", "CTKDGate"]
 

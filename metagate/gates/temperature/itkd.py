@@ -4,11 +4,11 @@ temperature; the label/KD mix is the fixed gate's ``alpha`` (or another gate's, 
 
 * in-loop REINFORCE by default: the episode, reward (the improvement of the student's CE on a fixed
   ``meta`` subset over ``--rl-episode`` steps) and antithetic learner of the ``reinforce`` gate
-  (:class:`metagate.gates.policy._RLGate`), over :class:`~metagate.policies.temperature.TemperaturePolicy`.
+  (:class:`metagate.gates.policy._RLGate`), over :class:`~metagate.gates.temperature.policy.TemperaturePolicy`.
   ITKD rewards the change of the student's *training-batch* accuracy with PPO and a reward-redistribution
   model; here the reward is the project's validated one. ``--temp-reward redistributed`` splits each
   episode's reward over its units with a return-decomposition model in ITKD's manner
-  (:mod:`metagate.policies.redistribution`, which lists the facts taken from their code) and makes the
+  (:mod:`metagate.gates.temperature.redistribution`, which lists the facts taken from their code) and makes the
   REINFORCE step per unit; ``episode`` (the default) credits every unit of the episode alike.
 * ``--temp-policy PATH``: deploy a PPO policy trained on ``metagate/InstanceTemperature-v0`` (mean action;
   ``--temp-online`` keeps learning with REINFORCE).
@@ -31,9 +31,7 @@ from metagate.gates.base import Gate, GateContext, GateOutput, UnitView
 from metagate.gates.fixed import FixedMix
 from metagate.gates.policy import RLConfig, _RLGate
 from metagate.gates.registry import register
-from metagate.options import option
-from metagate.policies.redistribution import ReturnDecomposition
-from metagate.policies.temperature import (
+from metagate.gates.temperature.policy import (
     ITKD_FEATURES,
     ITKD_T_INIT,
     ITKD_T_MAX,
@@ -43,7 +41,9 @@ from metagate.policies.temperature import (
     TemperatureState,
     temperature_state,
 )
-from metagate.temperature import check_range, check_temperature
+from metagate.gates.temperature.redistribution import ReturnDecomposition
+from metagate.gates.temperature.reversal import check_range, check_temperature
+from metagate.options import option
 
 __all__ = ["TemperatureConfig", "TemperatureGate", "TemperatureLog", "check_temperature", "load_temperature_policy"]
 
@@ -156,6 +156,10 @@ class TemperatureConfig(RLConfig):
             raise ConfigError(f"--temp-warmup-epochs must be >= 0, got {self.temp_warmup_epochs}")
         if self.temp_rrd_window < 2:
             raise ConfigError(f"--temp-rrd-window must be >= 2, got {self.temp_rrd_window}")
+        if self.temp_online and self.temp_policy is None:
+            raise ConfigError("--temp-online keeps a deployed --temp-policy learning; without --temp-policy there is "
+                              "nothing to deploy (the gate learns in the loop anyway): give --temp-policy PATH or "
+                              "drop --temp-online")
 
     @property
     def redistributed(self) -> bool:
@@ -164,7 +168,7 @@ class TemperatureConfig(RLConfig):
 
 def load_temperature_policy(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The policy of a zip from ``metagate train-policy --env temperature`` (nothing in it is unpickled)."""
-    from metagate.policies.sb3_temperature import load_temperature_zip  # needs stable-baselines3: only here
+    from metagate.gates.temperature.sb3 import load_temperature_zip  # needs stable-baselines3: only here
 
     return load_temperature_zip(path, NUM_STATE, device)
 
