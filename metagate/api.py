@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from metagate.bank import TeacherBank
 from metagate.data.inputs import DatasetInputs, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
@@ -50,7 +49,8 @@ from metagate.logger import Logger
 from metagate.modes import eval_mode
 from metagate.report import comparison_table
 from metagate.run import build_gate
-from metagate.teacher_sources import (
+from metagate.teachers.bank import TeacherBank
+from metagate.teachers.sources import (
     TeacherLike,
     build_mixed_bank,
     named_teachers,
@@ -384,7 +384,7 @@ def distill(
         autograd route. Its output size must match the teachers'.
     :param teachers: a list (or ``{name: teacher}``) of ``nn.Module`` (frozen, eval mode, logits cached by
         fingerprint when ``cache_dir`` is given), logits files (``.npy/.npz/.pt/.safetensors``, full or top-k,
-        see :mod:`metagate.teacher_files`), ``[N_train, C]`` tensors (row i = training unit i), or
+        see :mod:`metagate.teachers.files`), ``[N_train, C]`` tensors (row i = training unit i), or
         :class:`~metagate.data.task.TeacherSpec` (trained here); ``None``/``[]`` for ``gate="ce"``
     :param train: ``(x, y)`` / ``(x, y, ids)`` tensors (in memory) or a map-style Dataset of ``(x, y[, id])``
         items (batches from a DataLoader over it; module docstring)

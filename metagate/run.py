@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
 from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
@@ -18,8 +17,9 @@ from metagate.io import atomic_write_text, ensure_dir
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
 from metagate.rundir import RunDir
-from metagate.seq_bank import build_seq_bank
-from metagate.teachers import load_or_train_teachers
+from metagate.teachers.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
+from metagate.teachers.sequence import build_seq_bank
+from metagate.teachers.training import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
 from metagate.units import is_sequence
 

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from metagate import units
-from metagate.bank import TeacherBank
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
@@ -33,6 +32,7 @@ from metagate.metrics import classification_metrics, reliability_figure, reliabi
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
+from metagate.teachers.bank import TeacherBank
 from metagate.temperature import check_temperature
 
 CHECKPOINT_VERSION = 1

@@ -17,7 +17,9 @@ from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.gates.fixed import CEGate, FixedGate
 from metagate.gates.hard import HardGate
 from metagate.losses import reduce_weighted, unit_losses
-from metagate.seq_bank import (
+from metagate.seq_metrics import binary_ece, closest_reference, edit_distance, per_wer, sequence_metrics
+from metagate.seq_models import GRUSeq2Seq, TransformerSeq2Seq, beam_decode, greedy_decode
+from metagate.teachers.sequence import (
     build_seq_bank,
     cached_token_logits,
     token_index,
@@ -25,8 +27,6 @@ from metagate.seq_bank import (
     topk_expand,
     topk_kl_bound,
 )
-from metagate.seq_metrics import binary_ece, closest_reference, edit_distance, per_wer, sequence_metrics
-from metagate.seq_models import GRUSeq2Seq, TransformerSeq2Seq, beam_decode, greedy_decode
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 from metagate.units import PAD_ID
 

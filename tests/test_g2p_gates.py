@@ -16,9 +16,9 @@ from metagate.gates.meta import MetaGate
 from metagate.gates.meta.learner import check_table_size
 from metagate.gates.policy import PolicyGate, ReinforceGate
 from metagate.gates.temperature import TemperatureGate
-from metagate.seq_bank import build_seq_bank
 from metagate.seq_metrics import sequence_metrics
 from metagate.seq_models import GRUSeq2Seq
+from metagate.teachers.sequence import build_seq_bank
 from metagate.trainer import TrainConfig, Trainer
 from metagate.units import PAD_ID
 

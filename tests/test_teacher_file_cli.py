@@ -11,7 +11,7 @@ import torch
 from metagate.cli import main
 from metagate.data import get_task
 from metagate.errors import InputError
-from metagate.teacher_files import read_teacher_file, token_table, topk_arrays
+from metagate.teachers.files import read_teacher_file, token_table, topk_arrays
 from metagate.units import PAD_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +123,7 @@ def test_bad_per_token_files_are_clear_errors(g2p_task, tmp_path):
         table({"indices": top.indices, "log_probs": top.values})
     with pytest.raises(InputError, match=rf"f.pt is \[N, C\] but the task is a sequence task.*\[{n}, {t}, {v}\]"):
         table({"logits": torch.randn(n, v)})
-    from metagate.teacher_files import teacher_table
+    from metagate.teachers.files import teacher_table
 
     with pytest.raises(InputError, match=r"f.pt is a per-token \[N, T, V\] file \(T = 4\) but the task has one unit "
                                          r"per example"):

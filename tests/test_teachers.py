@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from metagate.bank import TeacherBank, build_bank, default_cache_dir
 from metagate.errors import InputError, StaleCacheError
 from metagate.io import atomic_save, safe_load
-from metagate.teachers import load_or_train_teachers
+from metagate.teachers.bank import TeacherBank, build_bank, default_cache_dir
+from metagate.teachers.training import load_or_train_teachers
 
 
 def test_teachers_are_stronger_than_chance_and_frozen(digits_noisy, digits_bank):

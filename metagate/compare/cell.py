@@ -27,7 +27,7 @@ from metagate.io import safe_load
 from metagate.metrics import calibration_bins
 from metagate.run import TASK_FIELDS, DistillConfig, load_task, load_teachers, run_distill
 from metagate.rundir import mark_run_dir
-from metagate.seq_bank import token_logits_file
+from metagate.teachers.sequence import token_logits_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])

@@ -5,7 +5,7 @@ Only real (unmasked) training tokens are stored, packed as ``[M, K, V]`` in the 
 and every padded position to one extra all-zero row (uniform teachers there -- padding is masked
 anyway). Lookups return the flattened ``[B * L, K, V]`` the shared loop's units need.
 
-Cache files under ``cache_dir/<task key>/`` (same fingerprint rules as :mod:`metagate.bank`; a stale file
+Cache files under ``cache_dir/<task key>/`` (same fingerprint rules as :mod:`metagate.teachers.bank`; a stale file
 raises :class:`~metagate.errors.StaleCacheError`)::
 
     tokens-<name>.pt         {"fingerprint", "logits" [M, V] float16}
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, logits_fingerprint, rows
 from metagate.checks import check_finite
 from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.io import atomic_save, safe_load
-from metagate.teacher_files import read_teacher_file, token_table
+from metagate.teachers.bank import TeacherBank, logits_fingerprint, rows
+from metagate.teachers.files import read_teacher_file, token_table
 from metagate.units import PAD_ID
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,7 +198,7 @@ def build_seq_bank(task: Task, modules: list[nn.Module], names: list[str], cache
                    device: str | torch.device = "cpu", rebuild: bool = False,
                    topk: int | None = None, files: list[tuple[str, Path]] | None = None) -> SeqTeacherBank:
     """Stack each teacher's cached token logits into a :class:`SeqTeacherBank`, then the per-token ``[N, T, V]``
-    teacher-logits files' (``(name, path)``, :func:`metagate.teacher_files.token_table`)."""
+    teacher-logits files' (``(name, path)``, :func:`metagate.teachers.files.token_table`)."""
     if topk is not None:
         topk_compress(torch.zeros(1, task.num_classes), topk)  # refuse k >= V before any teacher runs
     fp = task.fingerprint()

@@ -8,7 +8,7 @@ Cache layout under ``cache_dir/<task key>/``::
 The logits' fingerprint hashes the training data, the unit ids and the teacher's
 weights, the checksum the logits themselves (dtype, shape, bytes); a mismatch of either raises
 :class:`StaleCacheError` instead of loading. This module sits
-below the trainer (it imports nothing of it); training teachers lives in :mod:`metagate.teachers`.
+below the trainer (it imports nothing of it); training teachers lives in :mod:`metagate.teachers.training`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from metagate.checks import check_finite
 from metagate.errors import StaleCacheError
 from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
-from metagate.teacher_files import file_logits
+from metagate.teachers.files import file_logits
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Task

@@ -4,7 +4,7 @@ Cache layout under ``cache_dir/<task key>/``::
 
     teacher-<name>.pt   {"state", "task_fingerprint", "select_acc", "test_acc", ...}
 
-Their logits for the training units live in the teacher bank (:mod:`metagate.bank`).
+Their logits for the training units live in the teacher bank (:mod:`metagate.teachers.bank`).
 """
 
 from __future__ import annotations

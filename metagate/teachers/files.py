@@ -324,7 +324,7 @@ def teacher_table(arrays: TeacherArrays, unit_ids: Tensor, num_classes: int, kno
 def token_table(arrays: TeacherArrays, unit_ids: Tensor, mask: Tensor, vocab: int,
                 known_ids: Tensor | None = None) -> Tensor:
     """``[M, V]`` per-token logits (full) or rebuilt log-probabilities (top-k) of the ``M`` real training tokens, in
-    the row-major order of ``mask`` (:mod:`metagate.seq_bank`'s packing), from an ``[N, T, V]`` file.
+    the row-major order of ``mask`` (:mod:`metagate.teachers.sequence`'s packing), from an ``[N, T, V]`` file.
 
     :param mask: ``[N_train, T]`` the real (unpadded) target positions
     :param vocab: the task's target vocabulary size ``V``

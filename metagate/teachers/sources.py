@@ -1,15 +1,15 @@
-"""Teachers three ways, mixed freely in one :class:`~metagate.bank.TeacherBank`:
+"""Teachers three ways, mixed freely in one :class:`~metagate.teachers.bank.TeacherBank`:
 
 * trained by the project: a :class:`~metagate.data.task.TeacherSpec` (trained through the shared loop,
-  checkpoint and logits cached as in :mod:`metagate.teachers`),
+  checkpoint and logits cached as in :mod:`metagate.teachers.training`),
 * a user's pretrained ``nn.Module``: frozen, put in eval mode, its training-split logits cached by the
-  bank's fingerprint rules (:func:`metagate.bank.cached_logits`: data, unit ids and weights),
-* precomputed logits: a file path (:mod:`metagate.teacher_files`), or an ``[N, C]`` tensor / array whose
+  bank's fingerprint rules (:func:`metagate.teachers.bank.cached_logits`: data, unit ids and weights),
+* precomputed logits: a file path (:mod:`metagate.teachers.files`), or an ``[N, C]`` tensor / array whose
   row ``i`` is training unit ``i``.
 
 Teachers are *cached* by default: each one's logits are computed once for the fixed training inputs. Inputs
 that change every epoch (random augmentation) make such a cache wrong: :func:`online` marks a module teacher
-to be run in the step on the step's inputs instead (:mod:`metagate.online_bank`), and a training dataset that
+to be run in the step on the step's inputs instead (:mod:`metagate.teachers.online`), and a training dataset that
 marks its transform random (``random_transform = True``) is refused with any cached teacher.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, cached_logits, teacher_logits
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
-from metagate.online_bank import OnlineBank
-from metagate.teacher_files import read_teacher_file, teacher_arrays, teacher_table
-from metagate.teachers import load_or_train_teachers
+from metagate.teachers.bank import TeacherBank, cached_logits, teacher_logits
+from metagate.teachers.files import read_teacher_file, teacher_arrays, teacher_table
+from metagate.teachers.online import OnlineBank
+from metagate.teachers.training import load_or_train_teachers
 
 
 @dataclass
