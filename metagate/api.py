@@ -50,13 +50,8 @@ from metagate.modes import eval_mode
 from metagate.report import comparison_table
 from metagate.run import build_gate
 from metagate.teachers.bank import TeacherBank
-from metagate.teachers.sources import (
-    TeacherLike,
-    build_mixed_bank,
-    named_teachers,
-    refuse_cached_with_random,
-    teacher_classes,
-)
+from metagate.teachers.build import build_bank
+from metagate.teachers.sources import TeacherLike, named_teachers, refuse_cached_with_random, teacher_classes
 from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
 
 #: what may stand for a split
@@ -282,8 +277,9 @@ def prepare(
     bank, stats = None, []
     if pairs:
         known = [p.ids for nm, p in parts.items() if nm != "train" and p.explicit]
-        bank, stats = build_mixed_bank(task, pairs, tr.ids, torch.cat(known) if known else None,
-                                       None if cache_dir is None else Path(cache_dir), dev, rebuild_cache)
+        bank, stats = build_bank(task, pairs, unit_ids=tr.ids, known_ids=torch.cat(known) if known else None,
+                                 cache_dir=None if cache_dir is None else Path(cache_dir), device=dev,
+                                 rebuild=rebuild_cache)
     dataset: Dataset | None = train if lazy else None  # type: ignore[assignment]
     if dataset is None and num_workers is not None:
         dataset = TensorDataset(task.train.x, task.train.y)

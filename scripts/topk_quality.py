@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from metagate.compare.stats import mean_std, paired_t
-from metagate.run import DistillConfig, build_gate, load_task, load_teachers
-from metagate.teachers.bank import default_cache_dir
-from metagate.teachers.sequence import token_logits_file
+from metagate.run import DistillConfig, build_gate, load_task
+from metagate.teachers.build import load_teachers
+from metagate.teachers.cache import default_cache_dir, token_logits_file
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 METRICS = ("per", "wer", "acc", "nll", "ece")

@@ -25,7 +25,7 @@ import torch
 
 from metagate.cli import build_parser, main
 from metagate.errors import CheckpointError, ConfigError, InputError, StaleCacheError, StorageError
-from metagate.teachers.bank import default_cache_dir
+from metagate.teachers.cache import default_cache_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

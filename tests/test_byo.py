@@ -14,7 +14,7 @@ import metagate
 from metagate.data import TASKS
 from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.run import DistillConfig, run_distill
-from metagate.teachers.bank import default_cache_dir
+from metagate.teachers.cache import default_cache_dir
 from metagate.teachers.files import file_logits, read_teacher_file, topk_arrays, topk_log_probs
 from metagate.teachers.training import load_or_train_teachers
 from metagate.trainer import TrainConfig

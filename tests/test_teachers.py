@@ -10,7 +10,9 @@ import torch
 
 from metagate.errors import InputError, StaleCacheError
 from metagate.io import atomic_save, safe_load
-from metagate.teachers.bank import TeacherBank, build_bank, default_cache_dir
+from metagate.teachers.bank import TeacherBank
+from metagate.teachers.build import build_bank
+from metagate.teachers.cache import default_cache_dir
 from metagate.teachers.training import load_or_train_teachers
 
 
@@ -29,31 +31,31 @@ def test_cache_is_reused_not_recomputed(digits_noisy, digits_bank):
     files = sorted(cache.glob("*.pt"))
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     mods, names, _ = load_or_train_teachers(digits_noisy, 3, default_cache_dir())
-    bank2 = build_bank(digits_noisy, mods, names, default_cache_dir())
+    bank2, _ = build_bank(digits_noisy, [*zip(names, mods)], cache_dir=default_cache_dir())
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes  # nothing retrained or rewritten
     torch.testing.assert_close(bank2.logits, bank.logits)
 
 
 def test_stale_logits_cache_raises(digits_noisy, digits_bank, tmp_path):
     mods, names, _ = load_or_train_teachers(digits_noisy, 1, default_cache_dir())
-    build_bank(digits_noisy, mods, names, tmp_path)
+    build_bank(digits_noisy, [*zip(names, mods)], cache_dir=tmp_path)
     path = tmp_path / digits_noisy.key / f"logits-{names[0]}.pt"
     blob = safe_load(path)
     # a different teacher checkpoint under the same name -> stale
     with torch.no_grad():
         next(mods[0].parameters()).add_(0.01)
     with pytest.raises(StaleCacheError, match="stale teacher cache"):
-        build_bank(digits_noisy, mods, names, tmp_path)
+        build_bank(digits_noisy, [*zip(names, mods)], cache_dir=tmp_path)
     with torch.no_grad():
         next(mods[0].parameters()).sub_(0.01)
     # tampered cache contents
     blob["fingerprint"] = "0" * 16
     atomic_save(blob, path)
     with pytest.raises(StaleCacheError):
-        build_bank(digits_noisy, mods, names, tmp_path)
+        build_bank(digits_noisy, [*zip(names, mods)], cache_dir=tmp_path)
     before = path.read_bytes()
     with pytest.raises(StaleCacheError):
-        build_bank(digits_noisy, mods, names, tmp_path)
+        build_bank(digits_noisy, [*zip(names, mods)], cache_dir=tmp_path)
     assert path.read_bytes() == before  # a failed load never rewrites the cache
 
 
@@ -62,13 +64,13 @@ def test_cache_of_other_data_raises(digits_bank, tmp_path):
 
     clean = get_task("digits", noise=0.4, data_seed=0)
     mods, names, _ = load_or_train_teachers(clean, 1, default_cache_dir())
-    build_bank(clean, mods, names, tmp_path)
+    build_bank(clean, [*zip(names, mods)], cache_dir=tmp_path)
     other = get_task("digits", noise=0.4, data_seed=0)
     other.train.y[:5] = (other.train.y[:5] + 1) % 10  # same key, different labels
     src = tmp_path / clean.key
     assert src.exists()
     with pytest.raises(StaleCacheError):
-        build_bank(other, mods, names, tmp_path)
+        build_bank(other, [*zip(names, mods)], cache_dir=tmp_path)
 
 
 def test_teacher_checkpoint_of_other_data_raises(digits_bank, tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 from metagate.compare.specs import GateSpec
 from metagate.errors import ConfigError
 from metagate.run import DistillConfig
-from metagate.teachers.bank import default_cache_dir
+from metagate.teachers.cache import default_cache_dir
 
 #: config fields that may differ between a run and its resumption (they do not change the result)
 VOLATILE = ("resume", "overwrite", "rebuild_cache", "retrain_teachers", "logdir")

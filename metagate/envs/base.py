@@ -187,7 +187,8 @@ class StudentLoopEnv(gym.Env):
 
 
 def _load(task: str | Task, bank: TeacherBank | None, config: EnvConfig) -> tuple[Task, TeacherBank]:
-    from metagate.run import load_task, load_teachers
+    from metagate.run import load_task
+    from metagate.teachers.build import load_teachers
 
     cfg = config.data_config(task if isinstance(task, str) else task.name)
     task_obj = load_task(cfg) if isinstance(task, str) else task

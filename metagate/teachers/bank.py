@@ -1,46 +1,59 @@
-"""The teacher bank: frozen teachers' logits for the training units, looked up by unit id, and their
-on-disk cache.
+"""The teacher bank: frozen teachers' logits for the training units, looked up by unit id.
 
-Cache layout under ``cache_dir/<task key>/``::
-
-    logits-<name>.pt    {"fingerprint", "logits" [N_train, C], "checksum"}
-
-The logits' fingerprint hashes the training data, the unit ids and the teacher's
-weights, the checksum the logits themselves (dtype, shape, bytes); a mismatch of either raises
-:class:`StaleCacheError` instead of loading. This module sits
-below the trainer (it imports nothing of it); training teachers lives in :mod:`metagate.teachers.training`.
+:class:`TeacherBank` is the base every bank derives from, and its class docstring is the bank protocol: what
+the trainer and the gates may read of any bank, with the optional features (per-token index, online columns,
+right/wrong diagnostics) declared there with their defaults instead of probed with ``hasattr``. This module
+sits below the trainer (it imports nothing of it); building a bank lives in :mod:`metagate.teachers.build`,
+its disk cache in :mod:`metagate.teachers.cache`.
 """
 
 from __future__ import annotations
-
-import hashlib
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from metagate.checks import check_finite
-from metagate.errors import StaleCacheError
-from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
-from metagate.teachers.files import file_logits
-
-if TYPE_CHECKING:  # pragma: no cover
-    from metagate.data.task import Task
-
-
-def default_cache_dir() -> Path:
-    """``$METAGATE_CACHE`` or ``~/.cache/metagate``."""
-    return Path(os.environ.get("METAGATE_CACHE", Path.home() / ".cache" / "metagate"))
+from metagate.diagnostics import teacher_right
 
 
 class TeacherBank:
-    """Frozen teachers' logits for the training units, looked up by unit id.
+    """Frozen teachers' logits for the training units, looked up by unit id; the bank protocol.
+
+    Every bank answers:
+
+    * ``names``, :attr:`num_units` (training examples covered), :attr:`num_teachers` ``K``,
+      :attr:`num_classes` ``C`` (``V`` for a sequence task);
+    * :meth:`lookup` and :meth:`unit_log_probs`: the ``[B, K, C]`` rows of a batch's unit ids (the step's
+      path: every gate reads the teachers of a batch through these);
+    * :meth:`to`: the bank on a device.
+
+    Optional features, declared here with the value a bank without them has:
+
+    * :attr:`token_index`: ``[N_train, L]`` row of each (example, position) for a per-token bank (a sequence
+      task, :class:`~metagate.teachers.sequence.SeqTeacherBank`); ``None`` for a per-example bank;
+    * :attr:`online` and :meth:`set_step`: ``True`` for a bank whose teachers run on each step's inputs
+      (:class:`~metagate.teachers.online.OnlineBank`); the trainer hands every bank each step's inputs, and
+      a cached bank ignores them;
+    * :meth:`unit_right`: each teacher's per-unit correctness against the clean labels (ground truth for the
+      diagnostics only; ``None`` when the bank cannot say).
+
+    Whole-split reads, :attr:`logits` ``[N, K, C]`` and :meth:`log_probs` (one table per temperature), serve
+    gates that summarise the teachers over the training split at setup (the temperature gate's state,
+    Meta-Weight-Net features, the rule baselines, the hard gate's constant gold path) and the default
+    :meth:`unit_right`. A sparse top-k bank that never materialises ``[N, V]`` (large vocabularies) would
+    implement the counts, :meth:`lookup` / :meth:`unit_log_probs` (rebuilding a batch's ``[B, K, V]`` rows
+    from its stored top-k entries, as :func:`~metagate.teachers.sequence.topk_expand` does), :meth:`to`,
+    :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's argmax), and raise a clear error from
+    :attr:`logits` / :meth:`log_probs` for the gates that need the whole table.
 
     :param logits: ``[N, K, C]``
     :param names: ``K`` teacher names
     """
+
+    #: per-token banks: ``[N_train, L]`` row of each (example, position); ``None``: one unit per example
+    token_index: Tensor | None = None
+    #: the teachers run on each step's inputs (:meth:`set_step`); ``False``: logits cached for fixed inputs
+    online: bool = False
 
     def __init__(self, logits: Tensor, names: list[str]) -> None:
         if logits.ndim != 3:
@@ -75,6 +88,17 @@ class TeacherBank:
     def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
         """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
         return rows(self.log_probs(tau), ids)
+
+    def set_step(self, x: Tensor, ids: Tensor) -> None:
+        """The inputs ``x`` of the step's units ``ids``, before the gate looks (an online bank runs its teachers
+        on them; cached logits do not depend on them)."""
+
+    def unit_right(self, clean_labels: Tensor) -> Tensor | None:
+        """``[N_train, K]`` bool: each teacher's top class is the unit's clean label; ``None`` when the labels
+        do not cover the bank's units."""
+        if self.logits.shape[0] != clean_labels.shape[0]:
+            return None
+        return teacher_right(self.logits, clean_labels)
 
     def to(self, device: torch.device | str) -> TeacherBank:
         """The bank on ``device``; on CUDA, when the logits do not fit (:func:`fits_on_gpu`), a
@@ -123,70 +147,3 @@ def teacher_logits(teacher: nn.Module, x: Tensor, device: torch.device | str = "
     """``[N, C]`` logits of a frozen teacher in eval mode (CPU result)."""
     teacher.eval().to(device)
     return torch.cat([teacher(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-
-
-def logits_fingerprint(task_fingerprint: str, ids: Tensor, teacher: nn.Module) -> str:
-    """Hash of (data, unit ids, teacher checkpoint)."""
-    h = hashlib.sha256()
-    h.update(task_fingerprint.encode())
-    h.update(ids.cpu().numpy().tobytes())
-    h.update(state_fingerprint(teacher).encode())
-    return h.hexdigest()[:16]
-
-
-def cached_logits(
-    teacher: nn.Module, name: str, task: Task, cache_dir: Path | None, device: torch.device | str = "cpu",
-    rebuild: bool = False, task_fingerprint: str | None = None,
-) -> Tensor:
-    """Training-split logits of ``teacher``, from the cache when it matches, else computed and cached.
-
-    :param task_fingerprint: ``task.fingerprint()`` when the caller already has it (hashing the data is
-        the costly part)
-    :raises StaleCacheError: the cached logits were computed for other data, ids or weights
-    """
-    ids = torch.arange(len(task.train))
-    fp = logits_fingerprint(task_fingerprint or task.fingerprint(), ids, teacher)
-    path = None if cache_dir is None else Path(cache_dir) / task.key / f"logits-{name}.pt"
-    if path is not None and path.exists() and not rebuild:
-        blob = safe_load(path, "teacher logits cache")
-        if not isinstance(blob, dict) or blob.get("fingerprint") != fp:
-            got = blob.get("fingerprint") if isinstance(blob, dict) else None
-            raise StaleCacheError(
-                f"stale teacher cache {path}: it was computed for fingerprint {got}, but the current data, unit ids "
-                f"and teacher checkpoint give {fp}. Delete the file or pass --rebuild-cache."
-            )
-        if "checksum" in blob:  # caches of older versions have none: they are recomputed below
-            _check_logits(blob, path, (len(task.train), None))
-            return blob["logits"]
-    logits = teacher_logits(teacher, task.train.x, device)
-    check_finite(f"logits of teacher {name!r}", logits)
-    if path is not None:
-        atomic_save({"fingerprint": fp, "logits": logits, "teacher": name, "checksum": tensor_checksum(logits)}, path)
-    return logits
-
-
-def _check_logits(blob: dict, path: Path, shape: tuple[int, int | None]) -> None:
-    """The cached logits are the ones written: a float32 ``[N, C]`` tensor whose checksum matches."""
-    logits = blob.get("logits")
-    fix = "Delete the file or pass --rebuild-cache to recompute it."
-    if not torch.is_tensor(logits) or logits.dtype != torch.float32 or logits.ndim != 2 \
-            or logits.shape[0] != shape[0]:
-        what = (f"{logits.dtype} {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__)
-        raise StaleCacheError(f"damaged teacher cache {path}: logits are {what}, expected float32 "
-                              f"[{shape[0]}, C]. {fix}")
-    got = tensor_checksum(logits)
-    if got != blob["checksum"]:
-        raise StaleCacheError(f"damaged teacher cache {path}: the logits' checksum is {got}, the file recorded "
-                              f"{blob['checksum']} (zeroed, shifted or flipped values). {fix}")
-
-
-def build_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
-               device: str | torch.device = "cpu", rebuild: bool = False,
-               files: list[tuple[str, Path]] | None = None) -> TeacherBank:
-    """Stack each teacher's cached training-split logits into a :class:`TeacherBank`, then the teacher-logits
-    files' (``(name, path)``; row i = training unit i, or keyed by the file's ``ids``)."""
-    fp = task.fingerprint()
-    logits = [cached_logits(m, n, task, cache_dir, device, rebuild, fp) for m, n in zip(modules, names)]
-    ids = torch.arange(len(task.train))
-    logits += [file_logits(p, ids, task.num_classes, what=f"task {task.name!r}") for _, p in files or []]
-    return TeacherBank(torch.stack(logits, dim=1), [*names, *(n for n, _ in files or [])])
