@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from metagate.errors import InputError, StaleCacheError
 from metagate.io import atomic_save, safe_load
@@ -107,3 +108,41 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("METAGATE_CACHE", str(tmp_path))
     assert default_cache_dir() == Path(tmp_path)
     assert os.environ["METAGATE_CACHE"] == str(tmp_path)
+
+
+def test_bank_protocol_declares_the_optional_features():
+    """Every bank answers token_index, online, set_step and unit_right; a cached per-example bank has the defaults."""
+    from metagate.teachers.online import OnlineBank
+    from metagate.teachers.sequence import SeqTeacherBank, token_index
+    from metagate.units import PAD_ID
+
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]],
+                           [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])  # teacher argmax: unit 0 -> (0, 1), unit 1 -> (2, 0)
+    bank = TeacherBank(logits, ["a", "b"])
+    assert bank.token_index is None and bank.online is False
+    ids = torch.tensor([1, 0])
+    before = bank.lookup(ids).clone()
+    bank.set_step(torch.randn(2, 5), ids)  # cached logits ignore the step's inputs
+    assert torch.equal(bank.lookup(ids), before)
+    assert bank.unit_right(torch.tensor([0, 0])).tolist() == [[True, False], [False, True]]
+    assert bank.unit_right(torch.tensor([0, 0, 0])) is None  # labels that do not cover the units
+    # per token: the index maps (example, position) to stored rows; padding (class PAD_ID) is never right
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    tok = torch.tensor([[[0, 5.0, 0, 0], [0, 0, 5.0, 0]],   # token row 0: teacher a says 1, b says 2
+                        [[0, 0, 0, 5.0], [0, 5.0, 0, 0]],   # row 1: a says 3, b says 1
+                        [[0, 5.0, 0, 0], [0, 5.0, 0, 0]]])  # row 2: both say 1
+    seq = SeqTeacherBank(tok, token_index(mask), ["a", "b"])
+    assert seq.online is False and seq.token_index.tolist() == [[0, 1, 3], [2, 3, 3]]
+    right = seq.unit_right(torch.tensor([[1, 1, PAD_ID], [1, PAD_ID, PAD_ID]]))
+    assert right.tolist() == [[True, False], [False, True], [False, False], [True, True], [False, False],
+                              [False, False]]
+    # online: the step's inputs reach the module column through set_step
+    lin = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3, 4))
+    online = OnlineBank([lin, torch.zeros(6, 3)], ["m", "z"], torch.zeros(6, 4), 3)
+    assert online.online is True and online.token_index is None
+    x = torch.arange(8.0).view(2, 4)
+    online.set_step(x, ids)
+    torch.testing.assert_close(online.lookup(ids)[:, 0], x[:, :3])
+    torch.testing.assert_close(online.lookup(ids)[:, 1], torch.zeros(2, 3))
