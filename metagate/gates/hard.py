@@ -159,7 +159,7 @@ class HardGate(Gate):
         if y.ndim != 1:
             return
         p_t = bank.log_probs(self.teacher_tau).exp().mean(1)  # [N, C]
-        # the bank may live in pinned CPU memory (bank.HostBank): the [N] result goes to the run's device
+        # the bank may live in pinned CPU memory (teachers.bank.HostBank): the [N] result goes to the run's device
         self._gold_log_pt = p_t.gather(1, y.to(p_t.device).unsqueeze(1)).squeeze(1).clamp_min(1e-30).log().to(y.device)
         k = bank.num_teachers
         dtype = run.dtype  # weight rows in the student's dtype
