@@ -166,3 +166,15 @@ def test_sequence_cache_has_the_same_checks_and_recomputes_an_older_file(g2p, tm
     with pytest.raises(StaleCacheError, match=rf"indices are torch.int64 \({m}, 4\), expected uint8 or int16 "
                                               rf"\[{m}, k\]"):
         cached_token_logits(teacher, "g", g2p, tmp_path, topk=4)
+
+
+def test_temporary_files_of_killed_writes_are_removed_under_the_lock_and_only_those(digits, tmp_path):
+    d = tmp_path / digits.key
+    d.mkdir(parents=True)
+    ours = [d / ".logits-m.pt.k1x2.tmp", d / ".teacher-cnn16.pt.9zz.tmp", d / ".tokens-g-top4.pt.a.tmp"]
+    theirs = [d / ".notes.tmp", d / ".my.pt.backup.tmp", d / "draft.tmp"]
+    for p in ours + theirs:
+        p.write_bytes(b"x")
+    cached_logits(_teacher(), "m", digits, tmp_path)  # computes: takes the lock
+    assert not any(p.exists() for p in ours)
+    assert all(p.read_bytes() == b"x" for p in theirs)

@@ -19,7 +19,7 @@ tensors that are not the ones written, raise :class:`~metagate.errors.StaleCache
 
 Writer rule: the cache writes only its own files, under the names above, atomically (a temporary file, then
 ``os.replace``) and under the directory's lock (one process computes; another waits, then reads what the first
-wrote). It replaces an existing file only when that file is a teacher-cache file of the same kind
+wrote; the temporary files of writes that were killed are removed under it). It replaces an existing file only when that file is a teacher-cache file of the same kind
 (:func:`check_replaceable`: ``--rebuild-cache``, ``--retrain-teachers``, an older version's file) and refuses
 anything else under that name (a user's file, a directory, a FIFO), naming it.
 """
@@ -30,7 +30,7 @@ import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: the lock file of a task's cache directory
 LOCK = ".teachers.lock"
+#: how the temporary files of the cache's own files begin (a crashed write leaves one behind)
+OWN_TMP = (".teacher-", ".logits-", ".tokens-")
 #: what a stale or damaged logits file's error tells the user to do
 FIX = "Delete the file or pass --rebuild-cache to recompute it."
 #: tensor key -> (allowed dtypes, rows, name of the columns): what a logits file stores
@@ -80,12 +82,19 @@ def cache_file(cache_dir: str | os.PathLike | None, task: Task, name: str) -> Pa
     return None if cache_dir is None else Path(cache_dir) / task.key / name
 
 
-def cache_lock(path: Path | None) -> contextlib.AbstractContextManager[Any]:
-    """The lock of ``path``'s cache directory (created if missing); nothing without a cache."""
+@contextlib.contextmanager
+def cache_lock(path: Path | None) -> Iterator[None]:
+    """Hold the lock of ``path``'s cache directory (created if missing; nothing without a cache), and remove the
+    temporary files interrupted writes of the cache's own files left there (no writer runs while it is held)."""
     if path is None:
-        return contextlib.nullcontext()
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.parent / LOCK)
+    with file_lock(path.parent / LOCK):
+        for tmp in path.parent.glob(".*.pt.*.tmp"):  # atomic_save's temporary names: .<file>.<random>.tmp
+            if tmp.name.startswith(OWN_TMP) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+        yield
 
 
 def logits_fingerprint(task_fingerprint: str, ids: Tensor, teacher: nn.Module) -> str:
