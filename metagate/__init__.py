@@ -3,7 +3,7 @@
 from metagate.api import compare_gates, distill
 from metagate.gates import GATES, Gate, GateOutput, StepContext, UnitView
 from metagate.losses import reduce_weighted, unit_losses
-from metagate.teacher_sources import online
+from metagate.teachers.sources import online
 from metagate.trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"

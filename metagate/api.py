@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
-from metagate.bank import TeacherBank
 from metagate.data.inputs import DatasetInputs, as_tensor, check_item_shapes, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
@@ -50,13 +49,9 @@ from metagate.logger import Logger
 from metagate.modes import eval_mode
 from metagate.report import comparison_table
 from metagate.run import build_gate
-from metagate.teacher_sources import (
-    TeacherLike,
-    build_mixed_bank,
-    named_teachers,
-    refuse_cached_with_random,
-    teacher_classes,
-)
+from metagate.teachers.bank import TeacherBank
+from metagate.teachers.build import build_bank
+from metagate.teachers.sources import TeacherLike, named_teachers, refuse_cached_with_random, teacher_classes
 from metagate.trainer import TrainConfig, Trainer, resolve_device, seed_everything
 
 #: what may stand for a split
@@ -320,8 +315,9 @@ def prepare(
     bank, stats = None, []
     if pairs:
         known = [p.ids for nm, p in parts.items() if nm != "train" and p.explicit]
-        bank, stats = build_mixed_bank(task, pairs, tr.ids, torch.cat(known) if known else None,
-                                       None if cache_dir is None else Path(cache_dir), dev, rebuild_cache)
+        bank, stats = build_bank(task, pairs, unit_ids=tr.ids, known_ids=torch.cat(known) if known else None,
+                                 cache_dir=None if cache_dir is None else Path(cache_dir), device=dev,
+                                 rebuild=rebuild_cache)
     dataset: Dataset | None = train if lazy else None  # type: ignore[assignment]
     if dataset is None and num_workers is not None:
         dataset = TensorDataset(task.train.x, task.train.y)
@@ -422,7 +418,7 @@ def distill(
         autograd route. Its output size must match the teachers'.
     :param teachers: a list (or ``{name: teacher}``) of ``nn.Module`` (frozen, eval mode, logits cached by
         fingerprint when ``cache_dir`` is given), logits files (``.npy/.npz/.pt/.safetensors``, full or top-k,
-        see :mod:`metagate.teacher_files`), ``[N_train, C]`` tensors (row i = training unit i), or
+        see :mod:`metagate.teachers.files`), ``[N_train, C]`` tensors (row i = training unit i), or
         :class:`~metagate.data.task.TeacherSpec` (trained here); ``None``/``[]`` for ``gate="ce"``
     :param train: ``(x, y)`` / ``(x, y, ids)`` tensors (in memory) or a map-style Dataset of ``(x, y[, id])``
         items (batches from a DataLoader over it; module docstring)

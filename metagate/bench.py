@@ -6,7 +6,7 @@ median per-step time of each and its ratio to the hand-written step and to the t
 with the ``fixed`` gate. Teacher logits are random tensors of the real shape: step time
 does not depend on their values. On a sequence task (``g2p``) units are tokens: the reference is a
 hand-written seq2seq KD step under teacher forcing over the batch's real tokens, on per-token teacher
-logits (a :class:`~metagate.seq_bank.SeqTeacherBank`), and the default student is ``gru``. ``--gates`` adds learned gates, each given as
+logits (a :class:`~metagate.teachers.sequence.SeqTeacherBank`), and the default student is ``gru``. ``--gates`` adds learned gates, each given as
 ``name`` or ``name:option=value,...`` (options as in ``metagate distill --help``, e.g.
 ``meta:meta_backend=closed-form`` or ``reinforce:rl_episode=5``).
 """
@@ -27,13 +27,13 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from metagate.bank import TeacherBank
 from metagate.data import Batch, get_task
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate
 from metagate.loader import LoaderTrainer
 from metagate.report import table
-from metagate.seq_bank import SeqTeacherBank, token_index
+from metagate.teachers.bank import TeacherBank
+from metagate.teachers.sequence import SeqTeacherBank, token_index
 from metagate.trainer import TrainConfig, Trainer, resolve_device
 from metagate.units import PAD_ID
 

@@ -29,7 +29,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_teachers(args: argparse.Namespace) -> int:
     from metagate.report import print_teachers
-    from metagate.run import load_task, load_teachers
+    from metagate.run import load_task
+    from metagate.teachers.build import load_teachers
 
     cfg = config_from_args(args, gate="fixed")
     task = load_task(cfg)

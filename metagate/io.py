@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -135,13 +136,33 @@ def file_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[IO[str
 def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """Load with ``weights_only=True``; corrupt or foreign files raise :class:`CheckpointError`."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+    why = not_a_regular_file(path)  # a FIFO would block torch.load, a device never end
+    if why is not None:
+        raise CheckpointError(f"{what} {path} {why}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means corrupt/unsafe
         raise CheckpointError(f"{what} {path} is corrupt or not a metagate file ({type(e).__name__}: {e})"
                               ) from e
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file, told without opening it (a FIFO blocks its reader, a device such as
+    ``/dev/zero`` never ends): ``"does not exist"``, ``"is a directory"``, ``"is a FIFO (named pipe)"``, ``"is a
+    symlink to /dev/zero, a character device"`` ...; ``None`` for a regular file (also through symlinks)."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks; never opens the file
+    except FileNotFoundError:
+        return f"is a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path) \
+            else "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"is a symlink to {os.path.realpath(path)}, {kind}" if os.path.islink(path) else f"is {kind}"
 
 
 def tensor_checksum(t: torch.Tensor) -> str:

@@ -9,7 +9,7 @@ is unchanged).
 
 What reads the training inputs by unit id outside the batches (``train_x``: the meta gate's full pass, module
 teachers' logits) reads the dataset's items (:class:`~metagate.data.inputs.DatasetInputs`); online teachers
-(:mod:`metagate.online_bank`) run on each batch's inputs.
+(:mod:`metagate.teachers.online`) run on each batch's inputs.
 """
 
 from __future__ import annotations

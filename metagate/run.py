@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
 from metagate.data import TaskConfig, get_task, task_config
 from metagate.data.task import Task
 from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
-from metagate.io import atomic_write_text, ensure_dir
+from metagate.io import atomic_write_text
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
 from metagate.rundir import RunDir
-from metagate.seq_bank import build_seq_bank
-from metagate.teachers import load_or_train_teachers
-from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
-from metagate.units import is_sequence
+from metagate.teachers.build import load_teachers
+from metagate.trainer import TrainConfig, Trainer, preserved_rng, seed_everything
 
 
 @dataclass
@@ -147,51 +143,6 @@ def load_task(cfg: DistillConfig) -> Task:
                     val_fraction=cfg.val_fraction, **options.builder_kwargs())
     options.check_task(task)
     return task
-
-
-def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
-                  verbose: bool = False) -> tuple[TeacherBank, list[dict[str, float]]]:
-    """Teachers of the run (trained once, cached) and their training-split logits bank."""
-    cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
-    device = resolve_device(cfg.train.device)
-    files = parse_teacher_files(cfg.teacher_file)
-    if cfg.teachers == 0 and not files:
-        raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
-    modules, names, stats = (load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
-                                                    str(device), cfg.retrain_teachers, progress, verbose)
-                             if cfg.teachers else ([], [], []))
-    for m, n, st in zip(modules, names, stats):
-        if math.isnan(st.get("test_acc", 0.0)):
-            st["test_acc"] = float((teacher_logits(m, task.test.x, device).argmax(-1) == task.test.y)
-                                   .float().mean())
-        st["name"] = n  # type: ignore[assignment]
-    rebuild = cfg.rebuild_cache or cfg.retrain_teachers
-    if is_sequence(task):
-        bank: TeacherBank = build_seq_bank(task, modules, names, cache, device, rebuild, cfg.topk, files)
-    else:
-        if cfg.topk is not None:
-            raise ConfigError(f"--topk is for sequence tasks (g2p); task {cfg.task!r} has one unit per example")
-        bank = build_bank(task, modules, names, cache, device, rebuild, files)
-    taken = set(names)
-    for name, _ in files:
-        if name in taken:
-            raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
-        taken.add(name)
-        stats.append({"name": name, "kind": "file"})  # type: ignore[dict-item]
-    return bank, stats
-
-
-def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
-    """``NAME=PATH`` or ``PATH`` (named by the file's stem) -> ``(name, path)`` pairs."""
-    out = []
-    for spec in specs:
-        name, eq, path = spec.partition("=")
-        if not eq:
-            name, path = Path(spec).stem, spec
-        if not name or not path:
-            raise ConfigError(f"--teacher-file {spec!r}: expected NAME=PATH or PATH")
-        out.append((name, Path(path)))
-    return out
 
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,

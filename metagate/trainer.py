@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from metagate import units
-from metagate.bank import TeacherBank
 from metagate.checks import check_finite
 from metagate.data.task import Batch, Split, Task
-from metagate.diagnostics import gate_diagnostics, teacher_right, teacher_share, teacher_trust_figure
+from metagate.diagnostics import gate_diagnostics, teacher_share, teacher_trust_figure
 from metagate.errors import CheckpointError, ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.temperature.reversal import check_temperature
@@ -34,6 +33,7 @@ from metagate.metrics import classification_metrics, reliability_figure, reliabi
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
 from metagate.tb.hparams import gate_spec_of
+from metagate.teachers.bank import TeacherBank
 
 CHECKPOINT_VERSION = 1
 
@@ -176,7 +176,6 @@ class Trainer:
         if gate.uses_teachers and bank is None:
             raise ConfigError(f"gate {gate.name!r} needs teachers; pass --teachers K >= 1")
         self.bank = bank.to(self.device) if (bank is not None and gate.uses_teachers) else None
-        self._online = bool(getattr(self.bank, "online", False))  # teachers run on each step's inputs
         if self.bank is not None:
             if self.bank.num_units != len(task.train):
                 raise InputError(f"teacher bank covers {self.bank.num_units} units, training split has "
@@ -194,11 +193,7 @@ class Trainer:
         self.corrupted = task.corrupted.reshape(-1).to(self.device)  # per unit (token for sequences)
         self._real_units = units.train_unit_mask(task)  # sequences: padding units are no units
         # each teacher's per-unit correctness against the clean labels: ground truth for diagnostics only
-        if self.bank is not None and hasattr(self.bank, "unit_right"):
-            self.teacher_right = self.bank.unit_right(task.clean_train_labels)
-        else:
-            self.teacher_right = teacher_right(self.bank.logits, task.clean_train_labels) if (
-                self.bank is not None and self.bank.logits.shape[0] == task.clean_train_labels.shape[0]) else None
+        self.teacher_right = None if self.bank is None else self.bank.unit_right(task.clean_train_labels)
         params = list(self.student.parameters())
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -331,8 +326,8 @@ class Trainer:
         if logits.dtype != torch.float32 and self._amp is not None:
             logits = logits.float()  # the loss columns in fp32
         batch, logits = units.token_units(batch, logits)  # sequences: [B, T, V] -> B*T token units + mask
-        if self._online:
-            self.bank.set_step(batch.x, batch.ids)  # type: ignore[union-attr]
+        if self.bank is not None:
+            self.bank.set_step(batch.x, batch.ids)  # online teachers run on the step's inputs
         view = self.make_view(batch, logits)
         ctx = StepContext(self, batch, view, self.step)
         if decision is None:

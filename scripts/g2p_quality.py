@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from metagate.compare.stats import mean_std, paired_t
-from metagate.run import DistillConfig, build_gate, load_task, load_teachers
+from metagate.run import DistillConfig, build_gate, load_task
+from metagate.teachers.build import load_teachers
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 #: label -> (gate, options); ``fixed`` is the reference of every paired difference

@@ -23,7 +23,7 @@ import torch
 
 from metagate.data import get_task
 from metagate.data.task import TeacherSpec
-from metagate.teachers import train_teacher
+from metagate.teachers.training import train_teacher
 
 PUBLISHED = {"BLSTM (Yao & Zweig 2015)": (5.45, 23.55), "attention ensemble (Toshniwal & Livescu 2016)": (4.69, 20.24)}
 

@@ -92,7 +92,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from metagate.run import DistillConfig, load_task, load_teachers
+    from metagate.run import DistillConfig, load_task
+    from metagate.teachers.build import load_teachers
     from metagate.trainer import TrainConfig
 
     task = load_task(DistillConfig(task=args.task, noise=args.noise, teachers=args.teachers))

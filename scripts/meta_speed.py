@@ -40,9 +40,9 @@ VARIANTS = {
 
 
 def build(task_name: str, arch: str, k: int, batch_size: int, steps: int, variants: list[str]):
-    from metagate.bank import TeacherBank
     from metagate.data import Batch, get_task
     from metagate.run import build_gate
+    from metagate.teachers.bank import TeacherBank
     from metagate.trainer import TrainConfig, Trainer
 
     task = get_task(task_name)

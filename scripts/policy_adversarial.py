@@ -26,7 +26,8 @@ from metagate.cli import build_parser  # noqa: E402
 from metagate.envs import TeacherWeightingEnv  # noqa: E402
 from metagate.gates.fixed import FixedGate  # noqa: E402
 from metagate.gates.policy import PolicyGate, ReinforceGate, load_sb3_policy  # noqa: E402
-from metagate.run import DistillConfig, load_task, load_teachers  # noqa: E402
+from metagate.run import DistillConfig, load_task  # noqa: E402
+from metagate.teachers.build import load_teachers  # noqa: E402
 from metagate.train_policy import train_policy  # noqa: E402
 from metagate.trainer import TrainConfig  # noqa: E402
 

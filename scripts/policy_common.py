@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from metagate.bank import TeacherBank
 from metagate.diagnostics import kd_shares
 from metagate.gates.base import Gate
+from metagate.teachers.bank import TeacherBank
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policy_common import mean_std, one_thread  # noqa: E402
 
-from metagate.bank import TeacherBank, teacher_logits  # noqa: E402
 from metagate.data import get_task  # noqa: E402
 from metagate.data.task import Split, Task, inject_noise  # noqa: E402
 from metagate.diagnostics import kd_shares  # noqa: E402
@@ -40,7 +39,8 @@ from metagate.envs.synthetic import synthetic_bank  # noqa: E402
 from metagate.gates.base import GateOutput, UnitView  # noqa: E402
 from metagate.gates.fixed import FixedGate  # noqa: E402
 from metagate.gates.policy import ReinforceGate  # noqa: E402
-from metagate.teachers import train_teacher  # noqa: E402
+from metagate.teachers.bank import TeacherBank, teacher_logits  # noqa: E402
+from metagate.teachers.training import train_teacher  # noqa: E402
 from metagate.trainer import TrainConfig, Trainer, seed_everything  # noqa: E402
 
 

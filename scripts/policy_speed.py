@@ -27,7 +27,8 @@ from metagate.envs import TeacherWeightingEnv
 from metagate.gates.fixed import FixedGate
 from metagate.gates.policy import PolicyGate, ReinforceGate
 from metagate.policies import ReinforcePolicy
-from metagate.run import DistillConfig, load_task, load_teachers
+from metagate.run import DistillConfig, load_task
+from metagate.teachers.build import load_teachers
 from metagate.trainer import TrainConfig, Trainer
 
 

@@ -36,7 +36,8 @@ import torch
 from metagate.bench import parse_gate_spec
 from metagate.gates import gate_config
 from metagate.gates.tuned import FixedTunedConfig
-from metagate.run import DistillConfig, build_gate, load_task, load_teachers
+from metagate.run import DistillConfig, build_gate, load_task
+from metagate.teachers.build import load_teachers
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 ROWS = ["fixed:tau=4", "fixed-tuned:alpha_grid=0.5/,tau_grid=1/2/4/8,lr_scales=1/", "ctkd",

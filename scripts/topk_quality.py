@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from metagate.bank import default_cache_dir
 from metagate.compare.stats import mean_std, paired_t
-from metagate.run import DistillConfig, build_gate, load_task, load_teachers
-from metagate.seq_bank import token_logits_file
+from metagate.run import DistillConfig, build_gate, load_task
+from metagate.teachers.build import load_teachers
+from metagate.teachers.cache import default_cache_dir, token_logits_file
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 METRICS = ("per", "wer", "acc", "nll", "ece")

@@ -35,7 +35,8 @@ def digits_noisy():
 @pytest.fixture(scope="session")
 def digits_bank(digits_noisy):
     """Three trained CNN teachers' cached logits on noisy digits (trained once per session)."""
-    from metagate.run import DistillConfig, load_teachers
+    from metagate.run import DistillConfig
+    from metagate.teachers.build import load_teachers
     from metagate.trainer import TrainConfig
 
     cfg = DistillConfig(task="digits", noise=0.4, teachers=3, train=TrainConfig(device="cpu", progress=False))

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-from metagate.bank import default_cache_dir
 from metagate.cli import build_parser, main
 from metagate.errors import CheckpointError, ConfigError, InputError, StaleCacheError, StorageError
+from metagate.teachers.cache import default_cache_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

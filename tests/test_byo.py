@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import metagate
-from metagate.bank import default_cache_dir
 from metagate.data import TASKS
 from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.run import DistillConfig, run_distill
-from metagate.teacher_files import file_logits, read_teacher_file, topk_arrays, topk_log_probs
-from metagate.teachers import load_or_train_teachers
+from metagate.teachers.cache import default_cache_dir
+from metagate.teachers.files import file_logits, read_teacher_file, topk_arrays, topk_log_probs
+from metagate.teachers.training import load_or_train_teachers
 from metagate.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

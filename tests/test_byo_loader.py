@@ -12,7 +12,7 @@ import metagate
 from metagate.data.inputs import DatasetInputs, scan_dataset
 from metagate.errors import InputError
 from metagate.loader import LoaderTrainer
-from metagate.teacher_sources import online
+from metagate.teachers.sources import online
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

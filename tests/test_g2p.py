@@ -17,16 +17,11 @@ from metagate.errors import ConfigError, InputError, StaleCacheError
 from metagate.gates.fixed import CEGate, FixedGate
 from metagate.gates.hard import HardGate
 from metagate.losses import reduce_weighted, unit_losses
-from metagate.seq_bank import (
-    build_seq_bank,
-    cached_token_logits,
-    token_index,
-    topk_compress,
-    topk_expand,
-    topk_kl_bound,
-)
 from metagate.seq_metrics import binary_ece, closest_reference, edit_distance, per_wer, sequence_metrics
 from metagate.seq_models import GRUSeq2Seq, TransformerSeq2Seq, beam_decode, greedy_decode
+from metagate.teachers.build import build_bank
+from metagate.teachers.cache import cached_token_logits
+from metagate.teachers.sequence import token_index, topk_compress, topk_expand, topk_kl_bound
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 from metagate.units import PAD_ID
 
@@ -256,7 +251,7 @@ def test_cache_forms_fingerprint_and_vocab_mismatch(small: Task, tmp_path) -> No
         next(teacher.parameters()).add_(0.1)
     with pytest.raises(StaleCacheError, match="stale teacher cache"):
         cached_token_logits(teacher, "t", small, tmp_path)
-    bank = build_seq_bank(small, [teacher], ["t"], None)
+    bank, _ = build_bank(small, [("t", teacher)])
     ids = torch.tensor([3, 0])
     rows = bank.lookup(ids).view(2, small.train.y.shape[1], 1, -1)
     with torch.no_grad():
@@ -268,12 +263,12 @@ def test_cache_forms_fingerprint_and_vocab_mismatch(small: Task, tmp_path) -> No
     with pytest.raises(InputError, match=f"outputs {small.num_classes + 2} target tokens.*has {small.num_classes}"):
         cached_token_logits(wrong, "w", small, None)
     with pytest.raises(ConfigError, match="--topk"):
-        build_seq_bank(small, [teacher], ["t"], None, topk=small.num_classes)
+        build_bank(small, [("t", teacher)], topk=small.num_classes)
 
 
 # -- token units in the shared loop -------------------------------------------------------------------------
 def _one_step(task: Task, gate, student, teachers):
-    bank = build_seq_bank(task, teachers, [f"t{i}" for i in range(len(teachers))], None) if teachers else None
+    bank = build_bank(task, [(f"t{i}", t) for i, t in enumerate(teachers)])[0] if teachers else None
     cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, optimizer="adam", weight_decay=0.0, device="cpu",
                       progress=False)
     tr = Trainer(task, copy.deepcopy(student), gate, bank, cfg)
@@ -333,7 +328,7 @@ def test_unit_losses_on_token_units_match_a_hand_written_seq2seq_kd(small: Task)
 def test_token_diagnostics_with_noise(small: Task) -> None:
     torch.manual_seed(0)
     teachers = [GRUSeq2Seq(len(small.info["chars"]), small.num_classes, 16, 24).eval() for _ in range(2)]
-    bank = build_seq_bank(small, teachers, ["a", "b"], None)
+    bank, _ = build_bank(small, [("a", teachers[0]), ("b", teachers[1])])
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="adam", weight_decay=0.0, device="cpu",
                       progress=False)
     tr = Trainer(small, small.make_student(), HardGate(hard_level="token"), bank, cfg)

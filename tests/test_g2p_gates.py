@@ -16,9 +16,9 @@ from metagate.gates.meta.learner import check_table_size
 from metagate.gates.policy import PolicyGate, ReinforceGate
 from metagate.gates.temperature.ctkd import CTKDGate
 from metagate.gates.temperature.itkd import TemperatureGate
-from metagate.seq_bank import build_seq_bank
 from metagate.seq_metrics import sequence_metrics
 from metagate.seq_models import GRUSeq2Seq
+from metagate.teachers.build import build_bank
 from metagate.trainer import TrainConfig, Trainer
 from metagate.units import PAD_ID
 
@@ -30,7 +30,7 @@ def g2p() -> tuple[Task, object]:
     task = get_task("g2p", subset=300, noise=0.2)
     torch.manual_seed(0)
     teachers = [GRUSeq2Seq(len(task.info["chars"]), task.num_classes, 16, 24).eval() for _ in range(2)]
-    return task, build_seq_bank(task, teachers, ["a", "b"], None)
+    return task, build_bank(task, [("a", teachers[0]), ("b", teachers[1])])[0]
 
 
 def _fit(task: Task, bank, gate, epochs: int = 1) -> Trainer:

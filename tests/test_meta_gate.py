@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Split
 from metagate.errors import ConfigError
 from metagate.gates.meta import MetaGate
@@ -29,6 +28,7 @@ from metagate.gates.meta.params import WeightNet, WeightTable, normalize_weights
 from metagate.gates.meta.sampler import ValSampler
 from metagate.losses import unit_losses
 from metagate.models import MLP
+from metagate.teachers.bank import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
 N, M, D, C, K = 12, 9, 5, 4, 2

@@ -11,12 +11,12 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Split
 from metagate.gates.meta import MetaGate
 from metagate.gates.meta.linearize import Linearization, linear_chain
 from metagate.gates.meta.lookahead import resolve_names
 from metagate.models import CNN, MLP
+from metagate.teachers.bank import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -103,7 +103,8 @@ def _mean_kd_weights(trainer, gate) -> torch.Tensor:
 def test_adversarial_teacher_weight_decreases_on_digits(digits_bank):
     """digits, --teachers 3 --adversarial-teacher: the reinforce gate learns to drop the planted teacher."""
     from metagate.gates.policy import ReinforceGate
-    from metagate.run import DistillConfig, load_task, load_teachers
+    from metagate.run import DistillConfig, load_task
+    from metagate.teachers.build import load_teachers
     from metagate.trainer import TrainConfig, Trainer
 
     cfg = DistillConfig(task="digits", noise=0.4, teachers=3, adversarial_teacher=True,

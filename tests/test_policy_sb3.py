@@ -196,7 +196,8 @@ def test_ppo_with_defaults_learns_to_avoid_a_planted_teacher(tmp_path):
     (measured 0.055-0.070 over agent seeds 0-2; equal weights give 0.333)."""
     from metagate.cli import build_parser
     from metagate.gates.policy import PolicyGate, load_sb3_policy
-    from metagate.run import DistillConfig, load_task, load_teachers
+    from metagate.run import DistillConfig, load_task
+    from metagate.teachers.build import load_teachers
     from metagate.train_policy import train_policy
     from metagate.trainer import TrainConfig, Trainer, seed_everything
 

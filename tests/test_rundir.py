@@ -84,7 +84,7 @@ def test_empty_directory_is_used_and_foreign_one_refused(tmp_path):
 
 def test_second_process_waits_for_the_first_ones_teachers(digits_noisy, tmp_path, monkeypatch):
     """Two loaders on one fresh cache: the teacher is trained once; the other waits for it and loads it."""
-    import metagate.teachers as teachers
+    import metagate.teachers.training as teachers
 
     trained, second_started = [], threading.Event()
     real = teachers.train_teacher

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+import metagate
 from metagate.cli import main
 from metagate.data import get_task
 from metagate.errors import InputError
-from metagate.teacher_files import read_teacher_file, token_table, topk_arrays
+from metagate.teachers.files import read_teacher_file, token_table, topk_arrays
 from metagate.units import PAD_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +129,7 @@ def test_bad_per_token_files_are_clear_errors(g2p_task, tmp_path):
         table({"indices": top.indices, "log_probs": top.values})
     with pytest.raises(InputError, match=rf"f.pt is \[N, C\] but the task is a sequence task.*\[{n}, {t}, {v}\]"):
         table({"logits": torch.randn(n, v)})
-    from metagate.teacher_files import teacher_table
+    from metagate.teachers.files import teacher_table
 
     with pytest.raises(InputError, match=r"f.pt is a per-token \[N, T, V\] file \(T = 4\) but the task has one unit "
                                          r"per example"):
@@ -146,3 +152,105 @@ def test_compare_takes_teacher_files_for_one_data_draw(digits_bank, tmp_path, ca
     rows = json.loads((tmp_path / "same" / "results.json").read_text())["rows"]
     assert sorted((r["label"], r["seed"], r["config"]["data_seed"]) for r in rows) == [
         ("fixed", 0, 0), ("fixed", 1, 0), ("hard", 0, 0), ("hard", 1, 0)]
+
+
+# -- inputs that are not teacher files: refused, named, never read ----------------------------------------
+def _in_thread(fn, seconds: float):
+    """``fn()``'s result (or the exception it raised), run in a daemon thread: the test fails instead of hanging
+    when ``fn`` blocks (a reader opening a FIFO without a writer waits forever)."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    return out[0]
+
+
+def _not_a_file(tmp_path, kind: str) -> tuple[str, str]:
+    """A path of ``kind`` and how the error names it."""
+    if kind == "directory":
+        (tmp_path / "logits.npy").mkdir()
+        return str(tmp_path / "logits.npy"), "is a directory"
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "logits.npy")
+        return str(tmp_path / "logits.npy"), r"is a FIFO \(named pipe\)"
+    if kind == "device":
+        return "/dev/zero", "is a character device"
+    (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    return str(tmp_path / "zero.npy"), "is a symlink to /dev/zero, a character device"
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device", "symlink-to-device"])
+def test_teacher_file_that_is_not_a_regular_file_is_named_within_a_second(tmp_path, capsys, kind):
+    path, said = _not_a_file(tmp_path, kind)
+    t0 = time.monotonic()
+    err = _in_thread(lambda: read_teacher_file(path), 5.0)
+    assert time.monotonic() - t0 < 1.0
+    assert isinstance(err, InputError)
+    assert re.fullmatch(rf"teacher logits file {re.escape(path)} {said}, not a regular file", str(err)), str(err)
+    args = [*DIGITS, "--teachers", "0", "--cache-dir", str(tmp_path / "cache"), "--logdir", str(tmp_path / "run")]
+    assert main([*args, "--teacher-file", str(tmp_path / "missing.npy")]) == 2  # (loads the data once)
+    assert "missing.npy does not exist" in capsys.readouterr().err
+    t0 = time.monotonic()
+    rc = _in_thread(lambda: main([*args, "--teacher-file", f"t={path}"]), 10.0)
+    assert time.monotonic() - t0 < 1.0 and rc == 2
+    assert re.search(rf"teacher logits file {re.escape(path)} {said}, not a regular file", capsys.readouterr().err)
+    # the Python API reads the teacher's class count first: the same refusal
+    task = get_task("digits", noise=0.4)
+    err = _in_thread(lambda: metagate.distill(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), [path], (task.train.x, task.train.y),
+                                              val=(task.meta.x, task.meta.y), gate="fixed"), 5.0)
+    assert isinstance(err, InputError) and re.search(rf"{re.escape(path)} {said}", str(err))
+
+
+def test_missing_teacher_file_and_dangling_symlink_are_named(tmp_path):
+    with pytest.raises(InputError, match=r"teacher logits file .*nowhere\.npy does not exist$"):
+        read_teacher_file(tmp_path / "nowhere.npy")
+    (tmp_path / "link.npy").symlink_to(tmp_path / "gone.npy")
+    with pytest.raises(InputError, match=r"link\.npy is a symlink to .*gone\.npy, which does not exist"):
+        read_teacher_file(tmp_path / "link.npy")
+
+
+def test_corrupt_safetensors_header_is_an_input_error_naming_the_file(tmp_path):
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes((16).to_bytes(8, "little") + b"{garbage-header}")  # header length 16, then not JSON
+    with pytest.raises(InputError, match=rf"teacher logits file {re.escape(str(bad))} is not a readable safetensors "
+                                         r"file \(SafetensorError: .*header"):
+        read_teacher_file(bad)
+    bad.write_bytes(b"\xff" * 8)  # a header length of 2**64 - 1
+    with pytest.raises(InputError, match=r"teacher\.safetensors is not a readable safetensors file .*too large"):
+        read_teacher_file(bad)
+    # a readable file with a bad array is still named by its own check, not as unreadable
+    from safetensors.torch import save_file
+
+    save_file({"logits": torch.zeros(2, 3, dtype=torch.int32)}, str(bad))
+    with pytest.raises(InputError, match=r"teacher\.safetensors: 'logits' must be floating point, got torch\.int32"):
+        read_teacher_file(bad)
+
+
+def test_g2p_topk_at_least_the_vocabulary_is_refused_before_any_teacher_is_trained(g2p_task, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import metagate.teachers.training as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a teacher was trained before the options were checked")
+
+    monkeypatch.setattr(training, "train_teacher", no_training)
+    v = g2p_task.num_classes
+    cache = tmp_path / "cache"
+    for k in (100000, v):
+        assert main([*G2P, "--teachers", "1", "--topk", str(k), "--cache-dir", str(cache), "--logdir",
+                     str(tmp_path / f"run{k}")]) == 2
+        assert f"--topk must be in [1, V) = [1, {v}) for a vocabulary of {v} tokens, got {k}" in capsys.readouterr().err
+    assert not list(cache.rglob("*.pt"))
+    # a task with one unit per example refuses --topk before training too
+    assert main([*DIGITS, "--teachers", "1", "--topk", "5", "--cache-dir", str(cache), "--logdir",
+                 str(tmp_path / "digits")]) == 2
+    assert "--topk is for sequence tasks (g2p); task 'digits' has one unit per example" in capsys.readouterr().err
+    assert not list(cache.rglob("*.pt"))

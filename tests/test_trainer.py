@@ -7,7 +7,6 @@ import pickle
 import pytest
 import torch
 
-from metagate.bank import TeacherBank
 from metagate.data import get_task
 from metagate.data.task import Split, Task, build_task
 from metagate.errors import CheckpointError, ConfigError, InputError
@@ -15,6 +14,7 @@ from metagate.gates import GateOutput
 from metagate.gates.fixed import CEGate, FixedGate
 from metagate.gates.hard import HardGate
 from metagate.io import atomic_save
+from metagate.teachers.bank import TeacherBank
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 

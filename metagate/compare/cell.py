@@ -25,9 +25,10 @@ from metagate.data.task import Task
 from metagate.errors import CheckpointError
 from metagate.io import safe_load
 from metagate.metrics import calibration_bins
-from metagate.run import DistillConfig, load_task, load_teachers, run_distill, task_key
+from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
-from metagate.seq_bank import token_logits_file
+from metagate.teachers.build import load_teachers
+from metagate.teachers.cache import logits_file, teacher_file, token_logits_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
@@ -65,11 +66,11 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     root = Path(cfg.cache_dir or "") / task.key
     n_real = cfg.teachers - 1 if cfg.adversarial_teacher else cfg.teachers
     names = [s.name for s in task.teacher_specs[:n_real]]
-    files = [root / f"teacher-{n}.pt" for n in names]
+    files = [root / teacher_file(n) for n in names]
     logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
     if is_sequence(task):  # per-token logits, full or top-k
         return files + [root / token_logits_file(n, cfg.topk) for n in logit_names]
-    return files + [root / f"logits-{n}.pt" for n in logit_names]
+    return files + [root / logits_file(n) for n in logit_names]
 
 
 def prepare_teachers(cfg: DistillConfig, progress: bool = True) -> list[dict[str, Any]]:

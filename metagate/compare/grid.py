@@ -13,10 +13,10 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from metagate.bank import default_cache_dir
 from metagate.compare.specs import GateSpec
 from metagate.errors import ConfigError
 from metagate.run import DistillConfig, upgrade_saved_config
+from metagate.teachers.cache import default_cache_dir
 
 #: config fields that may differ between a run and its resumption (they do not change the result)
 VOLATILE = ("resume", "overwrite", "rebuild_cache", "retrain_teachers", "logdir")

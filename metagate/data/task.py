@@ -63,7 +63,7 @@ class Split:
 
 @dataclass
 class TeacherSpec:
-    """How to build one teacher (trained by the project, see :mod:`metagate.teachers`)."""
+    """How to build one teacher (trained by the project, see :mod:`metagate.teachers.training`)."""
 
     name: str
     factory: Callable[[], nn.Module]

@@ -22,7 +22,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.config import EnvConfig, env_config
 from metagate.errors import ConfigError
@@ -31,6 +30,7 @@ from metagate.gates.base import GateOutput
 from metagate.gates.fixed import FixedGate
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
+from metagate.teachers.bank import TeacherBank
 from metagate.trainer import TrainConfig, Trainer
 from metagate.units import PAD_ID, flat_logits, unit_ce
 
@@ -187,7 +187,8 @@ class StudentLoopEnv(gym.Env):
 
 
 def _load(task: str | Task, bank: TeacherBank | None, config: EnvConfig) -> tuple[Task, TeacherBank]:
-    from metagate.run import load_task, load_teachers
+    from metagate.run import load_task
+    from metagate.teachers.build import load_teachers
 
     cfg = config.data_config(task if isinstance(task, str) else task.name)
     task_obj = load_task(cfg) if isinstance(task, str) else task

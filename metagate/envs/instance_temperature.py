@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.base import StudentLoopEnv
 from metagate.envs.config import TemperatureEnvConfig
@@ -31,6 +30,7 @@ from metagate.gates.temperature.policy import (
     action_temperature,
     temperature_state,
 )
+from metagate.teachers.bank import TeacherBank
 from metagate.units import flat_logits
 
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Task
 from metagate.errors import ConfigError
+from metagate.teachers.bank import TeacherBank
 
 
 def synthetic_bank(

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from metagate.bank import TeacherBank
 from metagate.data.task import Batch, Task
 from metagate.envs.base import StudentLoopEnv
 from metagate.envs.config import TeacherWeightingEnvConfig
 from metagate.features import FEATURE_HIGH, NUM_FEATURES
 from metagate.gates.base import GateOutput
 from metagate.policies.core import action_weights
+from metagate.teachers.bank import TeacherBank
 
 
 class TeacherWeightingEnv(StudentLoopEnv):

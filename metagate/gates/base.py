@@ -21,8 +21,8 @@ from metagate.errors import ConfigError
 from metagate.options import Options, option_values
 
 if TYPE_CHECKING:  # pragma: no cover
-    from metagate.bank import TeacherBank
     from metagate.data.task import Split
+    from metagate.teachers.bank import TeacherBank
 
 
 @dataclass

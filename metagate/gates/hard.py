@@ -153,13 +153,13 @@ class HardGate(Gate):
         """With gold references on one-unit-per-example data, the teachers' side of the rule is a
         constant per training unit: compute it once (the per-step work is then one gather)."""
         bank = run.bank
-        if bank is None or self.reference != "gold" or getattr(bank, "online", False):
+        if bank is None or self.reference != "gold" or bank.online:
             return  # online teachers change with the step's inputs: the per-step path
         y = run.train_y
         if y.ndim != 1:
             return
         p_t = bank.log_probs(self.teacher_tau).exp().mean(1)  # [N, C]
-        # the bank may live in pinned CPU memory (bank.HostBank): the [N] result goes to the run's device
+        # the bank may live in pinned CPU memory (teachers.bank.HostBank): the [N] result goes to the run's device
         self._gold_log_pt = p_t.gather(1, y.to(p_t.device).unsqueeze(1)).squeeze(1).clamp_min(1e-30).log().to(y.device)
         k = bank.num_teachers
         dtype = run.dtype  # weight rows in the student's dtype

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-#: prefix of the planted adversarial teacher's name (metagate.teachers names it ``adv-<first teacher>``)
+#: prefix of the planted adversarial teacher's name (metagate.teachers.training names it ``adv-<first teacher>``)
 PLANTED_PREFIX = "adv-"
 
 _SPLIT = {"test": "the test split", "select": "the clean select split (model selection; a few dozen units on "

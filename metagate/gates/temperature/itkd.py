@@ -65,7 +65,7 @@ class TemperatureLog:
         bank = run.bank
         self.confidence = None if bank is None else \
             torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
-        index = getattr(bank, "token_index", None)
+        index = None if bank is None else bank.token_index
         if self.confidence is not None and index is not None:  # sequences: one entry per token position
             self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
         self.bins = None if self.confidence is None else \

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from metagate.errors import InputError
-from metagate.io import safe_load
+from metagate.io import not_a_regular_file, safe_load
 
 #: the smallest probability a class outside a top-k row gets (keeps every log-probability finite)
 TAIL_FLOOR = 1e-12
@@ -95,8 +95,10 @@ class TeacherArrays:
 def read_teacher_file(path: str | os.PathLike) -> TeacherArrays:
     """The arrays of a teacher-logits file, with their shapes and values checked (not yet the data's sizes)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"teacher logits file {path} does not exist")
+    why = not_a_regular_file(path)  # said without opening it: a FIFO would block, a device never end
+    if why is not None:
+        raise InputError(f"teacher logits file {path} {why}" + ("" if why == "does not exist" else
+                                                                ", not a regular file"))
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return teacher_arrays({"logits": _np_load(path)}, str(path))
@@ -113,9 +115,11 @@ def read_teacher_file(path: str | os.PathLike) -> TeacherArrays:
             raise InputError(f"reading {path} needs the safetensors package: pip install safetensors "
                              "(or save the logits as .npy, .npz or .pt)") from None
         try:
-            return teacher_arrays(dict(load_file(str(path))), str(path))
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(f"teacher logits file {path} is not a readable safetensors file: {e}") from e
+            arrays = dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - a corrupt header raises safetensors' own SafetensorError
+            raise InputError(f"teacher logits file {path} is not a readable safetensors file "
+                             f"({type(e).__name__}: {e})") from e
+        return teacher_arrays(arrays, str(path))
     raise InputError(f"teacher logits file {path}: unknown format {suffix or '(no suffix)'!r}; use one of "
                      f"{', '.join(FORMATS)}")
 
@@ -324,7 +328,7 @@ def teacher_table(arrays: TeacherArrays, unit_ids: Tensor, num_classes: int, kno
 def token_table(arrays: TeacherArrays, unit_ids: Tensor, mask: Tensor, vocab: int,
                 known_ids: Tensor | None = None) -> Tensor:
     """``[M, V]`` per-token logits (full) or rebuilt log-probabilities (top-k) of the ``M`` real training tokens, in
-    the row-major order of ``mask`` (:mod:`metagate.seq_bank`'s packing), from an ``[N, T, V]`` file.
+    the row-major order of ``mask`` (:mod:`metagate.teachers.sequence`'s packing), from an ``[N, T, V]`` file.
 
     :param mask: ``[N_train, T]`` the real (unpadded) target positions
     :param vocab: the task's target vocabulary size ``V``

@@ -1,15 +1,11 @@
-"""Teacher logits per target token for sequence tasks, and their on-disk cache.
+"""Teacher logits per target token for sequence tasks: the per-token bank, its token table and the top-k form.
 
 Only real (unmasked) training tokens are stored, packed as ``[M, K, V]`` in the order of
 ``task.train.y != <pad>`` (row-major); a ``[N_train, L]`` index maps each (example, position) to its row
 and every padded position to one extra all-zero row (uniform teachers there -- padding is masked
 anyway). Lookups return the flattened ``[B * L, K, V]`` the shared loop's units need.
 
-Cache files under ``cache_dir/<task key>/`` (same fingerprint rules as :mod:`metagate.bank`; a stale file
-raises :class:`~metagate.errors.StaleCacheError`)::
-
-    tokens-<name>.pt         {"fingerprint", "logits" [M, V] float16}
-    tokens-<name>-top<k>.pt  {"fingerprint", "values" [M, k] float32, "indices" [M, k] uint8/int16, "vocab" V}
+On disk (:mod:`metagate.teachers.cache`) a teacher's token logits are float16 ``[M, V]``, or their top-k form.
 
 **Top-k form** keeps each token's ``k`` largest log-probabilities; the remainder mass
 ``r = 1 - sum(top-k probabilities)`` is spread uniformly over the other ``V - k`` classes when the
@@ -23,17 +19,14 @@ the ids take one byte while ``V <= 256``: 5 bytes per kept entry against 2 per c
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, logits_fingerprint, rows
 from metagate.checks import check_finite
-from metagate.errors import ConfigError, InputError, StaleCacheError
-from metagate.io import atomic_save, safe_load
-from metagate.teacher_files import read_teacher_file, token_table
+from metagate.errors import ConfigError
+from metagate.teachers.bank import TeacherBank, rows
 from metagate.units import PAD_ID
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +48,7 @@ class SeqTeacherBank(TeacherBank):
         check_finite("teacher logits", token_logits)
         pad_row = torch.zeros(1, *token_logits.shape[1:], dtype=token_logits.dtype, device=token_logits.device)
         self.logits = torch.cat([token_logits, pad_row])
-        self.token_index = token_index.to(self.logits.device)
+        self.token_index: Tensor = token_index.to(self.logits.device)
         self.names = list(names)
         self._log_probs: dict[float, Tensor] = {}
 
@@ -100,6 +93,12 @@ def token_index(mask: Tensor) -> Tensor:
     return idx.view(mask.shape)
 
 
+def check_topk(k: int, vocab: int) -> None:
+    """:raises ConfigError: ``k < 1`` or ``k >= V`` (the top-k form would save nothing)"""
+    if not 1 <= k < vocab:
+        raise ConfigError(f"--topk must be in [1, V) = [1, {vocab}) for a vocabulary of {vocab} tokens, got {k}")
+
+
 def topk_compress(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The ``k`` largest log-probabilities of each row (float32) and their class ids (uint8, or int16 for
     ``V > 256``).
@@ -107,8 +106,7 @@ def topk_compress(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     :raises ConfigError: ``k < 1`` or ``k >= V`` (nothing would be saved)
     """
     v = log_probs.shape[-1]
-    if not 1 <= k < v:
-        raise ConfigError(f"--topk must be in [1, V) = [1, {v}) for a vocabulary of {v} tokens, got {k}")
+    check_topk(k, v)
     vals, idx = log_probs.float().topk(k, -1)
     return vals, idx.to(torch.uint8 if v <= 256 else torch.int16)
 
@@ -148,63 +146,3 @@ def token_logits(teacher: nn.Module, task: Task, device: torch.device | str = "c
         lg = teacher(x[i : i + batch_size].to(device)).float().cpu()
         out.append(lg[mask[i : i + batch_size]])
     return torch.cat(out)
-
-
-def token_logits_file(name: str, topk: int | None = None) -> str:
-    """The cache file name of a teacher's token logits (full float16, or the top-k form)."""
-    return f"tokens-{name}-top{topk}.pt" if topk else f"tokens-{name}.pt"
-
-
-def cached_token_logits(teacher: nn.Module, name: str, task: Task, cache_dir: Path | None,
-                        device: torch.device | str = "cpu", rebuild: bool = False, topk: int | None = None,
-                        task_fingerprint: str | None = None) -> Tensor:
-    """``[M, V]`` logits (float16; with ``topk``, log-probabilities rebuilt from the top-k form) of one
-    teacher's training tokens, from the cache when its fingerprint matches.
-
-    :raises StaleCacheError: the cached file was computed for other data, ids, weights or storage form
-    :raises InputError: the teacher's vocabulary differs from the task's
-    """
-    v = task.num_classes
-    ids = torch.arange(len(task.train))
-    fp = logits_fingerprint(task_fingerprint or task.fingerprint(), ids, teacher) + (f"-top{topk}" if topk else "")
-    path = None if cache_dir is None else Path(cache_dir) / task.key / token_logits_file(name, topk)
-    if path is not None and path.exists() and not rebuild:
-        blob = safe_load(path, "teacher token-logits cache")
-        if not isinstance(blob, dict) or blob.get("fingerprint") != fp:
-            got = blob.get("fingerprint") if isinstance(blob, dict) else None
-            raise StaleCacheError(
-                f"stale teacher cache {path}: it was computed for fingerprint {got}, but the current data, unit ids, "
-                f"teacher checkpoint and storage form give {fp}. Delete the file or pass --rebuild-cache.")
-        if topk:
-            return topk_expand(blob["values"], blob["indices"], int(blob["vocab"]))
-        return blob["logits"]
-    logits = token_logits(teacher, task, device)
-    if logits.shape[-1] != v:
-        raise InputError(f"vocabulary mismatch: teacher {name!r} outputs {logits.shape[-1]} target tokens, "
-                         f"the task's (and the student's) target vocabulary has {v}")
-    check_finite(f"logits of teacher {name!r}", logits)
-    if topk:
-        values, indices = topk_compress(torch.log_softmax(logits, -1), topk)
-        if path is not None:
-            atomic_save({"fingerprint": fp, "values": values, "indices": indices, "vocab": v, "teacher": name}, path)
-        return topk_expand(values, indices, v)
-    half = logits.to(torch.float16)
-    if path is not None:
-        atomic_save({"fingerprint": fp, "logits": half, "teacher": name}, path)
-    return half
-
-
-def build_seq_bank(task: Task, modules: list[nn.Module], names: list[str], cache_dir: Path | None = None,
-                   device: str | torch.device = "cpu", rebuild: bool = False,
-                   topk: int | None = None, files: list[tuple[str, Path]] | None = None) -> SeqTeacherBank:
-    """Stack each teacher's cached token logits into a :class:`SeqTeacherBank`, then the per-token ``[N, T, V]``
-    teacher-logits files' (``(name, path)``, :func:`metagate.teacher_files.token_table`)."""
-    if topk is not None:
-        topk_compress(torch.zeros(1, task.num_classes), topk)  # refuse k >= V before any teacher runs
-    fp = task.fingerprint()
-    logits = [cached_token_logits(m, n, task, cache_dir, device, rebuild, topk, fp) for m, n in zip(modules, names)]
-    mask = task.train.y != PAD_ID
-    ids = torch.arange(len(task.train))
-    logits += [token_table(read_teacher_file(p), ids, mask, task.num_classes) for _, p in files or []]
-    stacked = torch.stack([lg.to(torch.float16) for lg in logits], 1)  # float16 in memory too
-    return SeqTeacherBank(stacked, token_index(mask), [*names, *(n for n, _ in files or [])])

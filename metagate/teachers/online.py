@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, rows
+from metagate.teachers.bank import TeacherBank, rows
 
 
 class OnlineBank(TeacherBank):

@@ -1,15 +1,15 @@
-"""Teachers three ways, mixed freely in one :class:`~metagate.bank.TeacherBank`:
+"""What may stand for a teacher, three ways, mixed freely in one bank (:func:`metagate.teachers.build.build_bank`):
 
 * trained by the project: a :class:`~metagate.data.task.TeacherSpec` (trained through the shared loop,
-  checkpoint and logits cached as in :mod:`metagate.teachers`),
+  checkpoint and logits cached as in :mod:`metagate.teachers.training`),
 * a user's pretrained ``nn.Module``: frozen, put in eval mode, its training-split logits cached by the
-  bank's fingerprint rules (:func:`metagate.bank.cached_logits`: data, unit ids and weights),
-* precomputed logits: a file path (:mod:`metagate.teacher_files`), or an ``[N, C]`` tensor / array whose
+  cache's fingerprint rules (:mod:`metagate.teachers.cache`: data, unit ids and weights),
+* precomputed logits: a file path (:mod:`metagate.teachers.files`), or an ``[N, C]`` tensor / array whose
   row ``i`` is training unit ``i``.
 
 Teachers are *cached* by default: each one's logits are computed once for the fixed training inputs. Inputs
 that change every epoch (random augmentation) make such a cache wrong: :func:`online` marks a module teacher
-to be run in the step on the step's inputs instead (:mod:`metagate.online_bank`), and a training dataset that
+to be run in the step on the step's inputs instead (:mod:`metagate.teachers.online`), and a training dataset that
 marks its transform random (``random_transform = True``) is refused with any cached teacher.
 """
 
@@ -25,12 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metagate.bank import TeacherBank, cached_logits, teacher_logits
-from metagate.data.task import Task, TeacherSpec
+from metagate.data.task import TeacherSpec
 from metagate.errors import ConfigError, InputError
-from metagate.online_bank import OnlineBank
-from metagate.teacher_files import read_teacher_file, teacher_arrays, teacher_table
-from metagate.teachers import load_or_train_teachers
+from metagate.teachers.files import read_teacher_file
 
 
 @dataclass
@@ -112,68 +109,6 @@ def teacher_classes(teacher: TeacherLike, x: Tensor, device: torch.device | str 
     if isinstance(teacher, (Tensor, np.ndarray)):
         return int(teacher.shape[-1]) if teacher.ndim == 2 else None
     return None
-
-
-def build_mixed_bank(
-    task: Task,
-    teachers: Sequence[tuple[str, TeacherLike]],
-    unit_ids: Tensor | None = None,
-    known_ids: Tensor | None = None,
-    cache_dir: Path | None = None,
-    device: torch.device | str = "cpu",
-    rebuild: bool = False,
-    progress: bool = False,
-) -> tuple[TeacherBank, list[dict[str, object]]]:
-    """A bank of ``[N_train, K, C]`` logits from any mix of teachers, in the given order.
-
-    :param teachers: ``(name, teacher)`` pairs (:func:`named_teachers`)
-    :param unit_ids: the training units' ids as files key them (default ``0..N_train-1``)
-    :param known_ids: ids of the data's other units (file rows for them are ignored)
-    :param cache_dir: where module logits (and project-trained teachers) are cached; ``None``: no cache
-    :return: the bank and one stats dict per teacher (``name``, ``kind``, and ``test_acc`` where known)
-    """
-    n, c = len(task.train), task.num_classes
-    ids = torch.arange(n) if unit_ids is None else unit_ids
-    fp = task.fingerprint()
-    specs = [t for _, t in teachers if isinstance(t, TeacherSpec)]
-    trained: list[nn.Module] = []
-    if specs:
-        task.teacher_specs = specs
-        trained, _, _ = load_or_train_teachers(task, len(specs), cache_dir, device=str(device), progress=progress)
-    tables: list[Tensor | nn.Module] = []
-    stats = []
-    for name, t in teachers:
-        if isinstance(t, OnlineTeacher):
-            m = freeze(t.module).to(device)
-            tables.append(m)
-            stats.append({"name": name, "kind": "online", "test_acc": float(
-                (teacher_logits(m, task.test.x, device).argmax(-1) == task.test.y).float().mean())})
-            continue
-        if isinstance(t, TeacherSpec):
-            module, kind = trained.pop(0), "trained"
-        elif isinstance(t, nn.Module):
-            module, kind = freeze(t), "module"
-        else:
-            module = None
-        if module is not None:
-            logits = cached_logits(module, name, task, cache_dir, device, rebuild, fp)
-            if logits.shape[-1] != c:
-                raise InputError(f"teacher {name!r} outputs {logits.shape[-1]} classes but the task has {c}")
-        elif isinstance(t, (str, os.PathLike)):
-            logits, kind = teacher_table(read_teacher_file(t), ids, c, known_ids), "file"
-        else:
-            arr = teacher_arrays({"logits": t}, f"teacher tensor {name!r}")
-            logits, kind = teacher_table(arr, ids, c, None), "tensor"
-        tables.append(logits.float())  # type: ignore[union-attr]
-        st: dict[str, object] = {"name": name, "kind": kind}
-        if module is not None:
-            st["test_acc"] = float((teacher_logits(module, task.test.x, device).argmax(-1) == task.test.y)
-                                   .float().mean())
-        stats.append(st)
-    names = [nm for nm, _ in teachers]
-    if any(isinstance(t, nn.Module) for t in tables):
-        return OnlineBank(tables, names, task.train.x, c), stats
-    return TeacherBank(torch.stack(tables, 1), names), stats  # type: ignore[arg-type]
 
 
 def refuse_cached_with_random(teachers: Sequence[tuple[str, TeacherLike]], what: str = "train") -> None:

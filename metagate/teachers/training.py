@@ -1,15 +1,11 @@
 """Teachers trained by the project through the shared loop (frozen afterwards) and cached.
 
-Cache layout under ``cache_dir/<task key>/``::
-
-    teacher-<name>.pt   {"state", "task_fingerprint", "select_acc", "test_acc", ...}
-
-Their logits for the training units live in the teacher bank (:mod:`metagate.bank`).
+Their checkpoints are ``teacher-<name>.pt`` in the teacher cache (:mod:`metagate.teachers.cache`, whose writer
+rule they follow); their logits for the training units live in the teacher bank (:mod:`metagate.teachers.build`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +15,9 @@ from tqdm.auto import tqdm
 
 from metagate.errors import ConfigError, StaleCacheError
 from metagate.gates.fixed import CEGate
-from metagate.io import atomic_save, file_lock, safe_load
+from metagate.io import atomic_save, safe_load
 from metagate.models import PermutedTeacher
+from metagate.teachers.cache import cache_file, cache_lock, check_replaceable, teacher_file
 from metagate.trainer import TrainConfig, Trainer, seed_everything
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,13 +62,6 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
     return model.cpu().eval(), stats
 
 
-def _cache_lock(path: Path | None) -> contextlib.AbstractContextManager[Any]:
-    if path is None:
-        return contextlib.nullcontext()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return file_lock(path.parent / ".teachers.lock")
-
-
 def _load_or_train(task: Task, spec: TeacherSpec, i: int, path: Path | None, fp: str, device: str, retrain: bool,
                    progress: bool, verbose: bool) -> tuple[nn.Module, dict[str, Any]]:
     model = spec.factory()
@@ -93,10 +83,31 @@ def _load_or_train(task: Task, spec: TeacherSpec, i: int, path: Path | None, fp:
                        if k in blob}
     if verbose:
         print(f"training teacher {spec.name} on {task.key} ...", flush=True)
+    if path is not None:
+        check_replaceable(path, "task_fingerprint", "teacher checkpoint")  # before the training it would waste
     model, st = train_teacher(task, spec, seed=1000 + i, device=device, progress=progress)
     if path is not None:
         atomic_save({"state": model.state_dict(), "task_fingerprint": fp, **st}, path)
     return model, st
+
+
+def teacher_names(task: Task, num_teachers: int, adversarial: bool = False) -> list[str]:
+    """The names of the task's first ``num_teachers`` teachers (the planted one last: ``adv-<first>``), known
+    before any is trained.
+
+    :raises ConfigError: fewer than one teacher, ``adversarial`` without a real teacher to permute, or more
+        teachers than the task defines
+    """
+    if num_teachers < 1:
+        raise ConfigError(f"--teachers must be >= 1 for a gate that uses teachers, got {num_teachers}")
+    n_real = num_teachers - 1 if adversarial else num_teachers
+    if adversarial and n_real < 1:
+        raise ConfigError("--adversarial-teacher needs --teachers >= 2 (one real teacher to permute)")
+    specs = task.teacher_specs
+    if n_real > len(specs):
+        raise ConfigError(f"task {task.name!r} defines {len(specs)} teachers, {n_real} requested")
+    names = [spec.name for spec in specs[:n_real]]
+    return names + [f"adv-{names[0]}"] if adversarial else names
 
 
 def load_or_train_teachers(
@@ -116,20 +127,14 @@ def load_or_train_teachers(
 
     :return: modules (frozen, eval mode), names, per-teacher stats (select/test accuracy)
     """
-    if num_teachers < 1:
-        raise ConfigError(f"--teachers must be >= 1 for a gate that uses teachers, got {num_teachers}")
-    n_real = num_teachers - 1 if adversarial else num_teachers
-    if adversarial and n_real < 1:
-        raise ConfigError("--adversarial-teacher needs --teachers >= 2 (one real teacher to permute)")
-    specs = task.teacher_specs
-    if n_real > len(specs):
-        raise ConfigError(f"task {task.name!r} defines {len(specs)} teachers, {n_real} requested")
+    want = teacher_names(task, num_teachers, adversarial)
+    n_real = len(want) - adversarial
     fp = task.fingerprint()
     modules, names, stats = [], [], []
-    for i, spec in enumerate(specs[:n_real]):
-        path = None if cache_dir is None else Path(cache_dir) / task.key / f"teacher-{spec.name}.pt"
+    for i, spec in enumerate(task.teacher_specs[:n_real]):
+        path = cache_file(cache_dir, task, teacher_file(spec.name))
         # one process trains a teacher; another one waits for it here and then loads it from the cache
-        with _cache_lock(path):
+        with cache_lock(path):
             model, st = _load_or_train(task, spec, i, path, fp, device, retrain, progress, verbose)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -139,6 +144,6 @@ def load_or_train_teachers(
     if adversarial:
         adv = PermutedTeacher(modules[0], task.num_classes).eval()
         modules.append(adv)
-        names.append(f"adv-{names[0]}")
+        names.append(want[-1])
         stats.append({"select_acc": float("nan"), "test_acc": float("nan"), "epoch": stats[0]["epoch"]})
     return modules, names, stats

@@ -1,0 +1,15 @@
+"""Teachers: where their logits come from, how they are cached, and the bank the trainer reads them from.
+
+* ``bank.py`` -- :class:`~metagate.teachers.bank.TeacherBank` and the bank protocol, ``HostBank``;
+* ``sequence.py`` -- the per-token bank, token tables, the top-k form;
+* ``online.py`` -- ``OnlineBank``: teachers run on each step's inputs;
+* ``files.py`` -- teacher-logits files;
+* ``sources.py`` -- what may stand for a teacher (``TeacherLike``, :func:`~metagate.teachers.sources.online`);
+* ``training.py`` -- teachers trained by the project;
+* ``cache.py`` -- the cache's layout, its one loader and its writer rule;
+* ``build.py`` -- the one bank builder (:func:`~metagate.teachers.build.build_bank`, ``load_teachers``).
+
+Imports name the file that holds a thing (``from metagate.teachers.bank import TeacherBank``). This module imports
+nothing: the modules below the trainer (bank, sequence, online, files, sources, cache) load without the ones above
+it (training, build), which import the trainer.
+"""

@@ -1,0 +1,149 @@
+"""The teacher bank: frozen teachers' logits for the training units, looked up by unit id.
+
+:class:`TeacherBank` is the base every bank derives from, and its class docstring is the bank protocol: what
+the trainer and the gates may read of any bank, with the optional features (per-token index, online columns,
+right/wrong diagnostics) declared there with their defaults instead of probed with ``hasattr``. This module
+sits below the trainer (it imports nothing of it); building a bank lives in :mod:`metagate.teachers.build`,
+its disk cache in :mod:`metagate.teachers.cache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metagate.checks import check_finite
+from metagate.diagnostics import teacher_right
+
+
+class TeacherBank:
+    """Frozen teachers' logits for the training units, looked up by unit id; the bank protocol.
+
+    Every bank answers:
+
+    * ``names``, :attr:`num_units` (training examples covered), :attr:`num_teachers` ``K``,
+      :attr:`num_classes` ``C`` (``V`` for a sequence task);
+    * :meth:`lookup` and :meth:`unit_log_probs`: the ``[B, K, C]`` rows of a batch's unit ids (the step's
+      path: every gate reads the teachers of a batch through these);
+    * :meth:`to`: the bank on a device.
+
+    Optional features, declared here with the value a bank without them has:
+
+    * :attr:`token_index`: ``[N_train, L]`` row of each (example, position) for a per-token bank (a sequence
+      task, :class:`~metagate.teachers.sequence.SeqTeacherBank`); ``None`` for a per-example bank;
+    * :attr:`online` and :meth:`set_step`: ``True`` for a bank whose teachers run on each step's inputs
+      (:class:`~metagate.teachers.online.OnlineBank`); the trainer hands every bank each step's inputs, and
+      a cached bank ignores them;
+    * :meth:`unit_right`: each teacher's per-unit correctness against the clean labels (ground truth for the
+      diagnostics only; ``None`` when the bank cannot say).
+
+    Whole-split reads, :attr:`logits` ``[N, K, C]`` and :meth:`log_probs` (one table per temperature), serve
+    gates that summarise the teachers over the training split at setup (the temperature gate's state,
+    Meta-Weight-Net features, the rule baselines, the hard gate's constant gold path) and the default
+    :meth:`unit_right`. A sparse top-k bank that never materialises ``[N, V]`` (large vocabularies) would
+    implement the counts, :meth:`lookup` / :meth:`unit_log_probs` (rebuilding a batch's ``[B, K, V]`` rows
+    from its stored top-k entries, as :func:`~metagate.teachers.sequence.topk_expand` does), :meth:`to`,
+    :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's argmax), and raise a clear error from
+    :attr:`logits` / :meth:`log_probs` for the gates that need the whole table.
+
+    :param logits: ``[N, K, C]``
+    :param names: ``K`` teacher names
+    """
+
+    #: per-token banks: ``[N_train, L]`` row of each (example, position); ``None``: one unit per example
+    token_index: Tensor | None = None
+    #: the teachers run on each step's inputs (:meth:`set_step`); ``False``: logits cached for fixed inputs
+    online: bool = False
+
+    def __init__(self, logits: Tensor, names: list[str]) -> None:
+        if logits.ndim != 3:
+            raise ValueError(f"teacher logits must be [N, K, C], got {tuple(logits.shape)}")
+        check_finite("teacher logits", logits)
+        self.logits, self.names = logits, list(names)
+        self._log_probs: dict[float, Tensor] = {}
+
+    @property
+    def num_units(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_teachers(self) -> int:
+        return int(self.logits.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[2])
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """``[B, K, C]`` logits of units ``ids``."""
+        return rows(self.logits, ids)
+
+    def log_probs(self, tau: float) -> Tensor:
+        """``[N, K, C]`` ``log_softmax(logits / tau)``, computed once per temperature."""
+        lp = self._log_probs.get(float(tau))
+        if lp is None:
+            lp = self._log_probs[float(tau)] = torch.log_softmax(self.logits / float(tau), -1)
+        return lp
+
+    def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
+        """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
+        return rows(self.log_probs(tau), ids)
+
+    def set_step(self, x: Tensor, ids: Tensor) -> None:
+        """The inputs ``x`` of the step's units ``ids``, before the gate looks (an online bank runs its teachers
+        on them; cached logits do not depend on them)."""
+
+    def unit_right(self, clean_labels: Tensor) -> Tensor | None:
+        """``[N_train, K]`` bool: each teacher's top class is the unit's clean label; ``None`` when the labels
+        do not cover the bank's units."""
+        if self.logits.shape[0] != clean_labels.shape[0]:
+            return None
+        return teacher_right(self.logits, clean_labels)
+
+    def to(self, device: torch.device | str) -> TeacherBank:
+        """The bank on ``device``; on CUDA, when the logits do not fit (:func:`fits_on_gpu`), a
+        :class:`HostBank` in pinned CPU memory serving lookups on the GPU."""
+        device = torch.device(device)
+        if self.logits.device == device:
+            return self
+        if device.type == "cuda" and not fits_on_gpu(self.logits, device):
+            return HostBank(self.logits, self.names, device)
+        return TeacherBank(self.logits.to(device), self.names)
+
+
+def fits_on_gpu(t: Tensor, device: torch.device, share: float = 0.25) -> bool:
+    """Whether ``t`` and one per-temperature log-probability copy of it take at most ``share`` of the GPU's free
+    memory (the student, its activations and the optimizer need the rest)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * t.numel() * t.element_size() <= share * free
+
+
+class HostBank(TeacherBank):
+    """Teacher logits too large for the GPU: kept in pinned CPU memory, the rows of a batch gathered on the CPU
+    and copied to ``device`` asynchronously."""
+
+    def __init__(self, logits: Tensor, names: list[str], device: torch.device) -> None:
+        super().__init__(logits.cpu().pin_memory(), names)
+        self.device = device
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        return rows(self.logits, ids.cpu()).pin_memory().to(self.device, non_blocking=True)
+
+    def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
+        return rows(self.log_probs(tau), ids.cpu()).pin_memory().to(self.device, non_blocking=True)
+
+    def to(self, device: torch.device | str) -> TeacherBank:
+        return self if torch.device(device) == self.device else TeacherBank(self.logits, self.names).to(device)
+
+
+def rows(table: Tensor, ids: Tensor) -> Tensor:
+    """``table[ids]``; ``index_select`` for 1-D ids (several times faster than advanced indexing on CPU)."""
+    return table.index_select(0, ids) if ids.ndim == 1 else table[ids]
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, x: Tensor, device: torch.device | str = "cpu",
+                   batch_size: int = 1024) -> Tensor:
+    """``[N, C]`` logits of a frozen teacher in eval mode (CPU result)."""
+    teacher.eval().to(device)
+    return torch.cat([teacher(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])

@@ -1,0 +1,195 @@
+"""The one bank builder: any mix of teachers -> the bank the trainer reads (and one stats dict per teacher).
+
+:func:`build_bank` is the only place a teacher bank is built from teachers. The command line, the gymnasium
+environments and the compare reach it through :func:`load_teachers` (a run's options: the task's teachers trained
+by the project, the planted adversarial one, ``--teacher-file`` files); the Python API calls it with the user's
+teachers (:mod:`metagate.teachers.sources`). It picks the bank's kind from the task and the teachers: per-token
+(:class:`~metagate.teachers.sequence.SeqTeacherBank`) for a sequence task, online
+(:class:`~metagate.teachers.online.OnlineBank`) when a teacher runs in the step, else cached ``[N, K, C]``
+(:class:`~metagate.teachers.bank.TeacherBank`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from metagate.data.task import Task, TeacherSpec
+from metagate.errors import ConfigError, InputError
+from metagate.io import ensure_dir
+from metagate.teachers.bank import TeacherBank, teacher_logits
+from metagate.teachers.cache import cached_logits, cached_token_logits, default_cache_dir
+from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
+from metagate.teachers.online import OnlineBank
+from metagate.teachers.sequence import SeqTeacherBank, check_topk, token_index
+from metagate.teachers.sources import OnlineTeacher, TeacherLike, freeze
+from metagate.teachers.training import load_or_train_teachers, teacher_names
+from metagate.trainer import resolve_device
+from metagate.units import PAD_ID, is_sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from metagate.run import DistillConfig
+
+
+def check_topk_option(task: Task, topk: int | None) -> None:
+    """``--topk`` fits the task: a sequence task's ``1 <= k < V`` (checked before any teacher is trained).
+
+    :raises ConfigError: top-k on a task with one unit per example, or ``k`` outside ``[1, V)``
+    """
+    if topk is None:
+        return
+    if not is_sequence(task):
+        raise ConfigError(f"--topk is for sequence tasks (g2p); task {task.name!r} has one unit per example")
+    check_topk(topk, task.num_classes)
+
+
+def build_bank(
+    task: Task,
+    teachers: Sequence[tuple[str, TeacherLike]],
+    *,
+    unit_ids: Tensor | None = None,
+    known_ids: Tensor | None = None,
+    cache_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    rebuild: bool = False,
+    topk: int | None = None,
+    progress: bool = False,
+    measure: bool = True,
+    what: str = "the task",
+) -> tuple[TeacherBank, list[dict[str, Any]]]:
+    """The bank of ``teachers``' logits for the training units, in the given order.
+
+    A :class:`~metagate.data.task.TeacherSpec` is trained by the project (once, cached); an ``nn.Module`` is
+    frozen and its logits cached by fingerprint (:mod:`metagate.teachers.cache`); ``online(module)`` runs in the
+    step; a file path or an ``[N, C]`` tensor is read and checked against the data (``[N, T, V]`` per token for
+    a sequence task).
+
+    :param teachers: ``(name, teacher)`` pairs (:func:`~metagate.teachers.sources.named_teachers`)
+    :param unit_ids: the training units' ids as files key them (default ``0..N_train-1``)
+    :param known_ids: ids of the data's other units (file rows for them are ignored)
+    :param cache_dir: where module logits (and project-trained teachers) are cached; ``None``: no cache
+    :param rebuild: recompute cached logits
+    :param topk: sequence tasks: cache token logits in the top-``k`` form
+    :param measure: give module teachers' test accuracy (``test_acc``) in their stats (one unit per example)
+    :param what: who fixes the class count, for a file's error
+    :return: the bank and one stats dict per teacher (``name``, ``kind``: trained | module | online | file |
+        tensor, and ``test_acc`` where measured)
+    """
+    if not teachers:
+        raise ConfigError("no teachers to build a teacher bank from")
+    check_topk_option(task, topk)  # k >= V refused before any teacher runs
+    seq = is_sequence(task)
+    n, c = len(task.train), task.num_classes
+    ids = torch.arange(n) if unit_ids is None else unit_ids
+    mask = task.train.y != PAD_ID if seq else None
+    fp = task.fingerprint()  # hashing the data is the costly part: once for every teacher
+    specs = [t for _, t in teachers if isinstance(t, TeacherSpec)]
+    trained: list[nn.Module] = []
+    if specs:
+        task.teacher_specs = specs
+        trained, _, _ = load_or_train_teachers(task, len(specs), cache_dir, device=str(device), progress=progress)
+    columns: list[Tensor | nn.Module] = []
+    stats: list[dict[str, Any]] = []
+    for name, t in teachers:
+        module: nn.Module | None = None
+        if isinstance(t, OnlineTeacher):
+            if seq:
+                raise ConfigError(f"teacher {name!r} is online, but online teachers are for tasks with one unit per "
+                                  f"example; task {task.name!r} has token units")
+            module, kind = freeze(t.module).to(device), "online"
+            columns.append(module)
+        else:
+            if isinstance(t, TeacherSpec):
+                module, kind = trained.pop(0), "trained"
+            elif isinstance(t, nn.Module):
+                module, kind = freeze(t), "module"
+            if module is not None:
+                if seq:
+                    logits = cached_token_logits(module, name, task, cache_dir, device, rebuild, topk, fp)
+                else:
+                    logits = cached_logits(module, name, task, cache_dir, device, rebuild, fp)
+                    if logits.shape[-1] != c:
+                        raise InputError(f"teacher {name!r} outputs {logits.shape[-1]} classes but the task has {c}")
+            else:
+                if isinstance(t, (str, os.PathLike)):
+                    arrays, kind = read_teacher_file(t), "file"
+                else:
+                    arrays, kind = teacher_arrays({"logits": t}, f"teacher tensor {name!r}"), "tensor"
+                logits = _table(arrays, ids, mask, c, known_ids, what)
+            columns.append(logits if seq else logits.float())
+        st: dict[str, Any] = {"name": name, "kind": kind}
+        if measure and module is not None and not seq:
+            st["test_acc"] = teacher_test_acc(module, task, device)
+        stats.append(st)
+    names = [nm for nm, _ in teachers]
+    if seq:
+        assert mask is not None
+        stacked = torch.stack([lg.to(torch.float16) for lg in columns], 1)  # type: ignore[union-attr]
+        return SeqTeacherBank(stacked, token_index(mask), names), stats  # float16 in memory too
+    if any(isinstance(col, nn.Module) for col in columns):
+        return OnlineBank(columns, names, task.train.x, c), stats
+    return TeacherBank(torch.stack(columns, 1), names), stats  # type: ignore[arg-type]
+
+
+def _table(arrays: TeacherArrays, ids: Tensor, mask: Tensor | None, c: int, known_ids: Tensor | None,
+           what: str) -> Tensor:
+    """A file's (or tensor's) rows for the training units: ``[N_train, C]``, or ``[M, V]`` real tokens."""
+    if mask is not None:
+        return token_table(arrays, ids, mask, c, known_ids)
+    return teacher_table(arrays, ids, c, known_ids, what)
+
+
+def teacher_test_acc(module: nn.Module, task: Task, device: torch.device | str = "cpu") -> float:
+    """A teacher's accuracy on the task's test split (one unit per example)."""
+    return float((teacher_logits(module, task.test.x, device).argmax(-1) == task.test.y).float().mean())
+
+
+def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
+                  verbose: bool = False) -> tuple[TeacherBank, list[dict[str, Any]]]:
+    """A run's teachers (``--teachers`` trained by the project once and cached, the planted adversarial one,
+    ``--teacher-file`` files) and their bank; every option is checked before a teacher is trained.
+
+    :return: the bank and one stats dict per teacher (trained: ``select_acc``, ``test_acc``, ``epoch``; file:
+        ``kind``)
+    """
+    cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
+    device = resolve_device(cfg.train.device)
+    files = parse_teacher_files(cfg.teacher_file)
+    if cfg.teachers == 0 and not files:
+        raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
+    taken = set(teacher_names(task, cfg.teachers, cfg.adversarial_teacher) if cfg.teachers else [])
+    for name, _ in files:
+        if name in taken:
+            raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
+        taken.add(name)
+    check_topk_option(task, cfg.topk)
+    modules, names, stats = (load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
+                                                    str(device), cfg.retrain_teachers, progress, verbose)
+                             if cfg.teachers else ([], [], []))
+    for m, n, st in zip(modules, names, stats):
+        if math.isnan(st.get("test_acc", 0.0)):
+            st["test_acc"] = teacher_test_acc(m, task, device)
+        st["name"] = n  # type: ignore[assignment]
+    bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
+                             rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
+                             what=f"task {task.name!r}")
+    return bank, [*stats, *built[len(modules):]]
+
+
+def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` or ``PATH`` (named by the file's stem) -> ``(name, path)`` pairs."""
+    out = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ConfigError(f"--teacher-file {spec!r}: expected NAME=PATH or PATH")
+        out.append((name, Path(path)))
+    return out
