@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from metagate.errors import InputError
+from metagate.errors import ConfigError, InputError
 
 
 def check_finite(name: str, x: Tensor) -> None:
@@ -35,3 +35,9 @@ def check_teacher_shape(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise InputError(
             f"class-count mismatch: teachers output {teacher_logits.shape[2]} classes, student outputs {c}"
         )
+
+
+def check_topk(k: int, vocab: int) -> None:
+    """:raises ConfigError: ``k < 1`` or ``k >= V`` (the top-k form would save nothing)"""
+    if not 1 <= k < vocab:
+        raise ConfigError(f"--topk must be in [1, V) = [1, {vocab}) for a vocabulary of {vocab} tokens, got {k}")

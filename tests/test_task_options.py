@@ -82,7 +82,7 @@ def test_topk_at_or_above_the_vocabulary_is_refused_for_every_gate_before_any_te
     for gate in ("ce", "fixed"):
         cfg = _cfg("--task", "g2p", "--subset", "150", "--topk", "100000", "--gate", gate,
                    "--cache-dir", str(tmp_path / "cache"))
-        with pytest.raises(ConfigError, match=r"--topk must be in \[1, V\) = \[1, \d+\) for this g2p vocabulary of "
+        with pytest.raises(ConfigError, match=r"--topk must be in \[1, V\) = \[1, \d+\) for a vocabulary of "
                                               r"\d+ tokens, got 100000"):
             load_task(cfg)
     assert not (tmp_path / "cache").exists()  # nothing trained, nothing cached

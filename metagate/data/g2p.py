@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metagate.checks import check_topk
 from metagate.data.builtin import register_task
 from metagate.data.options import TaskConfig
 from metagate.data.task import Split, Task, TeacherSpec
@@ -223,9 +224,8 @@ class G2PConfig(TaskConfig):
     def check_task(self, task: Task) -> None:
         """``--topk`` below the phoneme vocabulary, checked when the task is loaded (before any teacher is
         trained and whether or not the gate reads teachers: one rule for every gate)."""
-        if self.topk is not None and self.topk >= task.num_classes:
-            raise ConfigError(f"--topk must be in [1, V) = [1, {task.num_classes}) for this g2p vocabulary of "
-                              f"{task.num_classes} tokens, got {self.topk}")
+        if self.topk is not None:
+            check_topk(self.topk, task.num_classes)
 
 
 @register_task("g2p", config=G2PConfig)

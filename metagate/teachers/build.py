@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from metagate.checks import check_topk
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
 from metagate.io import ensure_dir
@@ -27,7 +28,7 @@ from metagate.teachers.bank import TeacherBank, teacher_logits
 from metagate.teachers.cache import cached_logits, cached_token_logits, default_cache_dir
 from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
 from metagate.teachers.online import OnlineBank
-from metagate.teachers.sequence import SeqTeacherBank, check_topk, token_index
+from metagate.teachers.sequence import SeqTeacherBank, token_index
 from metagate.teachers.sources import OnlineTeacher, TeacherLike, freeze
 from metagate.teachers.training import load_or_train_teachers, teacher_names
 from metagate.trainer import resolve_device

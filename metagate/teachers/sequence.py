@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from metagate.checks import check_finite
-from metagate.errors import ConfigError
+from metagate.checks import check_finite, check_topk
 from metagate.teachers.bank import TeacherBank, rows
 from metagate.units import PAD_ID
 
@@ -91,12 +90,6 @@ def token_index(mask: Tensor) -> Tensor:
     idx = torch.full_like(flat, m, dtype=torch.long)
     idx[flat] = torch.arange(m)
     return idx.view(mask.shape)
-
-
-def check_topk(k: int, vocab: int) -> None:
-    """:raises ConfigError: ``k < 1`` or ``k >= V`` (the top-k form would save nothing)"""
-    if not 1 <= k < vocab:
-        raise ConfigError(f"--topk must be in [1, V) = [1, {vocab}) for a vocabulary of {vocab} tokens, got {k}")
 
 
 def topk_compress(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
