@@ -27,6 +27,9 @@ COMPARE_MARKER = ".metagate-compare"
 #: the marker file of each kind of directory, and what the kind is called in messages
 MARKERS = {"run": MARKER, "compare": COMPARE_MARKER}
 NOUNS = {"run": "metagate run directory", "compare": "metagate compare output"}
+#: how to adopt a directory of the kind written before its marker existed
+ADOPT = {"compare": " (a compare output of a metagate older than the marker is adopted by creating the empty file "
+                    "{marker})"}
 
 
 def _marker(kind: str) -> str:
@@ -106,7 +109,7 @@ class RunDir:
                 raise ConfigError(
                     f"{self.option} {path} exists and is not a {NOUNS[self.kind]} (it has no {self.marker} "
                     f"marker): refusing to write into{' or delete' if self.overwrite else ''} it; choose a new "
-                    "or empty directory")
+                    f"or empty directory{ADOPT.get(self.kind, '').format(marker=path / self.marker)}")
         try:
             if existing:
                 self._lock(path)

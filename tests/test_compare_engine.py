@@ -259,3 +259,17 @@ def test_a_repeated_option_in_a_gate_spec_is_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="'hard_tau' is given twice"):
         parse_specs(["hard:hard_tau=2,hard-tau=3"])  # the flag spelling is the same option
     assert parse_specs(["fixed:alpha=0.3,tau=2"])[0].options == {"alpha": 0.3, "tau": 2}
+
+
+def test_a_compare_output_older_than_the_marker_is_adopted_by_creating_it(cli_out, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "older"
+    shutil.copytree(cli_out, out)
+    (out / COMPARE_MARKER).unlink()  # as a metagate before the marker wrote it
+    assert main([*CLI, "--gates", *GATES, "--out", str(out)]) == 2
+    assert f"adopted by creating the empty file {out / COMPARE_MARKER}" in capsys.readouterr().err
+    (out / COMPARE_MARKER).touch()
+    assert main([*CLI, "--gates", *GATES, "--out", str(out)]) == 0
+    assert "4 finished, 0 to continue" in capsys.readouterr().out
+    assert {k: r["metrics"] for k, r in rows_of(out).items()} == {k: r["metrics"] for k, r in rows_of(cli_out).items()}
