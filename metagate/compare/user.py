@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from metagate.compare.cell import EpochTimer, artefacts, bank_fingerprint, make_row, start_cell
@@ -144,7 +145,8 @@ def user_plan(prep: Any, student: Any, run: Callable[..., Any], gates: Sequence[
             raise ConfigError(f"gate(s) {', '.join(needs)} need teachers; pass teachers=[...] (or compare gates "
                               "without teachers, e.g. 'ce')")
     seeds = [int(s) for s in seeds]
-    threads = default_threads(jobs, threads)
+    # in this process (jobs=1) the user's own torch.set_num_threads stands unless threads= says otherwise
+    threads = (threads or torch.get_num_threads()) if jobs == 1 and backend == "local" else default_threads(jobs, threads)
     check_sendable(student, prep, jobs, backend)
     student_name = type(student).__name__ if isinstance(student, nn.Module) else \
         getattr(student, "__qualname__", None) or getattr(getattr(student, "func", None), "__qualname__", "user")
