@@ -273,3 +273,28 @@ def test_a_compare_output_older_than_the_marker_is_adopted_by_creating_it(cli_ou
     assert main([*CLI, "--gates", *GATES, "--out", str(out)]) == 0
     assert "4 finished, 0 to continue" in capsys.readouterr().out
     assert {k: r["metrics"] for k, r in rows_of(out).items()} == {k: r["metrics"] for k, r in rows_of(cli_out).items()}
+
+
+def test_compare_gates_runs_the_tuned_and_rule_baselines(digits_noisy, digits_bank, tmp_path, capsys):
+    task = digits_noisy
+    bank, _ = digits_bank
+    teachers = {n: bank.logits[:, k].clone() for k, n in enumerate(bank.names)}
+    gates = ["fixed", "fixed-tuned:alpha_grid=0.1/0.9,tau_grid=4/,lr_scales=1/", "label-filter",
+             f"best-teacher:best_teacher={bank.names[1]}", "conf-teachers"]
+    out = tmp_path / "baselines"
+    res = metagate.compare_gates(task.students["mlp"], teachers, (task.train.x, task.train.y), gates=gates,
+                                 seeds=[0], out=out, train_config={**FAST, "epochs": 1}, verbose=False,
+                                 **user_data(task))
+    assert capsys.readouterr().out == ""  # verbose=False: nothing printed
+    rows = {r["label"]: r for r in res.rows}
+    grid = rows[gates[1]]["tuning"]["grid"]
+    assert [(p["alpha"], p["tau"]) for p in grid] == [(0.1, 4.0), (0.9, 4.0)]
+    best = max(grid, key=lambda p: (p["select/acc"], -p["select/nll"]))
+    assert rows[gates[1]]["tuning"]["chosen"]["alpha"] == best["alpha"]
+    assert rows[gates[1]]["metrics"]["select/acc"] == best["select/acc"]
+    assert sorted(p.name for p in (out / "runs" / "fixed-tuned__alpha_grid=0.1_0.9_tau_grid=4__lr_scales=1_" /
+                                   "seed0" / "grid").iterdir()) == ["alpha0.1-tau4-lr0.05", "alpha0.9-tau4-lr0.05"]
+    assert all(res.summary["gates"][g]["baseline"] for g in gates)
+    assert res.summary["best_baseline"] in gates
+    assert "## Tuned on select" in (out / "results.md").read_text()
+    assert rows[gates[3]]["config"]["gate_options"]["best_teacher"] == bank.names[1]

@@ -105,7 +105,14 @@ def choose_on_select(cell: Cell, teacher_stats: list[dict[str, Any]]) -> Cell:
     choose = getattr(get_gate_class(cell.spec.gate), "choose", None)
     if choose is None:
         return cell
-    chosen = {k: v for k, v in choose(teacher_stats).items() if cell.config.gate_options.get(k) is None}
+    try:
+        proposal = choose(teacher_stats)
+    except ConfigError as e:  # no score to choose by (teachers from files or tensors have no select accuracy)
+        if cell.spec.options:
+            return cell  # the spec chose; a missing choice is named when the gate is set up
+        raise ConfigError(f"--gates {cell.spec.label!r}: {e}; set the choice in the spec "
+                          f"({cell.spec.gate}:option=value)") from None
+    chosen = {k: v for k, v in proposal.items() if cell.config.gate_options.get(k) is None}
     if not chosen:
         return cell
     cfg = replace(cell.config, gate_options={**cell.config.gate_options, **chosen})
