@@ -128,7 +128,10 @@ def user_plan(prep: Any, student: Any, run: Callable[..., Any], gates: Sequence[
     :param gate_options: per gate name, options under every spec of that gate (a spec's own options win)
     """
     gate_options = dict(gate_options or {})
-    specs = parse_specs(list(gates))
+    gates = [gates] if isinstance(gates, str) else list(gates)  # one spec, not its characters
+    if isinstance(seeds, int) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds must be a list of integers, got {seeds!r}")
+    specs = parse_specs(gates)
     for s in specs:  # the per-gate options, checked with the spec's own on top
         if s.gate in gate_options:
             try:
@@ -144,7 +147,7 @@ def user_plan(prep: Any, student: Any, run: Callable[..., Any], gates: Sequence[
         if needs:
             raise ConfigError(f"gate(s) {', '.join(needs)} need teachers; pass teachers=[...] (or compare gates "
                               "without teachers, e.g. 'ce')")
-    seeds = [int(s) for s in seeds]
+    seeds = list(seeds)
     # in this process (jobs=1) the user's own torch.set_num_threads stands unless threads= says otherwise
     threads = (threads or torch.get_num_threads()) if jobs == 1 and backend == "local" else default_threads(jobs, threads)
     check_sendable(student, prep, jobs, backend)
