@@ -26,11 +26,11 @@ it would let gates learn on training data.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -47,7 +47,6 @@ from metagate.gates import Gate, GateConfig, get_gate_class
 from metagate.loader import LoaderTrainer
 from metagate.logger import Logger
 from metagate.modes import eval_mode
-from metagate.report import comparison_table
 from metagate.run import build_gate
 from metagate.teachers.bank import TeacherBank
 from metagate.teachers.build import build_bank
@@ -362,10 +361,14 @@ def _train_config(train_config: TrainConfig | Mapping[str, Any] | None) -> Train
 def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta",
                  gate_config: GateConfig | Mapping[str, Any] | None = None,
                  train_config: TrainConfig | Mapping[str, Any] | None = None,
-                 logdir: str | Path | None = None, overwrite: bool = False) -> DistillResult:
+                 logdir: str | Path | None = None, overwrite: bool = False,
+                 on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None) -> DistillResult:
     """Train a student on prepared data and teachers (the second half of :func:`distill`): training batches from
     a ``DataLoader`` over ``prep.dataset`` (:class:`~metagate.loader.LoaderTrainer`), else from the in-memory
-    split."""
+    split.
+
+    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does; the compare times epochs with it)
+    """
     cfg = _train_config(train_config)
     seed_everything(cfg.seed)  # a gate built here by name starts from the seed (its policy or net is random)
     g = _make_gate(gate, gate_config)
@@ -385,7 +388,7 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
     trainer = Trainer(*args) if prep.dataset is None else LoaderTrainer(*args, dataset=prep.dataset,
                                                                          num_workers=prep.num_workers)
     try:
-        metrics = trainer.fit()
+        metrics = trainer.fit(on_epoch_end)
         if run_dir is not None:
             trainer.log_final(metrics, {"gate": g.name, **g.hparams()})
     finally:
@@ -443,6 +446,35 @@ def distill(
     return run_prepared(prep, student, gate, gate_config, cfg, **run_opts)
 
 
+@dataclass
+class CompareResult(Mapping):
+    """What :func:`compare_gates` returns: a mapping gate label -> per-seed metrics (in seed order), and the
+    whole compare.
+
+    :param metrics: spec label (``"fixed"``, ``"fixed:alpha=0.3"``) -> one metrics dict per seed
+    :param rows: every cell's row (metrics, timing, fingerprints, config, figure data), as in ``results.json``
+    :param summary: means ± std, paired intervals against ``fixed`` and the best baseline, cost
+        (:func:`metagate.compare.summary.summarise`)
+    :param paths: the files written (``json``, ``csv``, ``md`` and the figures); empty without ``out=``
+    :param out: the compare output directory (``None``: a temporary one, removed)
+    """
+
+    metrics: dict[str, list[dict[str, float]]]
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    paths: dict[str, Path]
+    out: Path | None
+
+    def __getitem__(self, label: str) -> list[dict[str, float]]:
+        return self.metrics[label]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+
 def compare_gates(
     student: StudentLike,
     teachers: Sequence[TeacherLike] | Mapping[str, TeacherLike] | None,
@@ -452,29 +484,58 @@ def compare_gates(
     *,
     gate_options: Mapping[str, Mapping[str, Any]] | None = None,
     train_config: TrainConfig | Mapping[str, Any] | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    jobs: int = 1,
+    threads: int = 0,
+    backend: str = "local",
+    ray_address: str | None = None,
+    interval: str = "t",
+    bootstrap_samples: int = 10_000,
     verbose: bool = True,
     **data: Any,
-) -> dict[str, list[dict[str, float]]]:
-    """``metagate compare`` from Python: every gate x seed on the same data and teacher bank (built once).
+) -> CompareResult:
+    """``metagate compare`` on your own student, teachers and data: the same engine
+    (:func:`metagate.compare.engine.run_plan`) -- gate specs, tuned and rule baselines, paired intervals,
+    ``results.{json,csv,md}`` and figures, resume, ``jobs`` worker processes or Ray.
+
+    The data and the teacher bank are prepared once (:func:`prepare`); every gate spec x seed is one run of
+    :func:`run_prepared` in ``out/runs/<spec>/seed<N>``. A second call with the same arguments reuses the finished
+    runs (a run with other options in ``out`` is an error; ``overwrite=True`` replaces the whole output once the
+    new one is complete). ``out`` must be new, empty or a compare output; it is locked while the compare runs.
 
     :param student: a factory (called after seeding each run) or a module (deep-copied: every run starts from
-        the same weights)
-    :param gate_options: per gate, its options (``{"fixed": {"alpha": 0.5}}``)
+        the same weights). With ``jobs > 1`` it is sent to worker processes: a top-level function or class of an
+        importable module (not a lambda or a local function), or a picklable module
+    :param gates: gate specs ``NAME`` or ``NAME:option=value,...`` (``fixed:alpha=0.3``, ``fixed-tuned``,
+        ``label-filter``, ``best-teacher:best_teacher=NAME``, ``conf-teachers`` ...); each is one row
+    :param seeds: training seeds (the data are yours: every seed trains on the same data and teachers)
+    :param gate_options: per gate name, options under every spec of that gate (``{"fixed": {"alpha": 0.5}}``)
+    :param out: the compare output directory (``None``: a temporary directory, removed after the call)
+    :param jobs: cells run at once in worker processes; :param threads: torch threads per cell (0: CPU cores
+        // jobs); :param backend: ``local`` or ``ray`` (``ray_address``)
+    :param interval: the paired interval shown (``t`` or ``bootstrap``; the JSON holds both)
+    :param verbose: print progress and the engine's tables (results with paired intervals, cost)
     :param data: ``meta``, ``select``, ``val``, ``test`` and the other options of :func:`distill`
-    :return: gate -> per-seed metrics (print them with :func:`metagate.report.comparison_table`)
+    :return: a :class:`CompareResult`: ``result["fixed"]`` is the per-seed metrics of spec ``fixed``;
+        ``result.summary``, ``result.rows`` and ``result.paths`` the rest
     """
+    import tempfile
+
+    # imported when used, as the command line does: the engine's writers load TensorBoard's (about a second)
+    from metagate.compare.engine import run_plan
+    from metagate.compare.user import user_plan
+
     base = _train_config(train_config)
     prep = prepare(student, teachers, train, device=base.device, **data)
-    results: dict[str, list[dict[str, float]]] = {}
-    for g in gates:
-        for seed in seeds:
-            make = (lambda: copy.deepcopy(student)) if isinstance(student, nn.Module) else student
-            cfg = dataclasses.replace(base, seed=seed)
-            res = run_prepared(prep, make, g, (gate_options or {}).get(g), cfg)
-            results.setdefault(g, []).append(res.metrics)
-            if verbose:
-                acc = res.metrics.get("test/acc", res.metrics.get("select/acc"))
-                print(f"  {g:>10} seed {seed}: acc {100 * acc:.2f}", flush=True)
-    if verbose:
-        print(comparison_table(results))
-    return results
+    with tempfile.TemporaryDirectory(prefix="metagate-compare-") if out is None else contextlib.nullcontext() as tmp:
+        where = Path(tmp) / "compare" if out is None else Path(out)
+        plan = user_plan(prep, student, run_prepared, gates, seeds, base, where, gate_options, jobs=jobs,
+                         threads=threads, backend=backend, ray_address=ray_address, interval=interval,
+                         bootstrap_samples=bootstrap_samples, overwrite=overwrite, verbose=verbose)
+        res = run_plan(plan)
+    metrics: dict[str, list[dict[str, float]]] = {}
+    for row in res["rows"]:
+        metrics.setdefault(row["label"], []).append(row["metrics"])
+    return CompareResult(metrics, res["rows"], res["summary"], res["paths"] if out is not None else {},
+                         None if out is None else Path(out))

@@ -1,10 +1,12 @@
-"""A run directory: marked as metagate's, locked while a run uses it, replaced only after success.
+"""A directory metagate writes: marked as its own, locked while in use, replaced only after success.
 
-Every run directory holds a marker file, :data:`MARKER`; only a marked directory (or an empty one) is
-ever used or replaced, so ``--overwrite`` cannot delete a directory that is not a run. The running
-process holds an exclusive ``flock`` on the marker: a second run into the same directory fails with a
-clear error instead of mixing files. ``--overwrite`` writes the new run into a hidden sibling and swaps
-it in only when the run finished; a failed or killed run leaves the old one as it was.
+Two kinds share the rules: a run directory (``kind="run"``, ``--logdir``, marker :data:`MARKER`) and a compare
+output (``kind="compare"``, ``metagate compare --out``, marker :data:`COMPARE_MARKER`). Only a directory marked
+with its own kind's marker (or a new or empty one) is ever used or replaced, so ``--overwrite`` cannot delete a
+directory that is not metagate's, and a compare output is not taken for a run or the other way round. The
+process using it holds an exclusive ``flock`` on the marker: a second one into the same directory fails with a
+clear error naming the holder's pid instead of mixing files. ``--overwrite`` writes into a hidden sibling and
+swaps it in only when the job finished; a failed or killed job leaves the old directory as it was.
 """
 
 from __future__ import annotations
@@ -21,21 +23,35 @@ from metagate.errors import ConfigError
 from metagate.io import check_dir_path, clean_stale_tmp, ensure_dir, storage_error
 
 MARKER = ".metagate-run"
+COMPARE_MARKER = ".metagate-compare"
+#: the marker file of each kind of directory, and what the kind is called in messages
+MARKERS = {"run": MARKER, "compare": COMPARE_MARKER}
+NOUNS = {"run": "metagate run directory", "compare": "metagate compare output"}
+#: how to adopt a directory of the kind written before its marker existed
+ADOPT = {"compare": " (a compare output of a metagate older than the marker is adopted by creating the empty file "
+                    "{marker})"}
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """``path`` is a directory written by metagate (it holds the marker)."""
-    return (Path(path) / MARKER).is_file()
+def _marker(kind: str) -> str:
+    try:
+        return MARKERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown directory kind {kind!r}; one of {', '.join(MARKERS)}") from None
 
 
-def mark_run_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (if needed) as a metagate run directory: a caller that writes its own files into a run
-    directory before the run (``metagate compare``'s cell record) marks it first."""
+def is_run_dir(path: str | os.PathLike, kind: str = "run") -> bool:
+    """``path`` is a directory of ``kind`` written by metagate (it holds that kind's marker)."""
+    return (Path(path) / _marker(kind)).is_file()
+
+
+def mark_run_dir(path: str | os.PathLike, kind: str = "run") -> Path:
+    """Create ``path`` (if needed) as a metagate directory of ``kind``: a caller that writes its own files into a
+    run directory before the run (``metagate compare``'s cell record) marks it first."""
     p = Path(path)
     ensure_dir(p, "--logdir")
-    marker = p / MARKER
+    marker = p / _marker(kind)
     if not marker.exists():
-        marker.write_text(json.dumps({"metagate_run": 1}))
+        marker.write_text(json.dumps({f"metagate_{kind}": 1}))
     return p
 
 
@@ -65,7 +81,7 @@ def _holder(marker: Path) -> str:
 
 
 class RunDir:
-    """Context manager that validates, marks and locks a run directory.
+    """Context manager that validates, marks and locks a run directory (or a compare output: ``kind``).
 
     ``work`` is where the run writes: the directory itself, or with ``overwrite`` of an existing run
     a sibling that :meth:`commit` swaps in. Leaving the block without :meth:`commit` discards the
@@ -74,11 +90,13 @@ class RunDir:
     :param path: the run directory (``--logdir``)
     :param overwrite: replace an existing run (only a marked one)
     :param resume: continue it (an unmarked directory with a ``checkpoint.pt`` of an older metagate is adopted)
+    :param kind: ``run`` or ``compare`` (its marker file, :data:`MARKERS`)
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False, resume: bool = False,
-                 option: str = "--logdir") -> None:
+                 option: str = "--logdir", kind: str = "run") -> None:
         self.path, self.overwrite, self.resume, self.option = Path(path), overwrite, resume, option
+        self.kind, self.marker = kind, _marker(kind)
         self.work = self.path
         self._locks: list[IO[str]] = []
         self._committed = False
@@ -86,12 +104,12 @@ class RunDir:
     def __enter__(self) -> RunDir:
         path = check_dir_path(self.path, self.option)
         existing = path.is_dir() and not _is_empty_dir(path)
-        if existing and not is_run_dir(path):
-            if not (self.resume and (path / "checkpoint.pt").is_file()):
+        if existing and not is_run_dir(path, self.kind):
+            if not (self.kind == "run" and self.resume and (path / "checkpoint.pt").is_file()):
                 raise ConfigError(
-                    f"{self.option} {path} exists and is not a metagate run directory (it has no {MARKER} "
+                    f"{self.option} {path} exists and is not a {NOUNS[self.kind]} (it has no {self.marker} "
                     f"marker): refusing to write into{' or delete' if self.overwrite else ''} it; choose a new "
-                    "or empty directory")
+                    f"or empty directory{ADOPT.get(self.kind, '').format(marker=path / self.marker)}")
         try:
             if existing:
                 self._lock(path)
@@ -110,15 +128,16 @@ class RunDir:
         return self
 
     def _lock(self, directory: Path) -> None:
-        marker = directory / MARKER
+        marker = directory / self.marker
         f = _try_lock(marker)
         if f is None:
-            raise ConfigError(f"{self.option} {self.path} is in use by another metagate run{_holder(marker)}; "
-                              "wait for it to finish or choose another --logdir")
+            what = "run" if self.kind == "run" else self.kind
+            raise ConfigError(f"{self.option} {self.path} is in use by another metagate {what}{_holder(marker)}; "
+                              f"wait for it to finish or choose another {self.option}")
         try:
             f.seek(0)
             f.truncate()
-            f.write(json.dumps({"metagate_run": 1, "pid": os.getpid()}))
+            f.write(json.dumps({f"metagate_{self.kind}": 1, "pid": os.getpid()}))
             f.flush()
         except OSError as e:
             f.close()
@@ -128,8 +147,8 @@ class RunDir:
     def _clean_siblings(self) -> None:
         """Remove the hidden siblings of overwrites that were killed (their markers are no longer locked)."""
         for p in self.path.parent.glob(f".{self.path.name}.*-*"):
-            if p.is_dir() and is_run_dir(p):
-                f = _try_lock(p / MARKER)
+            if p.is_dir() and is_run_dir(p, self.kind):
+                f = _try_lock(p / self.marker)
                 if f is not None:
                     f.close()
                     shutil.rmtree(p, ignore_errors=True)
@@ -146,7 +165,7 @@ class RunDir:
         except OSError as e:
             if old.exists() and not self.path.exists():
                 os.rename(old, self.path)
-            raise storage_error(self.path, e, "cannot replace the old run in") from e
+            raise storage_error(self.path, e, f"cannot replace the old {self.kind} in") from e
         self.work = self.path
         self._committed = True
         shutil.rmtree(old, ignore_errors=True)

@@ -151,7 +151,7 @@ def test_resume_after_kill_skips_finished_runs(reference, tmp_path, capsys):
 
 
 def test_jobs_2_gives_the_serial_metrics(reference, tmp_path, monkeypatch):
-    import metagate.compare.main as compare_main
+    import metagate.compare.engine as compare_main
 
     pools = []
     real_pool = compare_main.worker_pool

@@ -1,6 +1,8 @@
 """``metagate compare``: gate specs x seeds on one task -- tables, paired intervals, files and figures.
 
 Modules, one concept each: :mod:`~metagate.compare.specs` (``name:opt=val,...``),
+:mod:`~metagate.compare.engine` (the one engine: output directory, teachers, resume, backends, outputs) fed by
+:mod:`~metagate.compare.main` (the command line's cells) and :mod:`~metagate.compare.user` (``compare_gates``'),
 :mod:`~metagate.compare.grid` (cells, run directories, resume state), :mod:`~metagate.compare.cell`
 (one run and its row), :mod:`~metagate.compare.backends` (serial, ``--jobs``, Ray),
 :mod:`~metagate.compare.stats` and :mod:`~metagate.compare.summary` (mean ± std, paired intervals, cost),
@@ -31,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="every seed reuses the --data-seed draw (split, noise, teachers): seeds then vary only "
                         "the training (one teacher set to train instead of one per seed)")
     g.add_argument("--out", "--logdir", dest="out", default="runs/compare",
-                   help="output directory: results.{json,csv,md}, figures, runs/<gate>/seed<N>")
+                   help="output directory: results.{json,csv,md}, figures, runs/<gate>/seed<N>; new, empty or a "
+                        "compare output (marked .metagate-compare), locked while the compare runs")
     g.add_argument("--jobs", type=int, default=1, help="cells run at once (worker processes, or Ray trials)")
     g.add_argument("--threads", type=int, default=0, help="torch threads per cell (0: CPU cores // --jobs)")
     g.add_argument("--backend", choices=["local", "ray"], default="local",
@@ -41,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--interval", choices=["t", "bootstrap"], default="t",
                    help="paired 95%% interval shown in the tables (the JSON holds both)")
     g.add_argument("--bootstrap-samples", type=int, default=10_000, help="bootstrap resamples of the seeds")
-    g.add_argument("--overwrite", action="store_true", help="rerun every cell instead of resuming")
+    g.add_argument("--overwrite", action="store_true", help="rerun every cell instead of resuming: the new output replaces the old one (a compare "
+                                             "output only) when it is complete")
     g.add_argument("--config", default=None, help="YAML file of options (parsed as data; flags win)")
     add_gate_arguments(p)
 

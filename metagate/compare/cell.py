@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,13 @@ def _weight_histograms(unit_weights: torch.Tensor, corrupted: torch.Tensor, name
     return out
 
 
-def _artefacts(cfg: DistillConfig, task: Task, teacher_names: list[str]) -> dict[str, Any]:
-    """Reliability bins of the final student on test and the weight histograms, from the final checkpoint."""
-    state = safe_load(cfg.run_dir / "checkpoint.pt")
-    student = task.make_student(cfg.student)
-    student.load_state_dict(state["student"])
+def artefacts(student: torch.nn.Module, unit_weights: torch.Tensor, step: int, task: Task,
+              teacher_names: list[str]) -> dict[str, Any]:
+    """Reliability bins of the final ``student`` on test and the histograms of the last ``unit_weights``."""
     student.eval()
     with torch.no_grad():
         logits = torch.cat([student(task.test.x[i : i + 2048]) for i in range(0, len(task.test), 2048)])
-    y, corrupted, uw = task.test.y, task.corrupted, state["unit_weights"]
+    y, corrupted, uw = task.test.y, task.corrupted, unit_weights.detach().cpu()
     if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
         keep = y != PAD_ID
         logits, y = logits[keep], y[keep]
@@ -117,32 +116,48 @@ def _artefacts(cfg: DistillConfig, task: Task, teacher_names: list[str]) -> dict
         uw, corrupted = uw[real], corrupted.reshape(-1)[real]
     b = calibration_bins(torch.softmax(logits.double(), -1), y)
     out: dict[str, Any] = {"calibration": {k: b[k].tolist() for k in ("count", "confidence", "accuracy")}}
-    if uw.shape[1] > 1 and state["step"] > 0:
+    if uw.shape[1] > 1 and step > 0:
         out["weights"] = _weight_histograms(uw, corrupted, teacher_names)
     return out
 
 
-def run_cell(payload: dict[str, Any]) -> dict[str, Any]:
+def _artefacts(cfg: DistillConfig, task: Task, teacher_names: list[str]) -> dict[str, Any]:
+    """:func:`artefacts` of a command-line run, from its final checkpoint."""
+    state = safe_load(cfg.run_dir / "checkpoint.pt")
+    student = task.make_student(cfg.student)
+    student.load_state_dict(state["student"])
+    return artefacts(student, state["unit_weights"], int(state["step"]), task, teacher_names)
+
+
+#: one run of a cell: ``(config, payload) -> row`` (the command line's :func:`run_one`, or the Python API's)
+RunOne = Callable[[DistillConfig, dict[str, Any]], dict[str, Any]]
+
+
+def run_cell(payload: dict[str, Any], context: Any = None) -> dict[str, Any]:
     """Run (or continue) one cell from its :meth:`~metagate.compare.grid.Cell.payload`; return its row.
 
     The row -- metrics, timing, fingerprints of the data draw and teachers, the full config, figure data --
     is also written into the run's ``metrics.json`` under ``"compare"``: the mark of a finished cell. A gate
     tuned on ``select`` (``fixed-tuned``) runs its grid first (:func:`run_tuned`).
+
+    :param context: ``None``: a command-line cell (a built-in task, :func:`run_one`); else the Python API's
+        :class:`~metagate.compare.user.UserRuns` (the user's prepared data, teachers and student)
     """
     from metagate.gates import get_gate_class
 
     cfg = DistillConfig(**{**payload["config"], "train": dict(payload["config"]["train"])})
+    one: RunOne = run_one if context is None else context.run_one
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(payload["threads"])))
     try:
         if getattr(get_gate_class(cfg.gate), "tuned_on_select", False):
-            return run_tuned(cfg, payload)
-        return run_one(cfg, payload)
+            return run_tuned(cfg, payload, one)
+        return one(cfg, payload)
     finally:
         torch.set_num_threads(threads)
 
 
-def run_tuned(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
+def run_tuned(cfg: DistillConfig, payload: dict[str, Any], one: RunOne) -> dict[str, Any]:
     """Every grid point of a ``fixed-tuned`` cell as a ``fixed`` run in ``<cell>/grid/`` (each resumable on its
     own), the one with the best ``select`` accuracy (ties: lower ``select`` NLL) is the cell's row; the grid,
     each point's select scores and the choice are written into the row under ``"tuning"``."""
@@ -157,7 +172,7 @@ def run_tuned(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
         sub = replace(cfg, gate="fixed", gate_options={"alpha": p["alpha"], "tau": p["tau"]},
                       train=replace(cfg.train, lr=p["lr"]), logdir=str(cfg.run_dir / "grid" / name))
         done = read_metrics_row(sub.run_dir)
-        row = done if done is not None else run_one(sub, {**payload, "label": f"{payload['label']}/{name}",
+        row = done if done is not None else one(sub, {**payload, "label": f"{payload['label']}/{name}",
                                                           "gate": "fixed", "config": asdict(sub)})
         scored.append((row["metrics"]["select/acc"], -row["metrics"]["select/nll"], len(scored), p, row))
     best = max(scored, key=lambda t: t[:3])
@@ -179,8 +194,78 @@ def read_metrics_row(run_dir: Path) -> dict[str, Any] | None:
     return blob.get("compare") if isinstance(blob, dict) else None
 
 
+def start_cell(run_dir: Path, payload: dict[str, Any], resumable: bool = True) -> int:
+    """Make ``run_dir`` ready for a cell's run: the epoch its checkpoint continues from (0: a new run; a
+    directory without a checkpoint, or one that cannot be ``resumable``, holds nothing to keep: the cell's run
+    directories lie inside the locked compare output), marked and holding the cell record ``cell.json``."""
+    ckpt = run_dir / "checkpoint.pt"
+    start_epoch = 0
+    if ckpt.exists() and resumable:
+        start_epoch = int(safe_load(ckpt).get("epoch", 0))
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    mark_run_dir(run_dir)  # the cell record goes in first: run_distill accepts marked directories only
+    atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
+    return start_epoch
+
+
+class EpochTimer:
+    """The ``on_epoch_end`` hook that times a cell's run: wall time, epochs trained and the time per epoch
+    between epoch ends (training, evaluation, checkpoint: no set-up, no first-epoch warm-up; one epoch alone
+    is timed from the start of the run)."""
+
+    def __init__(self, start_epoch: int = 0) -> None:
+        self.start_epoch, self.t0, self.ends = start_epoch, time.perf_counter(), []  # type: list[float]
+
+    def __call__(self, *_: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def timing(self) -> dict[str, Any]:
+        ends, t0, epochs = self.ends, self.t0, len(self.ends)
+        per_epoch = ((ends[-1] - ends[0]) / (epochs - 1) if epochs > 1 else
+                     (ends[0] - t0) if epochs else float("nan"))
+        return {"seconds": time.perf_counter() - t0, "epochs_trained": epochs, "per_epoch": per_epoch,
+                "resumed_from_epoch": self.start_epoch}
+
+
+def bank_fingerprint(bank: Any) -> str:
+    """A hash of a bank's cached logits (an online bank's module columns have none: their names)."""
+    logits = getattr(bank, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return _hash(logits)
+    return hashlib.sha256(",".join(bank.names).encode()).hexdigest()[:16]
+
+
+def make_row(cfg: DistillConfig, payload: dict[str, Any], task: Task, result: dict[str, Any],
+             teachers: dict[str, Any], timing: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
+    """A cell's row, also written into its ``metrics.json`` under ``"compare"`` (the mark of a finished cell).
+
+    :param result: the run's final metrics (a ``"teachers"`` entry is dropped from the row's metrics)
+    :param teachers: ``names``, ``fingerprint`` and ``stats`` of the bank (empty for a gate without teachers)
+    :param timing: ``seconds``, ``epochs_trained``, ``per_epoch``, ``resumed_from_epoch``
+    :param figures: :func:`artefacts`
+    """
+    metrics = {k: v for k, v in result.items() if k != "teachers"}
+    row: dict[str, Any] = {
+        "label": payload["label"], "gate": payload["gate"], "seed": payload["seed"],
+        "options": payload["options"], "metrics": metrics,
+        "time": {"seconds": timing["seconds"], "epochs_trained": timing["epochs_trained"],
+                 "per_epoch": timing["per_epoch"],
+                 "steps_per_epoch": math.ceil(len(task.train) / cfg.train.batch_size),
+                 "threads": torch.get_num_threads(), "resumed_from_epoch": timing["resumed_from_epoch"]},
+        "fingerprints": {"data": task.fingerprint(), "noise": _hash(task.corrupted.to(torch.uint8)),
+                         "split": _hash(task.meta.x, task.meta.y, task.select.x, task.select.y),
+                         "teachers": teachers["fingerprint"]},
+        "teachers": [{**s, "name": n} for s, n in zip(teachers["stats"], teachers["names"])],
+        "config": payload["config"],
+    }
+    row.update(figures)
+    atomic_write_text(cfg.run_dir / "metrics.json", json.dumps({**result, "compare": row}, indent=2))
+    return row
+
+
 def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
-    """One distillation run of a cell (continued from its checkpoint when there is one); its row."""
+    """One distillation run of a command-line cell (continued from its checkpoint when there is one); its row."""
     run_dir = cfg.run_dir
     task = task_of(cfg)
     from metagate.gates import get_gate_class
@@ -192,43 +277,14 @@ def run_one(cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"teacher cache incomplete for {payload['label']} seed {payload['seed']}: "
                                   f"{missing[0]} is missing (the compare trains teachers before any run)")
         bank, stats = load_teachers(cfg, task, progress=False)
-        teachers = {"names": bank.names, "fingerprint": _hash(bank.logits), "stats": stats}
-    ckpt = run_dir / "checkpoint.pt"
-    start_epoch = 0
-    if ckpt.exists():
-        cfg.resume = True
-        start_epoch = int(safe_load(ckpt).get("epoch", 0))
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)  # a directory without a checkpoint holds nothing to keep
-    mark_run_dir(run_dir)  # the cell record goes in first: run_distill accepts marked directories only
-    atomic_write_text(run_dir / "cell.json", json.dumps(payload, indent=2))
-    ends: list[float] = []
-    t0 = time.perf_counter()
+        teachers = {"names": bank.names, "fingerprint": bank_fingerprint(bank), "stats": stats}
+    start_epoch = start_cell(run_dir, payload)
+    cfg.resume = (run_dir / "checkpoint.pt").exists()
+    timer = EpochTimer(start_epoch)
     # run_distill builds the gate after seeding: a gate built here would start from whatever random state
     # the cells before it in this process left (a worker's cells differ from the serial order)
-    result = run_distill(cfg, task=task, on_epoch_end=lambda *_: ends.append(time.perf_counter()))
-    elapsed = time.perf_counter() - t0
-    epochs = len(ends)
-    # between epoch ends (training, evaluation, checkpoint): no set-up, no first-epoch warm-up; one
-    # epoch alone is timed from the start of the run
-    per_epoch = ((ends[-1] - ends[0]) / (epochs - 1) if epochs > 1 else
-                 (ends[0] - t0) if epochs else float("nan"))
-    metrics = {k: v for k, v in result.items() if k != "teachers"}
-    row: dict[str, Any] = {
-        "label": payload["label"], "gate": payload["gate"], "seed": payload["seed"],
-        "options": payload["options"], "metrics": metrics,
-        "time": {"seconds": elapsed, "epochs_trained": epochs, "per_epoch": per_epoch,
-                 "steps_per_epoch": math.ceil(len(task.train) / cfg.train.batch_size),
-                 "threads": torch.get_num_threads(), "resumed_from_epoch": start_epoch},
-        "fingerprints": {"data": task.fingerprint(), "noise": _hash(task.corrupted.to(torch.uint8)),
-                         "split": _hash(task.meta.x, task.meta.y, task.select.x, task.select.y),
-                         "teachers": teachers["fingerprint"]},
-        "teachers": [{**s, "name": n} for s, n in zip(teachers["stats"], teachers["names"])],
-        "config": payload["config"],
-    }
-    row.update(_artefacts(cfg, task, teachers["names"]))
-    atomic_write_text(run_dir / "metrics.json", json.dumps({**result, "compare": row}, indent=2))
-    return row
+    result = run_distill(cfg, task=task, on_epoch_end=timer)
+    return make_row(cfg, payload, task, result, teachers, timer.timing(), _artefacts(cfg, task, teachers["names"]))
 
 
 def finished_row(run_dir: Path) -> dict[str, Any]:

@@ -47,6 +47,20 @@ def is_baseline(gate: str) -> bool:
     return gate in RULE_GATES or bool(getattr(get_gate_class(gate), "baseline", False))
 
 
+def refuse_repeated_options(text: str, label: str) -> None:
+    """``fixed:alpha=0.3,alpha=0.5`` would run with the last value under a label naming both: refuse it.
+
+    :raises ConfigError: naming the spec and the option given twice
+    """
+    _, _, rest = label.partition(":")
+    seen: set[str] = set()
+    for item in filter(None, rest.split(",")):
+        key = item.partition("=")[0].replace("-", "_")
+        if key in seen:
+            raise ConfigError(f"--gates {text!r}: option {key!r} is given twice; give each option once")
+        seen.add(key)
+
+
 def parse_specs(texts: list[str], base_options: dict[str, Any] | None = None) -> list[GateSpec]:
     """Parse and check every ``--gates`` entry (see :func:`metagate.bench.parse_gate_spec`).
 
@@ -59,6 +73,7 @@ def parse_specs(texts: list[str], base_options: dict[str, Any] | None = None) ->
     specs: list[GateSpec] = []
     for text in texts:
         label = "".join(text.split())
+        refuse_repeated_options(text, label)
         name, opts = parse_gate_spec(label)
         try:
             takes = get_gate_class(name).config_class.option_names()
