@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
+from metagate.calibration import calibrate_teachers, calibrated_bank, calibration_record, split_logits
 from metagate.data import get_task
 from metagate.data.task import Task
 from metagate.errors import ConfigError
@@ -21,7 +24,7 @@ from metagate.rundir import RunDir
 from metagate.seq_bank import build_seq_bank
 from metagate.teachers import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
-from metagate.units import is_sequence
+from metagate.units import PAD_ID, is_sequence
 
 
 @dataclass
@@ -53,6 +56,10 @@ class DistillConfig(Options):
                                            "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
                                            "added to the bank after the trained teachers", metavar="[NAME=]PATH")
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
+    teacher_calibration: str = option("none", "temperature: the gate reads calibrated teachers, each teacher's logits "
+                                      "divided by the temperature fitted by NLL on the clean meta split (Guo et al. "
+                                      "2017); the hard gate asks for them itself unless --hard-tau is a number",
+                                      choices=("none", "temperature"))
     gate: str = option("fixed", "which gate decides W")
     gate_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -155,7 +162,39 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
             raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
         taken.add(name)
         stats.append({"name": name, "kind": "file"})  # type: ignore[dict-item]
+    fit_teacher_temperatures(bank, task, modules, device, stats)
     return bank, stats
+
+
+#: fixed teacher temperatures scored beside tau = 1 and the fitted one (1.5: HKD's fixed temperature)
+SCORED_TAUS = (1.5,)
+
+
+def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], device: Any,
+                             stats: list[dict[str, Any]]) -> None:
+    """Temperature scaling of the run's teachers on the clean ``meta`` split: ``bank.calibration`` (a
+    :class:`~metagate.calibration.TeacherCalibration`) and each teacher's stats (``tau``, ``meta_nll_tau1``,
+    ``meta_ece_tau1``, ``meta_nll``, ``meta_ece`` at ``tau``). Teachers from logits files have no logits on
+    ``meta``: they keep ``tau = 1`` (``calibrated: false``) and the ensemble is not refitted."""
+    k_mod, k = len(modules), bank.num_teachers
+    y = task.meta.y
+    if is_sequence(task):
+        y = y[y != PAD_ID]  # the real tokens, in the order split_logits returns them
+    lg = split_logits(modules, task.meta, device)[0] if modules else torch.zeros(len(y), 0, bank.num_classes)
+    if k_mod < k:  # file teachers: zero logits stand in (never fitted, never scored)
+        lg = torch.cat([lg, torch.zeros(len(y), k - k_mod, lg.shape[-1])], dim=1)
+    fitted = [i < k_mod for i in range(k)]
+    cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
+    bank.calibration = cal  # type: ignore[attr-defined]
+    for st, n, tau, ok in zip(stats, cal.names, cal.taus, fitted):
+        st["tau"], st["calibrated"] = tau, ok  # type: ignore[assignment]
+        st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
+
+
+def wants_calibrated_teachers(cfg: DistillConfig, gate: Gate) -> bool:
+    """``--teacher-calibration temperature``, or a gate that asks for calibrated teachers itself
+    (``gate.teacher_calibration == "temperature"``: ``hard`` unless ``--hard-tau`` is a number)."""
+    return cfg.teacher_calibration == "temperature" or getattr(gate, "teacher_calibration", None) == "temperature"
 
 
 def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -196,6 +235,8 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
         with preserved_rng():
             bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
                             else (None, []))
+        if bank is not None and wants_calibrated_teachers(cfg, gate):
+            bank = calibrated_bank(bank)
         student = task.make_student(cfg.student)
         identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
                     task.default_student, "teachers": ",".join(bank.names) if bank else ""}
@@ -205,7 +246,12 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
             trainer.load_checkpoint(ckpt)
         try:
             metrics = trainer.fit(on_epoch_end)
-            trainer.log_final(metrics, cfg.hparams(gate))
+            cal = getattr(bank, "calibration", None)
+            if cal is not None:  # the teachers' temperature fit: TensorBoard scalars, HPARAMS, metrics.json
+                metrics = {**metrics, **calibration_record(cal)}
+            hp = cfg.hparams(gate)
+            hp["teacher_calibration"] = "temperature" if getattr(bank, "calibrated", False) else "none"
+            trainer.log_final(metrics, hp)
         finally:
             trainer.logger.close()
         result: dict[str, Any] = dict(metrics)

@@ -130,12 +130,12 @@ def test_kd_column_student_at_tau_one_by_hand():
     kl_hinton = 1.5**2 * (q * math.log(q / ps) + (1 - q) * math.log((1 - q) / (1 - ps)))
     assert round(kl_paper, 5) == 0.01022 and round(kl_hinton, 5) == 0.01185
     view = UnitView(s, t, y, torch.ones(1), None, (1, 1))
-    out = HardGate().weights(view)
+    out = HardGate(hard_tau=1.5).weights(view)
     assert (out.tau, out.student_tau) == (1.5, 1.0)
     cols = unit_losses(s, t, y, out.tau, student_tau=out.student_tau)
     assert cols[0, 1].item() == pytest.approx(kl_paper, rel=1e-5)
     assert cols[0, 0].item() == pytest.approx(-math.log(p), rel=1e-6)
-    out_h = HardGate(hard_temper_student=True).weights(view)
+    out_h = HardGate(hard_tau=1.5, hard_temper_student=True).weights(view)
     assert out_h.student_tau is None  # the trainer then puts the student at tau as well
     cols_h = unit_losses(s, t, y, out_h.tau, student_tau=out_h.student_tau)
     assert cols_h[0, 1].item() == pytest.approx(kl_hinton, rel=1e-5)
@@ -147,7 +147,7 @@ def test_trainer_step_uses_the_gates_student_temperature(digits_noisy, digits_ba
 
     bank, _ = digits_bank
     for temper, st in ((False, 1.0), (True, None)):
-        tr = Trainer(digits_noisy, digits_noisy.make_student(), HardGate(hard_temper_student=temper), bank,
+        tr = Trainer(digits_noisy, digits_noisy.make_student(), HardGate(hard_tau=1.5, hard_temper_student=temper), bank,
                      TrainConfig(device="cpu", progress=False))
         batch = next(tr.epoch_batches(0))
         with torch.no_grad():
@@ -187,12 +187,12 @@ def test_fast_path_matches_pure_function(digits_noisy, digits_bank):
     from metagate.trainer import TrainConfig, Trainer
 
     bank, _ = digits_bank
-    gate = HardGate()
+    gate = HardGate(hard_tau=1.5)
     tr = Trainer(digits_noisy, digits_noisy.make_student(), gate, bank, TrainConfig(device="cpu", progress=False))
     batch = next(tr.epoch_batches(0))
     view = tr.make_view(batch, tr.student(batch.x))
     fast = gate.weights(view).weights
-    slow = HardGate().weights(view).weights  # no setup() -> generic path
+    slow = HardGate(hard_tau=1.5).weights(view).weights  # no setup() -> generic path
     torch.testing.assert_close(fast, slow)
     assert 0 < fast[:, 0].mean() < 1
 
@@ -202,7 +202,7 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
 
     bank, _ = digits_bank
     student = digits_noisy.make_student().double()
-    gate = HardGate()
+    gate = HardGate(hard_tau=1.5)
     gate.setup(SimpleNamespace(bank=bank, train_y=digits_noisy.train.y, dtype=torch.float64))
     ids = torch.arange(64)
     logits = student(digits_noisy.train.x[ids].double())
@@ -210,7 +210,7 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
                     num_teachers=bank.num_teachers)
     fast = gate.weights(view).weights
     assert fast.dtype == torch.float64
-    slow = HardGate().weights(view).weights  # no setup() -> generic path, cast to the logits' dtype
+    slow = HardGate(hard_tau=1.5).weights(view).weights  # no setup() -> generic path, cast to the logits' dtype
     torch.testing.assert_close(fast, slow)
 
 
