@@ -218,3 +218,30 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
 def test_bad_options(kw):
     with pytest.raises(ConfigError, match=next(iter(kw)).replace("_", "-")):
         HardGate(**kw)
+
+
+def test_fixed_tau_reproduces_the_uncalibrated_gate_exactly(tmp_path):
+    """``--hard-tau 1.5`` is the gate as it was before calibrated teachers became the default: a two-epoch
+    digits run (40% noise) gives the golden numbers of the previous default, bit for bit; the calibrated
+    default decides differently (less label weight on the corrupted units)."""
+    from metagate.run import DistillConfig, run_distill
+    from metagate.trainer import TrainConfig
+
+    def run(opts, name):
+        cfg = DistillConfig(task="digits", noise=0.4, gate="hard", gate_options=opts, logdir=str(tmp_path / name),
+                            train=TrainConfig(epochs=2, device="cpu", progress=False))
+        return run_distill(cfg)
+
+    old = run({"hard_tau": 1.5}, "fixed")
+    assert old["test/acc"] == 0.4288888888888889 and old["test/nll"] == 2.082245810243371
+    assert old["gate/mean_w_label"] == 0.7605285048484802 and old["diag/w_label_corrupted"] == 0.40082645416259766
+    new = run({}, "calibrated")
+    assert new["diag/w_label_corrupted"] < 0.2 < old["diag/w_label_corrupted"]
+
+
+def test_hard_tau_takes_a_number_or_calibrated():
+    assert HardGate().teacher_calibration == "temperature" and HardGate(hard_tau="calibrated").teacher_tau == 1.0
+    g = HardGate(hard_tau="2")  # the command line's text
+    assert (g.teacher_calibration, g.teacher_tau, g.gauge_tau) == (None, 2.0, 2.0)
+    with pytest.raises(ConfigError, match=r"--hard-tau \(HardConfig\) must be a number or one of calibrated, got .warm."):
+        HardGate(hard_tau="warm")

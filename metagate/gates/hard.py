@@ -122,7 +122,7 @@ class HardConfig(GateConfig):
                                    "'calibrated' (the paper's calibrated teacher: each teacher at its temperature "
                                    "fitted by NLL on the clean meta split, the ensemble gauge at its own) or a "
                                    "number > 0 for every teacher (not the paper's; 1.5 was this gate's default "
-                                   "before); the student stays at 1 unless --hard-temper-student",
+                                   "before); the teachers only, the student stays at temperature 1",
                                    choices=("calibrated",))
     hard_temper_student: bool = option(False, "KD term in Hinton's form tau^2*KL(softmax(t/tau)||softmax(s/tau)) "
                                              "instead of the paper's KL(softmax(t/tau)||softmax(s)) "
