@@ -172,6 +172,10 @@ class GateContext(Protocol):
     train_x: Tensor
     train_y: Tensor
     meta: Split
+    # the recorded truth, for the oracle gates only (a real gate never reads it): [N_units] bool, and each
+    # teacher's top class against the clean label [N_units, K] (None without a bank)
+    corrupted: Tensor
+    teacher_right: Tensor | None
 
     @property
     def dtype(self) -> torch.dtype: ...  # the student's parameter dtype
