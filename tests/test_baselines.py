@@ -107,4 +107,4 @@ def test_oracle_gates_in_a_run_read_the_recorded_truth(digits_noisy, digits_bank
     right = (bank.logits.argmax(-1) == digits_noisy.clean_train_labels.view(-1, 1))
     some = right.any(1)
     assert torch.equal(t[some, 1:] > 0, right[some]) and bool((t[~some, 1:] > 0).all())
-    assert OracleFilterGate.oracle and not getattr(OracleFilterGate, "baseline")
+    assert OracleFilterGate.oracle and not OracleFilterGate.baseline

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from metagate.errors import ConfigError
-from metagate.gates.baselines import _TableGate
 from metagate.gates.base import GateContext
+from metagate.gates.baselines import _TableGate
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 
