@@ -20,7 +20,7 @@ from metagate.compare.backends import map_processes, run_jobs, run_ray, run_seri
 from metagate.compare.cell import finished_row, prepare_teachers
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, build_grid, cell_state, read_json
-from metagate.compare.outputs import cost_table, results_table, sequence_table, write_outputs
+from metagate.compare.outputs import cost_table, headline, results_table, sequence_table, write_outputs
 from metagate.compare.specs import GateSpec, parse_specs
 from metagate.compare.summary import summarise
 from metagate.errors import ConfigError
@@ -174,4 +174,7 @@ def _run_compare(args: argparse.Namespace, specs: list[GateSpec], cells: list[Ce
     print(cost_table(summary))
     print(f"\nfiles in {out}: {', '.join(sorted(p.name for p in paths.values()))}   "
           f"(tensorboard --logdir {out / 'runs'})")
+    lines = headline(summary)
+    if lines:
+        print(f"\n{lines}")
     return {"rows": ordered, "summary": summary, "paths": paths}
