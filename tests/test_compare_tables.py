@@ -41,3 +41,16 @@ def test_mass_kind_headroom_and_headline():
     assert "| `oracle-filter` | oracle |" in table
     assert headline(s) == ("meta: +2.00 [2.00, 2.00] acc points vs best baseline ca-mkd; captured 30% of "
                            "oracle-filter's 10.00-point gain over fixed")
+
+
+def test_no_share_when_the_oracle_gain_is_noise():
+    rows = []
+    for seed, d in enumerate((0.02, -0.03, 0.015)):  # oracle - fixed: +2, -3, +1.5 points: mean +0.17, t CI spans 0
+        rows += [_row("fixed", "fixed", seed, 0.80, (0.5, 0.25, 0.25)),
+                 _row("meta", "meta", seed, 0.81, (0.5, 0.25, 0.25)),
+                 _row("oracle-teachers", "oracle-teachers", seed, 0.80 + d, (0.5, 0.25, 0.25))]
+    s = summarise(rows, {"fixed": True, "meta": False, "oracle-teachers": False})
+    h = s["gates"]["meta"]["headroom"]["oracle-teachers"]
+    assert h["oracle_gain"] == pytest.approx(0.005 / 3) and h["oracle_gain_lo"] < 0 and h["share"] != h["share"]
+    assert "share of oracle-teachers's gain" in results_table(s)
+    assert headline(s).endswith("; oracle-teachers shows no headroom (0.17 points over fixed, interval reaching 0)")

@@ -96,9 +96,11 @@ def headline(summary: dict[str, Any]) -> str:
             continue
         vs = (f"{_interval(s.get('vs_best_baseline'), 'test/acc', 100.0, 2)} acc points vs best baseline {best}"
               if best and s.get("vs_best_baseline") else "no baseline to compare with")
-        room = [f"{_share(h)} of {o}'s {_num(100 * h['oracle_gain'], 2)}-point gain over {summary['fixed']}"
-                for o, h in s.get("headroom", {}).items()]
-        lines.append(f"{label}: {vs}" + (f"; captured {', '.join(room)}" if room else ""))
+        room = [f"captured {_share(h)} of {o}'s {_num(100 * h['oracle_gain'], 2)}-point gain over {summary['fixed']}"
+                if not math.isnan(h["share"]) else
+                f"{o} shows no headroom ({_num(100 * h['oracle_gain'], 2)} points over {summary['fixed']}, "
+                "interval reaching 0)" for o, h in s.get("headroom", {}).items()]
+        lines.append("; ".join([f"{label}: {vs}", *room]))
     return "\n".join(lines)
 
 
@@ -182,7 +184,8 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
              f"[{summary['interval']} 95% interval]. Best baseline: the non-learned gate with the best mean "
              "test accuracy (oracles, which read the recorded clean labels, are never one). Weight / unit: the mean "
              "total weight of a training unit (label + teachers; fixed: 1). Share of an oracle's gain: the learned "
-             "gate's mean accuracy gain over fixed divided by the oracle's.", "", results_table(summary), ""]
+             "gate's mean accuracy gain over fixed divided by the oracle's (- when the oracle's own gain is not "
+             "significant: no headroom measured).", "", results_table(summary), ""]
     lines = headline(summary)
     if lines:
         parts += [lines.replace("\n", "  \n"), ""]
