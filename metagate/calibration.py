@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metagate.bank import TeacherBank
 from metagate.errors import ConfigError, InputError
 from metagate.metrics import ece_mce
+from metagate.seq_bank import SeqTeacherBank
+from metagate.seq_models import PAD
 
 if TYPE_CHECKING:  # pragma: no cover
-    from metagate.bank import TeacherBank
     from metagate.data.task import Split
 
 #: the search interval of a temperature
@@ -180,8 +182,6 @@ def split_logits(modules: list[nn.Module], split: Split, device: torch.device | 
                  batch_size: int = 512) -> tuple[Tensor, Tensor]:
     """The teachers' logits on a split, ``([M, K, C], [M])``: one row per example, or per real token of a
     sequence split (teacher forcing; padding tokens dropped)."""
-    from metagate.seq_models import PAD
-
     outs = []
     for m in modules:
         m.eval().to(device)
@@ -202,9 +202,6 @@ def calibrated_bank(bank: TeacherBank) -> TeacherBank:
     Sequence banks stored top-k (log-probabilities of the k most likely tokens and the rest's mass) are scaled
     the same way: exact for the kept tokens' ratios, the rest's mass is tempered as one class.
     """
-    from metagate.bank import TeacherBank
-    from metagate.seq_bank import SeqTeacherBank
-
     cal: TeacherCalibration | None = getattr(bank, "calibration", None)
     if cal is None:
         raise ConfigError("calibrated teachers need a temperature fit on the meta split (the run's teachers "
