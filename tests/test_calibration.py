@@ -111,3 +111,23 @@ def test_hard_calibrated_run_records_the_fit(tmp_path):
     assert math.isfinite(r["teachers/ensemble_tau"])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["teachers/meta_ece_ensemble"] < saved["teachers/meta_ece_tau1_ensemble"]
+
+
+def test_any_gate_can_ask_for_calibrated_teachers(tmp_path):
+    from metagate.gates.hard import HardGate
+    from metagate.run import DistillConfig, build_gate, run_distill, wants_calibrated_teachers
+    from metagate.trainer import TrainConfig
+
+    plain = DistillConfig(task="digits", noise=0.4, gate="fixed")
+    assert not wants_calibrated_teachers(plain, build_gate("fixed"))
+    assert wants_calibrated_teachers(plain, HardGate()) and not wants_calibrated_teachers(plain, HardGate(hard_tau=1.5))
+    assert wants_calibrated_teachers(plain, build_gate("hard+temperature"))  # a composition asks for its part
+    cfg = DistillConfig(task="digits", noise=0.4, gate="fixed", teacher_calibration="temperature",
+                        logdir=str(tmp_path / "cal"), train=TrainConfig(epochs=1, device="cpu", progress=False))
+    cal = run_distill(cfg)
+    base = run_distill(DistillConfig(task="digits", noise=0.4, gate="fixed", logdir=str(tmp_path / "raw"),
+                                     train=TrainConfig(epochs=1, device="cpu", progress=False)))
+    hp = [json.loads((tmp_path / d / "hparams.json").read_text())["hparams"] for d in ("cal", "raw")]
+    assert [h["teacher_calibration"] for h in hp] == ["temperature", "none"]
+    assert cal["test/nll"] != base["test/nll"]  # the KD targets changed
+    assert cal["teachers/tau_teacher0"] == base["teachers/tau_teacher0"]  # one fit, recorded either way
