@@ -173,9 +173,10 @@ SCORED_TAUS = (1.5,)
 def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], device: Any,
                              stats: list[dict[str, Any]]) -> None:
     """Temperature scaling of the run's teachers on the clean ``meta`` split: ``bank.calibration`` (a
-    :class:`~metagate.calibration.TeacherCalibration`) and each teacher's stats (``tau``, ``meta_nll_tau1``,
-    ``meta_ece_tau1``, ``meta_nll``, ``meta_ece`` at ``tau``). Teachers from logits files have no logits on
-    ``meta``: they keep ``tau = 1`` (``calibrated: false``) and the ensemble is not refitted."""
+    :class:`~metagate.calibration.TeacherCalibration`) and each trained teacher's stats (``tau``, ``meta_nll_tau1``,
+    ``meta_ece_tau1``, ``meta_nll_tau1.5``, ..., ``meta_nll``, ``meta_ece`` at ``tau``). Teachers from logits files
+    have no logits on ``meta``: they keep ``tau = 1`` (``bank.calibration.calibrated``) and the ensemble is not
+    refitted."""
     k_mod, k = len(modules), bank.num_teachers
     y = task.meta.y
     if is_sequence(task):
@@ -186,8 +187,8 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
     fitted = [i < k_mod for i in range(k)]
     cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
     bank.calibration = cal  # type: ignore[attr-defined]
-    for st, n, tau, ok in zip(stats, cal.names, cal.taus, fitted):
-        st["tau"], st["calibrated"] = tau, ok  # type: ignore[assignment]
+    for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
+        st["tau"] = tau
         st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
 
 
@@ -246,11 +247,13 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
             trainer.load_checkpoint(ckpt)
         try:
             metrics = trainer.fit(on_epoch_end)
-            cal = getattr(bank, "calibration", None)
-            if cal is not None:  # the teachers' temperature fit: TensorBoard scalars, HPARAMS, metrics.json
-                metrics = {**metrics, **calibration_record(cal)}
             hp = cfg.hparams(gate)
-            hp["teacher_calibration"] = "temperature" if getattr(bank, "calibrated", False) else "none"
+            cal = getattr(bank, "calibration", None)
+            if cal is not None:  # the teachers' temperature fit (per teacher also in the teacher stats)
+                for tag, v in calibration_record(cal).items():
+                    trainer.logger.scalar(tag, v, trainer.step)
+                hp.update({f"teacher_tau{k}": t for k, t in enumerate(cal.taus)})
+                hp["teacher_ensemble_tau"] = cal.ensemble_tau
             trainer.log_final(metrics, hp)
         finally:
             trainer.logger.close()

@@ -99,7 +99,10 @@ def test_digits_teachers_calibrated_on_meta(digits_noisy, digits_bank):
 
 
 def test_hard_calibrated_run_records_the_fit(tmp_path):
-    """A distill run of hard (calibrated by default): taus in metrics.json, HPARAMS and the teacher stats."""
+    """A distill run of hard (calibrated by default): taus in the teacher stats (metrics.json), HPARAMS and
+    TensorBoard, with the ensemble's fit."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from metagate.run import DistillConfig, run_distill
     from metagate.trainer import TrainConfig
 
@@ -107,10 +110,17 @@ def test_hard_calibrated_run_records_the_fit(tmp_path):
                         train=TrainConfig(epochs=1, device="cpu", progress=False))
     r = run_distill(cfg)
     taus = [t["tau"] for t in r["teachers"]]
-    assert [r[f"teachers/tau_teacher{k}"] for k in range(3)] == taus and all(0 < t < 1 for t in taus)
-    assert math.isfinite(r["teachers/ensemble_tau"])
+    assert all(0 < t < 1 for t in taus) and all(t["meta_nll"] <= t["meta_nll_tau1"] for t in r["teachers"])
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["teachers/meta_ece_ensemble"] < saved["teachers/meta_ece_tau1_ensemble"]
+    assert [t["tau"] for t in saved["teachers"]] == taus
+    hp = json.loads((tmp_path / "run" / "hparams.json").read_text())["hparams"]
+    assert [hp[f"teacher_tau{k}"] for k in range(3)] == taus and math.isfinite(hp["teacher_ensemble_tau"])
+    assert hp["hard_calibrated"] is True and hp["hard_gauge_tau"] == hp["teacher_ensemble_tau"]
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    tb = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("teachers/")}
+    assert tb["teachers/tau_teacher1"] == pytest.approx(taus[1], rel=1e-6)
+    assert tb["teachers/meta_ece_ensemble"] < tb["teachers/meta_ece_tau1_ensemble"]
 
 
 def test_any_gate_can_ask_for_calibrated_teachers(tmp_path):
@@ -130,4 +140,4 @@ def test_any_gate_can_ask_for_calibrated_teachers(tmp_path):
     hp = [json.loads((tmp_path / d / "hparams.json").read_text())["hparams"] for d in ("cal", "raw")]
     assert [h["teacher_calibration"] for h in hp] == ["temperature", "none"]
     assert cal["test/nll"] != base["test/nll"]  # the KD targets changed
-    assert cal["teachers/tau_teacher0"] == base["teachers/tau_teacher0"]  # one fit, recorded either way
+    assert cal["teachers"][0]["tau"] == base["teachers"][0]["tau"]  # one fit, recorded either way

@@ -36,12 +36,11 @@ class MetaConfig(GateConfig):
                                          "closed-form pass every 10 epochs from epoch 10, groups of 3 batches, "
                                          "5 iterations, lr 1500)", choices=("every", "amal"))
     meta_tau: float = option(4.0, "KD temperature (> 0)")
-    meta_init_label: float | None = option(None, "initial label weight (unset: 0.5, fixed's alpha; 0.1, AMAL's, "
-                                                 "under --meta-schedule amal)", shown="0.5")
+    meta_init_label: float | None = option(None, "initial label weight (unset: 0.5, fixed's alpha; AMAL's 0.1 "
+                                                 "under the amal schedule)", shown="0.5")
     meta_init_teacher: float | None = option(None, "initial weight of each teacher column (unset: (1 - label) / K, "
-                                                   "a row of total weight 1 as fixed's; 0.9, AMAL's, under "
-                                                   "--meta-schedule amal: total 0.1 + 0.9 K)",
-                                             shown="(1 - label) / K")
+                                                   "a row of total weight 1 as fixed's; AMAL's 0.9 under the amal "
+                                                   "schedule: total 0.1 + 0.9 K)", shown="(1 - label) / K")
     meta_normalize: str = option("none", "none (AMAL); unit: rows sum to the initial row sum; column: per batch, "
                                          "each column's mean is held at its initial value",
                                  choices=("none", "unit", "column"))
