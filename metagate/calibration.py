@@ -211,7 +211,10 @@ def calibrated_bank(bank: TeacherBank) -> TeacherBank:
     t = torch.tensor(cal.taus, dtype=torch.float32, device=bank.logits.device).view(1, -1, 1)
     out: TeacherBank
     if isinstance(bank, SeqTeacherBank):
-        out = SeqTeacherBank((bank.logits[:-1].float() / t).to(bank.logits.dtype), bank.token_index, bank.names)
+        scaled = bank.logits[:-1].float() / t
+        if scaled.abs().max() < torch.finfo(bank.logits.dtype).max:  # float16 storage kept unless it would overflow
+            scaled = scaled.to(bank.logits.dtype)
+        out = SeqTeacherBank(scaled, bank.token_index, bank.names)
     else:
         out = TeacherBank(bank.logits / t, list(bank.names))
     out.calibration = cal  # type: ignore[attr-defined]

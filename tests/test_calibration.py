@@ -141,3 +141,19 @@ def test_any_gate_can_ask_for_calibrated_teachers(tmp_path):
     assert [h["teacher_calibration"] for h in hp] == ["temperature", "none"]
     assert cal["test/nll"] != base["test/nll"]  # the KD targets changed
     assert cal["teachers"][0]["tau"] == base["teachers"][0]["tau"]  # one fit, recorded either way
+
+
+def test_calibrated_sequence_bank_scales_each_teacher_and_keeps_float16():
+    from metagate.calibration import TeacherCalibration
+    from metagate.seq_bank import SeqTeacherBank
+
+    g = torch.Generator().manual_seed(0)
+    tok = (4 * torch.randn(5, 2, 7, generator=g)).half()
+    bank = SeqTeacherBank(tok, torch.tensor([[0, 1, 5], [2, 3, 4]]), ["a", "b"])
+    bank.calibration = TeacherCalibration(["a", "b"], [0.5, 2.0], 1.0)
+    cb = calibrated_bank(bank)
+    assert cb.logits.dtype == torch.float16 and cb.calibrated
+    torch.testing.assert_close(cb.logits[:-1].float(), (tok.float() / torch.tensor([0.5, 2.0]).view(1, 2, 1)).half()
+                               .float())
+    bank.calibration = TeacherCalibration(["a", "b"], [1e-4, 1.0], 1.0)  # float16 would overflow: float32 kept
+    assert calibrated_bank(bank).logits.dtype == torch.float32

@@ -15,6 +15,14 @@ temperature 1), teacher ``q_tau = softmax(t / tau)``, gold token ``y_t``, sequen
 Over-confident student (its probability of the gold token above the calibrated teacher's): learn from
 the teacher (KD regularises); under-confident: learn from the label.
 
+The teacher is a *calibrated* one (the paper's premise: the teacher's probability is the expected accuracy).
+``--hard-tau calibrated`` (the default) reads the teachers calibrated by temperature scaling on the clean
+``meta`` split (:mod:`metagate.calibration`): ``q_k = softmax(t_k / tau_k)`` with ``tau_k`` fitted by NLL per
+teacher -- the KD target of teacher ``k`` -- and, for the gate, their ensemble calibrated as one gauge,
+``mean_k softmax(t_k / (tau_k r))`` with ``r`` fitted on ``meta`` as well. A number (``--hard-tau 1.5``, this
+gate's earlier default) tempers every teacher alike, gate and KD target; it is not the paper's (our teachers,
+trained on noisy labels, are under-confident: on digits with 40% noise the fitted temperatures are near 0.3).
+
 Source and what is ours. The search tool's page corpus holds the paper's title page, abstract and
 introduction only (jiubeiyun.com.cn/doc/34951.html, deepai, emergentmind, paperswithcode); the method
 section did not come back to any of the queries tried ("hard gate knowledge distillation token level
