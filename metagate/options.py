@@ -80,6 +80,14 @@ def check_value(owner: str, name: str, value: Any, annotation: Any, meta: dict[s
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if float in allowed and str in allowed and isinstance(value, str):  # a number or one of the named choices
+        choices = meta.get("choices") or ()
+        if value in choices:
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number or one of {', '.join(choices)}, got {value!r}") from None
     if int in allowed and float not in allowed:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
@@ -190,10 +198,14 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
             parser.add_argument(flag(f.name), action="append", default=None, help=helptext + "; repeatable",
                                 metavar=f.metadata.get("metavar") or f.name.upper().split("_")[-1])
         else:
-            typ = int if int in allowed and float not in allowed else float if float in allowed else str
-            parser.add_argument(flag(f.name), type=_parse(typ, f.name), default=None, help=helptext,
-                                choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
-                                else f.name.upper().split("_")[-1])
+            if float in allowed and str in allowed:  # a number or a named choice: checked by check_value
+                parser.add_argument(flag(f.name), type=str, default=None, help=helptext,
+                                    metavar="{" + ",".join(f.metadata.get("choices") or ()) + ",NUMBER}")
+            else:
+                typ = int if int in allowed and float not in allowed else float if float in allowed else str
+                parser.add_argument(flag(f.name), type=_parse(typ, f.name), default=None, help=helptext,
+                                    choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
+                                    else f.name.upper().split("_")[-1])
         if done is not None:
             done.add(f.name)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metagate.calibration import calibrated_bank, calibration_record
 from metagate.data import TaskConfig, get_task, task_config
 from metagate.data.task import Task
 from metagate.errors import ConfigError
@@ -46,6 +47,10 @@ class DistillConfig(Options):
                                            "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
                                            "added to the bank after the trained teachers", metavar="[NAME=]PATH")
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
+    teacher_calibration: str = option("none", "temperature: the gate reads calibrated teachers, each teacher's logits "
+                                      "divided by the temperature fitted by NLL on the clean meta split (Guo et al. "
+                                      "2017); the hard gate asks for them itself unless --hard-tau is a number",
+                                      choices=("none", "temperature"))
     gate: str = option("fixed", "which gate decides W")
     gate_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -103,6 +108,12 @@ class DistillConfig(Options):
         hp.update(option_values(self.train, "train_"))
         hp.update(gate.hparams())
         return {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else v) for k, v in hp.items()}
+
+
+def wants_calibrated_teachers(cfg: DistillConfig, gate: Gate) -> bool:
+    """``--teacher-calibration temperature``, or a gate that asks for calibrated teachers itself
+    (``gate.teacher_calibration == "temperature"``: ``hard`` unless ``--hard-tau`` is a number)."""
+    return cfg.teacher_calibration == "temperature" or gate.teacher_calibration == "temperature"
 
 
 def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
@@ -170,6 +181,8 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
         with preserved_rng():
             bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
                             else (None, []))
+        if bank is not None and wants_calibrated_teachers(cfg, gate):
+            bank = calibrated_bank(bank)
         student = task.make_student(cfg.student)
         identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
                     task.default_student, "teachers": ",".join(bank.names) if bank else ""}
@@ -179,7 +192,14 @@ def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None 
             trainer.load_checkpoint(ckpt)
         try:
             metrics = trainer.fit(on_epoch_end)
-            trainer.log_final(metrics, cfg.hparams(gate))
+            hp = cfg.hparams(gate)
+            cal = bank.calibration if bank is not None else None
+            if cal is not None:  # the teachers' temperature fit (per teacher also in the teacher stats)
+                for tag, v in calibration_record(cal).items():
+                    trainer.logger.scalar(tag, v, trainer.step)
+                hp.update({f"teacher_tau{k}": t for k, t in enumerate(cal.taus)})
+                hp["teacher_ensemble_tau"] = cal.ensemble_tau
+            trainer.log_final(metrics, hp)
         finally:
             trainer.logger.close()
         result: dict[str, Any] = dict(metrics)

@@ -9,20 +9,21 @@ BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean g2p-temperature"}
-# fixed-tuned chooses alpha and tau on select (also the temperature gates' tuned rival); fashion's grid is
-# smaller to keep its table near half an hour on 2 cores
-TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/
-TUNED_FASHION=fixed-tuned:alpha_grid=0.1/0.5,tau_grid=2/4/8,lr_scales=1/
-# every gate and baseline
-gates() { echo ce fixed "$1" hard label-filter best-teacher conf-teachers meta:meta_param=net meta:meta_param=table \
-  reinforce ctkd ctkd:ctkd_variant=instance temperature; }
+# fixed-tuned chooses alpha, tau and the student's learning rate on select (also the temperature gates' tuned
+# rival; SGD: 1-3x the default lr, g2p's Adam: the default 0.5/1/2x); fashion's grid is smaller
+TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/2/3
+TUNED_FASHION=fixed-tuned:alpha_grid=0.1/0.5,tau_grid=2/4/8,lr_scales=1/2/3
+# every gate and baseline (meta at fixed's mass, its default, and at AMAL's 0.1/0.9 rows), and the oracles
+gates() { echo ce fixed "$1" hard hard:hard_tau=1.5 label-filter best-teacher conf-teachers ca-mkd meta:meta_param=net \
+  meta:meta_param=table meta:meta_param=table,meta_init_label=0.1,meta_init_teacher=0.9 \
+  reinforce ctkd ctkd:ctkd_variant=instance temperature oracle-filter oracle-teachers; }
 # without label noise: the temperature gates against fixed tau=4 and tau tuned on select
 temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperature; }
 # g2p (token units): HKD's gate at both levels with both references (gold: the paper's), against fixed KD
-G2P_GATES="ce fixed hard hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred
+G2P_GATES="ce fixed hard hard:hard_tau=1.5 hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred
   meta:meta_param=net reinforce"
 # and the temperature gates per token, against fixed tau=4 and tau tuned on select
-G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8,lr_scales=1/ ctkd ctkd:ctkd_variant=instance temperature"
+G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8 ctkd ctkd:ctkd_variant=instance temperature"
 G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed

@@ -247,6 +247,11 @@ def test_tuned_and_rule_baselines_in_a_compare(reference, tmp_path):
     assert stats[chosen] == max(stats.values())
     assert all(blob["summary"]["gates"][g]["baseline"] for g in gates)
     assert "## Tuned on select" in (out / "results.md").read_text()
+    # TensorBoard (pointed at out/runs) sees the compared rows only: the grid points live in out/tuning, the
+    # chosen point's events are copied into the tuned cell
+    runs = {p.parent.relative_to(out / "runs").as_posix() for p in (out / "runs").rglob("events.out.tfevents.*")}
+    assert len(runs - {"."}) == len(gates) and all(r.count("/") == 1 for r in runs - {"."})  # .: the experiment
+    assert len(list((out / "tuning").rglob("events.out.tfevents.*"))) >= 2
 
 
 def test_temperature_table_against_hand_computation():

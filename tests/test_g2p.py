@@ -278,8 +278,8 @@ def _one_step(task: Task, gate, student, teachers):
 
 
 @pytest.mark.parametrize("gate", [lambda: CEGate(), lambda: FixedGate(alpha=0.3, tau=2.0),
-                                  lambda: HardGate(hard_level="token"),
-                                  lambda: HardGate(hard_level="sentence")])
+                                  lambda: HardGate(hard_level="token", hard_tau=1.5),
+                                  lambda: HardGate(hard_level="sentence", hard_tau=1.5)])
 def test_extra_padding_gives_identical_losses_and_decisions(small: Task, gate) -> None:
     torch.manual_seed(0)
     student = small.make_student()
@@ -331,7 +331,7 @@ def test_token_diagnostics_with_noise(small: Task) -> None:
     bank, _ = build_bank(small, [("a", teachers[0]), ("b", teachers[1])])
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-2, optimizer="adam", weight_decay=0.0, device="cpu",
                       progress=False)
-    tr = Trainer(small, small.make_student(), HardGate(hard_level="token"), bank, cfg)
+    tr = Trainer(small, small.make_student(), HardGate(hard_level="token", hard_tau=1.5), bank, cfg)
     tr.run_epoch()
     d = tr.weight_diagnostics()
     real = small.train.mask.reshape(-1)

@@ -75,7 +75,8 @@ def test_meta_table_per_token_position(g2p) -> None:
     assert gate.param.raw.shape == (n * t, 3)  # one row per token position
     w = _check_run(task, tr)
     real = task.train.y != PAD_ID
-    init = torch.tensor([gate.config.meta_init_label, gate.config.meta_init_teacher, gate.config.meta_init_teacher])
+    c = gate.config
+    init = torch.tensor([c.init_label, c.init_teacher(2), c.init_teacher(2)])
     moved = (w[real] - init).abs().amax(1) > 1e-6
     assert 0.5 < float(moved.float().mean())  # the look-ahead moved the rows of the real tokens it saw
     rows = gate.param.raw.detach().view(n, t, 3)

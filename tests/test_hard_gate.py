@@ -130,12 +130,12 @@ def test_kd_column_student_at_tau_one_by_hand():
     kl_hinton = 1.5**2 * (q * math.log(q / ps) + (1 - q) * math.log((1 - q) / (1 - ps)))
     assert round(kl_paper, 5) == 0.01022 and round(kl_hinton, 5) == 0.01185
     view = UnitView(s, t, y, torch.ones(1), None, (1, 1))
-    out = HardGate().weights(view)
+    out = HardGate(hard_tau=1.5).weights(view)
     assert (out.tau, out.student_tau) == (1.5, 1.0)
     cols = unit_losses(s, t, y, out.tau, student_tau=out.student_tau)
     assert cols[0, 1].item() == pytest.approx(kl_paper, rel=1e-5)
     assert cols[0, 0].item() == pytest.approx(-math.log(p), rel=1e-6)
-    out_h = HardGate(hard_temper_student=True).weights(view)
+    out_h = HardGate(hard_tau=1.5, hard_temper_student=True).weights(view)
     assert out_h.student_tau is None  # the trainer then puts the student at tau as well
     cols_h = unit_losses(s, t, y, out_h.tau, student_tau=out_h.student_tau)
     assert cols_h[0, 1].item() == pytest.approx(kl_hinton, rel=1e-5)
@@ -147,7 +147,7 @@ def test_trainer_step_uses_the_gates_student_temperature(digits_noisy, digits_ba
 
     bank, _ = digits_bank
     for temper, st in ((False, 1.0), (True, None)):
-        tr = Trainer(digits_noisy, digits_noisy.make_student(), HardGate(hard_temper_student=temper), bank,
+        tr = Trainer(digits_noisy, digits_noisy.make_student(), HardGate(hard_tau=1.5, hard_temper_student=temper), bank,
                      TrainConfig(device="cpu", progress=False))
         batch = next(tr.epoch_batches(0))
         with torch.no_grad():
@@ -187,12 +187,12 @@ def test_fast_path_matches_pure_function(digits_noisy, digits_bank):
     from metagate.trainer import TrainConfig, Trainer
 
     bank, _ = digits_bank
-    gate = HardGate()
+    gate = HardGate(hard_tau=1.5)
     tr = Trainer(digits_noisy, digits_noisy.make_student(), gate, bank, TrainConfig(device="cpu", progress=False))
     batch = next(tr.epoch_batches(0))
     view = tr.make_view(batch, tr.student(batch.x))
     fast = gate.weights(view).weights
-    slow = HardGate().weights(view).weights  # no setup() -> generic path
+    slow = HardGate(hard_tau=1.5).weights(view).weights  # no setup() -> generic path
     torch.testing.assert_close(fast, slow)
     assert 0 < fast[:, 0].mean() < 1
 
@@ -202,7 +202,7 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
 
     bank, _ = digits_bank
     student = digits_noisy.make_student().double()
-    gate = HardGate()
+    gate = HardGate(hard_tau=1.5)
     gate.setup(SimpleNamespace(bank=bank, train_y=digits_noisy.train.y, dtype=torch.float64))
     ids = torch.arange(64)
     logits = student(digits_noisy.train.x[ids].double())
@@ -210,7 +210,7 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
                     num_teachers=bank.num_teachers)
     fast = gate.weights(view).weights
     assert fast.dtype == torch.float64
-    slow = HardGate().weights(view).weights  # no setup() -> generic path, cast to the logits' dtype
+    slow = HardGate(hard_tau=1.5).weights(view).weights  # no setup() -> generic path, cast to the logits' dtype
     torch.testing.assert_close(fast, slow)
 
 
@@ -218,3 +218,30 @@ def test_fast_path_weights_in_the_students_dtype(digits_noisy, digits_bank):
 def test_bad_options(kw):
     with pytest.raises(ConfigError, match=next(iter(kw)).replace("_", "-")):
         HardGate(**kw)
+
+
+def test_fixed_tau_reproduces_the_uncalibrated_gate_exactly(tmp_path):
+    """``--hard-tau 1.5`` is the gate as it was before calibrated teachers became the default: a two-epoch
+    digits run (40% noise) gives the golden numbers of the previous default, bit for bit; the calibrated
+    default decides differently (less label weight on the corrupted units)."""
+    from metagate.run import DistillConfig, run_distill
+    from metagate.trainer import TrainConfig
+
+    def run(opts, name):
+        cfg = DistillConfig(task="digits", noise=0.4, gate="hard", gate_options=opts, logdir=str(tmp_path / name),
+                            train=TrainConfig(epochs=2, device="cpu", progress=False))
+        return run_distill(cfg)
+
+    old = run({"hard_tau": 1.5}, "fixed")
+    assert old["test/acc"] == 0.4288888888888889 and old["test/nll"] == 2.082245810243371
+    assert old["gate/mean_w_label"] == 0.7605285048484802 and old["diag/w_label_corrupted"] == 0.40082645416259766
+    new = run({}, "calibrated")
+    assert new["diag/w_label_corrupted"] < 0.2 < old["diag/w_label_corrupted"]
+
+
+def test_hard_tau_takes_a_number_or_calibrated():
+    assert HardGate().teacher_calibration == "temperature" and HardGate(hard_tau="calibrated").teacher_tau == 1.0
+    g = HardGate(hard_tau="2")  # the command line's text
+    assert (g.teacher_calibration, g.teacher_tau, g.gauge_tau) == (None, 2.0, 2.0)
+    with pytest.raises(ConfigError, match=r"--hard-tau \(HardConfig\) must be a number or one of calibrated, got .warm."):
+        HardGate(hard_tau="warm")

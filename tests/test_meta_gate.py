@@ -216,7 +216,8 @@ def test_gate_backends_agree_inside_trainer(digits_noisy):
 
 
 def test_net_and_split_and_amal_pass(digits_noisy):
-    gate = MetaGate(meta_param="net", meta_columns="split", meta_normalize="column")
+    gate = MetaGate(meta_param="net", meta_columns="split", meta_normalize="column", meta_init_label=0.1,
+                    meta_init_teacher=0.9)  # AMAL's rows
     tr = _trainer(digits_noisy, gate, k=3)
     w0 = [p.detach().clone() for p in gate.parameters()]
     res = tr.train_step(_batch(tr))

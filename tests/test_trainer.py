@@ -27,10 +27,10 @@ def _trainer(task, bank, gate=None, epochs=3, seed=0, run_dir=None, identity=Non
 
 def test_same_seed_same_result(digits_noisy, digits_bank):
     bank, _ = digits_bank
-    a = _trainer(digits_noisy, bank, HardGate()).fit()
-    b = _trainer(digits_noisy, bank, HardGate()).fit()
+    a = _trainer(digits_noisy, bank, HardGate(hard_tau=1.5)).fit()
+    b = _trainer(digits_noisy, bank, HardGate(hard_tau=1.5)).fit()
     assert a == b
-    c = _trainer(digits_noisy, bank, HardGate(), seed=1).fit()
+    c = _trainer(digits_noisy, bank, HardGate(hard_tau=1.5), seed=1).fit()
     assert c["test/nll"] != a["test/nll"]
 
 
@@ -96,7 +96,7 @@ def test_incompatible_checkpoint(digits_noisy, digits_bank, tmp_path):
     bank, _ = digits_bank
     tr = _trainer(digits_noisy, bank, identity={"gate": "fixed"})
     tr.save_checkpoint(tmp_path / "c.pt")
-    other = _trainer(digits_noisy, bank, HardGate(), identity={"gate": "hard"})
+    other = _trainer(digits_noisy, bank, HardGate(hard_tau=1.5), identity={"gate": "hard"})
     with pytest.raises(CheckpointError, match="incompatible.*gate"):
         other.load_checkpoint(tmp_path / "c.pt")
     cnn = Trainer(digits_noisy, digits_noisy.make_student("cnn"), FixedGate(), bank,

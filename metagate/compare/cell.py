@@ -158,24 +158,33 @@ def run_cell(payload: dict[str, Any], context: Any = None) -> dict[str, Any]:
 
 
 def run_tuned(cfg: DistillConfig, payload: dict[str, Any], one: RunOne) -> dict[str, Any]:
-    """Every grid point of a ``fixed-tuned`` cell as a ``fixed`` run in ``<cell>/grid/`` (each resumable on its
-    own), the one with the best ``select`` accuracy (ties: lower ``select`` NLL) is the cell's row; the grid,
-    each point's select scores and the choice are written into the row under ``"tuning"``."""
+    """Every grid point of a ``fixed-tuned`` cell as a ``fixed`` run in ``<out>/tuning/<spec>/seed<k>/`` (each
+    resumable on its own; outside ``<out>/runs``, so TensorBoard's compare charts show the compared rows, not
+    every grid point), the one with the best ``select`` accuracy (ties: lower ``select`` NLL) is the cell's row,
+    its TensorBoard events copied into the cell; the grid, each point's select scores and the choice are written
+    into the row under ``"tuning"``."""
     from dataclasses import replace
 
     gcfg = cfg.gate_config()
     points = gcfg.grid(cfg.train.lr)  # type: ignore[attr-defined]
     scored = []
     t0 = time.perf_counter()
+    grid_dir = cfg.run_dir.parents[2] / "tuning" / cfg.run_dir.parent.name / cfg.run_dir.name  # out/runs/spec/seedK
     for p in points:
         name = f"alpha{p['alpha']:g}-tau{p['tau']:g}-lr{p['lr']:g}"
         sub = replace(cfg, gate="fixed", gate_options={"alpha": p["alpha"], "tau": p["tau"]},
-                      train=replace(cfg.train, lr=p["lr"]), logdir=str(cfg.run_dir / "grid" / name))
+                      train=replace(cfg.train, lr=p["lr"]), logdir=str(grid_dir / name))
         done = read_metrics_row(sub.run_dir)
         row = done if done is not None else one(sub, {**payload, "label": f"{payload['label']}/{name}",
                                                           "gate": "fixed", "config": asdict(sub)})
         scored.append((row["metrics"]["select/acc"], -row["metrics"]["select/nll"], len(scored), p, row))
     best = max(scored, key=lambda t: t[:3])
+    chosen = grid_dir / f"alpha{best[3]['alpha']:g}-tau{best[3]['tau']:g}-lr{best[3]['lr']:g}"
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    for old in cfg.run_dir.glob("events.out.tfevents.*"):  # an earlier choice's copy (this cell's own files)
+        old.unlink()
+    for ev in chosen.glob("events.out.tfevents.*"):
+        shutil.copy2(ev, cfg.run_dir / ev.name)
     row = dict(best[4])
     row.update(label=payload["label"], gate=payload["gate"], options=payload["options"], config=payload["config"])
     row["tuning"] = {"criterion": "select/acc, ties: lower select/nll", "chosen": best[3],

@@ -26,7 +26,7 @@ from metagate.compare.backends import run_jobs, run_ray, run_serial, worker_pool
 from metagate.compare.cell import finished_row
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, cell_state, read_json
-from metagate.compare.outputs import cost_table, results_table, sequence_table, write_outputs
+from metagate.compare.outputs import cost_table, headline, results_table, sequence_table, write_outputs
 from metagate.compare.specs import GateSpec
 from metagate.compare.summary import summarise
 from metagate.errors import ConfigError
@@ -152,6 +152,9 @@ def run_plan(plan: Plan) -> dict[str, Any]:
     if plan.verbose:
         print(f"\nfiles in {plan.out}: {', '.join(sorted(p.name for p in result['paths'].values()))}   "
               f"(tensorboard --logdir {plan.out / 'runs'})")
+        lines = headline(result["summary"])
+        if lines:  # one line per learned gate: its paired difference to the best baseline, the headroom it took
+            print(f"\n{lines}")
     return result
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from metagate.compare.cell import atomic_write_text
 from metagate.compare.stats import mean_std
-from metagate.compare.summary import PAIRED
+from metagate.compare.summary import MASS, PAIRED
 
 #: (metric, column title, scale, digits) of the results table
 COLUMNS = (("test/acc", "test acc %", 100.0, 2), ("test/nll", "NLL", 1.0, 4), ("test/ece", "ECE", 1.0, 4),
@@ -56,19 +56,52 @@ def results_table(summary: dict[str, Any]) -> str:
     """Mean ± std per spec and the paired accuracy differences to ``fixed`` and to the best baseline."""
     fixed, best = summary["fixed"], summary["best_baseline"]
     level = "95%"
-    header = ["gate", "kind", "seeds", *[c[1] for c in COLUMNS],
+    oracles = [lb for lb, s in summary["gates"].items() if _kind(s) == "oracle"]
+    header = ["gate", "kind", "seeds", *[c[1] for c in COLUMNS], "weight / unit",
               f"Δacc vs {fixed or 'fixed'} ({level} {summary['interval']})",
-              f"Δacc vs best baseline {best or '-'} ({level})", "ΔNLL vs fixed", "ΔECE vs fixed"]
+              f"Δacc vs best baseline {best or '-'} ({level})", "ΔNLL vs fixed", "ΔECE vs fixed",
+              *[f"share of {o}'s gain" for o in oracles]]
     rows = []
     for label, s in summary["gates"].items():
-        row = [f"`{label}`", "baseline" if s["baseline"] else "learned", str(len(s["seeds"]))]
+        row = [f"`{label}`", _kind(s), str(len(s["seeds"]))]
         row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in COLUMNS]
+        row.append(_pm(s["metrics"].get(MASS, {"mean": float("nan"), "std": float("nan")}), 1.0, 3))
         row.append(_interval(s.get("vs_fixed"), "test/acc", 100.0, 2))
         row.append(_interval(s.get("vs_best_baseline"), "test/acc", 100.0, 2))
         row.append(_interval(s.get("vs_fixed"), "test/nll", 1.0, 4))
         row.append(_interval(s.get("vs_fixed"), "test/ece", 1.0, 4))
+        row += [_share(s.get("headroom", {}).get(o)) for o in oracles]
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def _kind(s: dict[str, Any]) -> str:
+    return s.get("kind") or ("baseline" if s["baseline"] else "learned")
+
+
+def _share(h: dict[str, float] | None) -> str:
+    """``45%`` of the oracle's gain over fixed; ``-`` for a gate that is not learned or an oracle without gain."""
+    if not h or math.isnan(h["share"]):
+        return "-"
+    return f"{100 * h['share']:.0f}%"
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """One line per learned gate: its paired accuracy difference to the best baseline with the interval, and
+    the share of each oracle's gain over ``fixed`` it captured -- the table's answer at a glance."""
+    best = summary["best_baseline"]
+    lines = []
+    for label, s in summary["gates"].items():
+        if _kind(s) != "learned":
+            continue
+        vs = (f"{_interval(s.get('vs_best_baseline'), 'test/acc', 100.0, 2)} acc points vs best baseline {best}"
+              if best and s.get("vs_best_baseline") else "no baseline to compare with")
+        room = [f"captured {_share(h)} of {o}'s {_num(100 * h['oracle_gain'], 2)}-point gain over {summary['fixed']}"
+                if not math.isnan(h["share"]) else
+                f"{o} shows no headroom ({_num(100 * h['oracle_gain'], 2)} points over {summary['fixed']}, "
+                "interval reaching 0)" for o, h in s.get("headroom", {}).items()]
+        lines.append("; ".join([f"{label}: {vs}", *room]))
+    return "\n".join(lines)
 
 
 #: (metric, column title, scale, digits) of the sequence table
@@ -105,9 +138,14 @@ def cost_table(summary: dict[str, Any]) -> str:
 
 
 def teachers_table(teachers: dict[int, list[dict[str, Any]]]) -> str:
-    rows = [[str(seed), t["name"], _num(100 * t.get("select_acc", float("nan")), 2),
-             _num(100 * t.get("test_acc", float("nan")), 2)] for seed, ts in teachers.items() for t in ts]
-    return markdown_table(["seed", "teacher", "select acc %", "test acc %"], rows)
+    """Accuracy, and the temperature fitted on ``meta`` with the meta NLL / ECE at τ = 1 and at the fitted τ."""
+    nan = float("nan")
+    rows = [[str(seed), t["name"], _num(100 * t.get("select_acc", nan), 2), _num(100 * t.get("test_acc", nan), 2),
+             _num(t.get("tau", nan), 3), _num(t.get("meta_nll_tau1", nan), 3), _num(t.get("meta_ece_tau1", nan), 3),
+             _num(t.get("meta_nll", nan), 3), _num(t.get("meta_ece", nan), 3)]
+            for seed, ts in teachers.items() for t in ts]
+    return markdown_table(["seed", "teacher", "select acc %", "test acc %", "τ fitted on meta", "meta NLL τ=1",
+                           "meta ECE τ=1", "meta NLL τ fitted", "meta ECE τ fitted"], rows)
 
 
 def tuning_table(rows: list[dict[str, Any]]) -> str:
@@ -144,7 +182,13 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
     parts = [f"# {title}", "", "## Results", "",
              "Mean ± std over seeds; Δ: paired difference per seed (same data draw and teachers), mean "
              f"[{summary['interval']} 95% interval]. Best baseline: the non-learned gate with the best mean "
-             "test accuracy.", "", results_table(summary), ""]
+             "test accuracy (oracles, which read the recorded clean labels, are never one). Weight / unit: the mean "
+             "total weight of a training unit (label + teachers; fixed: 1). Share of an oracle's gain: the learned "
+             "gate's mean accuracy gain over fixed divided by the oracle's (- when the oracle's own gain is not "
+             "significant: no headroom measured).", "", results_table(summary), ""]
+    lines = headline(summary)
+    if lines:
+        parts += [lines.replace("\n", "  \n"), ""]
     sequences = sequence_table(summary)
     if sequences:
         parts += ["## Sequences", "", "Token accuracy, NLL and token ECE above are under teacher forcing; PER and "

@@ -194,4 +194,8 @@ def _load(task: str | Task, bank: TeacherBank | None, config: EnvConfig) -> tupl
     task_obj = load_task(cfg) if isinstance(task, str) else task
     if bank is None:
         bank, _ = load_teachers(cfg, task_obj, progress=False)
+        if cfg.teacher_calibration == "temperature":
+            from metagate.calibration import calibrated_bank
+
+            bank = calibrated_bank(bank)
     return task_obj, bank

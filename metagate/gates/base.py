@@ -172,6 +172,10 @@ class GateContext(Protocol):
     train_x: Tensor
     train_y: Tensor
     meta: Split
+    # the recorded truth, for the oracle gates only (a real gate never reads it): [N_units] bool, and each
+    # teacher's top class against the clean label [N_units, K] (None without a bank)
+    corrupted: Tensor
+    teacher_right: Tensor | None
 
     @property
     def dtype(self) -> torch.dtype: ...  # the student's parameter dtype
@@ -243,6 +247,8 @@ class Gate(ABC):
     uses_teachers: ClassVar[bool] = True
     #: every decision's weights are valid by construction (skip the per-step NaN/negative check)
     trusted_weights: ClassVar[bool] = False
+    #: ``"temperature"``: the gate reads temperature-scaled teachers (the run hands it the calibrated bank)
+    teacher_calibration: str | None = None
 
     def __init__(self, config: GateConfig | None = None, **options: Any) -> None:
         if config is None:

@@ -5,8 +5,11 @@
 * ``best-teacher`` (several teachers): all KD weight on the one teacher with the best accuracy on ``select``
   (``metagate compare`` picks it from the teachers' ``select`` accuracy);
 * ``conf-teachers`` (several teachers): each teacher weighted by its probability of the label,
-  ``w_k = (1 - alpha) p_k(y) / sum_j p_j(y)`` -- the softmax over teachers of ``-CE(t_k, y)`` that
-  confidence-aware multi-teacher KD (CA-MKD, Zhang et al. 2022) uses.
+  ``w_k = (1 - alpha) p_k(y) / sum_j p_j(y)`` (the softmax over teachers of ``-CE(t_k, y)``). This is *not*
+  CA-MKD: the two agree only for two teachers (for ``p(y) = (.9, .05, .05)`` it gives ``(.9, .05, .05)``,
+  CA-MKD ``(.49, .26, .26)``);
+* ``ca-mkd`` (several teachers): confidence-aware multi-teacher KD as published (Zhang, Chen and Wang,
+  ICASSP 2022), see :class:`CAMKDGate`.
 
 Each is a constant per training unit: computed once in :meth:`setup` from the cached teacher logits and the
 (noisy) training labels, one row gather per step.
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metagate.errors import ConfigError
-from metagate.gates.base import Gate, GateContext, GateOutput, UnitView
+from metagate.gates.base import Gate, GateConfig, GateContext, GateOutput, UnitView
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 from metagate.options import option
@@ -70,6 +74,30 @@ def conf_teachers_table(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
     return torch.cat([torch.full_like(share[:, :1], alpha), (1.0 - alpha) * share], dim=1)
 
 
+def ca_mkd_attention(probs: Tensor, labels: Tensor) -> Tensor:
+    """``[N, K]`` CA-MKD's teacher weights ``a_k = (1 - softmax_k(CE_k)) / (K - 1)``, ``CE_k = -log p_k(y)`` (each
+    row sums to 1; a teacher confident in the label gets the most)."""
+    k = probs.shape[1]
+    if k < 2:
+        raise ConfigError(f"ca-mkd weighs teachers against each other: it needs K >= 2 teachers, got {k}")
+    p_y = probs.gather(2, labels.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)  # [N, K]
+    ce = -p_y.clamp_min(1e-30).log()
+    return (1.0 - F.softmax(ce, dim=1)) / (k - 1)
+
+
+def ca_mkd_table(probs: Tensor, labels: Tensor, label_weight: float = 1.0, kd_weight: float = 1.0,
+                 mass: str = "code") -> Tensor:
+    """``[N, 1+K]`` CA-MKD's rows: ``mass="code"`` ``(gamma, alpha a_k / K)`` as Rorozhl/CA-MKD's loss (its KD sum is
+    divided by ``bsz * teacher_num``); ``"unit"`` the same row scaled to sum to 1 (ours, equal mass with ``fixed``)."""
+    a = ca_mkd_attention(probs, labels)
+    w = torch.cat([torch.full_like(a[:, :1], label_weight), kd_weight * a / a.shape[1]], dim=1)
+    if mass == "unit":
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
+    elif mass != "code":
+        raise ConfigError(f"--ca-mkd-mass must be code or unit, got {mass!r}")
+    return w
+
+
 @dataclass
 class LabelFilterConfig(KDMixConfig):
     """Options of the ``label-filter`` gate (``alpha`` where the teachers agree with the label)."""
@@ -98,6 +126,63 @@ class ConfTeachersGate(_TableGate):
 
     def table(self, probs: Tensor, labels: Tensor) -> Tensor:
         return conf_teachers_table(probs, labels, self.alpha)
+
+
+@dataclass
+class CAMKDConfig(GateConfig):
+    """Options of the ``ca-mkd`` gate; the defaults are Rorozhl/CA-MKD's (``scripts/run.sh``: ``-r 1 -a 1``,
+    ``--kd_T 4``)."""
+
+    ca_mkd_label_weight: float = option(1.0, "ca-mkd: weight of the label CE (the code's gamma, -r)")
+    ca_mkd_kd_weight: float = option(1.0, "ca-mkd: weight of the teachers' KD sum (the code's alpha, -a)")
+    ca_mkd_tau: float = option(4.0, "ca-mkd: KD temperature (the code's kd_T), Hinton's tau^2 KL")
+    ca_mkd_mass: str = option("code", "ca-mkd: code = rows (gamma, alpha a_k / K) as the published loss; unit = the "
+                              "same rows scaled to sum to 1 (ours: fixed's mass)", choices=("code", "unit"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("ca_mkd_label_weight", "ca_mkd_kd_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.ca_mkd_tau > 0:
+            raise ConfigError(f"--ca-mkd-tau must be > 0, got {self.ca_mkd_tau}")
+
+    @property
+    def label_weight(self) -> float:
+        return self.ca_mkd_label_weight
+
+    @property
+    def temperature(self) -> float:
+        return self.ca_mkd_tau
+
+
+@register("ca-mkd")
+class CAMKDGate(_TableGate):
+    """CA-MKD (Zhang, Chen and Wang, "Confidence-Aware Multi-Teacher Knowledge Distillation", ICASSP 2022), its
+    logit-level teacher weighting as the authors' code computes it (github.com/Rorozhl/CA-MKD, commit
+    c2f39a9f, ``helper/loops.py``, ``ensemble_method == 'CAMKD'``; ``distiller_zoo/KD.py`` ``DistillKL``)::
+
+        loss_t    = [CE(logit_t, target) for each teacher]            # per unit, temperature 1
+        attention = (1 - softmax(loss_t, dim=teachers)) / (K - 1)
+        loss_div  = sum(attention * T^2 KL(softmax(t/T) || softmax(s/T))) / (bsz * K)
+        loss      = gamma * CE(s, target) + alpha * loss_div            # gamma = alpha = 1, T = 4 (scripts/run.sh)
+
+    so unit ``i``'s row is ``(gamma, alpha a_ik / K)``; the total mass is ``gamma + alpha / K``, not 1. What is
+    not here: the paper's intermediate-feature term (``--distill inter``, weighted by the same attention with
+    ``-b 50``) -- this project distils logits only. The target is the (noisy) training label, as in the code;
+    the weights are a constant per training unit (the teachers are frozen). Our variation (an option):
+    ``--ca-mkd-mass unit`` scales the rows to sum to 1.
+    """
+
+    config_class = CAMKDConfig
+
+    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
+        c = self.config
+        return ca_mkd_table(probs, labels, c.ca_mkd_label_weight, c.ca_mkd_kd_weight,  # type: ignore[attr-defined]
+                            c.ca_mkd_mass)  # type: ignore[attr-defined]
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), **{f.name: getattr(self.config, f.name) for f in self.config.option_fields()}}
 
 
 @dataclass

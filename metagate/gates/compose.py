@@ -60,6 +60,11 @@ class ComposedGate(Gate):
         self.parts = [p for p in (self.mix, self.teachers, self.temperature) if p is not None]
         self.trusted_weights = all(p.trusted_weights for p in self.parts)  # type: ignore[misc]
 
+    @property
+    def teacher_calibration(self) -> str | None:
+        """A part asking for calibrated teachers (``hard``'s default) asks for the whole composition."""
+        return next((p.teacher_calibration for p in self.parts if p.teacher_calibration), None)
+
     def build_parts(self) -> tuple[Gate, Gate | None, Gate | None]:
         tc, pc = self.teachers_class, self.temperature_class
         return (_part(self.mix_class, self.config), None if tc is None else _part(tc, self.config),

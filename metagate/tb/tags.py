@@ -63,6 +63,16 @@ _TABLE: list[tuple[str, str]] = [
      "the episodes it was fitted on"),
     (r"policy/(unit|shared)_log_std", "policy gate: log standard deviation of the {0} exploration noise"),
     (r"temperature/(.+)", "learned KD temperature ({0})"),
+    (r"teachers/tau_teacher{k}", "temperature tau_k of {teacher} fitted by NLL on the clean meta split (temperature "
+     "scaling, Guo et al. 2017; < 1 sharpens an under-confident teacher); the calibrated teacher is softmax(t/tau_k)"),
+    (r"teachers/ensemble_tau", "temperature r fitted on the meta split for the calibrated teachers used together as "
+     "one gauge, mean_k softmax(t_k/(tau_k r))"),
+    (r"teachers/meta_(nll|ece)_tau([0-9.]+)_teacher{k}", "{0} of {teacher} on the clean meta split at temperature {1}"),
+    (r"teachers/meta_(nll|ece)_teacher{k}", "{0} of {teacher} on the clean meta split at its fitted temperature"),
+    (r"teachers/meta_(nll|ece)_tau([0-9.]+)_ensemble", "{0} of the teachers' mean probability on the clean meta "
+     "split, every teacher at temperature {1}"),
+    (r"teachers/meta_(nll|ece)_ensemble", "{0} of the calibrated teachers' ensemble on the clean meta split at its "
+     "fitted temperature r"),
 ]
 
 

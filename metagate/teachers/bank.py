@@ -9,11 +9,16 @@ its disk cache in :mod:`metagate.teachers.cache`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from metagate.checks import check_finite
 from metagate.diagnostics import teacher_right
+
+if TYPE_CHECKING:  # pragma: no cover
+    from metagate.calibration import TeacherCalibration
 
 
 class TeacherBank:
@@ -54,6 +59,10 @@ class TeacherBank:
     token_index: Tensor | None = None
     #: the teachers run on each step's inputs (:meth:`set_step`); ``False``: logits cached for fixed inputs
     online: bool = False
+    #: the teachers' temperature fit on the clean ``meta`` split (``teachers.build.fit_teacher_temperatures``)
+    calibration: TeacherCalibration | None = None
+    #: the logits are the calibrated teachers' (``calibration.calibrated_bank``): read them at temperature 1
+    calibrated: bool = False
 
     def __init__(self, logits: Tensor, names: list[str]) -> None:
         if logits.ndim != 3:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from metagate.calibration import calibrate_teachers, split_logits
 from metagate.checks import check_topk
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
@@ -180,7 +181,34 @@ def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
     bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
                              rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
                              what=f"task {task.name!r}")
+    fit_teacher_temperatures(bank, task, modules, device, stats)
     return bank, [*stats, *built[len(modules):]]
+
+
+#: fixed teacher temperatures scored beside tau = 1 and the fitted one (1.5: HKD's fixed temperature)
+SCORED_TAUS = (1.5,)
+
+
+def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], device: Any,
+                             stats: list[dict[str, Any]]) -> None:
+    """Temperature scaling of the run's teachers on the clean ``meta`` split: ``bank.calibration`` (a
+    :class:`~metagate.calibration.TeacherCalibration`) and each trained teacher's stats (``tau``, ``meta_nll_tau1``,
+    ``meta_ece_tau1``, ``meta_nll_tau1.5``, ..., ``meta_nll``, ``meta_ece`` at ``tau``). Teachers from logits files
+    have no logits on ``meta``: they keep ``tau = 1`` (``bank.calibration.calibrated``) and the ensemble is not
+    refitted."""
+    k_mod, k = len(modules), bank.num_teachers
+    y = task.meta.y
+    if is_sequence(task):
+        y = y[y != PAD_ID]  # the real tokens, in the order split_logits returns them
+    lg = split_logits(modules, task.meta, device)[0] if modules else torch.zeros(len(y), 0, bank.num_classes)
+    if k_mod < k:  # file teachers: zero logits stand in (never fitted, never scored)
+        lg = torch.cat([lg, torch.zeros(len(y), k - k_mod, lg.shape[-1])], dim=1)
+    fitted = [i < k_mod for i in range(k)]
+    cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
+    bank.calibration = cal
+    for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
+        st["tau"] = tau
+        st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
 
 
 def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:

@@ -36,8 +36,11 @@ class MetaConfig(GateConfig):
                                          "closed-form pass every 10 epochs from epoch 10, groups of 3 batches, "
                                          "5 iterations, lr 1500)", choices=("every", "amal"))
     meta_tau: float = option(4.0, "KD temperature (> 0)")
-    meta_init_label: float = option(0.1, "initial label weight (AMAL: 0.1)")
-    meta_init_teacher: float = option(0.9, "initial weight of each teacher column (AMAL: 0.9)")
+    meta_init_label: float | None = option(None, "initial label weight (unset: 0.5, fixed's alpha; AMAL's 0.1 "
+                                                 "under the amal schedule)", shown="0.5")
+    meta_init_teacher: float | None = option(None, "initial weight of each teacher column (unset: (1 - label) / K, "
+                                                   "a row of total weight 1 as fixed's; AMAL's 0.9 under the amal "
+                                                   "schedule: total 0.1 + 0.9 K)", shown="(1 - label) / K")
     meta_normalize: str = option("none", "none (AMAL); unit: rows sum to the initial row sum; column: per batch, "
                                          "each column's mean is held at its initial value",
                                  choices=("none", "unit", "column"))
@@ -73,6 +76,22 @@ class MetaConfig(GateConfig):
                               "drop --meta-lookahead")
 
     # -- resolved values ("unset" decided by the schedule and the parameterisation) ----------------
+    @property
+    def init_label(self) -> float:
+        """The initial label weight: 0.5 (fixed's alpha), or AMAL's 0.1 under its preset."""
+        if self.meta_init_label is not None:
+            return self.meta_init_label
+        return 0.1 if self.meta_schedule == "amal" else 0.5
+
+    def init_teacher(self, num_teachers: int) -> float:
+        """The initial weight of each teacher column: ``(1 - label) / K`` (the row starts at fixed's, total 1),
+        or AMAL's 0.9 under its preset (AMAL's rows start at ``0.1 + 0.9 K``, unnormalised)."""
+        if self.meta_init_teacher is not None:
+            return self.meta_init_teacher
+        if self.meta_schedule == "amal":
+            return 0.9
+        return (1.0 - self.init_label) / max(num_teachers, 1)
+
     @property
     def backend(self) -> str:
         return self.meta_backend or ("closed-form" if self.meta_schedule == "amal" else "func")

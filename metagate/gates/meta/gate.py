@@ -162,8 +162,11 @@ class MetaGate(Gate):
     def hparams(self) -> dict[str, Any]:
         # the resolved values of the options left unset, and the route setup chose
         c = self.config
+        learner = getattr(self, "learner", None)
+        init = {} if learner is None else {"meta_init_label": float(learner.target_row[0]),
+                                           "meta_init_teacher": float(learner.target_row[1])}
         return {**super().hparams(), "meta_backend": c.backend, "meta_lr": c.lr, "meta_inner_iters": c.inner_iters,
-                "meta_route": self.route}
+                "meta_route": self.route, **init}
 
     def log(self, logger: Any, step: int) -> None:
         if not self._route_logged:

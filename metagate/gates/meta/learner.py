@@ -55,7 +55,7 @@ class WeightLearner:
         c = config
         self.num_teachers, self.dtype, self.lr = num_teachers, dtype, c.lr
         self.columns, self.normalize = c.meta_columns, c.meta_normalize
-        self.target_row = init_row(num_teachers, c.meta_init_label, c.meta_init_teacher)
+        self.target_row = init_row(num_teachers, c.init_label, c.init_teacher(num_teachers))
         init = learned_init(self.target_row, self.columns)
         self.param: nn.Module
         if c.meta_param == "table":
