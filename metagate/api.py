@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
+from metagate.data.builtin import register_prepared
 from metagate.data.inputs import DatasetInputs, as_tensor, check_item_shapes, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.errors import ConfigError, InputError
@@ -311,6 +312,7 @@ def prepare(
         students={}, teacher_specs=[], default_student="user", info={"api": True},
     )
     task = dataclasses.replace(task, name=f"{name}-{task.fingerprint()[:8]}")  # the cache key follows the data
+    register_prepared(task)  # configs (a compare's cells) may name it
     bank, stats = None, []
     if pairs:
         known = [p.ids for nm, p in parts.items() if nm != "train" and p.explicit]

@@ -28,6 +28,7 @@ from metagate.compare.cell import EpochTimer, artefacts, bank_fingerprint, make_
 from metagate.compare.engine import Plan, default_threads
 from metagate.compare.grid import Cell
 from metagate.compare.specs import GateSpec, parse_specs
+from metagate.data.builtin import register_prepared
 from metagate.errors import ConfigError
 from metagate.gates import get_gate_class
 from metagate.run import DistillConfig
@@ -46,6 +47,10 @@ class UserRuns:
     prepared: Any
     student: Any
     run: Callable[..., Any]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # in a worker process: configs name the task
+        self.__dict__.update(state)
+        register_prepared(self.prepared.task)
 
     def make_student(self) -> Callable[[], nn.Module]:
         student = self.student

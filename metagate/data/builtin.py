@@ -26,6 +26,14 @@ from metagate.options import flag, option
 TASKS: dict[str, Callable[..., Task]] = {}
 #: task name -> its options (the built-in tasks and those registered in Python)
 TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
+#: tasks built in memory from a user's data (``metagate.api.prepare``), by their data-hashed name: a config can
+#: name one (the compare engine's cells do), it takes no options, and it is not listed among the tasks to choose
+PREPARED: dict[str, Task] = {}
+
+
+def register_prepared(task: Task) -> None:
+    """Make the in-memory ``task`` nameable by configs in this process (idempotent)."""
+    PREPARED[task.name] = task
 
 
 def register_task(name: str, config: type[TaskConfig] = TaskConfig
@@ -53,6 +61,8 @@ def task_config_class(name: str) -> type[TaskConfig]:
     (:class:`DataDirConfig`, ``data_dir`` only, when it declares none)."""
     if name in TASK_CONFIGS:
         return TASK_CONFIGS[name]
+    if name in PREPARED:
+        return TaskConfig
     builder = load_builder(name)
     if builder is None:
         raise _unknown(name)
@@ -107,6 +117,8 @@ def task_names() -> list[str]:
 def get_task(name: str, **kwargs: object) -> Task:
     """Build a task: registered by name, installed as an entry point, or named ``package.module:builder``
     (:mod:`metagate.data.plugins`)."""
+    if name in PREPARED and name not in TASKS:
+        return PREPARED[name]
     builder = TASKS.get(name) or load_builder(name)
     if builder is None:
         raise _unknown(name)
