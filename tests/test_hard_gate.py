@@ -223,15 +223,26 @@ def test_bad_options(kw):
 def test_fixed_tau_reproduces_the_uncalibrated_gate_exactly(tmp_path):
     """``--hard-tau 1.5`` is the gate as it was before calibrated teachers became the default: a two-epoch
     digits run (40% noise) gives the golden numbers of the previous default, bit for bit; the calibrated
-    default decides differently (less label weight on the corrupted units)."""
+    default decides differently (less label weight on the corrupted units). Teachers are trained here, on one
+    thread, into the test's own cache: a convolution's float sums depend on the thread count, and the session's
+    cache may hold teachers trained on two."""
     from metagate.run import DistillConfig, run_distill
     from metagate.trainer import TrainConfig
 
     def run(opts, name):
         cfg = DistillConfig(task="digits", noise=0.4, gate="hard", gate_options=opts, logdir=str(tmp_path / name),
-                            train=TrainConfig(epochs=2, device="cpu", progress=False))
+                            cache_dir=str(tmp_path / "cache"), train=TrainConfig(epochs=2, device="cpu", progress=False))
         return run_distill(cfg)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _golden_and_calibrated(run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _golden_and_calibrated(run):
     old = run({"hard_tau": 1.5}, "fixed")
     assert old["test/acc"] == 0.4288888888888889 and old["test/nll"] == 2.082245810243371
     assert old["gate/mean_w_label"] == 0.7605285048484802 and old["diag/w_label_corrupted"] == 0.40082645416259766
