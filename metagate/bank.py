@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metagate.checks import check_finite
+from metagate.diagnostics import teacher_right
 from metagate.errors import StaleCacheError
 from metagate.io import atomic_save, safe_load, state_fingerprint, tensor_checksum
 from metagate.teacher_files import file_logits
@@ -41,6 +42,12 @@ class TeacherBank:
     :param logits: ``[N, K, C]``
     :param names: ``K`` teacher names
     """
+
+    #: the bank's optional features, declared here with their defaults (sub-classes override them):
+    #: ``online``: some teachers run on each step's inputs, handed over by :meth:`set_step`
+    online: bool = False
+    #: sequences: ``[N_train, L]`` row of each token position in ``logits``; ``None``: one row per unit
+    token_index: Tensor | None = None
 
     def __init__(self, logits: Tensor, names: list[str]) -> None:
         if logits.ndim != 3:
@@ -75,6 +82,17 @@ class TeacherBank:
     def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
         """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
         return rows(self.log_probs(tau), ids)
+
+    def set_step(self, x: Tensor, ids: Tensor) -> None:  # noqa: B027 - a no-op unless ``online``
+        """The step's inputs and unit ids (an online bank runs its teachers on them; the trainer calls it only
+        when :attr:`online`)."""
+
+    def unit_right(self, clean_labels: Tensor) -> Tensor | None:
+        """``[N, K]`` bool: teacher ``k``'s top class is unit ``i``'s clean label (ground truth for diagnostics
+        only); ``None`` when the bank's rows are not the labels' units."""
+        if self.logits.shape[0] != clean_labels.shape[0]:
+            return None
+        return teacher_right(self.logits, clean_labels)
 
     def to(self, device: torch.device | str) -> TeacherBank:
         """The bank on ``device``; on CUDA, when the logits do not fit (:func:`fits_on_gpu`), a

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from metagate.bank import TeacherBank, build_bank, default_cache_dir, teacher_logits
+from metagate.callbacks import BaseCallback, EpochFn
 from metagate.data import get_task
 from metagate.data.task import Task
+from metagate.driver import drive
 from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
-from metagate.io import atomic_write_text, ensure_dir
+from metagate.io import ensure_dir
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
-from metagate.rundir import RunDir
 from metagate.seq_bank import build_seq_bank
 from metagate.teachers import load_or_train_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, resolve_device, seed_everything
@@ -173,43 +173,37 @@ def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,
                 verbose: bool = False, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None,
-                ) -> dict[str, Any]:
-    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
+                callbacks: Sequence[BaseCallback] = ()) -> dict[str, Any]:
+    """Run one distillation (through the one driver, :func:`metagate.driver.drive`); return final metrics
+    (``test/acc`` ...), diagnostics and teacher stats.
 
     The seed is set before the gate and the student are built (a gate's policy is initialised from
     it); loading or training teachers does not move the run's random state. A ``gate`` passed in is used as
     it was built: one with random parameters reproduces only if it was built after seeding.
 
-    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does), e.g. to time epochs
+    :param on_epoch_end: ``fn(trainer, record)`` called after each epoch, e.g. to time epochs
+    :param callbacks: epoch-end callbacks (:mod:`metagate.callbacks`) after the run's own
     """
     task = task or load_task(cfg)
-    run_dir = cfg.run_dir
-    with RunDir(run_dir, overwrite=cfg.overwrite, resume=cfg.resume) as rd:  # validated, marked, locked
-        ckpt = run_dir / "checkpoint.pt"
-        if ckpt.exists() and not (cfg.resume or cfg.overwrite):
-            raise ConfigError(f"run directory {run_dir} already holds a checkpoint; pass --resume to continue it, "
-                              "--overwrite to replace it, or another --logdir")
-        if cfg.resume and not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
+    student_name = cfg.student or task.default_student
+    tstats: list[dict[str, float]] = []
+
+    def build(work: Path | None) -> Trainer:
+        nonlocal gate
         seed_everything(cfg.train.seed)
         gate = gate or build_gate(cfg.gate, cfg.gate_options)
         with preserved_rng():
-            bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
-                            else (None, []))
+            bank, stats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
+                           else (None, []))
+        tstats.extend(stats)
         student = task.make_student(cfg.student)
-        identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
-                    task.default_student, "teachers": ",".join(bank.names) if bank else ""}
-        work = rd.work  # the run directory, or the sibling an --overwrite replaces it with when done
-        trainer = Trainer(task, student, gate, bank, cfg.train, Logger(work), work, identity)
-        if cfg.resume:
-            trainer.load_checkpoint(ckpt)
-        try:
-            metrics = trainer.fit(on_epoch_end)
-            trainer.log_final(metrics, cfg.hparams(gate))
-        finally:
-            trainer.logger.close()
-        result: dict[str, Any] = dict(metrics)
-        result["teachers"] = tstats
-        atomic_write_text(work / "metrics.json", json.dumps(result, indent=2))
-        rd.commit()
-    return result
+        identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": student_name,
+                    "teachers": ",".join(bank.names) if bank else ""}
+        return Trainer(task, student, gate, bank, cfg.train, Logger(work), work, identity)
+
+    extra = [] if on_epoch_end is None else [EpochFn(on_epoch_end)]
+    early = {"task": task.key, "data": task.fingerprint(), "student": student_name} if cfg.resume else None
+    done = drive(build, cfg.train, run_dir=cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                 identity=early, hparams=lambda tr: cfg.hparams(tr.gate),
+                 summary=lambda metrics: {**metrics, "teachers": tstats}, callbacks=[*extra, *callbacks])
+    return done.record

@@ -1,4 +1,4 @@
-"""The gate interface (DESIGN.md, "Gate interface").
+"""The gate interface (docs/design.md, "The gate contract").
 
 A gate maps a :class:`UnitView` of the current batch to weights ``W [N, 1+K]``
 (column 0 = label, 1..K = teachers) and optionally a per-unit temperature.
@@ -172,6 +172,9 @@ class GateContext(Protocol):
     train_x: Tensor
     train_y: Tensor
     meta: Split
+    #: ``[num_train_units]`` bool, the units whose label was corrupted: ground truth for diagnostics only (a
+    #: gate's log or ``diagnostics``), never for a decision
+    corrupted: Tensor
 
     @property
     def dtype(self) -> torch.dtype: ...  # the student's parameter dtype

@@ -153,7 +153,7 @@ class HardGate(Gate):
         """With gold references on one-unit-per-example data, the teachers' side of the rule is a
         constant per training unit: compute it once (the per-step work is then one gather)."""
         bank = run.bank
-        if bank is None or self.reference != "gold" or getattr(bank, "online", False):
+        if bank is None or self.reference != "gold" or bank.online:
             return  # online teachers change with the step's inputs: the per-step path
         y = run.train_y
         if y.ndim != 1:

@@ -61,11 +61,11 @@ class TemperatureLog:
     def __init__(self, run: GateContext) -> None:
         n = run.num_train_units
         self.unit_tau = torch.full((n,), float("nan"), device=run.device)
-        self.corrupted: Tensor | None = getattr(run, "corrupted", None)
+        self.corrupted: Tensor | None = run.corrupted
         bank = run.bank
         self.confidence = None if bank is None else \
             torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
-        index = getattr(bank, "token_index", None)
+        index = None if bank is None else bank.token_index
         if self.confidence is not None and index is not None:  # sequences: one entry per token position
             self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
         self.bins = None if self.confidence is None else \
