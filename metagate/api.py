@@ -40,6 +40,7 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from metagate.bank import TeacherBank
 from metagate.callbacks import BaseCallback
+from metagate.checks import check_finite_inputs
 from metagate.data.inputs import DatasetInputs, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
 from metagate.driver import drive
@@ -238,6 +239,8 @@ def prepare(
     if test is not None:
         parts["test"] = as_split(test, "test")
     tr = parts["train"]
+    for nm, part in parts.items():  # before any teacher or the student reads them: the cause, by unit id
+        check_finite_inputs(f"{nm} inputs", part.split.x, part.ids)
     if isinstance(student, nn.Module):
         model = student
     else:
@@ -361,7 +364,7 @@ def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta"
              "teachers": ",".join(prep.bank.names) if prep.bank else ""}
     done = drive(build, cfg, run_dir=logdir, resume=resume, overwrite=overwrite, identity=early,
                  hparams=lambda tr: {"gate": tr.gate.name, **tr.gate.hparams()},
-                 summary=lambda m: {**shown(m), "teachers": prep.teacher_stats}, callbacks=callbacks, option="logdir")
+                 summary=lambda m: {**shown(m), "teachers": prep.teacher_stats}, callbacks=callbacks, api=True)
     assert model is not None
     return DistillResult(shown(done.metrics), model.eval(), prep.teacher_stats, done.trainer.history, done.trainer)
 

@@ -36,6 +36,8 @@ class Finished:
     trainer: Trainer
 
 
+#: the options' names in errors: the command line's, the Python API's
+SPELLING = {False: ("--logdir", "--resume", "--overwrite"), True: ("logdir", "resume=True", "overwrite=True")}
 #: builds the run's trainer, writing into the given directory (``None``: nothing written)
 BuildTrainer = Callable[[Path | None], Trainer]
 
@@ -51,7 +53,7 @@ def drive(
     hparams: Callable[[Trainer], dict[str, Any]] | None = None,
     summary: Callable[[dict[str, float]], dict[str, Any]] | None = None,
     callbacks: Sequence[BaseCallback] = (),
-    option: str = "--logdir",
+    api: bool = False,
 ) -> Finished:
     """Run one distillation; return its final metrics, its ``metrics.json`` record and the trainer.
 
@@ -64,11 +66,13 @@ def drive(
     :param hparams: the HPARAMS record of the trained run (the final record's; default: none written)
     :param summary: the contents of ``metrics.json`` from the final metrics (default: the metrics)
     :param callbacks: the caller's epoch-end callbacks, after the run's own
-    :param option: how the caller names ``run_dir`` in errors (``--logdir``, ``logdir``)
+    :param api: name the options in errors as the Python API spells them (``logdir``, ``resume=True``), else as
+        the command line does (``--logdir``, ``--resume``)
     """
+    option, resume_opt, overwrite_opt = SPELLING[api]
     if run_dir is None:
         if resume or overwrite:
-            raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs a logdir (the run directory)")
+            raise ConfigError(f"{resume_opt if resume else overwrite_opt} needs {option} (the run directory)")
         trainer = build(None)
         metrics = trainer.fit(callbacks)
         return Finished(metrics, dict(metrics) if summary is None else summary(metrics), trainer)
@@ -81,11 +85,11 @@ def drive(
             entered = True
             ckpt = path / CHECKPOINT_NAME
             if ckpt.exists() and not (resume or overwrite):
-                raise ConfigError(f"{option} {path} already holds a run (a checkpoint); resume it, overwrite it, or "
-                                  f"choose another {option}")
+                raise ConfigError(f"{option} {path} already holds a run (a checkpoint); pass {resume_opt} to continue "
+                                  f"it, {overwrite_opt} to replace it, or another {option}")
             if resume:
                 if not ckpt.exists():
-                    raise ConfigError(f"resume: no checkpoint at {ckpt}")
+                    raise ConfigError(f"{resume_opt}: no checkpoint at {ckpt}")
                 precheck_resume(ckpt, identity or {}, train_config)  # before teachers are trained
             trainer = build(rd.work)  # the run directory, or the sibling an overwrite replaces it with when done
             try:
