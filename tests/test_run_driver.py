@@ -228,3 +228,25 @@ def test_kill_9_then_resume_gives_bit_identical_metrics(tmp_path):
     assert json.loads((tmp_path / "killed" / "metrics.json").read_text()) == \
         json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert is_run_dir(tmp_path / "killed")
+
+
+def test_non_finite_inputs_of_a_dataset_are_named_when_the_loss_turns_nan(digits_noisy):
+    """A Dataset is read by id, not up front: the first NaN loss names the batch's non-finite units."""
+    from torch.utils.data import Dataset
+
+    task = digits_noisy
+
+    class Items(Dataset):
+        def __len__(self):
+            return len(task.train)
+
+        def __getitem__(self, i):
+            x = task.train.x[i].clone()
+            if i == 9:
+                x[0, 2, 2] = float("nan")
+            return x, task.train.y[i]
+
+    with pytest.raises(InputError, match=r"student logits contain 10 NaN/inf value\(s\): the batch's training inputs "
+                                         r"hold 1 NaN/inf value\(s\) in 1 unit\(s\): unit id\(s\) 9$"):
+        metagate.distill(task.students["mlp"], None, Items(), val=(task.meta.x, task.meta.y), gate="ce",
+                         train_config=FAST)
