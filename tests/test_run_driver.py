@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -88,17 +87,14 @@ def test_api_run_that_dies_in_its_first_epoch_leaves_no_directory(digits_noisy, 
 
 
 def test_api_lock_refuses_a_second_run_naming_the_holder(digits_noisy, digits_bank, tmp_path):
+    """Two API runs into one logdir at once: the second is refused, naming the first's process."""
     d = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys, time
-            from metagate.rundir import RunDir
-            with RunDir({str(d)!r}):
-                print("locked", flush=True)
-                time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    script = tmp_path / "run.py"
+    script.write_text(_KILLABLE)
+    holder = subprocess.Popen([sys.executable, str(script), str(d), "new"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HOLD": "1"})
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().strip() == "running"  # in its first epoch's callback, the lock held
         before = _snapshot(tmp_path)
         with pytest.raises(ConfigError, match=rf"logdir {d} is in use by another metagate run \(pid {holder.pid}\)"):
             _distill(digits_noisy, digits_bank[0], d)
@@ -176,7 +172,7 @@ def test_resume_with_a_changed_noise_is_refused_before_teachers(digits_noisy, di
 
 
 _KILLABLE = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 import torch
 torch.set_num_threads(1)
 import metagate
@@ -192,6 +188,9 @@ class DieAfterFirstCheckpoint(metagate.BaseCallback):
     def on_epoch_end(self, record):
         if os.environ.get("DIE") and self.trainer.epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("HOLD"):
+            print("running", flush=True)
+            time.sleep(120)
 
 
 res = metagate.distill(task.students["mlp"], teachers, (task.train.x, task.train.y), val=(task.meta.x, task.meta.y),
