@@ -335,7 +335,10 @@ class Trainer:
             raise InputError(f"gate weights have shape {tuple(w.shape)}, expected "
                              f"{(view.num_units, 1 + self.num_teachers)} (units, 1 + teachers)")
         if not trusted:
-            check_weights(w)
+            try:
+                check_weights(w)
+            except InputError:  # weights that follow diverged student logits: name the divergence
+                self._diagnose_nonfinite(batch, logits, view, w, out.tau)
         keep = self._tau_graph and decision is None  # the loss's gradient reaches the gate's student_parameters
         tau = out.tau.detach() if torch.is_tensor(out.tau) and not keep else out.tau
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
@@ -387,7 +390,8 @@ class Trainer:
     def _diagnose_nonfinite(self, batch: Batch, logits: Tensor, view: UnitView, w: Tensor,
                             tau: Tensor | float) -> None:
         """Name what made the loss NaN/inf (checked here, once, instead of on every step): the inputs (with their
-        unit ids), the teachers, the gate's weights or temperature, else the student's divergence."""
+        unit ids), the teachers, the student's divergence (non-finite logits from finite inputs: the last update,
+        whose loss was finite, broke the student), the gate's weights or temperature, else an overflow."""
         bad = int((~torch.isfinite(logits.detach())).sum())
         found = f"student logits contain {bad} NaN/inf value(s): " if bad else ""
         cause = nonfinite_inputs("the batch's training inputs", batch.x, batch.ids)
@@ -395,13 +399,22 @@ class Trainer:
             raise InputError(found + cause)
         if view.teacher_logits is not None:
             check_finite("teacher logits", view.teacher_logits)
-        check_weights(w)
+        where = (f"the first NaN/inf loss came in epoch {self.epoch + 1} of {self.config.epochs}, step {self.step} "
+                 f"(learning rate {self.lr:g})")
+        if bad:
+            raise ConfigError(f"{found}{where}, with finite inputs and teachers: the student diverged; lower --lr "
+                              f"(now {self.config.lr:g})")
+        try:
+            check_weights(w)
+        except InputError as e:
+            raise InputError(f"{e} in epoch {self.epoch + 1} of {self.config.epochs}, step {self.step} (learning rate "
+                             f"{self.lr:g}), from finite student logits: the gate's own computation broke (a "
+                             f"look-ahead gate steps with the learning rate: try a lower --lr, now "
+                             f"{self.config.lr:g})") from None
         if torch.is_tensor(tau):
             check_temperature(self.gate.name, tau)
-        where = (f"the first NaN/inf loss came in epoch {self.epoch + 1} of {self.config.epochs}, step {self.step} "
-                 f"(learning rate {self.lr:g}), with finite inputs, teachers and weights")
-        what = "the student diverged" if bad else "the weighted loss overflowed"
-        raise ConfigError(f"{found}{where}: {what}; lower --lr (now {self.config.lr:g})")
+        raise ConfigError(f"{where}: the weighted loss overflowed although logits, teachers and weights are finite; "
+                          f"lower --lr (now {self.config.lr:g})")
 
     # -- epochs ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:

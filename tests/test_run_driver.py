@@ -68,8 +68,8 @@ def test_api_overwrite_keeps_the_old_run_when_the_new_one_fails(digits_noisy, di
     assert json.loads((d / "metrics.json").read_text())["test/acc"] == good.metrics["test/acc"] > 0.2
     before = _snapshot(tmp_path)
     with pytest.raises(ConfigError, match=r"student logits contain \d+ NaN/inf value\(s\): the first NaN/inf loss "
-                                          r"came in epoch 1 of 1, step \d+ \(learning rate \d+\), with finite inputs, teachers and "
-                                          r"weights: the student diverged; lower --lr \(now 1e\+06\)"):
+                                          r"came in epoch 1 of 1, step \d+ \(learning rate \d+\), with finite inputs and teachers: "
+                                          r"the student diverged; lower --lr \(now 1e\+06\)"):
         _distill(digits_noisy, digits_bank[0], d, train={"lr": 1e6}, overwrite=True)
     assert _snapshot(tmp_path) == before  # the old run, and no sibling left behind
     again = _distill(digits_noisy, digits_bank[0], d, overwrite=True)
@@ -249,3 +249,23 @@ def test_non_finite_inputs_of_a_dataset_are_named_when_the_loss_turns_nan(digits
                                          r"hold 1 NaN/inf value\(s\) in 1 unit\(s\): unit id\(s\) 9$"):
         metagate.distill(task.students["mlp"], None, Items(), val=(task.meta.x, task.meta.y), gate="ce",
                          train_config=FAST)
+
+
+@pytest.mark.parametrize("gate", ["fixed", "meta"])
+def test_command_line_diverging_lr_is_named_and_leaves_no_run_directory(digits_bank, tmp_path, capsys, gate):
+    """``--lr 1e6``: the first NaN/inf loss with its epoch, step and learning rate, also for a gate whose weights
+    follow the (diverged) student logits; the new run directory is gone."""
+    run = tmp_path / "run"
+    args = ["distill", "--task", "digits", "--noise", "0.4", "--gate", gate, "--epochs", "1", "--batch-size", "64",
+            "--lr", "1e6", "--logdir", str(run), "--device", "cpu", "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    if gate == "fixed":
+        assert "the first NaN/inf loss came in epoch 1 of 1, step " in err, err
+        assert "the student diverged; lower --lr (now 1e+06)" in err, err
+    else:  # the meta look-ahead's virtual step breaks first
+        assert "gate weights contain NaN or inf in epoch 1 of 1, step " in err, err
+        assert "from finite student logits: the gate's own computation broke" in err, err
+        assert "try a lower --lr, now 1e+06" in err, err
+    assert not run.exists()
