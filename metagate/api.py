@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
+from metagate.callbacks import BaseCallback
+from metagate.checks import check_finite_inputs
 from metagate.data.builtin import register_prepared
 from metagate.data.inputs import DatasetInputs, as_tensor, check_item_shapes, scan_dataset
 from metagate.data.task import Split, Task, stratified_split
+from metagate.driver import drive
 from metagate.errors import ConfigError, InputError
 from metagate.gates import Gate, GateConfig, get_gate_class
 from metagate.loader import LoaderTrainer
@@ -276,6 +277,8 @@ def prepare(
     if test is not None:
         parts["test"] = as_split(test, "test")
     tr = parts["train"]
+    for nm, part in parts.items():  # before any teacher or the student reads them: the cause, by unit id
+        check_finite_inputs(f"{nm} inputs", part.split.x, part.ids)
     pairs = named_teachers(teachers or [], teacher_names)
     if is_random(train):
         refuse_cached_with_random(pairs)
@@ -363,43 +366,42 @@ def _train_config(train_config: TrainConfig | Mapping[str, Any] | None) -> Train
 def run_prepared(prep: Prepared, student: StudentLike, gate: str | Gate = "meta",
                  gate_config: GateConfig | Mapping[str, Any] | None = None,
                  train_config: TrainConfig | Mapping[str, Any] | None = None,
-                 logdir: str | Path | None = None, overwrite: bool = False,
-                 on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None) -> DistillResult:
-    """Train a student on prepared data and teachers (the second half of :func:`distill`): training batches from
-    a ``DataLoader`` over ``prep.dataset`` (:class:`~metagate.loader.LoaderTrainer`), else from the in-memory
-    split.
-
-    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does; the compare times epochs with it)
-    """
+                 logdir: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+                 callbacks: Sequence[BaseCallback] = ()) -> DistillResult:
+    """Train a student on prepared data and teachers (the second half of :func:`distill`) through the one run
+    driver (:func:`metagate.driver.drive`, as ``metagate distill``): training batches from a ``DataLoader`` over
+    ``prep.dataset`` (:class:`~metagate.loader.LoaderTrainer`), else from the in-memory split."""
     cfg = _train_config(train_config)
-    seed_everything(cfg.seed)  # a gate built here by name starts from the seed (its policy or net is random)
-    g = _make_gate(gate, gate_config)
-    if g.uses_teachers and prep.bank is None:
-        raise ConfigError(f"gate {g.name!r} needs teachers; pass teachers=[...] (or use gate='ce')")
-    run_dir = None if logdir is None else Path(logdir)
-    if run_dir is not None and (run_dir / "checkpoint.pt").exists():
-        if not overwrite:
-            raise ConfigError(f"{run_dir} already holds a run; pass overwrite=True or another logdir")
-        shutil.rmtree(run_dir)
-    model = student if isinstance(student, nn.Module) else student()
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"student must be an nn.Module or a factory of one, got {type(model).__name__}")
-    identity = {"task": prep.task.key, "gate": g.name, "student": type(model).__name__,
-                "teachers": ",".join(prep.bank.names) if prep.bank else ""}
-    args = (prep.task, model, g, prep.bank, cfg, Logger(run_dir) if run_dir else None, run_dir, identity)
-    trainer = Trainer(*args) if prep.dataset is None else LoaderTrainer(*args, dataset=prep.dataset,
+    if resume and overwrite:
+        raise ConfigError("resume=True and overwrite=True exclude each other")
+    model: nn.Module | None = None
+    gate_name = gate.name if isinstance(gate, Gate) else gate
+
+    def build(work: Path | None) -> Trainer:
+        nonlocal model
+        seed_everything(cfg.seed)  # a gate built here by name starts from the seed (its policy or net is random)
+        g = _make_gate(gate, gate_config)
+        if g.uses_teachers and prep.bank is None:
+            raise ConfigError(f"gate {g.name!r} needs teachers; pass teachers=[...] (or use gate='ce')")
+        model = student if isinstance(student, nn.Module) else student()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"student must be an nn.Module or a factory of one, got {type(model).__name__}")
+        identity = {"task": prep.task.key, "gate": g.name, "student": type(model).__name__,
+                    "teachers": ",".join(prep.bank.names) if prep.bank else ""}
+        args = (prep.task, model, g, prep.bank, cfg, Logger(work), work, identity)
+        return Trainer(*args) if prep.dataset is None else LoaderTrainer(*args, dataset=prep.dataset,
                                                                          num_workers=prep.num_workers)
-    try:
-        metrics = trainer.fit(on_epoch_end)
-        if run_dir is not None:
-            trainer.log_final(metrics, {"gate": g.name, **g.hparams()})
-    finally:
-        trainer.logger.close()
-    if not prep.has_test:
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("test/")}
-    if run_dir is not None:
-        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "teachers": prep.teacher_stats}, indent=2))
-    return DistillResult(metrics, model.eval(), prep.teacher_stats, trainer.history, trainer)
+
+    def shown(metrics: dict[str, float]) -> dict[str, float]:
+        return metrics if prep.has_test else {k: v for k, v in metrics.items() if not k.startswith("test/")}
+
+    early = {"task": prep.task.key, "gate": gate_name,
+             "teachers": ",".join(prep.bank.names) if prep.bank else ""}
+    done = drive(build, cfg, run_dir=logdir, resume=resume, overwrite=overwrite, identity=early,
+                 hparams=lambda tr: {"gate": tr.gate.name, **tr.gate.hparams()},
+                 summary=lambda m: {**shown(m), "teachers": prep.teacher_stats}, callbacks=callbacks, api=True)
+    assert model is not None
+    return DistillResult(shown(done.metrics), model.eval(), prep.teacher_stats, done.trainer.history, done.trainer)
 
 
 def distill(
@@ -414,6 +416,7 @@ def distill(
     gate: str | Gate = "meta",
     gate_config: GateConfig | Mapping[str, Any] | None = None,
     train_config: TrainConfig | Mapping[str, Any] | None = None,
+    callbacks: Sequence[BaseCallback] = (),
     **options: Any,
 ) -> DistillResult:
     """Distil ``teachers`` into ``student`` on your own data with one gate; return metrics and the student.
@@ -436,16 +439,19 @@ def distill(
     :param options: ``num_classes``, ``teacher_names``, ``corrupted`` / ``clean_labels`` (training units'
         corrupted-label mask and clean labels, for diagnostics only), ``name``, ``cache_dir``,
         ``rebuild_cache``, ``val_seed``, ``num_workers`` (the training DataLoader's workers; given with tensors, a
-        loader over them) (see :func:`prepare`); ``logdir``, ``overwrite`` (TensorBoard events, checkpoints and
-        ``metrics.json``; default: nothing written)
+        loader over them) (see :func:`prepare`); ``logdir`` (TensorBoard events, checkpoints and ``metrics.json``
+        in a run directory, as ``metagate distill --logdir``: a new, empty or marked one, locked while running;
+        default: nothing written), ``overwrite`` (replace a metagate run there, swapped in only when the new run
+        finished), ``resume`` (continue the run there from its checkpoint, to the result of an uninterrupted run)
+    :param callbacks: epoch-end callbacks (:class:`metagate.BaseCallback`), called after the run's own
     :raises InputError: student vs teacher output sizes, labels out of range, duplicate ids, bad teacher
         files, ``meta``/``select`` overlapping ``train``
     """
-    run_opts: dict[str, Any] = {k: options.pop(k) for k in ("logdir", "overwrite") if k in options}
+    run_opts: dict[str, Any] = {k: options.pop(k) for k in ("logdir", "overwrite", "resume") if k in options}
     cfg = _train_config(train_config)
     prep = prepare(student, teachers, train, meta=meta, select=select, val=val, test=test, device=cfg.device,
                    **options)
-    return run_prepared(prep, student, gate, gate_config, cfg, **run_opts)
+    return run_prepared(prep, student, gate, gate_config, cfg, callbacks=callbacks, **run_opts)
 
 
 @dataclass

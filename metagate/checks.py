@@ -41,3 +41,25 @@ def check_topk(k: int, vocab: int) -> None:
     """:raises ConfigError: ``k < 1`` or ``k >= V`` (the top-k form would save nothing)"""
     if not 1 <= k < vocab:
         raise ConfigError(f"--topk must be in [1, V) = [1, {vocab}) for a vocabulary of {vocab} tokens, got {k}")
+
+
+def nonfinite_inputs(name: str, x: object, ids: Tensor | None = None) -> str | None:
+    """What is non-finite in floating inputs ``x [N, ...]``, naming the units (their ``ids``, else positions);
+    ``None`` when all is finite (or ``x`` is not a floating tensor: token ids, a dataset read by id)."""
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.numel() == 0:
+        return None
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return None
+    rows = (~finite).reshape(x.shape[0], -1).any(1).nonzero().reshape(-1)
+    units = rows if ids is None else ids.reshape(-1)[rows.to(ids.device)]
+    shown = ", ".join(str(int(u)) for u in units[:5].tolist())
+    more = f" (and {rows.numel() - 5} more)" if rows.numel() > 5 else ""
+    return f"{name} hold {int((~finite).sum())} NaN/inf value(s) in {rows.numel()} unit(s): unit id(s) {shown}{more}"
+
+
+def check_finite_inputs(name: str, x: object, ids: Tensor | None = None) -> None:
+    """Raise :class:`InputError` if floating inputs hold NaN/inf (:func:`nonfinite_inputs`)."""
+    msg = nonfinite_inputs(name, x, ids)
+    if msg is not None:
+        raise InputError(msg)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metagate.calibration import calibrated_bank, calibration_record
+from metagate.calibration import calibrated_bank
+from metagate.callbacks import BaseCallback, EpochFn
 from metagate.data import TaskConfig, get_task, task_config
 from metagate.data.task import Task
+from metagate.driver import drive
 from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
-from metagate.io import atomic_write_text
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
-from metagate.rundir import RunDir
 from metagate.teachers.build import load_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, seed_everything
 
@@ -116,6 +115,16 @@ def wants_calibrated_teachers(cfg: DistillConfig, gate: Gate) -> bool:
     return cfg.teacher_calibration == "temperature" or gate.teacher_calibration == "temperature"
 
 
+def run_hparams(cfg: DistillConfig, trainer: Trainer) -> dict[str, Any]:
+    """The run's HPARAMS: its options, the gate's resolved values and the teachers' fitted temperatures."""
+    hp = cfg.hparams(trainer.gate)
+    cal = trainer.bank.calibration if trainer.bank is not None else None
+    if cal is not None:  # per teacher also in the teacher stats and as teachers/* scalars (callbacks.log_final)
+        hp.update({f"teacher_tau{k}": t for k, t in enumerate(cal.taus)})
+        hp["teacher_ensemble_tau"] = cal.ensemble_tau
+    return hp
+
+
 def build_gate(name: str, options: dict[str, Any] | None = None) -> Gate:
     """Build a registered gate from its options (field names of its ``config_class``)."""
     return get_gate_class(name)(gate_config(name, options))
@@ -158,52 +167,39 @@ def load_task(cfg: DistillConfig) -> Task:
 
 def run_distill(cfg: DistillConfig, gate: Gate | None = None, task: Task | None = None,
                 verbose: bool = False, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None,
-                ) -> dict[str, Any]:
-    """Run one distillation; return final metrics (``test/acc`` ...), diagnostics and teacher stats.
+                callbacks: Sequence[BaseCallback] = ()) -> dict[str, Any]:
+    """Run one distillation (through the one driver, :func:`metagate.driver.drive`); return final metrics
+    (``test/acc`` ...), diagnostics and teacher stats.
 
     The seed is set before the gate and the student are built (a gate's policy is initialised from
     it); loading or training teachers does not move the run's random state. A ``gate`` passed in is used as
     it was built: one with random parameters reproduces only if it was built after seeding.
 
-    :param on_epoch_end: called after each epoch (as :meth:`Trainer.fit` does), e.g. to time epochs
+    :param on_epoch_end: ``fn(trainer, record)`` called after each epoch, e.g. to time epochs
+    :param callbacks: epoch-end callbacks (:mod:`metagate.callbacks`) after the run's own
     """
     task = task or load_task(cfg)
-    run_dir = cfg.run_dir
-    with RunDir(run_dir, overwrite=cfg.overwrite, resume=cfg.resume) as rd:  # validated, marked, locked
-        ckpt = run_dir / "checkpoint.pt"
-        if ckpt.exists() and not (cfg.resume or cfg.overwrite):
-            raise ConfigError(f"run directory {run_dir} already holds a checkpoint; pass --resume to continue it, "
-                              "--overwrite to replace it, or another --logdir")
-        if cfg.resume and not ckpt.exists():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
+    student_name = cfg.student or task.default_student
+    tstats: list[dict[str, float]] = []
+
+    def build(work: Path | None) -> Trainer:
+        nonlocal gate
         seed_everything(cfg.train.seed)
         gate = gate or build_gate(cfg.gate, cfg.gate_options)
         with preserved_rng():
-            bank, tstats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
-                            else (None, []))
+            bank, stats = (load_teachers(cfg, task, cfg.train.progress, verbose) if gate.uses_teachers
+                           else (None, []))
+        tstats.extend(stats)
         if bank is not None and wants_calibrated_teachers(cfg, gate):
             bank = calibrated_bank(bank)
         student = task.make_student(cfg.student)
-        identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": cfg.student or
-                    task.default_student, "teachers": ",".join(bank.names) if bank else ""}
-        work = rd.work  # the run directory, or the sibling an --overwrite replaces it with when done
-        trainer = Trainer(task, student, gate, bank, cfg.train, Logger(work), work, identity)
-        if cfg.resume:
-            trainer.load_checkpoint(ckpt)
-        try:
-            metrics = trainer.fit(on_epoch_end)
-            hp = cfg.hparams(gate)
-            cal = bank.calibration if bank is not None else None
-            if cal is not None:  # the teachers' temperature fit (per teacher also in the teacher stats)
-                for tag, v in calibration_record(cal).items():
-                    trainer.logger.scalar(tag, v, trainer.step)
-                hp.update({f"teacher_tau{k}": t for k, t in enumerate(cal.taus)})
-                hp["teacher_ensemble_tau"] = cal.ensemble_tau
-            trainer.log_final(metrics, hp)
-        finally:
-            trainer.logger.close()
-        result: dict[str, Any] = dict(metrics)
-        result["teachers"] = tstats
-        atomic_write_text(work / "metrics.json", json.dumps(result, indent=2))
-        rd.commit()
-    return result
+        identity = {"task": task.key, "data": task.fingerprint(), "gate": gate.name, "student": student_name,
+                    "teachers": ",".join(bank.names) if bank else ""}
+        return Trainer(task, student, gate, bank, cfg.train, Logger(work), work, identity)
+
+    extra = [] if on_epoch_end is None else [EpochFn(on_epoch_end)]
+    early = {"task": task.key, "data": task.fingerprint(), "student": student_name} if cfg.resume else None
+    done = drive(build, cfg.train, run_dir=cfg.run_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                 identity=early, hparams=lambda tr: run_hparams(cfg, tr),
+                 summary=lambda metrics: {**metrics, "teachers": tstats}, callbacks=[*extra, *callbacks])
+    return done.record

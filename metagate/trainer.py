@@ -1,8 +1,10 @@
-"""The one shared student update loop (DESIGN.md, "Data flow").
+"""The one shared student update loop (docs/design.md, "Data flow"): the step and the epoch loop.
 
 Every gate plugs into :meth:`Trainer.train_step`; no gate has a loop of its own.
 An outside driver (the gymnasium environment) calls ``train_step(batch, decision)``
-with its own :class:`~metagate.gates.GateOutput`.
+with its own :class:`~metagate.gates.GateOutput`. What a run does around the epochs (TensorBoard, the
+checkpoint, the final record) is a callback (:mod:`metagate.callbacks`); checkpoints are
+:mod:`metagate.checkpoint`.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +21,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metagate import units
-from metagate.checks import check_finite
+from metagate import checkpoint, units
+from metagate.callbacks import BaseCallback, CallbackList, standard_callbacks
+from metagate.checks import check_finite, nonfinite_inputs
 from metagate.data.task import Batch, Split, Task
-from metagate.diagnostics import gate_diagnostics, teacher_share, teacher_trust_figure
-from metagate.errors import CheckpointError, ConfigError, InputError
+from metagate.diagnostics import gate_diagnostics
+from metagate.errors import ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.temperature.reversal import check_temperature
-from metagate.io import atomic_save, safe_load
 from metagate.logger import Logger
 from metagate.losses import check_weights, reduce_weighted, unit_losses
-from metagate.metrics import classification_metrics, reliability_figure, reliability_table
+from metagate.metrics import classification_metrics
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
-from metagate.tb.hparams import gate_spec_of
 from metagate.teachers.bank import TeacherBank
-
-CHECKPOINT_VERSION = 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -117,12 +116,6 @@ class TrainConfig(Options):
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
-
-
-#: options whose change alters a run's result: a resume with another value is refused
-RESULT_OPTIONS = ("batch_size", "lr", "momentum", "weight_decay", "optimizer", "schedule", "seed", "precision")
-CHECKPOINT_KEYS = ("version", "identity", "config", "student", "optimizer", "gate", "rng", "epoch", "step",
-                   "unit_weights")
 
 
 @dataclass
@@ -341,7 +334,10 @@ class Trainer:
             raise InputError(f"gate weights have shape {tuple(w.shape)}, expected "
                              f"{(view.num_units, 1 + self.num_teachers)} (units, 1 + teachers)")
         if not trusted:
-            check_weights(w)
+            try:
+                check_weights(w)
+            except InputError:  # weights that follow diverged student logits: name the divergence
+                self._diagnose_nonfinite(batch, logits, view, w, out.tau)
         keep = self._tau_graph and decision is None  # the loss's gradient reaches the gate's student_parameters
         tau = out.tau.detach() if torch.is_tensor(out.tau) and not keep else out.tau
         t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
@@ -361,7 +357,7 @@ class Trainer:
                 real_losses.new_zeros(view.num_units, real_losses.shape[1]).index_copy(0, real, real_losses)
             loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
         if not math.isfinite(loss.item()):
-            self._diagnose_nonfinite(logits, view, w, out.tau)
+            self._diagnose_nonfinite(batch, logits, view, w, out.tau)
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.scaler
         if scaler is None:
@@ -390,16 +386,34 @@ class Trainer:
         self.step += 1
         return StepResult(loss.detach(), losses, w)
 
-    def _diagnose_nonfinite(self, logits: Tensor, view: UnitView, w: Tensor, tau: Tensor | float) -> None:
-        """Name what made the loss NaN/inf (checked here, once, instead of on every step)."""
-        if torch.is_tensor(tau):
-            check_temperature(self.gate.name, tau)
-        check_finite("student logits", logits)
+    def _diagnose_nonfinite(self, batch: Batch, logits: Tensor, view: UnitView, w: Tensor,
+                            tau: Tensor | float) -> None:
+        """Name what made the loss NaN/inf (checked here, once, instead of on every step): the inputs (with their
+        unit ids), the teachers, the student's divergence (non-finite logits from finite inputs: the last update,
+        whose loss was finite, broke the student), the gate's weights or temperature, else an overflow."""
+        bad = int((~torch.isfinite(logits.detach())).sum())
+        found = f"student logits contain {bad} NaN/inf value(s): " if bad else ""
+        cause = nonfinite_inputs("the batch's training inputs", batch.x, batch.ids)
+        if cause is not None:
+            raise InputError(found + cause)
         if view.teacher_logits is not None:
             check_finite("teacher logits", view.teacher_logits)
-        check_weights(w)
-        raise InputError("the weighted loss is NaN/inf although logits and weights are finite "
-                         "(learning rate too high?)")
+        where = (f"the first NaN/inf loss came in epoch {self.epoch + 1} of {self.config.epochs}, step {self.step} "
+                 f"(learning rate {self.lr:g})")
+        if bad:
+            raise ConfigError(f"{found}{where}, with finite inputs and teachers: the student diverged; lower --lr "
+                              f"(now {self.config.lr:g})")
+        try:
+            check_weights(w)
+        except InputError as e:
+            raise InputError(f"{e} in epoch {self.epoch + 1} of {self.config.epochs}, step {self.step} (learning rate "
+                             f"{self.lr:g}), from finite student logits: the gate's own computation broke (a "
+                             f"look-ahead gate steps with the learning rate: try a lower --lr, now "
+                             f"{self.config.lr:g})") from None
+        if torch.is_tensor(tau):
+            check_temperature(self.gate.name, tau)
+        raise ConfigError(f"{where}: the weighted loss overflowed although logits, teachers and weights are finite; "
+                          f"lower --lr (now {self.config.lr:g})")
 
     # -- epochs ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> Iterator[Batch]:
@@ -422,7 +436,7 @@ class Trainer:
         k = self.num_teachers
         names = ["label"] + [f"teacher{j}" for j in range(k)]
         lw = (torch.cat(self._step_losses).mean(0).tolist() if self._step_losses else [float("nan")] * (1 + k))
-        ww = self._unit_weights_real()[0].mean(0).tolist()  # every unit is visited once per epoch
+        ww = self.real_unit_weights()[0].mean(0).tolist()  # every unit is visited once per epoch
         stats = {f"loss_{nm}": v for nm, v in zip(names, lw)}
         stats.update({f"weight_{nm}": v for nm, v in zip(names, ww)})
         stats["loss"] = float(sum(a * b for a, b in zip(lw, ww)))  # approximate weighted mean
@@ -446,12 +460,18 @@ class Trainer:
             return sequence_metrics(self.student, split, self.device)
         return classification_metrics(self.predict(split), split.y)
 
-    def fit(self, on_epoch_end: Callable[[Trainer, dict[str, float]], None] | None = None) -> dict[str, float]:
-        """Train to ``config.epochs`` (continuing from a loaded checkpoint), log, checkpoint.
+    def fit(self, callbacks: Sequence[BaseCallback] = ()) -> dict[str, float]:
+        """Train to ``config.epochs`` (continuing from a loaded checkpoint); after each epoch the callbacks:
+        TensorBoard and the checkpoint (:func:`~metagate.callbacks.standard_callbacks`), then ``callbacks``.
 
-        :return: final metrics ``test/acc, test/nll, ...`` plus gate diagnostics
+        :return: final metrics ``test/acc, test/nll, ...`` plus gate diagnostics (also handed to each
+            callback's ``on_fit_end``)
         """
         from tqdm.auto import tqdm
+
+        cbs = CallbackList([*standard_callbacks(self), *callbacks])
+        cbs.init_callback(self)
+        cbs.on_fit_start()
 
         remaining = (self.config.epochs - self.epoch) * self.steps_per_epoch
         bar = tqdm(total=remaining, desc=f"{self.gate.name}", unit="step", leave=False,
@@ -466,17 +486,16 @@ class Trainer:
                     record.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
                 record.update(self.weight_diagnostics())
                 self.history.append(record)
-                self._log_epoch(record)
                 bar.set_postfix(acc=f"{record.get('test/acc', float('nan')):.3f}")
-                if self.run_dir is not None:
-                    self.save_checkpoint(self.run_dir / "checkpoint.pt")
-                if on_epoch_end is not None:
-                    on_epoch_end(self, record)
+                cbs.on_epoch_end(record)
         finally:
             bar.close()
         if self.history and "test/acc" in self.history[-1]:  # the last epoch already evaluated this state
-            return {k: v for k, v in self.history[-1].items() if not k.startswith("train/")}
-        return self.final_metrics()
+            metrics = {k: v for k, v in self.history[-1].items() if not k.startswith("train/")}
+        else:
+            metrics = self.final_metrics()
+        cbs.on_fit_end(metrics)
+        return metrics
 
     def final_metrics(self) -> dict[str, float]:
         """Test and select metrics plus gate diagnostics of the current student."""
@@ -489,9 +508,9 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return {**gate_diagnostics(*self._unit_weights_real()), **self.gate.diagnostics()}
+        return {**gate_diagnostics(*self.real_unit_weights()), **self.gate.diagnostics()}
 
-    def _unit_weights_real(self) -> tuple[Tensor, Tensor, Tensor | None]:
+    def real_unit_weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Unit weights, corrupted flags and teacher correctness of the real (unpadded) training units."""
         w, c, r = self.unit_weights, self.corrupted, self.teacher_right
         keep = self._real_units
@@ -500,141 +519,17 @@ class Trainer:
         keep = keep.to(w.device)
         return w[keep], c[keep], None if r is None else r.to(w.device)[keep]
 
-    def _log_epoch(self, record: dict[str, float]) -> None:
-        lg = self.logger
-        if not lg.enabled:
-            return
-        lg.set_teachers(self.bank.names if self.bank is not None else [])
-        for tag, v in record.items():
-            lg.scalar(tag, v, self.step)
-        w, corrupted, _ = self._unit_weights_real()
-        # one section per column, all / clean / corrupted units next to each other; ce (no teacher column)
-        # logs its teacher share of 0 too, so every gate has the same charts
-        cols = [(name, w[:, j]) for j, name in enumerate(["label"] + [f"teacher{j}" for j in
-                                                                      range(self.num_teachers)])]
-        for name, col in [*cols, ("teacher_share", teacher_share(w))]:
-            lg.histogram(f"weights/{name}/all", col, self.step, span=(0.0, 1.0))
-            if corrupted.any() and (~corrupted).any():
-                lg.histogram(f"weights/{name}/clean", col[~corrupted], self.step, span=(0.0, 1.0))
-                lg.histogram(f"weights/{name}/corrupted", col[corrupted], self.step, span=(0.0, 1.0))
-        self.gate.log(lg, self.step)
-        lg.flush()
-
-    def log_final(self, metrics: dict[str, float], hparams: dict[str, Any], group: str | None = None) -> None:
-        """Reliability diagram and its bins (test), the teacher-trust chart, the HPARAMS session records.
-
-        :param group: the HPARAMS session group (default: the gate spec, the same for all seeds of a gate)
-        """
-        lg = self.logger
-        if not lg.enabled:
-            return
-        lg.set_teachers(self.bank.names if self.bank is not None else [])
-        logits, labels = self.predict(self.task.test), self.task.test.y
-        if units.is_sequence(self.task):  # token-level diagram over the unpadded test tokens
-            keep = labels != units.PAD_ID
-            logits, labels = logits[keep], labels[keep]
-        probs = torch.softmax(logits.double(), -1)
-        lg.figure("test/reliability", reliability_figure(probs, labels, title="test"), self.step)
-        lg.text("test/reliability_bins", reliability_table(probs, labels), self.step,
-                "the reliability diagram's bins: units, mean confidence, accuracy")
-        if self.teacher_right is not None and self.bank is not None and self.step > 0:
-            w, _, right = self._unit_weights_real()
-            fig = teacher_trust_figure(w, right, self.bank.names, title=self.gate.name)
-            lg.figure("diag/teacher_trust", fig, self.step)
-        for tag, v in metrics.items():  # a metric HPARAMS shows must be a scalar of this run
-            if isinstance(v, float) and lg.logged_at(tag) != self.step:
-                lg.scalar(tag, v, self.step)
-        lg.session(hparams, group or gate_spec_of(self.gate), metrics)
-        lg.flush()
-
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints (metagate.checkpoint) -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "numpy_pos": int(np_state[2]),
-            "python": list(random.getstate()[1]),
-        }
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
-        return {**extra,
-            "version": CHECKPOINT_VERSION,
-            "identity": self.identity,
-            "config": asdict(self.config),
-            "student": self.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "gate": self.gate.state_dict(),
-            "gate_hparams": _plain(self.gate.hparams()),
-            "rng": rng,
-            "epoch": self.epoch,
-            "step": self.step,
-            "unit_weights": self.unit_weights.cpu(),
-        }
+        return checkpoint.state_dict(self)
 
     def save_checkpoint(self, path: str | Path) -> None:
         """Atomically write student, optimizer, gate, RNG states and counters."""
-        atomic_save(self.state_dict(), path)
+        checkpoint.save_checkpoint(self, path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``).
-
-        Refused (:class:`CheckpointError`, naming the option) when the run's options differ from the
-        checkpoint's in anything that changes the result; ``--epochs`` may grow (the run is *extended*:
-        the cosine schedule is stretched to the new length from here on, so the result differs from a
-        run started with the larger ``--epochs``) but not shrink below the checkpoint's.
-        """
-        state = safe_load(path)
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint {path} is not a metagate v{CHECKPOINT_VERSION} checkpoint")
-        missing = [k for k in CHECKPOINT_KEYS if k not in state]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
-        diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items()
-                if state["identity"].get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"checkpoint {path} is incompatible with this run ({detail})")
-        self._check_resumed_options(path, state)
-        try:
-            self.student.load_state_dict(state["student"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.gate.load_state_dict(state["gate"])
-            if self.scaler is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-            rng = state["rng"]
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-            random.setstate((3, tuple(rng["python"]), None))
-            self.epoch, self.step = int(state["epoch"]), int(state["step"])
-            self.unit_weights.copy_(state["unit_weights"].to(self.device))
-        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"checkpoint {path} does not fit this student/gate: {type(e).__name__}: {e}") from e
-        self.logger.purge_after(self.step)  # TensorBoard points of the re-run steps replace the old ones
-
-    def _check_resumed_options(self, path: str | Path, state: dict[str, Any]) -> None:
-        """Refuse a resume whose options would mix two configurations, naming each changed option."""
-        saved, now = state["config"], asdict(self.config)
-        changed = [(f"--{k.replace('_', '-')}", saved[k], now[k]) for k in RESULT_OPTIONS
-                   if k in saved and saved[k] != now[k]]
-        if "epochs" in saved and now["epochs"] < saved["epochs"]:
-            changed.append(("--epochs", saved["epochs"], now["epochs"]))
-        old_gate, new_gate = state.get("gate_hparams"), _plain(self.gate.hparams())
-        if isinstance(old_gate, dict):
-            changed += [(f"--{k.replace('_', '-')}", old_gate.get(k), new_gate.get(k))
-                        for k in sorted(set(old_gate) | set(new_gate)) if old_gate.get(k) != new_gate.get(k)]
-        if changed:
-            detail = ", ".join(f"{flag} {b!r} (checkpoint: {a!r})" for flag, a, b in changed)
-            raise CheckpointError(f"--resume of {path} with other options than the checkpoint's: {detail}. Resume "
-                                  "with the checkpoint's values (only --epochs may grow, to extend a run)")
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    """Hyper-parameters as checkpoint-safe primitives (``weights_only`` loads str/int/float/bool/None)."""
-    return {str(k): (v if v is None or isinstance(v, (bool, int, float, str)) else str(v)) for k, v in d.items()}
+        """Restore a checkpoint (:func:`metagate.checkpoint.load_checkpoint`: every field checked)."""
+        checkpoint.load_checkpoint(self, path)
 
 
 _ONES: dict[tuple[int, torch.device], Tensor] = {}

@@ -34,11 +34,20 @@ def digits_noisy():
 
 @pytest.fixture(scope="session")
 def digits_bank(digits_noisy):
-    """Three trained CNN teachers' cached logits on noisy digits (trained once per session)."""
+    """Three trained CNN teachers' cached logits on noisy digits (trained once per session).
+
+    Computed on one thread, as the ``one_thread`` tests compute a module teacher's logits: a convolution's float
+    sums depend on the thread count, and tests compare a run on these cached logits bit for bit with a run on
+    logits the Python API computes from the same teachers."""
     from metagate.run import DistillConfig
     from metagate.teachers.build import load_teachers
     from metagate.trainer import TrainConfig
 
     cfg = DistillConfig(task="digits", noise=0.4, teachers=3, train=TrainConfig(device="cpu", progress=False))
-    bank, stats = load_teachers(cfg, digits_noisy, progress=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bank, stats = load_teachers(cfg, digits_noisy, progress=False)
+    finally:
+        torch.set_num_threads(n)
     return bank, stats

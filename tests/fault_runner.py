@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from metagate import io, trainer
+from metagate import callbacks, checkpoint, io, trainer
 from metagate.cli import main
 
 
@@ -26,7 +26,7 @@ def _die() -> None:
 
 def _arm(point: str, n: int) -> None:
     calls = {"step": 0, "ckpt": 0}
-    train_step, atomic_save = trainer.Trainer.train_step, trainer.atomic_save
+    train_step, atomic_save = trainer.Trainer.train_step, checkpoint.atomic_save
 
     def step(self, *a, **kw):
         calls["step"] += 1
@@ -55,9 +55,9 @@ def _arm(point: str, n: int) -> None:
         _die()
 
     trainer.Trainer.train_step = step
-    trainer.atomic_save = save
+    checkpoint.atomic_save = save
     if point == "final":
-        trainer.Trainer.log_final = log_final
+        callbacks.FinalRecord.on_fit_end = log_final
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from metagate.callbacks import EpochFn
 from metagate.cli import main
 from metagate.errors import CheckpointError
 from metagate.run import DistillConfig, build_gate, run_distill
@@ -55,7 +56,7 @@ def test_policy_gates_resume_bit_identically(digits_noisy, digits_bank, tmp_path
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        _trainer(digits_noisy, bank, gate, 3, tmp_path).fit(on_epoch_end=stop)
+        _trainer(digits_noisy, bank, gate, 3, tmp_path).fit([EpochFn(stop)])
     torch.manual_seed(999)  # another process: other RNG state until the checkpoint restores it
     resumed = _trainer(digits_noisy, bank, gate, 3, tmp_path)
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")

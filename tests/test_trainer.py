@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from metagate.callbacks import EpochFn
 from metagate.data import get_task
 from metagate.data.task import Split, Task, build_task
 from metagate.errors import CheckpointError, ConfigError, InputError
@@ -48,7 +49,7 @@ def test_resume_reaches_same_final_metrics(digits_noisy, digits_bank, tmp_path):
 
     part = _trainer(digits_noisy, bank, epochs=4, run_dir=tmp_path)
     with pytest.raises(Interrupt):
-        part.fit(on_epoch_end=stop_after_two)
+        part.fit([EpochFn(stop_after_two)])
     torch.manual_seed(999)  # the resumed process starts from a different RNG state
     resumed = _trainer(digits_noisy, bank, epochs=4, seed=0, run_dir=tmp_path)
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metagate.callbacks import EpochFn
 from metagate.compare.cell import EpochTimer, artefacts, bank_fingerprint, make_row, start_cell
 from metagate.compare.engine import Plan, default_threads
 from metagate.compare.grid import Cell
@@ -57,13 +58,13 @@ class UserRuns:
         return (lambda: copy.deepcopy(student)) if isinstance(student, nn.Module) else student
 
     def run_one(self, cfg: DistillConfig, payload: dict[str, Any]) -> dict[str, Any]:
-        """One run of a cell on the prepared data; its row. ``run_prepared`` does not continue a checkpoint: a
-        cell left half done starts again (same seed, same result)."""
+        """One run of a cell on the prepared data (continued from its checkpoint when there is one, as the
+        command line's cells are); its row."""
         prep = self.prepared
-        start_cell(cfg.run_dir, payload, resumable=False)
-        timer = EpochTimer()
+        start_epoch = start_cell(cfg.run_dir, payload)
+        timer = EpochTimer(start_epoch)
         res = self.run(prep, self.make_student(), cfg.gate, dict(cfg.gate_options), cfg.train, logdir=cfg.run_dir,
-                       on_epoch_end=timer)
+                       resume=(cfg.run_dir / "checkpoint.pt").exists(), callbacks=[EpochFn(timer)])
         bank = prep.bank if get_gate_class(cfg.gate).uses_teachers else None
         teachers: dict[str, Any] = {"names": [], "fingerprint": "", "stats": []}
         if bank is not None:

@@ -1,4 +1,4 @@
-"""The gate interface (DESIGN.md, "Gate interface").
+"""The gate interface (docs/design.md, "The gate contract").
 
 A gate maps a :class:`UnitView` of the current batch to weights ``W [N, 1+K]``
 (column 0 = label, 1..K = teachers) and optionally a per-unit temperature.
@@ -172,9 +172,11 @@ class GateContext(Protocol):
     train_x: Tensor
     train_y: Tensor
     meta: Split
-    # the recorded truth, for the oracle gates only (a real gate never reads it): [N_units] bool, and each
-    # teacher's top class against the clean label [N_units, K] (None without a bank)
+    #: ``[num_train_units]`` bool, the units whose label was corrupted: ground truth for diagnostics only (a
+    #: gate's log or ``diagnostics``), never for a decision
     corrupted: Tensor
+    #: each teacher's top class against the clean label ``[num_train_units, K]`` (``None`` without a bank): ground
+    #: truth for the oracle gates only (kind ``oracle``, never a baseline), like ``corrupted``
     teacher_right: Tensor | None
 
     @property

@@ -61,7 +61,7 @@ class TemperatureLog:
     def __init__(self, run: GateContext) -> None:
         n = run.num_train_units
         self.unit_tau = torch.full((n,), float("nan"), device=run.device)
-        self.corrupted: Tensor | None = getattr(run, "corrupted", None)
+        self.corrupted: Tensor | None = run.corrupted
         bank = run.bank
         self.confidence = None if bank is None else \
             torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
