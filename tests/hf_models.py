@@ -14,7 +14,7 @@ def tiny_gpt2(vocab: int = 50, seed: int = 0, n_embd: int = 16, n_layer: int = 1
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                     bos_token_id=0, eos_token_id=0)
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
 
 
