@@ -23,7 +23,7 @@ from metagate.checks import check_finite, check_labels, check_teacher_shape
 from metagate.errors import InputError
 
 __all__ = ["ce_per_unit", "kd_per_unit", "unit_losses", "reduce_weighted", "check_weights", "SparseTeacher",
-           "sparse_kd_per_unit", "sparse_log_probs_at", "token_columns", "gated_kd", "IGNORE_INDEX"]
+           "sparse_kd_per_unit", "sparse_log_probs_at", "check_lm_inputs", "token_columns", "token_loss", "gated_kd", "IGNORE_INDEX"]
 
 
 def _check_student(student_logits: Tensor, labels: Tensor) -> None:
@@ -342,21 +342,16 @@ class SparseTeacher:
         gold = None if self.gold_logprob is None else self.gold_logprob.reshape(-1)[rows]
         return SparseTeacher(ids, lp, gold, self.tail)
 
-    def shifted(self) -> SparseTeacher:
-        """Positions ``0..T-2`` (the causal shift: the logits at ``t`` predict the token at ``t+1``)."""
-        gold = None if self.gold_logprob is None else self.gold_logprob[:, :-1]
-        return SparseTeacher(self.ids[:, :-1], self.logprobs[:, :-1], gold, self.tail)
 
 
 def _tail_mass(logprobs: Tensor, vocab: int) -> Tensor:
-    """``[n]`` the teacher's mass outside its top-k, ``1 - sum exp(logprobs)``, in float64. A remainder
-    under the storage precision (``k`` ulps of the dtype) is rounding, not mass: it is zero (tempering by
-    ``tau`` would otherwise blow ``1e-7`` up to a visible bucket), as is any remainder when ``k = V``."""
+    """``[n]`` the teacher's mass outside its top-k, ``1 - sum exp(logprobs)``, in float64 (0 if rounding
+    makes it negative). With ``k = V`` there is no tail: the remainder is rounding and is zero (tempering by
+    ``tau`` would otherwise blow ``1e-7`` up into a visible bucket)."""
     k = logprobs.shape[-1]
-    r = (-torch.expm1(torch.logsumexp(logprobs.double(), -1))).clamp_min(0.0)
-    tiny = k * torch.finfo(logprobs.dtype).eps
-    r = torch.where(r <= tiny, torch.zeros_like(r), r)
-    return r if k < vocab else torch.zeros_like(r)
+    if k >= vocab:
+        return torch.zeros(logprobs.shape[:-1], dtype=torch.float64, device=logprobs.device)
+    return (-torch.expm1(torch.logsumexp(logprobs.double(), -1))).clamp_min(0.0)
 
 
 def _uniform_tail_log_probs(logprobs: Tensor, vocab: int, tau: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -393,6 +388,7 @@ def sparse_kd_per_unit(
     teacher: SparseTeacher,
     tau: Tensor | float = 1.0,
     student_tau: float | None = None,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """The KD column of a top-k teacher: ``sigma**2 * KL(p_tau || softmax(s / sigma))`` over ``[n]`` units
     (``sigma = tau`` unless ``student_tau``), never building ``[n, V]`` for the teacher.
@@ -414,6 +410,7 @@ def sparse_kd_per_unit(
     :param student_logits: ``[n, V]``
     :param teacher: a :class:`SparseTeacher` with ``[n, k]`` ids and log-probabilities
     :param tau: scalar or ``[n]``
+    :param student_log_probs: optional ``log_softmax(student_logits / sigma)`` (shared by several teachers)
     :return: ``[n]``
     """
     n, vocab = student_logits.shape
@@ -423,7 +420,7 @@ def sparse_kd_per_unit(
         raise InputError(f"a top-k teacher has k = {k} entries per position but the vocabulary has V = {vocab}")
     tau_col = tau.reshape(-1, 1) if torch.is_tensor(tau) and tau.ndim else tau
     sigma = tau_col if student_tau is None else float(student_tau)
-    log_q = F.log_softmax(student_logits / sigma, dim=-1)
+    log_q = student_log_probs if student_log_probs is not None else F.log_softmax(student_logits / sigma, dim=-1)
     log_q_top = log_q.gather(1, ids)
     if teacher.tail == "uniform":
         log_p_top, log_p_u = _uniform_tail_log_probs(lp, vocab, tau_col)
@@ -450,7 +447,8 @@ def sparse_kd_per_unit(
     return kl * scale
 
 
-def _check_lm_inputs(student_logits: Tensor, labels: Tensor, teachers: list, weights: Tensor | None) -> None:
+def check_lm_inputs(student_logits: Tensor, labels: Tensor, teachers: list, weights: Tensor | None) -> None:
+    """Raise :class:`InputError` on bad :func:`gated_kd` inputs, naming the sizes (vocabularies, ``k``, positions)."""
     if not torch.is_tensor(student_logits) or student_logits.ndim != 3 or not student_logits.is_floating_point():
         got = tuple(student_logits.shape) if torch.is_tensor(student_logits) else type(student_logits).__name__
         raise InputError(f"student_logits must be a floating [B, T, V] tensor, got {got}")
@@ -503,9 +501,14 @@ def token_columns(
         stacked = torch.stack([teachers[j] for j in dense], 1).to(student_logits.dtype)
         out = kd_per_unit(student_logits, stacked, tau, validate=False, student_tau=student_tau)
         kd.update({j: out[:, i] for i, j in enumerate(dense)})
+    log_q = None
     for j, te in enumerate(teachers):
         if j not in kd:
-            kd[j] = sparse_kd_per_unit(student_logits, te, tau, student_tau)
+            if log_q is None:  # one student log-softmax for every sparse teacher
+                sigma = tau if student_tau is None else float(student_tau)
+                sigma = sigma.reshape(-1, 1) if torch.is_tensor(sigma) and sigma.ndim else sigma
+                log_q = F.log_softmax(student_logits / sigma, dim=-1)
+            kd[j] = sparse_kd_per_unit(student_logits, te, tau, student_tau, log_q)
     cols += [kd[j].unsqueeze(1) for j in range(len(teachers))]
     return torch.cat(cols, 1)
 
@@ -548,7 +551,7 @@ def gated_kd(
     if isinstance(teachers, (SparseTeacher, Tensor)):
         teachers = [teachers]
     teachers = list(teachers)
-    _check_lm_inputs(student_logits, labels, teachers, weights)
+    check_lm_inputs(student_logits, labels, teachers, weights)
     if not torch.is_tensor(tau):
         _check_tau(tau, student_logits.shape[0])
     if torch.is_tensor(tau) and tau.ndim and tau.shape != labels.shape:
@@ -557,11 +560,32 @@ def gated_kd(
         raise InputError(f"alpha must be in [0, 1], got {alpha}")
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"unknown reduction {reduction!r}; use mean, sum or none")
+    return token_loss(student_logits, teachers, labels, weights, tau=tau, shift=shift,
+                      num_items_in_batch=num_items_in_batch, reduction=reduction, alpha=alpha,
+                      student_tau=student_tau)[0]
+
+
+def token_loss(
+    student_logits: Tensor,
+    teachers: list,
+    labels: Tensor,
+    weights: Tensor | None,
+    *,
+    tau: Tensor | float,
+    shift: bool,
+    num_items_in_batch: int | Tensor | None,
+    reduction: str,
+    alpha: float,
+    student_tau: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gated_kd` (inputs checked) and its parts: ``(loss, columns [n, 1+K] of the real tokens, their
+    flat row indices into [B*T])`` -- a trainer logs from the columns (the CE column is each token's NLL).
+
+    The causal shift moves the labels, not the logits: label ``t+1`` goes to position ``t`` and the last
+    position gets ``-100``, so ``[B, T, V]`` logits are read in place (``[B*T, V]`` is a view, no copy of
+    the vocabulary-sized tensors) and only the real rows are gathered once."""
     if shift:
-        student_logits, labels = student_logits[:, :-1], labels[:, 1:]
-        teachers = [te.shifted() if isinstance(te, SparseTeacher) else te[:, :-1] for te in teachers]
-        weights = None if weights is None else weights[:, :-1]
-        tau = tau[:, :-1] if torch.is_tensor(tau) and tau.ndim else tau
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
     b, t, v = student_logits.shape
     flat_labels = labels.reshape(-1)
     rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -582,12 +606,13 @@ def gated_kd(
         check_weights(w)
     per_token = (cols * w).sum(-1)
     if reduction == "none":
-        return per_token.new_zeros(b * t).index_copy(0, rows, per_token).reshape(b, t)
+        out = per_token.new_zeros(b * t).index_copy(0, rows, per_token).reshape(b, t)
+        return (out[:, :-1] if shift else out), cols, rows
     total = per_token.sum()
     if reduction == "sum":
-        return total
+        return total, cols, rows
     if num_items_in_batch is not None:
         denom = num_items_in_batch.to(total.device, total.dtype) if torch.is_tensor(num_items_in_batch) \
             else float(num_items_in_batch)
-        return total / denom
-    return total / max(rows.numel(), 1)
+        return total / denom, cols, rows
+    return total / max(rows.numel(), 1), cols, rows

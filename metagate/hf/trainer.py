@@ -33,7 +33,7 @@ from metagate.gates.base import Gate, GateOutput, UnitView
 from metagate.gates.baselines import conf_teachers_table, label_filter_table
 from metagate.gates.registry import gate_config
 from metagate.hf.sparse_bank import SparseBank, forward_logits
-from metagate.losses import IGNORE_INDEX, SparseTeacher, gated_kd, sparse_log_probs_at
+from metagate.losses import IGNORE_INDEX, SparseTeacher, check_lm_inputs, sparse_log_probs_at, token_loss
 from metagate.metrics import N_BINS
 
 __all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
@@ -218,23 +218,21 @@ class GatedKDTrainer(Trainer):
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         logits = logits.float()
         teachers = self._teachers(inputs, seq_id)
-        for j, te in enumerate(teachers):
-            vt = te.shape[-1] if torch.is_tensor(te) else self.sparse_bank.vocab_size  # type: ignore[union-attr]
-            if vt != logits.shape[-1]:
-                raise InputError(f"vocabulary mismatch: teacher {j} has V = {vt} tokens, the student "
-                                 f"V = {logits.shape[-1]} (distillation needs one tokenizer)")
-        s, y = logits[:, :-1], labels[:, 1:]
-        shifted = [te.shifted() if isinstance(te, SparseTeacher) else te[:, :-1] for te in teachers]
-        view = self._view(s, shifted, y, seq_id)
+        # the causal shift on the labels (label t+1 at position t, -100 at the last): logits stay in place
+        y = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+        view = self._view(logits, teachers, y, seq_id)
         out = self._decide(view)
         b, t = y.shape
         w = out.weights.detach().reshape(b, t, -1)
         tau = out.tau.detach().reshape(b, t) if torch.is_tensor(out.tau) and out.tau.ndim else out.tau
         tau = float(tau) if torch.is_tensor(tau) and tau.ndim == 0 else tau
-        loss = gated_kd(s, shifted, y, w, tau=tau, shift=False, num_items_in_batch=num_items_in_batch,
-                        student_tau=out.student_tau)
+        check_lm_inputs(logits, y, teachers, w)
+        loss, cols, rows = token_loss(logits, teachers, y, w, tau=tau, shift=False,
+                                      num_items_in_batch=num_items_in_batch, reduction="mean", alpha=0.5,
+                                      student_tau=out.student_tau)
         if model.training:
-            self._record(view, w.reshape(-1, w.shape[-1]))
+            self._record(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1), cols.detach(), rows,
+                         w.reshape(-1, w.shape[-1]))
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and num_items_in_batch is not None):
             loss = loss * self.accelerator.num_processes  # as the base compute_loss: DDP averages the gradients
@@ -242,26 +240,30 @@ class GatedKDTrainer(Trainer):
 
     # -- logging ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _record(self, view: UnitView, w: Tensor) -> None:
-        real = view.mask.bool()
-        n = real.sum()
-        if not bool(n):
+    def _record(self, logits: Tensor, labels: Tensor, cols: Tensor, rows: Tensor, w: Tensor) -> None:
+        """Accumulate the real tokens' gate weights, NLL (the CE column) and calibration bins (the max
+        probability from the max logit and the CE column's log-sum-exp: no second softmax over V)."""
+        n = rows.numel()
+        if not n:
             return
-        wr = w[real].double()
-        logp = view.student_log_probs[real].double()
-        y = view.labels[real]
-        conf, pred = logp.exp().max(-1)
+        wr = w.index_select(0, rows).double()
+        nll = cols[:, 0].double()
+        sel = logits.index_select(0, rows)
+        top, pred = sel.max(-1)
+        y = labels.index_select(0, rows)
+        s_y = sel.gather(1, y.unsqueeze(1)).squeeze(1)
+        conf = (top.double() - s_y.double() - nll).exp()  # max_c softmax = exp(max - lse), lse = CE + s_y
         idx = (conf * N_BINS).ceil().long().clamp(1, N_BINS) - 1  # (lo, hi] bins as metrics.calibration_bins
         bins = torch.zeros(3, N_BINS, dtype=torch.float64, device=conf.device)
         bins[0].index_add_(0, idx, torch.ones_like(conf))
         bins[1].index_add_(0, idx, conf)
         bins[2].index_add_(0, idx, (pred == y).double())
         kd = wr[:, 1:].sum(1, keepdim=True)
-        add = {"tokens": n.double(), "nll": -logp.gather(1, y.unsqueeze(1)).sum(), "w": wr.sum(0),
+        add = {"tokens": torch.tensor(float(n), dtype=torch.float64), "nll": nll.sum(), "w": wr.sum(0),
                "teacher_share": (wr[:, 1:] / kd.clamp_min(1e-30)).sum(0) if wr.shape[1] > 1 else wr[:, :0].sum(0),
                "kd_tokens": (kd > 0).double().sum(), "bins": bins}
         for k, v in add.items():
-            self._stats[k] = self._stats[k] + v if k in self._stats else v
+            self._stats[k] = self._stats[k] + v.cpu() if k in self._stats else v.cpu()
 
     def gate_logs(self) -> dict[str, float]:
         """The means since the last log: ``gate/label_share``, ``gate/kd_share``, ``gate/teacher<k>_share``
