@@ -83,7 +83,7 @@ def bank_part() -> None:
                   f"{float(kl.max()):.4f} | " + " | ".join(f"{e:.2%}" for e in errs) + " |")
 
 
-def speed_part(steps: int = 12, rounds: int = 3) -> None:
+def speed_part(steps: int = 12, rounds: int = 5) -> None:
     from transformers import TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
     from metagate.hf import GatedKDTrainer
