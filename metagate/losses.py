@@ -398,7 +398,11 @@ def sparse_kd_per_unit(
 
     * ``uniform``: ``r`` spread over the ``V - k`` other tokens; the student side needs only
       ``sum_tail log q = sum_V log q - sum_topk log q``;
-    * ``bucket``: ``r`` is one outcome (tempered as one token), the student's is ``1 - sum_topk q``.
+    * ``bucket``: the tail is one outcome (tempered as one token, as DistillKit and TRL do), the student's is
+      ``1 - sum_topk q``.
+
+    At ``tau > 1`` the tail's tempered mass is unknown: one token underestimates it, a uniform tail
+    overestimates it (the README measures both against the dense column).
 
     Exactness and bound: with ``k = V`` (no tail) both equal the dense column. Otherwise, at ``tau = 1`` and
     for the same student, the chain rule of the KL gives ``KL_full = KL_bucket + r * KL(p_tail/r || q_tail/Q)``
@@ -432,13 +436,11 @@ def sparse_kd_per_unit(
             tail_log_q = log_q.sum(-1) - log_q_top.sum(-1)
             tail = torch.where(p_u > 0, p_u * (m * log_p_u - tail_log_q), torch.zeros_like(p_u))
             kl = kl + tail
-    else:
+    else:  # the tail is one outcome, tempered as one token (DistillKit's, TRL's)
         r = _tail_mass(lp, vocab)
-        neg_inf = torch.full_like(r, float("-inf"))
-        log_r = torch.where(r > 0, r.log(), neg_inf)
+        log_r = torch.where(r > 0, r.log(), torch.full_like(r, float("-inf")))
         t = tau_col.double() if torch.is_tensor(tau_col) else float(tau_col)
-        a = torch.cat([lp.double(), log_r.unsqueeze(-1)], -1) / t
-        log_p = F.log_softmax(a, -1).to(log_q.dtype)
+        log_p = F.log_softmax(torch.cat([lp.double(), log_r.unsqueeze(-1)], -1) / t, -1).to(log_q.dtype)
         q_tail = (1.0 - log_q_top.exp().sum(-1)).clamp_min(torch.finfo(log_q.dtype).tiny)
         log_q_items = torch.cat([log_q_top, q_tail.log().unsqueeze(-1)], -1)
         p = log_p.exp()

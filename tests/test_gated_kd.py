@@ -118,6 +118,16 @@ def test_sparse_columns_by_hand_below_v():
         + 0.1 * math.log(0.1 / q[3])
     assert sparse_kd_per_unit(s, te_b, 1.0).item() == pytest.approx(bucket, rel=1e-12)
     assert sparse_kd_per_unit(s, te_u, 1.0).item() == pytest.approx(uniform, rel=1e-12)
+    # tau = 2: the bucket tempered as one token of mass 0.2; the uniform tail as two tokens of 0.1
+    q2 = torch.softmax(s / 2, -1)[0].tolist()
+    zb = 0.5**0.5 + 0.3**0.5 + 0.2**0.5
+    pb = [0.5**0.5 / zb, 0.3**0.5 / zb, 0.2**0.5 / zb]
+    bucket2 = 4 * sum(a * math.log(a / b) for a, b in zip(pb, [q2[0], q2[1], q2[2] + q2[3]]))
+    assert sparse_kd_per_unit(s, te_b, 2.0).item() == pytest.approx(bucket2, rel=1e-12)
+    z = 0.5**0.5 + 0.3**0.5 + 2 * 0.1**0.5
+    pt = [0.5**0.5 / z, 0.3**0.5 / z, 0.1**0.5 / z, 0.1**0.5 / z]
+    uniform2 = 4 * sum(a * math.log(a / b) for a, b in zip(pt, q2))
+    assert sparse_kd_per_unit(s, te_u, 2.0).item() == pytest.approx(uniform2, rel=1e-12)
     # the stated bound: full KL = bucket KL + r * KL(tail shapes), so the bucket is short by exactly that
     full = sum(pi * math.log(pi / qi) for pi, qi in zip(p[0].tolist(), q))
     tails = (0.15 / r) * math.log((0.15 / r) / (q[2] / qt)) + (0.05 / r) * math.log((0.05 / r) / (q[3] / qt))
