@@ -83,7 +83,7 @@ def bank_part() -> None:
                   f"{float(kl.max()):.4f} | " + " | ".join(f"{e:.2%}" for e in errs) + " |")
 
 
-def speed_part(steps: int = 12, rounds: int = 5) -> None:
+def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool = False) -> None:
     from transformers import TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
     from metagate.hf import GatedKDTrainer
@@ -121,19 +121,25 @@ def speed_part(steps: int = 12, rounds: int = 5) -> None:
             self.times, self.t0 = [], 0.0
 
         def on_step_begin(self, *a, **k):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             self.times.append(time.perf_counter() - self.t0)
 
     collate = causal_lm_collator()
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def trainer_run() -> float:
         with tempfile.TemporaryDirectory() as d:
             clock = Clock()
             args = TrainingArguments(output_dir=d, per_device_train_batch_size=4, max_steps=steps, logging_steps=4,
-                                     learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                                     disable_tqdm=True, seed=0)
+                                     learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=device == "cpu",
+                                     disable_tqdm=True, seed=0, bf16=bf16)
             tr = GatedKDTrainer(model=tiny_gpt2(V, seed=3, n_embd=32).train(), args=args, train_dataset=Items(),
                                 data_collator=collate, sparse_bank=bank, gate="fixed", callbacks=[clock])
             tr.train()
@@ -141,16 +147,19 @@ def speed_part(steps: int = 12, rounds: int = 5) -> None:
 
     def hand_run() -> float:
         torch.manual_seed(0)
-        model = tiny_gpt2(V, seed=3, n_embd=32).train()
+        model = tiny_gpt2(V, seed=3, n_embd=32).train().to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         sched = get_linear_schedule_with_warmup(opt, 0, steps)
         loader = torch.utils.data.DataLoader(Items(), batch_size=4, shuffle=True, collate_fn=collate)
         times = []
         for batch in loader:
+            sync()
             t0 = time.perf_counter()
             seq_id = batch.pop("seq_id")
+            batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**batch).logits.float()
             teachers = bank.teachers(seq_id, batch["input_ids"], batch["attention_mask"])
             loss = hand_kd(logits, teachers, labels)
             loss.backward()
@@ -158,6 +167,7 @@ def speed_part(steps: int = 12, rounds: int = 5) -> None:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times[2:])
 
@@ -172,12 +182,14 @@ def speed_part(steps: int = 12, rounds: int = 5) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("bank", "speed", "all"), default="all")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the speed part's device")
+    ap.add_argument("--bf16", action="store_true", help="the speed part in bf16 autocast (both loops)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.part in ("bank", "all"):
         bank_part()
     if a.part in ("speed", "all"):
-        speed_part()
+        speed_part(device=a.device, bf16=a.bf16)
 
 
 if __name__ == "__main__":
