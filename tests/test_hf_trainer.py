@@ -160,3 +160,37 @@ def test_core_package_does_not_import_transformers():
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("gate,options", [("fixed", {}), ("hard", {}), ("hard", {"hard_level": "sentence"}),
+                                          ("conf-teachers", {})])
+def test_padding_changes_no_loss_metric_or_gate_decision(tmp_path, gate, options):
+    """The same batch padded by 3 more positions: the same loss, the same logged numbers (gate shares, ECE, ppl)."""
+    tr = _trainer(tmp_path, gate, options)
+    batch = next(iter(tr.get_train_dataloader()))
+    pad = 3
+    longer = {"input_ids": torch.cat([batch["input_ids"], torch.full((4, pad), 7)], 1),
+              "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(4, pad, dtype=torch.long)], 1),
+              "labels": torch.cat([batch["labels"], torch.full((4, pad), -100)], 1)}
+    out = []
+    for b in (batch, longer):
+        tr._stats = {}
+        with torch.no_grad():
+            loss = tr.compute_loss(tr.model, b).item()
+        out.append((loss, tr.gate_logs()))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    assert out[0][1].keys() == out[1][1].keys() and len(out[0][1]) >= 5
+    for k, v in out[0][1].items():
+        assert out[1][1][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_a_llama_student_trains(tmp_path):
+    from metagate.hf import GatedKDTrainer
+    from metagate.hf.trainer import causal_lm_collator
+
+    seqs = token_sequences(16, V, seed=1)
+    tr = GatedKDTrainer(model=tiny_llama(V, seed=4).train(), args=_args(tmp_path), train_dataset=_Items(seqs),
+                        data_collator=causal_lm_collator(), teachers=[tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)],
+                        gate="hard")
+    tr.train()
+    assert len(_logs(tr)) == 2 and all(h["loss"] > 0 for h in _logs(tr))
