@@ -12,4 +12,4 @@ echo "== cuda tests"
 echo "== metagate bench --device cuda"
 "$PY" -m metagate.cli bench --device cuda --task fashion --steps 30 --repeats 5 --gates fixed hard meta reinforce
 echo "== GatedKDTrainer (fixed, bf16) vs a hand-written transformers KD loop"
-"$PY" scripts/hf_measure.py --part speed --device cuda --bf16
+"$PY" scripts/hf_measure.py --part speed --device cuda --bf16 --gates fixed hard

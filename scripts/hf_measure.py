@@ -83,7 +83,8 @@ def bank_part() -> None:
                   f"{float(kl.max()):.4f} | " + " | ".join(f"{e:.2%}" for e in errs) + " |")
 
 
-def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool = False) -> None:
+def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool = False,
+               gates: tuple[str, ...] = ("fixed",)) -> None:
     from transformers import TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
     from metagate.hf import GatedKDTrainer
@@ -134,14 +135,14 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def trainer_run() -> float:
+    def trainer_run(gate: str) -> float:
         with tempfile.TemporaryDirectory() as d:
             clock = Clock()
             args = TrainingArguments(output_dir=d, per_device_train_batch_size=4, max_steps=steps, logging_steps=4,
                                      learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=device == "cpu",
                                      disable_tqdm=True, seed=0, bf16=bf16)
             tr = GatedKDTrainer(model=tiny_gpt2(V, seed=3, n_embd=32).train(), args=args, train_dataset=Items(),
-                                data_collator=collate, sparse_bank=bank, gate="fixed", callbacks=[clock])
+                                data_collator=collate, sparse_bank=bank, gate=gate, callbacks=[clock])
             tr.train()
             return statistics.median(clock.times[2:])
 
@@ -171,12 +172,15 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
             times.append(time.perf_counter() - t0)
         return statistics.median(times[2:])
 
-    ratios = []
+    ratios: dict[str, list[float]] = {g: [] for g in gates}
     for _ in range(rounds):
-        h, t = hand_run(), trainer_run()
-        ratios.append(t / h)
-        print(f"hand loop {h * 1e3:.1f} ms/step, GatedKDTrainer(fixed) {t * 1e3:.1f} ms/step, ratio {t / h:.3f}")
-    print(f"median ratio over {rounds} interleaved rounds: {statistics.median(ratios):.3f}")
+        h = hand_run()
+        for g in gates:
+            t = trainer_run(g)
+            ratios[g].append(t / h)
+            print(f"hand loop {h * 1e3:.1f} ms/step, GatedKDTrainer({g}) {t * 1e3:.1f} ms/step, ratio {t / h:.3f}")
+    for g in gates:
+        print(f"{g}: median ratio over {rounds} interleaved rounds: {statistics.median(ratios[g]):.3f}")
 
 
 def main() -> None:
@@ -184,12 +188,13 @@ def main() -> None:
     ap.add_argument("--part", choices=("bank", "speed", "all"), default="all")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the speed part's device")
     ap.add_argument("--bf16", action="store_true", help="the speed part in bf16 autocast (both loops)")
+    ap.add_argument("--gates", nargs="+", default=["fixed"], help="GatedKDTrainer's gates to time (speed part)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.part in ("bank", "all"):
         bank_part()
     if a.part in ("speed", "all"):
-        speed_part(device=a.device, bf16=a.bf16)
+        speed_part(device=a.device, bf16=a.bf16, gates=tuple(a.gates))
 
 
 if __name__ == "__main__":
