@@ -83,7 +83,7 @@ def bank_part() -> None:
                   f"{float(kl.max()):.4f} | " + " | ".join(f"{e:.2%}" for e in errs) + " |")
 
 
-def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool = False,
+def speed_part(steps: int = 12, rounds: int = 3, device: str = "cpu", bf16: bool = False,
                gates: tuple[str, ...] = ("fixed",)) -> None:
     from transformers import TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 

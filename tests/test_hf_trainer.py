@@ -194,3 +194,32 @@ def test_a_llama_student_trains(tmp_path):
                         gate="hard")
     tr.train()
     assert len(_logs(tr)) == 2 and all(h["loss"] > 0 for h in _logs(tr))
+
+
+def test_reinforce_learns_its_policy_from_held_out_text(tmp_path):
+    from metagate.hf import GatedKDTrainer
+    from metagate.hf.trainer import causal_lm_collator
+
+    seqs = token_sequences(16, V, seed=1)
+    meta = [{"input_ids": s} for s in token_sequences(6, V, seed=7)]
+    tr = GatedKDTrainer(model=tiny_gpt2(V, seed=3).train(), args=_args(tmp_path, max_steps=6),
+                        train_dataset=_Items(seqs), data_collator=causal_lm_collator(),
+                        teachers=[tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)], gate="reinforce",
+                        gate_options={"rl_episode": 2, "alpha": 0.3}, meta_dataset=meta)
+    before = [p.detach().clone() for p in tr.gate.parameters()]
+    # the gate's validation CE is the model's own next-token CE on the held-out text
+    x = tr._run.meta.x
+    with torch.no_grad():
+        logits = tr.model(input_ids=x).logits[:, :-1]
+        y = x[:, 1:]
+        real = tr._run.meta.y > 0
+        want = torch.nn.functional.cross_entropy(logits[real], y[real])
+    tr.gate._val_x, tr.gate._val_y = x, tr._run.meta.y
+    assert tr.gate.validation_loss() == pytest.approx(want.item(), rel=1e-5)
+    tr.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.gate.parameters()))  # episodes ended, it learned
+    for h in _logs(tr):
+        assert h["gate/label_share"] == pytest.approx(0.3)  # reinforce splits the KD share between teachers
+        assert h["gate/teacher0_share"] + h["gate/teacher1_share"] == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="pass meta_dataset="):
+        GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(V)], gate="reinforce")

@@ -9,7 +9,8 @@ decides ``W [N, 1+K]`` and ``tau``; :func:`metagate.losses.gated_kd` reduces, di
 ``num_items_in_batch`` under gradient accumulation. Gate shares, per-teacher shares, token ECE and the
 perplexity of the training tokens are added to the Trainer's own logs (so every ``report_to`` gets them).
 
-Gates supported: ``ce``, ``fixed``, ``hard`` (token and sentence level, its per-step path), the rule
+Gates supported: ``ce``, ``fixed``, ``hard`` (token and sentence level, its per-step path), ``reinforce``
+(per-token teacher weights from its policy, the reward the student's CE on ``meta_dataset``), the rule
 baselines ``label-filter`` and ``conf-teachers`` (their table functions applied per batch, from the
 teachers' probabilities of each position; a sparse teacher's gold-token probability comes from the bank).
 A gate that reads whole teacher distributions from a sparse bank gets them rebuilt per batch (top-k,
@@ -25,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from metagate.errors import ConfigError, InputError
 from metagate.gates import get_gate_class
-from metagate.gates.base import Gate, GateOutput, UnitView
+from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.baselines import conf_teachers_table, label_filter_table
 from metagate.gates.registry import gate_config
 from metagate.hf.sparse_bank import SparseBank, forward_logits
@@ -40,7 +41,9 @@ __all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
 
 #: gates whose decision is a per-unit table of the teachers' probabilities (computed per batch here)
 _TABLE_GATES = {"label-filter": label_filter_table, "conf-teachers": conf_teachers_table}
-_SUPPORTED = ("ce", "fixed", "hard", "label-filter", "conf-teachers")
+#: gates that learn during the run from a held-out split (``meta_dataset``)
+_LEARNED = ("reinforce",)
+_SUPPORTED = ("ce", "fixed", "hard", "label-filter", "conf-teachers", *_LEARNED)
 
 
 def vocab_size_of(model: nn.Module) -> int | None:
@@ -72,15 +75,50 @@ def causal_lm_collator(pad_token_id: int = 0):
     return collate
 
 
-class _Run:
-    """The little of :class:`~metagate.gates.base.GateContext` a per-token gate's ``setup`` may read here."""
+class _NextTokenLogits(nn.Module):
+    """The student as a learned gate's validation reads it: input ids ``[M, T]`` -> next-token logits
+    ``[M, T-1, 1+V]``, class ``c+1`` = token ``c`` and class 0 (metagate's ``PAD``) at ``-inf``, so that
+    ``units.unit_ce`` (``ignore_index=PAD``) drops exactly the positions without a next token and its CE over
+    the others is the model's own (a ``-inf`` logit adds nothing to the normaliser)."""
 
-    def __init__(self, trainer: GatedKDTrainer) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(input_ids=x).logits[:, :-1].float()  # right padding: causal, real positions unchanged
+        return F.pad(logits, (1, 0), value=float("-inf"))
+
+
+class _MetaSplit:
+    """The held-out sequences as a learned gate's ``meta`` split: ``x [M, T]`` right-padded ids, ``y [M, T-1]``
+    the next token + 1 (0 where there is none), matching :class:`_NextTokenLogits`."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        seqs = [torch.as_tensor(it["input_ids"] if isinstance(it, dict) else it).reshape(-1) for it in items]
+        if not seqs or min(s.numel() for s in seqs) < 2:
+            raise InputError("meta_dataset needs sequences of at least 2 tokens")
+        t = max(s.numel() for s in seqs)
+        self.x = torch.zeros(len(seqs), t, dtype=torch.long)
+        self.y = torch.zeros(len(seqs), t - 1, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.x[i, : s.numel()] = s
+            self.y[i, : s.numel() - 1] = s[1:] + 1
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+class _Run:
+    """The part of :class:`~metagate.gates.base.GateContext` the per-token gates read here."""
+
+    def __init__(self, trainer: GatedKDTrainer, meta: _MetaSplit | None) -> None:
         self._t = trainer
-        self.student = trainer.model
+        self.student = _NextTokenLogits(trainer.model)
         self.device = trainer.args.device
         self.bank = None  # teachers are per batch (online, or the sparse bank by sequence id)
-        self.train_x = self.train_y = self.meta = None
+        self.train_x = self.train_y = None
+        self.meta = meta
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,6 +140,32 @@ class _Run:
     def progress(self) -> float:
         return self._t.progress
 
+    @property
+    def batch_size(self) -> int:
+        return int(self._t.args.per_device_train_batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self._t.state.max_steps or self._t.args.max_steps)
+
+    @property
+    def lr(self) -> float:
+        opt = self._t.optimizer
+        return float(opt.param_groups[0]["lr"]) if opt is not None else float(self._t.args.learning_rate)
+
+
+class _AfterStep(TrainerCallback):
+    """Hands the gate its ``after_step`` once per optimizer step (after the update: the reward sees it)."""
+
+    def __init__(self, trainer: GatedKDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctx = self.trainer._last_ctx
+        if ctx is not None:
+            self.trainer.gate.after_step(ctx)
+            self.trainer._last_ctx = None
+
 
 class GatedKDTrainer(Trainer):
     """``transformers.Trainer`` with metagate's gated KD loss per token.
@@ -111,12 +175,15 @@ class GatedKDTrainer(Trainer):
     :param gate: a gate name (``fixed``, ``hard``, ``label-filter``, ``conf-teachers``, ``ce``) or a
         :class:`~metagate.gates.base.Gate`
     :param gate_options: the gate's options (as for ``metagate distill``: ``alpha``, ``tau``, ``hard_level``...)
+    :param meta_dataset: held-out sequences (items with ``input_ids``) a learned gate (``reinforce``) learns
+        from: its reward is the student's validation CE on them, never on the training text
     :raises InputError: a teacher's (or the bank's) vocabulary differs from the student's, naming both sizes
     """
 
     def __init__(self, *args: Any, teachers: Sequence[nn.Module] | None = None,
                  sparse_bank: SparseBank | None = None, gate: str | Gate = "fixed",
-                 gate_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 gate_options: dict[str, Any] | None = None, meta_dataset: Sequence[Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if teachers and sparse_bank is not None:
             raise ConfigError("give teachers (run online) or a sparse_bank, not both")
@@ -134,9 +201,15 @@ class GatedKDTrainer(Trainer):
         self.gate = self._make_gate(gate, gate_options)
         if self.gate.uses_teachers and self.num_teachers == 0:
             raise ConfigError(f"gate {self.gate.name!r} needs teachers: pass teachers=[...] or sparse_bank=")
+        if self.gate.name in _LEARNED and meta_dataset is None:
+            raise ConfigError(f"gate {self.gate.name!r} learns from held-out text: pass meta_dataset=")
+        self._run = _Run(self, None if meta_dataset is None else _MetaSplit(meta_dataset))
         if self.gate.name not in _TABLE_GATES:  # a table gate's setup reads a whole bank; here: per batch
-            self.gate.setup(_Run(self))
+            self.gate.setup(self._run)
         self._stats: dict[str, Tensor] = {}
+        self._last_ctx: StepContext | None = None
+        if self.gate.name in _LEARNED:
+            self.add_callback(_AfterStep(self))
 
     # -- setup -----------------------------------------------------------------------------------------
     def _make_gate(self, gate: str | Gate, options: dict[str, Any] | None) -> Gate:
@@ -221,7 +294,19 @@ class GatedKDTrainer(Trainer):
         # the causal shift on the labels (label t+1 at position t, -100 at the last): logits stay in place
         y = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
         view = self._view(logits, teachers, y, seq_id)
-        out = self._decide(view)
+        ctx = StepContext(self._run, inputs, view, int(self.state.global_step))
+        policy = getattr(self.gate, "policy", None)
+        if model.training:
+            self.gate.before_step(ctx)
+            out = self._decide(view)
+        elif isinstance(policy, nn.Module) and policy.training:  # evaluation: the policy's mode, no recording
+            policy.eval()
+            try:
+                out = self._decide(view)
+            finally:
+                policy.train()
+        else:
+            out = self._decide(view)
         b, t = y.shape
         w = out.weights.detach().reshape(b, t, -1)
         tau = out.tau.detach().reshape(b, t) if torch.is_tensor(out.tau) and out.tau.ndim else out.tau
@@ -231,6 +316,8 @@ class GatedKDTrainer(Trainer):
                                       num_items_in_batch=num_items_in_batch, reduction="mean", alpha=0.5,
                                       student_tau=out.student_tau)
         if model.training:
+            ctx.output, ctx.losses = out, cols.detach()
+            self._last_ctx = ctx
             self._record(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1), cols.detach(), rows,
                          w.reshape(-1, w.shape[-1]))
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
