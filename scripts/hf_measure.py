@@ -83,7 +83,7 @@ def bank_part() -> None:
                   f"{float(kl.max()):.4f} | " + " | ".join(f"{e:.2%}" for e in errs) + " |")
 
 
-def speed_part(steps: int = 12, rounds: int = 3, device: str = "cpu", bf16: bool = False,
+def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool = False,
                gates: tuple[str, ...] = ("fixed",)) -> None:
     from transformers import TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
@@ -189,12 +189,13 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the speed part's device")
     ap.add_argument("--bf16", action="store_true", help="the speed part in bf16 autocast (both loops)")
     ap.add_argument("--gates", nargs="+", default=["fixed"], help="GatedKDTrainer's gates to time (speed part)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (speed part; the median is reported)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if a.part in ("bank", "all"):
         bank_part()
     if a.part in ("speed", "all"):
-        speed_part(device=a.device, bf16=a.bf16, gates=tuple(a.gates))
+        speed_part(rounds=a.rounds, device=a.device, bf16=a.bf16, gates=tuple(a.gates))
 
 
 if __name__ == "__main__":
