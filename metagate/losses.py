@@ -23,7 +23,7 @@ from metagate.checks import check_finite, check_labels, check_teacher_shape
 from metagate.errors import InputError
 
 __all__ = ["ce_per_unit", "kd_per_unit", "unit_losses", "reduce_weighted", "check_weights", "SparseTeacher",
-           "sparse_kd_per_unit", "sparse_log_probs_at", "check_lm_inputs", "token_columns", "token_loss", "gated_kd", "IGNORE_INDEX"]
+           "sparse_kd_per_unit", "sparse_log_probs_at", "sparse_log_prob_of", "check_lm_inputs", "token_columns", "token_loss", "gated_kd", "IGNORE_INDEX"]
 
 
 def _check_student(student_logits: Tensor, labels: Tensor) -> None:
@@ -381,6 +381,20 @@ def sparse_log_probs_at(teacher: SparseTeacher, vocab: int, tau: float = 1.0) ->
     out = tail.unsqueeze(-1).expand(-1, vocab).clone()
     out.scatter_(1, ids.long(), top)
     return out.to(lp.dtype).reshape(*lead, vocab)
+
+
+def sparse_log_prob_of(teacher: SparseTeacher, vocab: int, tokens: Tensor, tau: float = 1.0,
+                       gold: bool = False) -> Tensor:
+    """``[n]`` the teacher's log-probability of one token per position at ``tau`` in its uniform-tail
+    rebuild (:func:`sparse_log_probs_at`'s value there) without building ``[n, V]``; with ``gold=True``
+    (``tokens`` are the gold tokens) its stored gold log-probability, tempered by the same normaliser."""
+    ids, lp = teacher.ids.reshape(-1, teacher.k).long(), teacher.logprobs.reshape(-1, teacher.k)
+    top, tail = _uniform_tail_log_probs(lp, vocab, tau)
+    if gold and teacher.gold_logprob is not None:
+        log_z = lp[:, 0].double() / tau - top[:, 0]
+        return (teacher.gold_logprob.reshape(-1).double() / tau - log_z).to(lp.dtype)
+    hit = ids == tokens.reshape(-1, 1)
+    return torch.where(hit.any(1), (top * hit).sum(1), tail).to(lp.dtype)
 
 
 def sparse_kd_per_unit(

@@ -223,3 +223,34 @@ def test_reinforce_learns_its_policy_from_held_out_text(tmp_path):
         assert h["gate/teacher0_share"] + h["gate/teacher1_share"] == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="pass meta_dataset="):
         GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(V)], gate="reinforce")
+
+
+@pytest.mark.parametrize("level", ["token", "sentence"])
+@pytest.mark.parametrize("source", ["online", "bank"])
+def test_hard_gold_fast_path_is_the_hard_gates_own_decision(tmp_path, level, source):
+    """The trainer decides ``hard`` (gold reference) from the gold tokens' log-probabilities only; the gate's
+    own ``decide`` on the full [N, K, V] view gives the same weights."""
+    from metagate.hf.sparse_bank import score_sparse
+    from metagate.hf.trainer import _hard_gold
+
+    bank = None
+    if source == "bank":
+        bank = score_sparse([tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)], token_sequences(16, V, seed=1), k=6)
+    tr = _trainer(tmp_path, "hard", {"hard_level": level, "hard_tau": 2.0}, bank=bank)
+    batch = next(iter(tr.get_train_dataloader()))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "seq_id")}
+    with torch.no_grad():
+        logits = tr.model(**inputs).logits
+    teachers = tr._teachers(inputs, batch.get("seq_id"))
+    y = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
+    view = tr._view(logits, teachers, y, batch.get("seq_id"))
+    fast, slow = _hard_gold(tr.gate, view, teachers), tr.gate.decide(view)
+    assert torch.equal(fast.weights, slow.weights)
+    assert fast.tau == slow.tau and fast.student_tau == slow.student_tau
+    g = fast.weights[:, 1:].sum(1)
+    real = view.mask.bool()
+    if level == "token":
+        assert 0 < g[real].sum() < real.sum()  # both decisions occur in this batch
+    else:  # one decision per sentence, on its every real token
+        gr, mr = g.reshape(view.seq_shape), real.reshape(view.seq_shape)
+        assert all(len(set(row[m].tolist())) == 1 for row, m in zip(gr, mr))

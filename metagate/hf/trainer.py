@@ -32,9 +32,17 @@ from metagate.errors import ConfigError, InputError
 from metagate.gates import get_gate_class
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.baselines import conf_teachers_table, label_filter_table
+from metagate.gates.hard import HardGate, hard_gate_from_log_probs
 from metagate.gates.registry import gate_config
 from metagate.hf.sparse_bank import SparseBank, forward_logits
-from metagate.losses import IGNORE_INDEX, SparseTeacher, check_lm_inputs, sparse_log_probs_at, token_loss
+from metagate.losses import (
+    IGNORE_INDEX,
+    SparseTeacher,
+    check_lm_inputs,
+    sparse_log_prob_of,
+    sparse_log_probs_at,
+    token_loss,
+)
 from metagate.metrics import N_BINS
 
 __all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
@@ -268,10 +276,13 @@ class GatedKDTrainer(Trainer):
         view.teacher_log_probs_fn = log_probs
         return view
 
-    def _decide(self, view: UnitView) -> GateOutput:
-        table = _TABLE_GATES.get(self.gate.name)
+    def _decide(self, view: UnitView, teachers: list | None = None) -> GateOutput:
+        gate = self.gate
+        if isinstance(gate, HardGate) and gate.reference == "gold" and teachers is not None:
+            return _hard_gold(gate, view, teachers)
+        table = _TABLE_GATES.get(gate.name)
         if table is None:
-            return self.gate.decide(view)
+            return gate.decide(view)
         alpha, tau = self.gate.config.label_weight, self.gate.config.temperature  # type: ignore[attr-defined]
         w = table(view.teacher_log_probs(1.0).exp(), view.labels, alpha)
         return GateOutput(w.to(view.student_logits.dtype), tau, trusted=True)
@@ -298,15 +309,15 @@ class GatedKDTrainer(Trainer):
         policy = getattr(self.gate, "policy", None)
         if model.training:
             self.gate.before_step(ctx)
-            out = self._decide(view)
+            out = self._decide(view, teachers)
         elif isinstance(policy, nn.Module) and policy.training:  # evaluation: the policy's mode, no recording
             policy.eval()
             try:
-                out = self._decide(view)
+                out = self._decide(view, teachers)
             finally:
                 policy.train()
         else:
-            out = self._decide(view)
+            out = self._decide(view, teachers)
         b, t = y.shape
         w = out.weights.detach().reshape(b, t, -1)
         tau = out.tau.detach().reshape(b, t) if torch.is_tensor(out.tau) and out.tau.ndim else out.tau
@@ -382,7 +393,37 @@ def _rebuilt(te: SparseTeacher, vocab: int, tau: float, labels: Tensor) -> Tenso
     lp = sparse_log_probs_at(te, vocab, tau).reshape(-1, vocab)
     if te.gold_logprob is None:
         return lp
-    ids, top = te.ids.reshape(-1, te.k), te.logprobs.reshape(-1, te.k)
-    log_z = top[:, 0] / tau - lp.gather(1, ids[:, :1].long()).squeeze(1)  # the tempered normaliser
-    gold = te.gold_logprob.reshape(-1).to(lp.dtype) / tau - log_z
+    gold = sparse_log_prob_of(te, vocab, labels, tau, gold=True).to(lp.dtype)
     return lp.scatter(1, labels.unsqueeze(1), gold.unsqueeze(1))
+
+
+def _gold_log_probs(view: UnitView, teachers: list, tau: float) -> tuple[Tensor, Tensor]:
+    """``(student [N], teachers [N, K])`` log-probabilities of each position's gold token -- the student at
+    temperature 1, the teachers at ``tau`` -- by one log-sum-exp per row instead of ``[N, K, V]`` tables
+    (a sparse teacher: its gold log-probability and the normaliser of its uniform-tail rebuild, as
+    :func:`_rebuilt` has them)."""
+    s, y = view.student_logits.detach(), view.labels
+    v = s.shape[-1]
+    ls = s.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(s, -1)
+    cols = []
+    for te in teachers:
+        if torch.is_tensor(te):
+            t = te.reshape(-1, v).float() / tau
+            cols.append(t.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(t, -1))
+        else:
+            cols.append(sparse_log_prob_of(te, v, y, tau, gold=True).float())
+    return ls, torch.stack(cols, 1)
+
+
+def _hard_gold(gate: HardGate, view: UnitView, teachers: list) -> GateOutput:
+    """The ``hard`` gate's decision with gold references from the gold tokens' log-probabilities only: its own
+    rule (:func:`~metagate.gates.hard.hard_gate_from_log_probs`) over a one-entry vocabulary holding each
+    position's gold token (the rule reads nothing else), then its weights ``(1 - g, g/K, ...)`` (E3)."""
+    b, t = view.seq_shape
+    ls, lt = _gold_log_probs(view, teachers, gate.teacher_tau)
+    k = lt.shape[1]
+    zero = torch.zeros(b, t, dtype=torch.long, device=ls.device)
+    g = hard_gate_from_log_probs(ls.reshape(b, t, 1), lt.reshape(b, t, k, 1), zero, view.mask.reshape(b, t),
+                                 gate.level, "gold").reshape(-1, 1).to(view.student_logits.dtype)
+    w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1)
+    return GateOutput(w, gate.teacher_tau, trusted=True, student_tau=gate.student_tau)
