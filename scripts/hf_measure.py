@@ -109,6 +109,7 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
 
     seqs = token_sequences(steps * 4, V, seed=0, lo=64, hi=64)
     bank = score_sparse([tiny_gpt2(V, seed=1, n_embd=32), tiny_gpt2(V, seed=2, n_embd=32)], seqs, k=32)
+    meta = [{"input_ids": s} for s in token_sequences(8, V, seed=99, lo=64, hi=64)]  # reinforce's held-out text
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):
@@ -142,7 +143,8 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
                                      learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=device == "cpu",
                                      disable_tqdm=True, seed=0, bf16=bf16)
             tr = GatedKDTrainer(model=tiny_gpt2(V, seed=3, n_embd=32).train(), args=args, train_dataset=Items(),
-                                data_collator=collate, sparse_bank=bank, gate=gate, callbacks=[clock])
+                                data_collator=collate, sparse_bank=bank, gate=gate, callbacks=[clock],
+                                meta_dataset=meta if gate == "reinforce" else None)
             tr.train()
             return statistics.median(clock.times[2:])
 
