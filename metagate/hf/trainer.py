@@ -2,11 +2,12 @@
 causal LM, the weights decided per token by a metagate gate.
 
 Each step: the student's logits ``[B, T, V]`` and the teachers' (local models run online under
-``no_grad``, or a :class:`~metagate.hf.sparse_bank.SparseBank` read by the batch's ``seq_id``) are shifted
-(the logits at ``t`` predict the token at ``t + 1``); the gate sees the ``B * (T-1)`` positions as units
-(a :class:`~metagate.gates.base.UnitView`, ``seq_shape = (B, T-1)``, ``mask`` = label ``!= -100``) and
-decides ``W [N, 1+K]`` and ``tau``; :func:`metagate.losses.gated_kd` reduces, divided by the Trainer's
-``num_items_in_batch`` under gradient accumulation. Gate shares, per-teacher shares, token ECE and the
+``no_grad``, or a :class:`~metagate.hf.sparse_bank.SparseBank` read by the batch's ``seq_id``) stay in place
+and the labels are shifted (label ``t+1`` at position ``t``, ``-100`` at the last: the logits at ``t`` predict
+the token at ``t + 1``); the gate sees the ``B * T`` positions as units (a
+:class:`~metagate.gates.base.UnitView`, ``seq_shape = (B, T)``, ``mask`` = shifted label ``!= -100``) and
+decides ``W [N, 1+K]`` and ``tau``; :func:`metagate.losses.token_loss` (``gated_kd``'s body) reduces, divided
+by the Trainer's ``num_items_in_batch`` under gradient accumulation. Gate shares, per-teacher shares, token ECE and the
 perplexity of the training tokens are added to the Trainer's own logs (so every ``report_to`` gets them).
 
 Gates supported: ``ce``, ``fixed``, ``hard`` (token and sentence level, its per-step path), ``reinforce``
@@ -180,8 +181,8 @@ class GatedKDTrainer(Trainer):
 
     :param teachers: local causal LMs run online (frozen, eval mode, moved to the student's device)
     :param sparse_bank: or a scored :class:`SparseBank` (items then carry ``seq_id``, the bank's sequence index)
-    :param gate: a gate name (``fixed``, ``hard``, ``label-filter``, ``conf-teachers``, ``ce``) or a
-        :class:`~metagate.gates.base.Gate`
+    :param gate: a gate name (``fixed``, ``hard``, ``reinforce``, ``label-filter``, ``conf-teachers``, ``ce``) or
+        a :class:`~metagate.gates.base.Gate` of one of them
     :param gate_options: the gate's options (as for ``metagate distill``: ``alpha``, ``tau``, ``hard_level``...)
     :param meta_dataset: held-out sequences (items with ``input_ids``) a learned gate (``reinforce``) learns
         from: its reward is the student's validation CE on them, never on the training text
