@@ -1,0 +1,430 @@
+"""``GatedKDTrainer``: a ``transformers.Trainer`` whose loss is metagate's one equation over the tokens of a
+causal LM, the weights decided per token by a metagate gate.
+
+Each step: the student's logits ``[B, T, V]`` and the teachers' (local models run online under
+``no_grad``, or a :class:`~metagate.hf.sparse_bank.SparseBank` read by the batch's ``seq_id``) stay in place
+and the labels are shifted (label ``t+1`` at position ``t``, ``-100`` at the last: the logits at ``t`` predict
+the token at ``t + 1``); the gate sees the ``B * T`` positions as units (a
+:class:`~metagate.gates.base.UnitView`, ``seq_shape = (B, T)``, ``mask`` = shifted label ``!= -100``) and
+decides ``W [N, 1+K]`` and ``tau``; :func:`metagate.losses.token_loss` (``gated_kd``'s body) reduces, divided
+by the Trainer's ``num_items_in_batch`` under gradient accumulation. Gate shares, per-teacher shares, token ECE and the
+perplexity of the training tokens are added to the Trainer's own logs (so every ``report_to`` gets them).
+
+Gates supported: ``ce``, ``fixed``, ``hard`` (token and sentence level, its per-step path), ``reinforce``
+(per-token teacher weights from its policy, the reward the student's CE on ``meta_dataset``), the rule
+baselines ``label-filter`` and ``conf-teachers`` (their table functions applied per batch, from the
+teachers' probabilities of each position; a sparse teacher's gold-token probability comes from the bank).
+A gate that reads whole teacher distributions from a sparse bank gets them rebuilt per batch (top-k,
+the gold token, the tail spread uniformly), never for the whole bank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+
+from metagate.errors import ConfigError, InputError
+from metagate.gates import get_gate_class
+from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
+from metagate.gates.baselines import conf_teachers_table, label_filter_table
+from metagate.gates.hard import HardGate, hard_gate_from_log_probs
+from metagate.gates.registry import gate_config
+from metagate.hf.sparse_bank import SparseBank, forward_logits
+from metagate.losses import (
+    IGNORE_INDEX,
+    SparseTeacher,
+    check_lm_inputs,
+    sparse_log_prob_of,
+    sparse_log_probs_at,
+    token_loss,
+)
+from metagate.metrics import N_BINS
+
+__all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
+
+#: gates whose decision is a per-unit table of the teachers' probabilities (computed per batch here)
+_TABLE_GATES = {"label-filter": label_filter_table, "conf-teachers": conf_teachers_table}
+#: gates that learn during the run from a held-out split (``meta_dataset``)
+_LEARNED = ("reinforce",)
+_SUPPORTED = ("ce", "fixed", "hard", "label-filter", "conf-teachers", *_LEARNED)
+
+
+def vocab_size_of(model: nn.Module) -> int | None:
+    """The output vocabulary of a causal LM (its output embedding's rows, else ``config.vocab_size``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    cfg = getattr(model, "config", None)
+    return int(cfg.vocab_size) if cfg is not None and getattr(cfg, "vocab_size", None) else None
+
+
+def causal_lm_collator(pad_token_id: int = 0):
+    """A collator for items ``{"input_ids": [T_i], "seq_id"?: int}``: right padding, ``attention_mask``, and
+    ``labels`` = the input ids with ``-100`` on padding (the model's shift happens in the loss)."""
+
+    def collate(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        seqs = [torch.as_tensor(it["input_ids"]).reshape(-1) for it in items]
+        t = max(s.numel() for s in seqs)
+        x = torch.full((len(seqs), t), pad_token_id, dtype=torch.long)
+        m = torch.zeros(len(seqs), t, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            x[i, : s.numel()], m[i, : s.numel()] = s, 1
+        out = {"input_ids": x, "attention_mask": m, "labels": torch.where(m.bool(), x, torch.full_like(x, IGNORE_INDEX))}
+        if "seq_id" in items[0]:
+            out["seq_id"] = torch.tensor([int(it["seq_id"]) for it in items], dtype=torch.long)
+        return out
+
+    return collate
+
+
+class _NextTokenLogits(nn.Module):
+    """The student as a learned gate's validation reads it: input ids ``[M, T]`` -> next-token logits
+    ``[M, T-1, 1+V]``, class ``c+1`` = token ``c`` and class 0 (metagate's ``PAD``) at ``-inf``, so that
+    ``units.unit_ce`` (``ignore_index=PAD``) drops exactly the positions without a next token and its CE over
+    the others is the model's own (a ``-inf`` logit adds nothing to the normaliser)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(input_ids=x).logits[:, :-1].float()  # right padding: causal, real positions unchanged
+        return F.pad(logits, (1, 0), value=float("-inf"))
+
+
+class _MetaSplit:
+    """The held-out sequences as a learned gate's ``meta`` split: ``x [M, T]`` right-padded ids, ``y [M, T-1]``
+    the next token + 1 (0 where there is none), matching :class:`_NextTokenLogits`."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        seqs = [torch.as_tensor(it["input_ids"] if isinstance(it, dict) else it).reshape(-1) for it in items]
+        if not seqs or min(s.numel() for s in seqs) < 2:
+            raise InputError("meta_dataset needs sequences of at least 2 tokens")
+        t = max(s.numel() for s in seqs)
+        self.x = torch.zeros(len(seqs), t, dtype=torch.long)
+        self.y = torch.zeros(len(seqs), t - 1, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.x[i, : s.numel()] = s
+            self.y[i, : s.numel() - 1] = s[1:] + 1
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+class _Run:
+    """The part of :class:`~metagate.gates.base.GateContext` the per-token gates read here."""
+
+    def __init__(self, trainer: GatedKDTrainer, meta: _MetaSplit | None) -> None:
+        self._t = trainer
+        self.student = _NextTokenLogits(trainer.model)
+        self.device = trainer.args.device
+        self.bank = None  # teachers are per batch (online, or the sparse bank by sequence id)
+        self.train_x = self.train_y = None
+        self.meta = meta
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.student.parameters()).dtype
+
+    @property
+    def num_teachers(self) -> int:
+        return self._t.num_teachers
+
+    @property
+    def seed(self) -> int:
+        return int(self._t.args.seed)
+
+    @property
+    def step(self) -> int:
+        return int(self._t.state.global_step)
+
+    @property
+    def progress(self) -> float:
+        return self._t.progress
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._t.args.per_device_train_batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self._t.state.max_steps or self._t.args.max_steps)
+
+    @property
+    def lr(self) -> float:
+        opt = self._t.optimizer
+        return float(opt.param_groups[0]["lr"]) if opt is not None else float(self._t.args.learning_rate)
+
+
+class _AfterStep(TrainerCallback):
+    """Hands the gate its ``after_step`` once per optimizer step (after the update: the reward sees it)."""
+
+    def __init__(self, trainer: GatedKDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        ctx = self.trainer._last_ctx
+        if ctx is not None:
+            self.trainer.gate.after_step(ctx)
+            self.trainer._last_ctx = None
+
+
+class GatedKDTrainer(Trainer):
+    """``transformers.Trainer`` with metagate's gated KD loss per token.
+
+    :param teachers: local causal LMs run online (frozen, eval mode, moved to the student's device)
+    :param sparse_bank: or a scored :class:`SparseBank` (items then carry ``seq_id``, the bank's sequence index)
+    :param gate: a gate name (``fixed``, ``hard``, ``reinforce``, ``label-filter``, ``conf-teachers``, ``ce``) or
+        a :class:`~metagate.gates.base.Gate` of one of them
+    :param gate_options: the gate's options (as for ``metagate distill``: ``alpha``, ``tau``, ``hard_level``...)
+    :param meta_dataset: held-out sequences (items with ``input_ids``) a learned gate (``reinforce``) learns
+        from: its reward is the student's validation CE on them, never on the training text
+    :raises InputError: a teacher's (or the bank's) vocabulary differs from the student's, naming both sizes
+    """
+
+    def __init__(self, *args: Any, teachers: Sequence[nn.Module] | None = None,
+                 sparse_bank: SparseBank | None = None, gate: str | Gate = "fixed",
+                 gate_options: dict[str, Any] | None = None, meta_dataset: Sequence[Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if teachers and sparse_bank is not None:
+            raise ConfigError("give teachers (run online) or a sparse_bank, not both")
+        self.online_teachers = [t.eval().requires_grad_(False).to(self.args.device) for t in (teachers or [])]
+        self.sparse_bank = sparse_bank
+        v = vocab_size_of(self.model)
+        for j, t in enumerate(self.online_teachers):
+            vt = vocab_size_of(t)
+            if v is not None and vt is not None and vt != v:
+                raise InputError(f"vocabulary mismatch: teacher {j} has V = {vt} tokens, the student V = {v} "
+                                 "(distillation needs one tokenizer)")
+        if sparse_bank is not None and v is not None and sparse_bank.vocab_size != v:
+            raise InputError(f"vocabulary mismatch: the sparse bank was scored with V = {sparse_bank.vocab_size} "
+                             f"tokens, the student has V = {v} (distillation needs one tokenizer)")
+        self.gate = self._make_gate(gate, gate_options)
+        if self.gate.uses_teachers and self.num_teachers == 0:
+            raise ConfigError(f"gate {self.gate.name!r} needs teachers: pass teachers=[...] or sparse_bank=")
+        if self.gate.name in _LEARNED and meta_dataset is None:
+            raise ConfigError(f"gate {self.gate.name!r} learns from held-out text: pass meta_dataset=")
+        self._run = _Run(self, None if meta_dataset is None else _MetaSplit(meta_dataset))
+        if self.gate.name not in _TABLE_GATES:  # a table gate's setup reads a whole bank; here: per batch
+            self.gate.setup(self._run)
+        self._stats: dict[str, Tensor] = {}
+        self._last_ctx: StepContext | None = None
+        if self.gate.name in _LEARNED:
+            self.add_callback(_AfterStep(self))
+
+    # -- setup -----------------------------------------------------------------------------------------
+    def _make_gate(self, gate: str | Gate, options: dict[str, Any] | None) -> Gate:
+        if isinstance(gate, Gate):
+            if options:
+                raise ConfigError("pass gate options with a gate name, not with a gate instance")
+            g = gate
+        else:
+            if gate not in _SUPPORTED:
+                raise ConfigError(f"GatedKDTrainer runs the gates {', '.join(_SUPPORTED)}; got {gate!r}")
+            g = get_gate_class(gate)(gate_config(gate, options))
+        if g.name not in _SUPPORTED:
+            raise ConfigError(f"GatedKDTrainer runs the gates {', '.join(_SUPPORTED)}; got {g.name!r}")
+        return g
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.online_teachers) if self.sparse_bank is None else self.sparse_bank.num_teachers
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.state.global_step / max(self.state.max_steps, 1))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "seq_id" not in self._signature_columns:
+            self._signature_columns.append("seq_id")  # the sparse bank's key; popped before the forward
+
+    # -- the step --------------------------------------------------------------------------------------
+    def _teachers(self, inputs: dict[str, Any], seq_id: Tensor | None) -> list[Tensor | SparseTeacher]:
+        x, m = inputs["input_ids"], inputs.get("attention_mask")
+        if self.sparse_bank is not None:
+            if seq_id is None:
+                raise InputError("a sparse bank needs each item's 'seq_id' (its sequence index in the bank)")
+            return list(self.sparse_bank.teachers(seq_id, x, m))
+        with torch.no_grad():
+            return [forward_logits(t, x, m).float() for t in self.online_teachers]
+
+    def _view(self, s: Tensor, teachers: list, labels: Tensor, seq_id: Tensor | None) -> UnitView:
+        b, t, v = s.shape
+        flat = labels.reshape(-1)
+        mask = (flat != IGNORE_INDEX).to(s.dtype)
+        safe = flat.clamp_min(0)  # gates gather labels: -100 positions read token 0, masked out
+
+        def log_probs(tau: float) -> Tensor:  # [N, K, V], per batch only when a gate reads them
+            cols = []
+            for te in teachers:
+                if torch.is_tensor(te):
+                    cols.append(F.log_softmax(te.reshape(-1, v) / tau, -1))
+                else:
+                    cols.append(_rebuilt(te, v, tau, safe))
+            return torch.stack(cols, 1)
+
+        view = UnitView(s.reshape(-1, v), (lambda: log_probs(1.0)), safe, mask, seq_id, (b, t), self.progress,
+                        num_teachers=len(teachers))
+        view.teacher_log_probs_fn = log_probs
+        return view
+
+    def _decide(self, view: UnitView, teachers: list | None = None) -> GateOutput:
+        gate = self.gate
+        if isinstance(gate, HardGate) and gate.reference == "gold" and teachers is not None:
+            return _hard_gold(gate, view, teachers)
+        table = _TABLE_GATES.get(gate.name)
+        if table is None:
+            return gate.decide(view)
+        alpha, tau = self.gate.config.label_weight, self.gate.config.temperature  # type: ignore[attr-defined]
+        w = table(view.teacher_log_probs(1.0).exp(), view.labels, alpha)
+        return GateOutput(w.to(view.student_logits.dtype), tau, trusted=True)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
+        inputs = dict(inputs)
+        seq_id = inputs.pop("seq_id", None)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            m = inputs.get("attention_mask")
+            x = inputs["input_ids"]
+            labels = x if m is None else torch.where(m.bool(), x, torch.full_like(x, IGNORE_INDEX))
+        outputs = model(**inputs)
+        logits = getattr(outputs, "logits", None)
+        if logits is None:
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        logits = logits.float()
+        teachers = self._teachers(inputs, seq_id)
+        # the causal shift on the labels (label t+1 at position t, -100 at the last): logits stay in place
+        y = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+        view = self._view(logits, teachers, y, seq_id)
+        ctx = StepContext(self._run, inputs, view, int(self.state.global_step))
+        policy = getattr(self.gate, "policy", None)
+        if model.training:
+            self.gate.before_step(ctx)
+            out = self._decide(view, teachers)
+        elif isinstance(policy, nn.Module) and policy.training:  # evaluation: the policy's mode, no recording
+            policy.eval()
+            try:
+                out = self._decide(view, teachers)
+            finally:
+                policy.train()
+        else:
+            out = self._decide(view, teachers)
+        b, t = y.shape
+        w = out.weights.detach().reshape(b, t, -1)
+        tau = out.tau.detach().reshape(b, t) if torch.is_tensor(out.tau) and out.tau.ndim else out.tau
+        tau = float(tau) if torch.is_tensor(tau) and tau.ndim == 0 else tau
+        check_lm_inputs(logits, y, teachers, w)
+        loss, cols, rows = token_loss(logits, teachers, y, w, tau=tau, shift=False,
+                                      num_items_in_batch=num_items_in_batch, reduction="mean", alpha=0.5,
+                                      student_tau=out.student_tau)
+        if model.training:
+            ctx.output, ctx.losses = out, cols.detach()
+            self._last_ctx = ctx
+            self._record(logits.detach().reshape(-1, logits.shape[-1]), y.reshape(-1), cols.detach(), rows,
+                         w.reshape(-1, w.shape[-1]))
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * self.accelerator.num_processes  # as the base compute_loss: DDP averages the gradients
+        return (loss, outputs) if return_outputs else loss
+
+    # -- logging ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _record(self, logits: Tensor, labels: Tensor, cols: Tensor, rows: Tensor, w: Tensor) -> None:
+        """Accumulate the real tokens' gate weights, NLL (the CE column) and calibration bins (the max
+        probability from the max logit and the CE column's log-sum-exp: no second softmax over V)."""
+        n = rows.numel()
+        if not n:
+            return
+        wr = w.index_select(0, rows).double()
+        nll = cols[:, 0].double()
+        sel = logits.index_select(0, rows)
+        top, pred = sel.max(-1)
+        y = labels.index_select(0, rows)
+        s_y = sel.gather(1, y.unsqueeze(1)).squeeze(1)
+        conf = (top.double() - s_y.double() - nll).exp()  # max_c softmax = exp(max - lse), lse = CE + s_y
+        idx = (conf * N_BINS).ceil().long().clamp(1, N_BINS) - 1  # (lo, hi] bins as metrics.calibration_bins
+        bins = torch.zeros(3, N_BINS, dtype=torch.float64, device=conf.device)
+        bins[0].index_add_(0, idx, torch.ones_like(conf))
+        bins[1].index_add_(0, idx, conf)
+        bins[2].index_add_(0, idx, (pred == y).double())
+        kd = wr[:, 1:].sum(1, keepdim=True)
+        add = {"tokens": torch.tensor(float(n), dtype=torch.float64), "nll": nll.sum(), "w": wr.sum(0),
+               "teacher_share": (wr[:, 1:] / kd.clamp_min(1e-30)).sum(0) if wr.shape[1] > 1 else wr[:, :0].sum(0),
+               "kd_tokens": (kd > 0).double().sum(), "bins": bins}
+        for k, v in add.items():
+            self._stats[k] = self._stats[k] + v.cpu() if k in self._stats else v.cpu()
+
+    def gate_logs(self) -> dict[str, float]:
+        """The means since the last log: ``gate/label_share``, ``gate/kd_share``, ``gate/teacher<k>_share``
+        (each teacher's part of the KD weight, over the tokens with any), ``train/token_ece``, ``train/ppl``."""
+        st = self._stats
+        if not st:
+            return {}
+        n = float(st["tokens"])
+        w = (st["w"] / n).tolist()
+        logs = {"gate/label_share": w[0], "gate/kd_share": float(sum(w[1:]))}
+        kd_n = float(st["kd_tokens"])
+        for j, v in enumerate(st["teacher_share"].tolist()):
+            logs[f"gate/teacher{j}_share"] = v / kd_n if kd_n else 0.0
+        count, s_conf, s_acc = st["bins"]
+        logs["train/token_ece"] = float((s_conf - s_acc).abs().sum() / n)
+        logs["train/ppl"] = math.exp(float(st["nll"]) / n)
+        return logs
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: add the gate's and the calibration's numbers, then start afresh
+            logs = {**logs, **self.gate_logs()}
+            self._stats = {}
+        super().log(logs, *args, **kwargs)
+
+
+def _rebuilt(te: SparseTeacher, vocab: int, tau: float, labels: Tensor) -> Tensor:
+    """``[N, V]`` a sparse teacher's log-probabilities at ``tau`` for a gate: top-k, the tail uniform, and
+    the gold token's own (tempered) log-probability where the bank has it."""
+    lp = sparse_log_probs_at(te, vocab, tau).reshape(-1, vocab)
+    if te.gold_logprob is None:
+        return lp
+    gold = sparse_log_prob_of(te, vocab, labels, tau, gold=True).to(lp.dtype)
+    return lp.scatter(1, labels.unsqueeze(1), gold.unsqueeze(1))
+
+
+def _gold_log_probs(view: UnitView, teachers: list, tau: float) -> tuple[Tensor, Tensor]:
+    """``(student [N], teachers [N, K])`` log-probabilities of each position's gold token -- the student at
+    temperature 1, the teachers at ``tau`` -- by one log-sum-exp per row instead of ``[N, K, V]`` tables
+    (a sparse teacher: its gold log-probability and the normaliser of its uniform-tail rebuild, as
+    :func:`_rebuilt` has them)."""
+    s, y = view.student_logits.detach(), view.labels
+    v = s.shape[-1]
+    ls = s.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(s, -1)
+    cols = []
+    for te in teachers:
+        if torch.is_tensor(te):
+            t = te.reshape(-1, v).float() / tau
+            cols.append(t.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(t, -1))
+        else:
+            cols.append(sparse_log_prob_of(te, v, y, tau, gold=True).float())
+    return ls, torch.stack(cols, 1)
+
+
+def _hard_gold(gate: HardGate, view: UnitView, teachers: list) -> GateOutput:
+    """The ``hard`` gate's decision with gold references from the gold tokens' log-probabilities only: its own
+    rule (:func:`~metagate.gates.hard.hard_gate_from_log_probs`) over a one-entry vocabulary holding each
+    position's gold token (the rule reads nothing else), then its weights ``(1 - g, g/K, ...)`` (E3)."""
+    b, t = view.seq_shape
+    ls, lt = _gold_log_probs(view, teachers, gate.teacher_tau)
+    k = lt.shape[1]
+    zero = torch.zeros(b, t, dtype=torch.long, device=ls.device)
+    g = hard_gate_from_log_probs(ls.reshape(b, t, 1), lt.reshape(b, t, k, 1), zero, view.mask.reshape(b, t),
+                                 gate.level, "gold").reshape(-1, 1).to(view.student_logits.dtype)
+    w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1)
+    return GateOutput(w, gate.teacher_tau, trusted=True, student_tau=gate.student_tau)
