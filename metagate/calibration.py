@@ -10,7 +10,7 @@ around its best point. A single teacher's NLL is convex in ``1/tau`` (a log-sum-
 it has one minimum on the log scale; the ensemble's need not, hence the grid first. Deterministic, float64,
 no optimizer state.
 
-Calibrated teachers are a bank whose logits are divided by ``tau_k`` (:func:`calibrated_bank`); a gate then
+Calibrated teachers are a bank whose logits are divided by ``tau_k`` (:func:`metagate.teachers.build.calibrated_bank`); a gate then
 reads them at temperature 1. The bank keeps the fit in ``bank.calibration`` (a :class:`TeacherCalibration`).
 """
 
@@ -24,11 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagate.errors import ConfigError, InputError
+from metagate.errors import InputError
 from metagate.metrics import ece_mce
 from metagate.seq_models import PAD
-from metagate.teachers.bank import TeacherBank
-from metagate.teachers.sequence import SeqTeacherBank
 
 if TYPE_CHECKING:  # pragma: no cover
     from metagate.data.task import Split
@@ -193,33 +191,6 @@ def split_logits(modules: list[nn.Module], split: Split, device: torch.device | 
         keep = y != PAD
         return lg[keep], y[keep]
     return lg, y
-
-
-def calibrated_bank(bank: TeacherBank) -> TeacherBank:
-    """A bank of the same teachers with each teacher's logits divided by its fitted ``tau_k`` (read at
-    temperature 1, they are the calibrated teachers); the fit travels along as ``.calibration``.
-
-    Sequence banks stored top-k (log-probabilities of the k most likely tokens and the rest's mass) are scaled
-    the same way: exact for the kept tokens' ratios, the rest's mass is tempered as one class.
-    """
-    cal = bank.calibration
-    if cal is None:
-        raise ConfigError("calibrated teachers need a temperature fit on the meta split (the run's teachers "
-                          "get one in run.load_teachers; an online bank has none)")
-    if bank.online:
-        raise ConfigError("online teachers cannot be calibrated here (their logits are computed per step)")
-    t = torch.tensor(cal.taus, dtype=torch.float32, device=bank.logits.device).view(1, -1, 1)
-    out: TeacherBank
-    if isinstance(bank, SeqTeacherBank):
-        scaled = bank.logits[:-1].float() / t
-        if scaled.abs().max() < torch.finfo(bank.logits.dtype).max:  # float16 storage kept unless it would overflow
-            scaled = scaled.to(bank.logits.dtype)
-        out = SeqTeacherBank(scaled, bank.token_index, bank.names)
-    else:
-        out = TeacherBank(bank.logits / t, list(bank.names))
-    out.calibration = cal
-    out.calibrated = True
-    return out
 
 
 def calibration_record(cal: TeacherCalibration) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Per-unit losses and the one weighted reduction (DESIGN.md, "The one equation").
+"""Per-unit losses and the one weighted reduction (docs/design.md, "The one equation").
 
 Every loss here is *unweighted and unreduced*: it returns one value per unit.
 The gate decides the mix; :func:`reduce_weighted` applies it.
@@ -208,7 +208,7 @@ def unit_losses(
     validate: bool = True,
     student_tau: float | None = None,
 ) -> Tensor:
-    """All loss columns of DESIGN.md: ``[N, 1+K]``, column 0 = CE to the label.
+    """All loss columns of docs/design.md ("The one equation"): ``[N, 1+K]``, column 0 = CE to the label.
 
     :param student_logits: ``[N, C]``
     :param teacher_logits: ``[N, K, C]`` or ``None`` (then ``K = 0``)

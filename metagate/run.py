@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metagate.calibration import calibrated_bank
 from metagate.callbacks import BaseCallback, EpochFn
 from metagate.data import TaskConfig, get_task, task_config
 from metagate.data.task import Task
@@ -16,7 +15,7 @@ from metagate.errors import ConfigError
 from metagate.gates import Gate, GateConfig, gate_config, get_gate_class
 from metagate.logger import Logger
 from metagate.options import Options, option, option_values
-from metagate.teachers.build import load_teachers
+from metagate.teachers.build import calibrated_bank, load_teachers
 from metagate.trainer import TrainConfig, Trainer, preserved_rng, seed_everything
 
 

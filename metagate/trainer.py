@@ -135,7 +135,7 @@ def _rows(real: Tensor | None, *tensors: Any) -> tuple[Any, ...]:
     return tuple(t[real] if torch.is_tensor(t) and t.ndim > 0 else t for t in tensors)
 
 class Trainer:
-    """Runs the step of DESIGN.md for any gate.
+    """Runs the step of docs/design.md ("Data flow of one step") for any gate.
 
     :param task: the task (splits are moved to ``device`` once)
     :param student: the student network

@@ -10,7 +10,6 @@ import torch
 
 from metagate.calibration import (
     calibrate_teachers,
-    calibrated_bank,
     calibration_record,
     ensemble_nll_at,
     fit_ensemble_temperature,
@@ -18,6 +17,7 @@ from metagate.calibration import (
     nll_at,
 )
 from metagate.errors import InputError
+from metagate.teachers.build import calibrated_bank
 
 
 def _planted(tau: float, n: int = 20000, c: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -195,7 +195,7 @@ def _load(task: str | Task, bank: TeacherBank | None, config: EnvConfig) -> tupl
     if bank is None:
         bank, _ = load_teachers(cfg, task_obj, progress=False)
         if cfg.teacher_calibration == "temperature":
-            from metagate.calibration import calibrated_bank
+            from metagate.teachers.build import calibrated_bank
 
             bank = calibrated_bank(bank)
     return task_obj, bank

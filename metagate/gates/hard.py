@@ -157,7 +157,7 @@ class HardGate(Gate):
         super().__init__(config, **options)
         c = self.config
         self.level, self.reference = c.hard_level, c.hard_reference
-        #: ``"temperature"``: the run hands this gate calibrated teachers (metagate.calibration.calibrated_bank)
+        #: ``"temperature"``: the run hands this gate calibrated teachers (metagate.teachers.build.calibrated_bank)
         self.teacher_calibration: str | None = "temperature" if c.hard_tau == "calibrated" else None
         # calibrated: the bank's logits are already t_k / tau_k, read at 1 for the KD target; the gate's gauge
         # is their ensemble at its own fitted temperature r (set in setup)

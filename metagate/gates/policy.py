@@ -1,5 +1,5 @@
-"""Policy gates: per-unit teacher weights chosen by a policy over unit features (DESIGN.md,
-"Policy gate"; Yuan et al., AAAI 2021, reinforced multi-teacher selection).
+"""Policy gates: per-unit teacher weights chosen by a policy over unit features (docs/design.md,
+"Layout"; Yuan et al., AAAI 2021, reinforced multi-teacher selection).
 
 * ``reinforce`` -- learns in the loop with REINFORCE: the policy acts on every batch, the reward is
   the improvement of the student's loss on a fixed subset of the clean ``meta`` split over an

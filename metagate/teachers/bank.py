@@ -61,7 +61,7 @@ class TeacherBank:
     online: bool = False
     #: the teachers' temperature fit on the clean ``meta`` split (``teachers.build.fit_teacher_temperatures``)
     calibration: TeacherCalibration | None = None
-    #: the logits are the calibrated teachers' (``calibration.calibrated_bank``): read them at temperature 1
+    #: the logits are the calibrated teachers' (``teachers.build.calibrated_bank``): read them at temperature 1
     calibrated: bool = False
 
     def __init__(self, logits: Tensor, names: list[str]) -> None:

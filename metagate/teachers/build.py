@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +35,25 @@ from metagate.teachers.training import load_or_train_teachers, teacher_names
 from metagate.trainer import resolve_device
 from metagate.units import PAD_ID, is_sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from metagate.run import DistillConfig
+
+class _Device(Protocol):
+    device: str
+
+
+class TeacherOptions(Protocol):
+    """What :func:`load_teachers` reads of a run's options (a ``metagate.run.DistillConfig`` has them all; the
+    package names no config class, so nothing here imports the run)."""
+
+    teachers: int
+    teacher_file: tuple[str, ...]
+    adversarial_teacher: bool
+    cache_dir: str | None
+    rebuild_cache: bool
+    retrain_teachers: bool
+    train: _Device
+
+    @property
+    def topk(self) -> int | None: ...
 
 
 def check_topk_option(task: Task, topk: int | None) -> None:
@@ -152,7 +169,7 @@ def teacher_test_acc(module: nn.Module, task: Task, device: torch.device | str =
     return float((teacher_logits(module, task.test.x, device).argmax(-1) == task.test.y).float().mean())
 
 
-def load_teachers(cfg: DistillConfig, task: Task, progress: bool = True,
+def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
                   verbose: bool = False) -> tuple[TeacherBank, list[dict[str, Any]]]:
     """A run's teachers (``--teachers`` trained by the project once and cached, the planted adversarial one,
     ``--teacher-file`` files) and their bank; every option is checked before a teacher is trained.
@@ -221,4 +238,31 @@ def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:
         if not name or not path:
             raise ConfigError(f"--teacher-file {spec!r}: expected NAME=PATH or PATH")
         out.append((name, Path(path)))
+    return out
+
+
+def calibrated_bank(bank: TeacherBank) -> TeacherBank:
+    """A bank of the same teachers with each teacher's logits divided by its fitted ``tau_k`` (read at
+    temperature 1, they are the calibrated teachers); the fit travels along as ``.calibration``.
+
+    Sequence banks stored top-k (log-probabilities of the k most likely tokens and the rest's mass) are scaled
+    the same way: exact for the kept tokens' ratios, the rest's mass is tempered as one class.
+    """
+    cal = bank.calibration
+    if cal is None:
+        raise ConfigError("calibrated teachers need a temperature fit on the meta split (the run's teachers "
+                          "get one in run.load_teachers; an online bank has none)")
+    if bank.online:
+        raise ConfigError("online teachers cannot be calibrated here (their logits are computed per step)")
+    t = torch.tensor(cal.taus, dtype=torch.float32, device=bank.logits.device).view(1, -1, 1)
+    out: TeacherBank
+    if isinstance(bank, SeqTeacherBank):
+        scaled = bank.logits[:-1].float() / t
+        if scaled.abs().max() < torch.finfo(bank.logits.dtype).max:  # float16 storage kept unless it would overflow
+            scaled = scaled.to(bank.logits.dtype)
+        out = SeqTeacherBank(scaled, bank.token_index, bank.names)
+    else:
+        out = TeacherBank(bank.logits / t, list(bank.names))
+    out.calibration = cal
+    out.calibrated = True
     return out

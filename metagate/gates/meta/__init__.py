@@ -1,4 +1,4 @@
-"""The ``meta`` gate (DESIGN.md, "Meta gate"): bilevel per-unit loss mixing.
+"""The ``meta`` gate (docs/design.md, "Layout": `metagate/gates/meta/`): bilevel per-unit loss mixing.
 
 * :mod:`.config` -- the options (:class:`MetaConfig`)
 * :mod:`.params` -- weight parameterisations (AMAL table, Meta-Weight-Net)
