@@ -26,8 +26,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hf_models import tiny_gpt2, token_sequences  # noqa: E402
 
-from metagate.hf.sparse_bank import score_sparse  # noqa: E402
 from metagate.losses import SparseTeacher, kd_per_unit, sparse_kd_per_unit, sparse_log_probs_at  # noqa: E402
+from metagate.teachers.sparse import score_sparse  # noqa: E402
 
 V = 49_152
 

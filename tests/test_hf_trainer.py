@@ -84,8 +84,8 @@ def test_every_gate_trains_a_tiny_gpt2_from_two_online_teachers(tmp_path, gate, 
 
 def test_fixed_loss_is_gated_kd_of_the_batch(tmp_path):
     """The trainer's loss on a batch is metagate.losses.gated_kd of the same logits (no extra scaling)."""
-    from metagate.hf.sparse_bank import forward_logits
     from metagate.losses import gated_kd
+    from metagate.teachers.sparse import forward_logits
 
     tr = _trainer(tmp_path, "fixed", {"alpha": 0.4, "tau": 3.0})
     batch = next(iter(tr.get_train_dataloader()))
@@ -113,7 +113,7 @@ def test_gradient_accumulation_gives_the_full_batch_step(tmp_path):
 
 @pytest.mark.parametrize("gate", ["fixed", "hard", "conf-teachers"])
 def test_trains_from_a_sparse_bank(tmp_path, gate):
-    from metagate.hf.sparse_bank import score_sparse
+    from metagate.teachers.sparse import score_sparse
 
     seqs = token_sequences(16, V, seed=1)
     bank = score_sparse([tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)], seqs, k=8)
@@ -125,7 +125,7 @@ def test_trains_from_a_sparse_bank(tmp_path, gate):
 
 def test_sparse_bank_with_all_but_one_token_is_close_to_online(tmp_path):
     """k = V-1 of V: the bank's loss is the online teachers' to the tail's mass."""
-    from metagate.hf.sparse_bank import score_sparse
+    from metagate.teachers.sparse import score_sparse
 
     seqs = token_sequences(16, V, seed=1)
     bank = score_sparse([tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)], seqs, k=V - 1)
@@ -139,7 +139,7 @@ def test_sparse_bank_with_all_but_one_token_is_close_to_online(tmp_path):
 
 def test_clear_errors(tmp_path):
     from metagate.hf import GatedKDTrainer
-    from metagate.hf.sparse_bank import score_sparse
+    from metagate.teachers.sparse import score_sparse
 
     with pytest.raises(InputError, match=r"teacher 0 has V = 60 tokens, the student V = 50"):
         GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(60)])
@@ -156,7 +156,7 @@ def test_core_package_does_not_import_transformers():
     import subprocess
     import sys
 
-    code = ("import sys, metagate, metagate.losses, metagate.run, metagate.hf, metagate.hf.sparse_bank; "
+    code = ("import sys, metagate, metagate.losses, metagate.run, metagate.hf, metagate.teachers.sparse; "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -230,8 +230,8 @@ def test_reinforce_learns_its_policy_from_held_out_text(tmp_path):
 def test_hard_gold_fast_path_is_the_hard_gates_own_decision(tmp_path, level, source):
     """The trainer decides ``hard`` (gold reference) from the gold tokens' log-probabilities only; the gate's
     own ``decide`` on the full [N, K, V] view gives the same weights."""
-    from metagate.hf.sparse_bank import score_sparse
     from metagate.hf.trainer import _hard_gold
+    from metagate.teachers.sparse import score_sparse
 
     bank = None
     if source == "bank":

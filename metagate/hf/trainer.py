@@ -2,7 +2,7 @@
 causal LM, the weights decided per token by a metagate gate.
 
 Each step: the student's logits ``[B, T, V]`` and the teachers' (local models run online under
-``no_grad``, or a :class:`~metagate.hf.sparse_bank.SparseBank` read by the batch's ``seq_id``) stay in place
+``no_grad``, or a :class:`~metagate.teachers.sparse.SparseBank` read by the batch's ``seq_id``) stay in place
 and the labels are shifted (label ``t+1`` at position ``t``, ``-100`` at the last: the logits at ``t`` predict
 the token at ``t + 1``); the gate sees the ``B * T`` positions as units (a
 :class:`~metagate.gates.base.UnitView`, ``seq_shape = (B, T)``, ``mask`` = shifted label ``!= -100``) and
@@ -35,7 +35,6 @@ from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.baselines import conf_teachers_table, label_filter_table
 from metagate.gates.hard import HardGate, hard_gate_from_log_probs
 from metagate.gates.registry import gate_config
-from metagate.hf.sparse_bank import SparseBank, forward_logits
 from metagate.losses import (
     IGNORE_INDEX,
     SparseTeacher,
@@ -45,6 +44,7 @@ from metagate.losses import (
     token_loss,
 )
 from metagate.metrics import N_BINS
+from metagate.teachers.sparse import SparseBank, forward_logits
 
 __all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
 
