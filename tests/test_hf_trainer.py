@@ -254,3 +254,72 @@ def test_hard_gold_fast_path_is_the_hard_gates_own_decision(tmp_path, level, sou
     else:  # one decision per sentence, on its every real token
         gr, mr = g.reshape(view.seq_shape), real.reshape(view.seq_shape)
         assert all(len(set(row[m].tolist())) == 1 for row, m in zip(gr, mr))
+
+
+def _meta_trainer(tmp_path, bank=None, **over):
+    from metagate.hf import GatedKDTrainer
+    from metagate.hf.trainer import causal_lm_collator
+
+    seqs = token_sequences(16, V, seed=1)
+    meta = [{"input_ids": s} for s in token_sequences(6, V, seed=7)]
+    teachers = None if bank is not None else [tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)]
+    return GatedKDTrainer(model=tiny_gpt2(V, seed=3).train(), args=_args(tmp_path, **over),
+                          train_dataset=_Items(seqs, with_ids=bank is not None), data_collator=causal_lm_collator(),
+                          teachers=teachers, sparse_bank=bank, gate="meta",
+                          gate_options={"meta_param": "net", "meta_lr": 1e-2}, meta_dataset=meta)
+
+
+def test_meta_net_learns_per_token_weights_by_the_look_ahead_on_held_out_text(tmp_path):
+    """``meta --meta-param net`` on a tiny GPT-2: the generic autograd look-ahead (the real forward reused,
+    attention switched to eager for the double backward), one meta update per step moving the net, and the
+    trainer's loss is gated_kd with the net's per-token weights on the real tokens."""
+    from metagate.features import unit_features
+    from metagate.losses import gated_kd
+    from metagate.teachers.sparse import forward_logits
+
+    tr = _meta_trainer(tmp_path)
+    assert tr.gate.route == "autograd" and tr.model.config._attn_implementation == "eager"
+    assert tr.gate.sampler.x.shape[0] == 6  # the validation batches come from meta_dataset
+    before = [p.detach().clone() for p in tr.gate.parameters()]
+    tr.train()
+    assert tr.gate.updates == 4
+    assert all(not torch.equal(a, b) for a, b in zip(before, tr.gate.parameters()))  # every layer of the net moved
+    logs = _logs(tr)
+    assert len(logs) == 2 and all(h["loss"] > 0 and h["train/ppl"] > 1 for h in logs)
+    assert logs[0]["gate/label_share"] != pytest.approx(0.5, abs=1e-4)  # learned, off the initial 0.5
+
+    batch = next(iter(tr.get_train_dataloader()))
+    tr.model.eval()
+    with torch.no_grad():
+        got = tr.compute_loss(tr.model, batch)
+        s = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = [forward_logits(te, batch["input_ids"], batch["attention_mask"]) for te in tr.online_teachers]
+        b, n = s.shape[:2]
+        y = torch.cat([batch["labels"][:, 1:], torch.full((b, 1), -100)], 1)
+        feats = unit_features(s.reshape(b * n, V), torch.stack([x.reshape(b * n, V) for x in t], 1),
+                              y.reshape(-1).clamp_min(0), tr.progress)
+        w = tr.gate.param(feats) * (y.reshape(-1, 1) != -100)
+        want = gated_kd(s, t, batch["labels"], w.reshape(b, n, 3), tau=tr.gate.tau)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert w[y.reshape(-1) != -100].std(0).min() > 0  # per token, not one row for all
+
+
+def test_meta_net_trains_from_a_sparse_bank_and_refuses_what_it_cannot_run(tmp_path):
+    from metagate.hf import GatedKDTrainer
+    from metagate.teachers.sparse import score_sparse
+
+    bank = score_sparse([tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)], token_sequences(16, V, seed=1), k=8)
+    tr = _meta_trainer(tmp_path, bank=bank, max_steps=2)
+    before = [p.detach().clone() for p in tr.gate.parameters()]
+    tr.train()
+    assert tr.gate.updates == 2 and any(not torch.equal(a, b) for a, b in zip(before, tr.gate.parameters()))
+    meta = [{"input_ids": s} for s in token_sequences(2, V, seed=7)]
+    for opts, match in [({"meta_param": "table"}, "meta_param='net'"),
+                        ({"meta_param": "net", "meta_schedule": "amal"}, "closed form"),
+                        ({"meta_param": "net", "meta_no_reuse": True}, "drop meta_no_reuse")]:
+        with pytest.raises(ConfigError, match=match):
+            GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(V)], gate="meta",
+                           gate_options=opts, meta_dataset=meta)
+    with pytest.raises(ConfigError, match="pass meta_dataset="):
+        GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(V)], gate="meta",
+                       gate_options={"meta_param": "net"})

@@ -11,7 +11,10 @@ by the Trainer's ``num_items_in_batch`` under gradient accumulation. Gate shares
 perplexity of the training tokens are added to the Trainer's own logs (so every ``report_to`` gets them).
 
 Gates supported: ``ce``, ``fixed``, ``hard`` (token and sentence level, its per-step path), ``reinforce``
-(per-token teacher weights from its policy, the reward the student's CE on ``meta_dataset``), the rule
+(per-token teacher weights from its policy, the reward the student's CE on ``meta_dataset``), ``meta`` with
+``meta_param='net'`` (Meta-Weight-Net over per-token features; before each step the gate's generic autograd
+look-ahead -- the real forward's logits reused, a virtual SGD step, the next-token CE of a ``meta_dataset``
+batch -- moves the net; the student's attention runs eager, the fused kernels having no double backward), the rule
 baselines ``label-filter`` and ``conf-teachers`` (their table functions applied per batch, from the
 teachers' probabilities of each position; a sparse teacher's gold-token probability comes from the bank).
 A gate that reads whole teacher distributions from a sparse bank gets them rebuilt per batch (top-k,
@@ -51,7 +54,7 @@ __all__ = ["GatedKDTrainer", "causal_lm_collator", "vocab_size_of"]
 #: gates whose decision is a per-unit table of the teachers' probabilities (computed per batch here)
 _TABLE_GATES = {"label-filter": label_filter_table, "conf-teachers": conf_teachers_table}
 #: gates that learn during the run from a held-out split (``meta_dataset``)
-_LEARNED = ("reinforce",)
+_LEARNED = ("reinforce", "meta")
 _SUPPORTED = ("ce", "fixed", "hard", "label-filter", "conf-teachers", *_LEARNED)
 
 
@@ -118,6 +121,15 @@ class _MetaSplit:
         return int(self.x.shape[0])
 
 
+class _Batch(dict):
+    """A step's inputs as the gates' ``StepContext.batch``: the Trainer's dict, and ``x`` (the input ids) where a
+    gate forwards the batch's inputs again (the meta gate's look-ahead reuses the real forward's logits instead)."""
+
+    @property
+    def x(self) -> Tensor:
+        return self["input_ids"]
+
+
 class _Run:
     """The part of :class:`~metagate.gates.base.GateContext` the per-token gates read here."""
 
@@ -154,6 +166,18 @@ class _Run:
         return int(self._t.args.per_device_train_batch_size)
 
     @property
+    def num_train_units(self) -> int:
+        """Training sequences (the meta net reads unit features, not a per-unit table)."""
+        data = self._t.train_dataset
+        return len(data) if data is not None and hasattr(data, "__len__") else 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per pass over this process's training sequences (at least 1)."""
+        n, b = self.num_train_units, self.batch_size * max(1, int(self._t.args.world_size))
+        return max(1, math.ceil(n / b)) if n else max(1, self.total_steps)
+
+    @property
     def total_steps(self) -> int:
         return int(self._t.state.max_steps or self._t.args.max_steps)
 
@@ -184,8 +208,9 @@ class GatedKDTrainer(Trainer):
     :param gate: a gate name (``fixed``, ``hard``, ``reinforce``, ``label-filter``, ``conf-teachers``, ``ce``) or
         a :class:`~metagate.gates.base.Gate` of one of them
     :param gate_options: the gate's options (as for ``metagate distill``: ``alpha``, ``tau``, ``hard_level``...)
-    :param meta_dataset: held-out sequences (items with ``input_ids``) a learned gate (``reinforce``) learns
-        from: its reward is the student's validation CE on them, never on the training text
+    :param meta_dataset: held-out sequences (items with ``input_ids``) a learned gate (``reinforce``, ``meta``)
+        learns from: its reward, or its look-ahead's loss, is the student's next-token CE on them, never on the
+        training text
     :raises InputError: a teacher's (or the bank's) vocabulary differs from the student's, naming both sizes
     """
 
@@ -212,6 +237,8 @@ class GatedKDTrainer(Trainer):
             raise ConfigError(f"gate {self.gate.name!r} needs teachers: pass teachers=[...] or sparse_bank=")
         if self.gate.name in _LEARNED and meta_dataset is None:
             raise ConfigError(f"gate {self.gate.name!r} learns from held-out text: pass meta_dataset=")
+        if self.gate.name == "meta":
+            _eager_attention(self.model)
         self._run = _Run(self, None if meta_dataset is None else _MetaSplit(meta_dataset))
         if self.gate.name not in _TABLE_GATES:  # a table gate's setup reads a whole bank; here: per batch
             self.gate.setup(self._run)
@@ -232,6 +259,8 @@ class GatedKDTrainer(Trainer):
             g = get_gate_class(gate)(gate_config(gate, options))
         if g.name not in _SUPPORTED:
             raise ConfigError(f"GatedKDTrainer runs the gates {', '.join(_SUPPORTED)}; got {g.name!r}")
+        if g.name == "meta":
+            _check_meta(g.config)
         return g
 
     @property
@@ -306,7 +335,7 @@ class GatedKDTrainer(Trainer):
         # the causal shift on the labels (label t+1 at position t, -100 at the last): logits stay in place
         y = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
         view = self._view(logits, teachers, y, seq_id)
-        ctx = StepContext(self._run, inputs, view, int(self.state.global_step))
+        ctx = StepContext(self._run, _Batch(inputs), view, int(self.state.global_step))
         policy = getattr(self.gate, "policy", None)
         if model.training:
             self.gate.before_step(ctx)
@@ -386,6 +415,35 @@ class GatedKDTrainer(Trainer):
             logs = {**logs, **self.gate_logs()}
             self._stats = {}
         super().log(logs, *args, **kwargs)
+
+
+def _check_meta(config: Any) -> None:
+    """The meta gate as it runs per token here: Meta-Weight-Net (``meta_param='net'``, weights from per-token
+    features), its generic autograd look-ahead reusing the real forward (``func`` backend, every step)."""
+    if config.meta_param != "net":
+        raise ConfigError(f"GatedKDTrainer runs the meta gate with meta_param='net' (weights from per-token "
+                          f"features); got meta_param={config.meta_param!r} (a per-unit table needs unit ids "
+                          "that tokens of streamed text do not have)")
+    if config.backend != "func" or config.meta_schedule != "every":
+        raise ConfigError(f"GatedKDTrainer runs the meta gate's func look-ahead every step; got meta_backend="
+                          f"{config.backend!r}, meta_schedule={config.meta_schedule!r} (AMAL's closed form needs "
+                          "metagate's feature protocol)")
+    if config.meta_no_reuse:
+        raise ConfigError("GatedKDTrainer's meta look-ahead reuses the real forward's logits; drop meta_no_reuse")
+
+
+def _eager_attention(model: nn.Module) -> None:
+    """Run the student's attention in eager mode: the meta look-ahead differentiates the real forward twice,
+    and the fused sdpa / flash kernels have no double backward (the values are the same)."""
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl in (None, "eager"):
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter):
+        raise ConfigError(f"the meta gate's look-ahead needs a double backward through attention, which "
+                          f"attn_implementation={impl!r} lacks; load the student with attn_implementation='eager'")
+    setter("eager")
 
 
 def _rebuilt(te: SparseTeacher, vocab: int, tau: float, labels: Tensor) -> Tensor:
