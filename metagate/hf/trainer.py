@@ -263,6 +263,8 @@ class GatedKDTrainer(Trainer):
             _table_setup(self.gate, self.teacher_names)
         else:
             self.gate.setup(self._run)
+        if _world() > 1:  # one gate on every process (see _share_gate)
+            _share_gate(self.gate)
         self._stats: dict[str, Tensor] = {}
         self._last_ctx: StepContext | None = None
         if self.gate.name in _AFTER_STEP:
@@ -306,6 +308,8 @@ class GatedKDTrainer(Trainer):
         extra = self.gate.student_parameters()
         if extra and not any(p is q for g in opt.param_groups for p in g["params"] for q in extra):
             opt.add_param_group({"params": extra, "weight_decay": 0.0})
+            if _world() > 1:  # outside the DDP module: average their gradients as DDP does the student's
+                opt.register_step_pre_hook(_averaging_hook(extra))
         return opt
 
     @property
@@ -442,12 +446,30 @@ class GatedKDTrainer(Trainer):
         for k, v in add.items():
             self._stats[k] = self._stats[k] + v.cpu() if k in self._stats else v.cpu()
 
+    def _summed_stats(self) -> dict[str, Tensor]:
+        """The accumulated sums, over every process under data parallelism (the Trainer logs on all of them at
+        once; a process without tokens since the last log adds zeros)."""
+        if _world() == 1:
+            return self._stats
+        k = self.num_teachers
+        shapes = {"tokens": (), "nll": (), "w": (1 + k,), "teacher_share": (k,), "kd_tokens": (), "bins": (3, N_BINS),
+                  "tau": ()}
+        flat = torch.cat([self._stats.get(name, torch.zeros(shape, dtype=torch.float64)).reshape(-1)
+                          for name, shape in shapes.items()]).to(self.args.device)
+        torch.distributed.all_reduce(flat)
+        out, i = {}, 0
+        for name, shape in shapes.items():
+            size = math.prod(shape)
+            out[name] = flat[i : i + size].reshape(shape).cpu()
+            i += size
+        return out
+
     def gate_logs(self) -> dict[str, float]:
         """The means since the last log: ``gate/label_share``, ``gate/kd_share``, ``gate/teacher<k>_share``
         (each teacher's part of the KD weight, over the tokens with any), ``gate/tau_mean`` (the KD temperature
         over the real tokens), ``train/token_ece``, ``train/ppl``."""
-        st = self._stats
-        if not st:
+        st = self._summed_stats()
+        if not st or not float(st["tokens"]):
             return {}
         n = float(st["tokens"])
         w = (st["w"] / n).tolist()
@@ -466,6 +488,40 @@ class GatedKDTrainer(Trainer):
             logs = {**logs, **self.gate_logs()}
             self._stats = {}
         super().log(logs, *args, **kwargs)
+
+
+def _world() -> int:
+    """Processes of the run (1 without ``torch.distributed``)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _averaging_hook(params: list[Tensor]) -> Any:
+    """An optimizer step pre-hook averaging ``params``' gradients over the processes (each computed its own)."""
+
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        world = _world()
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+
+    return hook
+
+
+def _share_gate(gate: Gate) -> None:
+    """Under data parallelism, one gate on every process: its parameters (and CTKD's temperature) start from
+    process 0's, and the optimizer of its own updates (the meta net's Adam, REINFORCE's) averages their
+    gradients over the processes before each step -- each process computes its part from its own shard of the
+    batch (the look-ahead, the REINFORCE scores), as DDP does for the student."""
+    params = list(gate.parameters()) + list(gate.student_parameters())
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+    learner = getattr(gate, "learner", None)
+    opt = getattr(learner, "optimizer", None)
+    if isinstance(opt, torch.optim.Optimizer):
+        opt.register_step_pre_hook(_averaging_hook([p for g in opt.param_groups for p in g["params"]]))
 
 
 def _table_setup(gate: _TableGate, names: list[str]) -> None:
