@@ -464,3 +464,28 @@ def test_a_deployed_policy_weights_teachers_per_token_without_held_out_text(tmp_
     tr.train()
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert all(h["gate/label_share"] == pytest.approx(0.3) for h in _logs(tr))
+
+
+def test_a_policy_zip_from_train_policy_is_deployed_by_name(tmp_path):
+    """``gate="policy", gate_options={"policy": zip}``: the zip ``metagate train-policy`` wrote (A2C, a few steps
+    on digits) weights the LM's teachers per token with the label weight it was trained with."""
+    from metagate.cli import build_parser
+    from metagate.data import get_task
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs.synthetic import synthetic_bank
+    from metagate.train_policy import train_policy
+
+    task = get_task("digits")
+    env = TeacherWeightingEnv(task, synthetic_bank(task), batch_size=16, episode_steps=10)
+    out = tmp_path / "a2c.zip"
+    train_policy(build_parser().parse_args(["train-policy", "--algo", "a2c", "--timesteps", "20", "--n-steps", "5",
+                                            "--out", str(out)]), env=env)
+    tr = _trainer(tmp_path, "policy", {"policy": str(out)})
+    before = [p.detach().clone() for p in tr.gate.parameters()]
+    tr.train()
+    logs = _logs(tr)
+    assert len(logs) == 2 and all(h["loss"] > 0 for h in logs)
+    for h in logs:
+        assert h["gate/label_share"] == pytest.approx(tr.gate.alpha)
+        assert h["gate/teacher0_share"] + h["gate/teacher1_share"] == pytest.approx(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.gate.parameters()))  # deployed: it does not learn
