@@ -464,6 +464,9 @@ def test_a_deployed_policy_weights_teachers_per_token_without_held_out_text(tmp_
     tr.train()
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
     assert all(h["gate/label_share"] == pytest.approx(0.3) for h in _logs(tr))
+    with pytest.raises(ConfigError, match="'policy' learns from held-out text: pass meta_dataset="):
+        GatedKDTrainer(model=tiny_gpt2(V), args=_args(tmp_path), teachers=[tiny_gpt2(V), tiny_gpt2(V)],
+                       gate=PolicyGate(module=module, online=True))
 
 
 def test_a_policy_zip_from_train_policy_is_deployed_by_name(tmp_path):

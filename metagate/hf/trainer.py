@@ -146,7 +146,7 @@ class _Batch(dict):
 class _Run:
     """The part of :class:`~metagate.gates.base.GateContext` the per-token gates read here."""
 
-    def __init__(self, trainer: GatedKDTrainer, meta: _MetaSplit | None) -> None:
+    def __init__(self, trainer: GatedKDTrainer, meta: _MetaSplit) -> None:
         self._t = trainer
         self.student = _NextTokenLogits(trainer.model)
         self.device = trainer.args.device
@@ -255,10 +255,7 @@ class GatedKDTrainer(Trainer):
             raise ConfigError(f"gate {self.gate.name!r} learns from held-out text: pass meta_dataset=")
         if self.gate.name == "meta":
             _eager_attention(self.model)
-        meta = _MetaSplit.empty() if meta_dataset is None else _MetaSplit(meta_dataset)
-        self._run = _Run(self, meta if learns or meta_dataset is not None else None)
-        if self.gate.name == "policy" and self._run.meta is None:
-            self._run.meta = meta  # a deployed policy reads no held-out text
+        self._run = _Run(self, _MetaSplit.empty() if meta_dataset is None else _MetaSplit(meta_dataset))
         if isinstance(self.gate, _TableGate):  # its setup reads a whole bank; here: its rule per batch
             _table_setup(self.gate, self.teacher_names)
         else:
