@@ -280,6 +280,7 @@ def test_meta_net_learns_per_token_weights_by_the_look_ahead_on_held_out_text(tm
     tr = _meta_trainer(tmp_path)
     assert tr.gate.route == "autograd" and tr.model.config._attn_implementation == "eager"
     assert tr.gate.sampler.x.shape[0] == 6  # the validation batches come from meta_dataset
+    assert (tr._run.num_train_units, tr._run.steps_per_epoch) == (16, 4)  # 16 sequences, batches of 4
     before = [p.detach().clone() for p in tr.gate.parameters()]
     tr.train()
     assert tr.gate.updates == 4

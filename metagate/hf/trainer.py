@@ -188,8 +188,10 @@ class _Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Micro-batches per pass over this process's training sequences (at least 1)."""
-        n, b = self.num_train_units, self.batch_size * max(1, int(self._t.args.world_size))
+        """Optimizer steps per pass over the training sequences (at least 1; :attr:`step` counts them too)."""
+        args = self._t.args
+        n = self.num_train_units
+        b = self.batch_size * max(1, int(args.world_size)) * max(1, int(args.gradient_accumulation_steps))
         return max(1, math.ceil(n / b)) if n else max(1, self.total_steps)
 
     @property
