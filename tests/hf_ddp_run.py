@@ -3,9 +3,8 @@
 
 ``argv``: the output path, the per-process batch, then optionally the gates (comma-separated, default
 ``fixed``). ``fixed``: rank 0 writes the per-step losses, the gate's logged numbers and the final parameters
-to the output path. A learned
-gate (``meta``, ``reinforce``, ``ctkd``): every rank writes ``<out>.<gate>.rank<r>`` with the student's and the
-gate's parameters before and after training."""
+to the output path. A learned gate (``meta``, ``reinforce``, ``ctkd``, ``temperature``): every rank writes
+``<out>.<gate>.rank<r>`` with the student's and the gate's parameters before and after training."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ class Sequential(GatedKDTrainer):
 
 #: the learned gates' options (small: a few steps must move them)
 LEARNED = {"meta": {"meta_param": "net", "meta_lr": 1e-2}, "reinforce": {"rl_episode": 1, "alpha": 0.3},
-           "ctkd": {"ctkd_curriculum_epochs": 0}}
+           "ctkd": {"ctkd_curriculum_epochs": 0}, "temperature": {"rl_episode": 1, "temp_hidden": 8}}
 
 
 def _gate_params(tr) -> list[torch.Tensor]:
@@ -62,7 +61,8 @@ def main(out: str, per_device: int, gate: str = "fixed") -> None:
                              logging_steps=1, learning_rate=5e-3, report_to=[], save_strategy="no", use_cpu=True,
                              disable_tqdm=True, seed=0, dataloader_num_workers=0)
     options = LEARNED.get(gate, {"alpha": 0.3, "tau": 2.0})
-    meta = [{"input_ids": s} for s in token_sequences(6, V, seed=7)] if gate in ("meta", "reinforce") else None
+    meta = [{"input_ids": s} for s in token_sequences(6, V, seed=7)] if gate in ("meta", "reinforce", "temperature") \
+        else None
     g: str | Gate = gate
     rank = int(os.environ.get("RANK", "0"))
     if gate in LEARNED:  # built per process from its own seed (reinforce's policy) or theta (CTKD): the run

@@ -45,17 +45,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_learned_gates_are_one_gate_on_every_process(tmp_path):
-    """meta (net), reinforce and ctkd on 2 gloo processes, each gate built per process from its own seed or
+    """meta (net), reinforce, temperature and ctkd on 2 gloo processes, each gate built per process from its own seed or
     theta: the gate starts from process 0's parameters, learns (it moves), and its updates average the
     processes' gradients, so both processes end with the same gate and the same student."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "two"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29518", str(HERE / "hf_ddp_run.py"), str(out), "2", "meta,reinforce,ctkd"],
+                        "--master_port", "29518", str(HERE / "hf_ddp_run.py"), str(out), "2",
+                        "meta,reinforce,ctkd,temperature"],
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    for gate in ("meta", "reinforce", "ctkd"):
+    for gate in ("meta", "reinforce", "ctkd", "temperature"):
         a, b = (torch.load(f"{out}.{gate}.rank{i}", weights_only=True) for i in (0, 1))
         assert a["world"] == b["world"] == 2 and (a["rank"], b["rank"]) == (0, 1)
         for x, y in zip(a["gate_before"], b["gate_before"]):
