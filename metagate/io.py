@@ -98,6 +98,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a binary file atomically (temporary file + ``os.replace``; a crash leaves any previous file)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (temporary file + ``os.replace``)."""
     _atomic_write(path, lambda f: f.write(text.encode()))

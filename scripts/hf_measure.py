@@ -5,8 +5,9 @@
   on a tiny random GPT-2's scored text (64 sequences x 64 tokens); KL(full || top-k rebuilt, tail uniform) per k
   and the KD column's relative error (bucket and uniform tails) against the dense formula, for the random
   teacher and the same teacher sharpened (logits x 20 and x 60, the latter about as peaked as a trained LM);
-* speed: ``GatedKDTrainer`` (``fixed``) step time against a hand-written ``transformers`` KD loop with the same
-  work (AdamW, linear schedule, gradient clipping at 1.0, the same top-k bank), same process, interleaved.
+* speed: ``GatedKDTrainer`` step time (``--gates``: ``fixed`` by default; ``meta`` is ``meta --meta-param net``)
+  against a hand-written ``transformers`` KD loop with the same work (AdamW, linear schedule, gradient clipping at
+  1.0, the same top-k bank), same process, interleaved.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hf_models import tiny_gpt2, token_sequences  # noqa: E402
 
-from metagate.hf.sparse_bank import score_sparse  # noqa: E402
 from metagate.losses import SparseTeacher, kd_per_unit, sparse_kd_per_unit, sparse_log_probs_at  # noqa: E402
+from metagate.teachers.sparse import score_sparse  # noqa: E402
 
 V = 49_152
 
@@ -109,7 +110,8 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
 
     seqs = token_sequences(steps * 4, V, seed=0, lo=64, hi=64)
     bank = score_sparse([tiny_gpt2(V, seed=1, n_embd=32), tiny_gpt2(V, seed=2, n_embd=32)], seqs, k=32)
-    meta = [{"input_ids": s} for s in token_sequences(8, V, seed=99, lo=64, hi=64)]  # reinforce's held-out text
+    meta = [{"input_ids": s} for s in token_sequences(8, V, seed=99, lo=64, hi=64)]  # the learned gates' held-out text
+    options = {"meta": {"meta_param": "net"}}
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):
@@ -144,7 +146,8 @@ def speed_part(steps: int = 12, rounds: int = 5, device: str = "cpu", bf16: bool
                                      disable_tqdm=True, seed=0, bf16=bf16)
             tr = GatedKDTrainer(model=tiny_gpt2(V, seed=3, n_embd=32).train(), args=args, train_dataset=Items(),
                                 data_collator=collate, sparse_bank=bank, gate=gate, callbacks=[clock],
-                                meta_dataset=meta if gate == "reinforce" else None)
+                                gate_options=options.get(gate),
+                                meta_dataset=meta if gate in ("reinforce", "meta", "temperature") else None)
             tr.train()
             return statistics.median(clock.times[2:])
 

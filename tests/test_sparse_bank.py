@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hf_models import tiny_gpt2, tiny_llama, token_sequences
 
 from metagate.errors import InputError, StaleCacheError
-from metagate.hf.sparse_bank import SparseBank, cached_sparse_bank, score_sparse
 from metagate.losses import gated_kd
+from metagate.teachers.sparse import SparseBank, cached_sparse_bank, score_sparse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 50
@@ -99,3 +99,46 @@ def test_clear_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
     with pytest.raises(InputError, match="is not a sparse teacher bank"):
         SparseBank.load(tmp_path / "junk.safetensors")
+
+
+def test_bank_protocol_rows_index_right_and_the_refused_whole_table_reads():
+    """The sparse bank is a TeacherBank over tokens: rows rebuilt from top-k (uniform tail), the token index,
+    each row's top-1 for unit_right, and the whole [N, K, V] table refused with a clear error."""
+    from metagate.losses import SparseTeacher, sparse_log_probs_at
+    from metagate.teachers.bank import TeacherBank
+
+    teachers = [tiny_gpt2(V, seed=1), tiny_llama(V, seed=2)]
+    seqs = token_sequences(4, V)
+    bank = score_sparse(teachers, seqs, k=6)
+    assert isinstance(bank, TeacherBank) and not bank.online and bank.calibration is None
+    n = sum(s.numel() for s in seqs)
+    assert (bank.num_units, bank.num_teachers, bank.num_classes) == (n, 2, V)
+    idx = bank.token_index
+    lengths = [s.numel() for s in seqs]
+    assert idx.shape == (4, max(lengths))
+    assert idx[1, 0].item() == lengths[0] and idx[1, lengths[1] - 1].item() == lengths[0] + lengths[1] - 1
+    if lengths[1] < max(lengths):
+        assert idx[1, lengths[1]].item() == n  # past the end: the no-token row
+    assert torch.equal(bank.tokens[idx[2, : lengths[2]]].long(), seqs[2])
+    rows = torch.tensor([0, 3, n - 1, n])
+    lp = bank.unit_log_probs(2.0, rows)
+    assert lp.shape == (4, 2, V)
+    for j in range(2):
+        te = SparseTeacher(bank.ids[rows[:3], j].long(), bank.logprobs[rows[:3], j])
+        torch.testing.assert_close(lp[:3, j], sparse_log_probs_at(te, V, 2.0))
+    torch.testing.assert_close(lp[3], torch.full((2, V), -torch.log(torch.tensor(float(V)))))
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, 2))
+    torch.testing.assert_close(bank.lookup(rows), bank.unit_log_probs(1.0, rows))
+    nxt = bank.next_tokens()
+    assert nxt[lengths[0] - 1].item() == -100 and nxt[0].item() == seqs[0][1].item()
+    right = bank.unit_right(nxt)
+    want = (bank.ids[:, :, 0].long() == nxt.unsqueeze(1)) & (nxt != -100).unsqueeze(1)
+    assert right.shape == (n, 2) and torch.equal(right, want) and not right[lengths[0] - 1].any()
+    assert bank.unit_right(nxt[:-1]) is None
+    with pytest.raises(InputError, match=rf"no \[N, K, V\] logits table \(N = {n} tokens, V = {V}\)"):
+        bank.logits  # noqa: B018
+    with pytest.raises(InputError, match="no \\[N, K, V\\] log-probability table"):
+        bank.log_probs(1.0)
+    with pytest.raises(InputError, match=f"token rows reach {n + 1}"):
+        bank.unit_log_probs(1.0, torch.tensor([n + 1]))
+    assert bank.to("cpu") is bank

@@ -1,8 +1,9 @@
 """Hugging Face language models in metagate (optional extra ``metagate[hf]``).
 
-* :mod:`metagate.hf.sparse_bank`: the sparse top-k teacher bank (torch and safetensors only);
 * :class:`metagate.hf.GatedKDTrainer`: a ``transformers.Trainer`` running metagate gates per token
-  (imported on first access, so ``metagate.hf.sparse_bank`` works without ``transformers``).
+  (imported on first access, so ``import metagate.hf`` works without ``transformers``);
+* ``SparseBank``, ``score_sparse``, ``cached_sparse_bank``: the sparse top-k teacher bank, which lives in
+  :mod:`metagate.teachers.sparse` (torch and safetensors only), re-exported here.
 
 The loss itself is :func:`metagate.losses.gated_kd`, usable in any loop.
 """
@@ -20,7 +21,7 @@ def __getattr__(name: str) -> Any:
 
         return GatedKDTrainer
     if name in ("SparseBank", "score_sparse", "cached_sparse_bank"):
-        from metagate.hf import sparse_bank
+        from metagate.teachers import sparse
 
-        return getattr(sparse_bank, name)
+        return getattr(sparse, name)
     raise AttributeError(f"module 'metagate.hf' has no attribute {name!r}")

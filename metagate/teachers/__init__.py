@@ -3,6 +3,7 @@
 * ``bank.py`` -- :class:`~metagate.teachers.bank.TeacherBank` and the bank protocol, ``HostBank``;
 * ``sequence.py`` -- the per-token bank, token tables, the top-k form;
 * ``online.py`` -- ``OnlineBank``: teachers run on each step's inputs;
+* ``sparse.py`` -- ``SparseBank``: language models' top-k teachers per token on disk (safetensors), never ``[N, V]``;
 * ``files.py`` -- teacher-logits files;
 * ``sources.py`` -- what may stand for a teacher (``TeacherLike``, :func:`~metagate.teachers.sources.online`);
 * ``training.py`` -- teachers trained by the project;
@@ -10,6 +11,6 @@
 * ``build.py`` -- the one bank builder (:func:`~metagate.teachers.build.build_bank`, ``load_teachers``).
 
 Imports name the file that holds a thing (``from metagate.teachers.bank import TeacherBank``). This module imports
-nothing: the modules below the trainer (bank, sequence, online, files, sources, cache) load without the ones above
+nothing: the modules below the trainer (bank, sequence, online, sparse, files, sources, cache) load without the ones above
 it (training, build), which import the trainer.
 """

@@ -45,10 +45,10 @@ class TeacherBank:
     Whole-split reads, :attr:`logits` ``[N, K, C]`` and :meth:`log_probs` (one table per temperature), serve
     gates that summarise the teachers over the training split at setup (the temperature gate's state,
     Meta-Weight-Net features, the rule baselines, the hard gate's constant gold path) and the default
-    :meth:`unit_right`. A sparse top-k bank that never materialises ``[N, V]`` (large vocabularies) would
-    implement the counts, :meth:`lookup` / :meth:`unit_log_probs` (rebuilding a batch's ``[B, K, V]`` rows
-    from its stored top-k entries, as :func:`~metagate.teachers.sequence.topk_expand` does), :meth:`to`,
-    :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's argmax), and raise a clear error from
+    :meth:`unit_right`. The sparse top-k bank (:class:`~metagate.teachers.sparse.SparseBank`, large
+    vocabularies) never materialises ``[N, V]``: it implements the counts, :meth:`lookup` /
+    :meth:`unit_log_probs` (a batch's ``[n, K, V]`` rows rebuilt from its stored top-k entries), :meth:`to`,
+    :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's argmax), and raises a clear error from
     :attr:`logits` / :meth:`log_probs` for the gates that need the whole table.
 
     :param logits: ``[N, K, C]``

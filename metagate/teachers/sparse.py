@@ -19,12 +19,21 @@ prediction of token ``t + 1`` (``transformers``' causal convention; :func:`metag
 
 This module needs torch and safetensors only (not ``transformers``): a teacher is any module whose output
 is logits ``[B, T, V]`` or has ``.logits``.
+
+The bank protocol (:class:`~metagate.teachers.bank.TeacherBank`): the units are the ``N`` tokens; a batch's
+rows (:meth:`SparseBank.lookup`, :meth:`SparseBank.unit_log_probs`) are rebuilt ``[n, K, V]`` from their
+top-k entries with the tail spread uniformly; :attr:`SparseBank.token_index` maps (sequence, position) to a
+row; :meth:`SparseBank.unit_right` reads each row's top-1 entry (its argmax). The whole-table reads,
+:attr:`SparseBank.logits` and :meth:`SparseBank.log_probs` (``[N, K, V]``), are refused with an
+:class:`~metagate.errors.InputError`: the gates that summarise the teachers over a whole split at setup
+cannot run from a sparse bank.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import InputError, StaleCacheError
-from metagate.io import _atomic_write, state_fingerprint
-from metagate.losses import SparseTeacher
+from metagate.io import atomic_write_bytes, state_fingerprint
+from metagate.losses import IGNORE_INDEX, SparseTeacher, sparse_log_probs_at
+from metagate.teachers.bank import TeacherBank
 
 __all__ = ["SparseBank", "score_sparse", "sparse_fingerprint", "cached_sparse_bank", "forward_logits"]
 
@@ -79,9 +89,10 @@ def sparse_fingerprint(sequences: Sequence[Tensor], teachers: Sequence[nn.Module
     return h.hexdigest()[:16]
 
 
-@dataclass
-class SparseBank:
-    """Top-k teacher distributions of ``S`` token sequences (``N`` tokens in all), ``K`` teachers.
+@dataclass(eq=False)
+class SparseBank(TeacherBank):
+    """Top-k teacher distributions of ``S`` token sequences (``N`` tokens in all), ``K`` teachers; a
+    :class:`~metagate.teachers.bank.TeacherBank` whose units are the tokens (see the module docstring).
 
     :param tokens: ``[N]`` int32, the sequences back to back
     :param offsets: ``[S+1]`` int64, sequence ``i`` is ``tokens[offsets[i]:offsets[i+1]]``
@@ -103,6 +114,72 @@ class SparseBank:
     @property
     def num_teachers(self) -> int:
         return int(self.ids.shape[1])
+
+    @property
+    def num_units(self) -> int:
+        """``N``: the tokens held."""
+        return int(self.tokens.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.vocab_size)
+
+    # -- the bank protocol -------------------------------------------------------------------------------
+    @property
+    def logits(self) -> Tensor:  # type: ignore[override]
+        raise InputError(f"a sparse top-k bank holds no [N, K, V] logits table (N = {self.num_units} tokens, "
+                         f"V = {self.vocab_size}); a gate that reads the whole table at setup cannot run from it")
+
+    def log_probs(self, tau: float) -> Tensor:
+        raise InputError(f"a sparse top-k bank builds no [N, K, V] log-probability table (N = {self.num_units} "
+                         f"tokens, V = {self.vocab_size}); read a batch's rows with unit_log_probs")
+
+    @property
+    def token_index(self) -> Tensor:  # type: ignore[override]
+        """``[S, L]`` row of each (sequence, position), ``L`` the longest sequence; past a sequence's end
+        the row ``N`` (no token: :meth:`lookup` gives it uniform teachers)."""
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        pos = torch.arange(int(lengths.max()) if lengths.numel() else 0)
+        idx = self.offsets[:-1].unsqueeze(1) + pos
+        return torch.where(pos < lengths.unsqueeze(1), idx, torch.full_like(idx, self.num_units))
+
+    def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
+        """``[n, K, V]`` log-probabilities at ``tau`` of token rows ``ids`` (1-D; row ``N`` is uniform),
+        rebuilt from the top-k entries with the tail spread uniformly."""
+        ids = torch.as_tensor(ids).reshape(-1).to(torch.int64).cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_units):
+            raise InputError(f"token rows reach {int(ids.max())} but the sparse bank holds {self.num_units} tokens")
+        pad = ids == self.num_units
+        safe = ids.clamp_max(max(self.num_units - 1, 0))
+        te = SparseTeacher(self.ids[safe].to(torch.int64), self.logprobs[safe].float(), tail="uniform")
+        out = sparse_log_probs_at(te, self.vocab_size, tau)
+        return torch.where(pad.reshape(-1, 1, 1), torch.full_like(out, -math.log(self.vocab_size)), out)
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        """``[n, K, V]`` logits of token rows ``ids``: the rebuilt log-probabilities at temperature 1."""
+        return self.unit_log_probs(1.0, ids)
+
+    def unit_right(self, clean_labels: Tensor) -> Tensor | None:
+        """``[N, K]`` bool: each teacher's top-1 entry is the token's label (``clean_labels [N]``, the next
+        token, ``-100`` where there is none: False there); ``None`` when the labels do not cover the tokens."""
+        lab = clean_labels.reshape(-1).cpu()
+        if lab.numel() != self.num_units:
+            return None
+        return (self.ids[:, :, 0].to(torch.int64) == lab.unsqueeze(1)) & (lab != IGNORE_INDEX).unsqueeze(1)
+
+    def next_tokens(self) -> Tensor:
+        """``[N]`` the token after each position, ``-100`` at each sequence's last (the labels of the rows)."""
+        nxt = torch.cat([self.tokens[1:].to(torch.int64), torch.full((1,), IGNORE_INDEX)])
+        nxt[(self.offsets[1:] - 1).clamp_min(0)] = IGNORE_INDEX
+        return nxt
+
+    def to(self, device: torch.device | str) -> SparseBank:
+        """The bank's tensors on ``device`` (lookups return rows on the device of the batch they are asked for)."""
+        device = torch.device(device)
+        if self.ids.device == device:
+            return self
+        return SparseBank(*(t.to(device) for t in (self.tokens, self.offsets, self.ids, self.logprobs, self.gold)),
+                          self.vocab_size, list(self.names), self.fingerprint, self.tail)
 
     @property
     def k(self) -> int:
@@ -162,8 +239,7 @@ class SparseBank:
                 "tail": self.tail, "format": "metagate-sparse-bank-1"}
         tensors = {"tokens": self.tokens, "offsets": self.offsets, "ids": self.ids, "logprobs": self.logprobs,
                    "gold": self.gold}
-        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
-        _atomic_write(path, lambda f: f.write(data))
+        atomic_write_bytes(path, save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, fingerprint: str | None = None) -> SparseBank:
