@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metagate.errors import ConfigError
 from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
+from metagate.gates.credit import HeadCredit, centred_credit
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 from metagate.layout import for_model
@@ -34,7 +35,10 @@ from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLear
 from metagate.policies.safe_zip import load_policy_zip
 from metagate.units import unit_ce
 
-__all__ = ["FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
+__all__ = ["CREDITS", "FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
+
+#: the in-loop policy's learning signals (``--rl-credit``)
+CREDITS = ("episode", "hypergradient")
 
 
 @dataclass
@@ -87,9 +91,18 @@ class ReinforceConfig(TeacherRLConfig):
     rl_shared_log_std: float = option(-0.5, "initial log-std of the per-teacher noise held over an episode")
     rl_no_shared_noise: bool = option(False, "independent exploration noise per unit only (Yuan et al.; higher "
                                              "variance)")
+    rl_credit: str = option("episode", "the policy's learning signal: the scalar validation improvement of an "
+                                       "episode (REINFORCE with exploration), or per (unit, teacher) the look-ahead "
+                                       "hypergradient of the clean validation CE w.r.t. the unit's teacher weights, "
+                                       "centred over its teachers (deterministic; needs a student with a linear "
+                                       "head; --rl-val-size is the meta batch of each look-ahead)",
+                            choices=CREDITS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rl_credit == "hypergradient" and self.rl_mode == "select":
+            raise ConfigError("--rl-credit hypergradient credits softmax weights; it needs --rl-mode weights, "
+                              "got --rl-mode select")
         if self.rl_hidden < 1:
             raise ConfigError(f"--rl-hidden must be >= 1, got {self.rl_hidden}")
         if not self.rl_temperature > 0:
@@ -315,8 +328,13 @@ class ReinforceGate(_RLGate):
     config: ReinforceConfig
 
     def __init__(self, config: ReinforceConfig | None = None, **options: Any) -> None:
-        super().__init__(config, True, **options)
+        c0 = config if config is not None else ReinforceConfig.from_options(options, what="gate 'reinforce'")
+        # hypergradient credit: no episodes, no exploration (the REINFORCE learner stays off)
+        super().__init__(c0, c0.rl_credit == "episode")
         c = self.config
+        self.credit = c.rl_credit
+        self._credit: HeadCredit | None = None
+        self._credit_opt: torch.optim.Optimizer | None = None
         self.mode, self.temperature, self.hidden = c.rl_mode, c.rl_temperature, c.rl_hidden
         self.shared_noise = not c.rl_no_shared_noise
         log_std = c.rl_log_std
@@ -329,6 +347,53 @@ class ReinforceGate(_RLGate):
         if self.mode == "select":
             return self.policy.gate_weights(action, self.alpha)
         return self._softmax_weights(action)
+
+    # -- hypergradient credit ----------------------------------------------------------------------
+    def setup(self, run: GateContext) -> None:
+        super().setup(run)
+        if self.credit == "hypergradient":
+            if self._credit is not None:
+                self._credit.close()
+            self._credit = HeadCredit(run, self.tau, self.val_size)
+            if self._credit_opt is None:
+                self._credit_opt = torch.optim.Adam(self.policy.net.parameters(), lr=self.lr)
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Hypergradient credit: move the policy along ``sum_ik A_ik grad p_ik`` (``A``: the centred credit of
+        :mod:`metagate.gates.credit`, ``p``: the policy's teacher softmax) before it acts on this batch -- the
+        all-actions policy gradient, equal to minus the gradient of the look-ahead validation loss w.r.t. the
+        policy's parameters."""
+        if self._credit is None or self._credit_opt is None or not self.policy.training:
+            return
+        view = ctx.view
+        feats = clamped_view_features(view, self._features)
+        with torch.enable_grad():
+            probs = torch.softmax(self.policy.net(feats) / self.temperature, -1)  # [N, K], with its graph
+        kd = 1.0 - self.alpha
+        w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs.detach()], 1)
+        val, dw = self._credit.hypergrad(view, w, ctx.run.lr, ctx.batch.x)
+        adv = centred_credit(dw).to(probs.dtype)  # [N, K]
+        with torch.enable_grad():
+            loss = -(adv * kd * probs).sum()
+            self._credit_opt.zero_grad(set_to_none=True)
+            loss.backward()
+        self._credit_opt.step()
+        self._last = {"val_lookahead": float(val), "credit_abs": float(adv.abs().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._credit_opt is not None:
+            state["credit_optimizer"] = self._credit_opt.state_dict()
+        if self._credit is not None:
+            state.update(self._credit.sampler.state_dict(prefix="credit_val_"))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self._credit_opt is not None and "credit_optimizer" in state:
+            self._credit_opt.load_state_dict(state["credit_optimizer"])
+        if self._credit is not None and "credit_val_rng" in state:
+            self._credit.sampler.load_state_dict(state, prefix="credit_val_")
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "alpha": self.alpha, "tau": self.tau}
