@@ -219,6 +219,7 @@ def calibrated_bank(bank: TeacherBank) -> TeacherBank:
         out = TeacherBank(bank.logits / t, list(bank.names))
     out.calibration = cal
     out.calibrated = True
+    out.reliability = bank.reliability  # predictions are unchanged by a temperature
     return out
 
 

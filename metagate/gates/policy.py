@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
+from metagate.features import (
+    FEATURE_HIGH,
+    NUM_FEATURES,
+    NUM_RELIABILITY,
+    TeacherFeatureCache,
+    clamped_view_features,
+)
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
 from metagate.gates.credit import HeadCredit, centred_credit
 from metagate.gates.fixed import KDMixConfig
@@ -97,12 +103,22 @@ class ReinforceConfig(TeacherRLConfig):
                                        "centred over its teachers (deterministic; needs a student with a linear "
                                        "head; --rl-val-size is the meta batch of each look-ahead)",
                             choices=CREDITS)
+    rl_credit_entropy: float = option(0.1, "hypergradient credit: entropy bonus of each unit's teacher distribution "
+                                           "(the credit is scaled to unit RMS; the policy then tends to "
+                                           "softmax(E[credit | state] / this))")
+    rl_features: str = option("unit", "the policy's state per unit and teacher: the unit features, or those and "
+                                      "the teacher-reliability features (held-out reliability given the prediction, "
+                                      "agreement with the other teachers' majority, KL to their mean; measured on "
+                                      "the clean meta split; see metagate.features)",
+                              choices=("unit", "reliability"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rl_credit == "hypergradient" and self.rl_mode == "select":
             raise ConfigError("--rl-credit hypergradient credits softmax weights; it needs --rl-mode weights, "
                               "got --rl-mode select")
+        if not self.rl_credit_entropy >= 0:
+            raise ConfigError(f"--rl-credit-entropy must be >= 0, got {self.rl_credit_entropy}")
         if self.rl_hidden < 1:
             raise ConfigError(f"--rl-hidden must be >= 1, got {self.rl_hidden}")
         if not self.rl_temperature > 0:
@@ -335,13 +351,17 @@ class ReinforceGate(_RLGate):
         self.credit = c.rl_credit
         self._credit: HeadCredit | None = None
         self._credit_opt: torch.optim.Optimizer | None = None
+        self.credit_entropy = c.rl_credit_entropy
+        self._adv_sq: float | None = None
         self.mode, self.temperature, self.hidden = c.rl_mode, c.rl_temperature, c.rl_hidden
         self.shared_noise = not c.rl_no_shared_noise
         log_std = c.rl_log_std
         if not self.shared_noise and log_std is None:
             log_std = c.rl_shared_log_std  # per-unit noise only
-        self.policy = ReinforcePolicy(self.mode, hidden=self.hidden, temperature=self.temperature, log_std=log_std,
-                                      shared_log_std=c.rl_shared_log_std if self.shared_noise else None)
+        self.reliability = c.rl_features == "reliability"
+        nf = NUM_FEATURES + (NUM_RELIABILITY if self.reliability else 0)
+        self.policy = ReinforcePolicy(self.mode, nf, hidden=self.hidden, temperature=self.temperature,
+                                      log_std=log_std, shared_log_std=c.rl_shared_log_std if self.shared_noise else None)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         if self.mode == "select":
@@ -351,6 +371,8 @@ class ReinforceGate(_RLGate):
     # -- hypergradient credit ----------------------------------------------------------------------
     def setup(self, run: GateContext) -> None:
         super().setup(run)
+        if self.reliability:
+            self._features = TeacherFeatureCache.for_run(run, reliability=True)
         if self.credit == "hypergradient":
             if self._credit is not None:
                 self._credit.close()
@@ -359,31 +381,43 @@ class ReinforceGate(_RLGate):
                 self._credit_opt = torch.optim.Adam(self.policy.net.parameters(), lr=self.lr)
 
     def before_step(self, ctx: StepContext) -> None:
-        """Hypergradient credit: move the policy along ``sum_ik A_ik grad p_ik`` (``A``: the centred credit of
-        :mod:`metagate.gates.credit`, ``p``: the policy's teacher softmax) before it acts on this batch -- the
-        all-actions policy gradient, equal to minus the gradient of the look-ahead validation loss w.r.t. the
-        policy's parameters."""
+        """Hypergradient credit, before the policy acts on this batch: one Adam step on
+        ``-mean_i [sum_k p_ik A_ik + lambda H(p_i)]`` (``A``: the centred credit of :mod:`metagate.gates.credit`
+        scaled to unit moving RMS, ``p``: the policy's teacher softmax, ``lambda``: ``--rl-credit-entropy``). Its
+        first term's gradient is the all-actions policy gradient ``sum_ik p_ik A_ik grad log p_ik``: minus the
+        gradient of the look-ahead validation loss w.r.t. the policy's parameters (up to the scale)."""
         if self._credit is None or self._credit_opt is None or not self.policy.training:
             return
         view = ctx.view
         feats = clamped_view_features(view, self._features)
         with torch.enable_grad():
-            probs = torch.softmax(self.policy.net(feats) / self.temperature, -1)  # [N, K], with its graph
+            logits = self.policy.net(feats) / self.temperature  # [N, K], with its graph
+        probs = torch.softmax(logits.detach(), -1)
         kd = 1.0 - self.alpha
-        w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs.detach()], 1)
+        w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs], 1)
         val, dw = self._credit.hypergrad(view, w, ctx.run.lr, ctx.batch.x)
         adv = centred_credit(dw).to(probs.dtype)  # [N, K]
+        # scaled by a moving RMS: the credit shrinks with the learning rate and the student's loss, the
+        # entropy term's strength should not
+        sq = float(adv.pow(2).mean())
+        if sq > 0:
+            self._adv_sq = sq if self._adv_sq is None else 0.9 * self._adv_sq + 0.1 * sq
+        adv = adv / (self._adv_sq ** 0.5 + 1e-30) if self._adv_sq else adv
         with torch.enable_grad():
-            loss = -(adv * kd * probs).sum()
+            lsm = torch.log_softmax(logits, -1)
+            p = lsm.exp()
+            # maximise sum_k p_ik A_ik + lambda H(p_i): its optimum is p_ik ~ exp(E[A_ik | s_ik] / lambda)
+            loss = -((p * adv).sum() - self.credit_entropy * (p * lsm).sum()) / probs.shape[0]
             self._credit_opt.zero_grad(set_to_none=True)
             loss.backward()
         self._credit_opt.step()
-        self._last = {"val_lookahead": float(val), "credit_abs": float(adv.abs().mean())}
+        self._last = {"val_lookahead": float(val), "credit_rms": (self._adv_sq or 0.0) ** 0.5}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self._credit_opt is not None:
             state["credit_optimizer"] = self._credit_opt.state_dict()
+            state["credit_sq"] = float("nan") if self._adv_sq is None else self._adv_sq
         if self._credit is not None:
             state.update(self._credit.sampler.state_dict(prefix="credit_val_"))
         return state
@@ -392,6 +426,8 @@ class ReinforceGate(_RLGate):
         super().load_state_dict(state)
         if self._credit_opt is not None and "credit_optimizer" in state:
             self._credit_opt.load_state_dict(state["credit_optimizer"])
+            sq = float(state.get("credit_sq", float("nan")))
+            self._adv_sq = None if sq != sq else sq
         if self._credit is not None and "credit_val_rng" in state:
             self._credit.sampler.load_state_dict(state, prefix="credit_val_")
 

@@ -24,6 +24,7 @@ from metagate.calibration import calibrate_teachers, split_logits
 from metagate.checks import check_topk
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
+from metagate.features import teacher_reliability
 from metagate.io import ensure_dir
 from metagate.teachers.bank import TeacherBank, teacher_logits
 from metagate.teachers.banks import bank_members, load_or_train_bank
@@ -213,6 +214,8 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
     fitted = [i < k_mod for i in range(k)]
     cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
     bank.calibration = cal
+    if k_mod == k and not is_sequence(task):  # every teacher seen on meta: its held-out reliability per prediction
+        bank.reliability = teacher_reliability(lg, y)
     for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
         st["tau"] = tau
         st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
