@@ -37,7 +37,7 @@ from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights
-from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
+from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy, fused_adam
 from metagate.policies.safe_zip import load_policy_zip
 from metagate.units import unit_ce
 
@@ -103,6 +103,8 @@ class ReinforceConfig(TeacherRLConfig):
                                        "centred over its teachers (deterministic; needs a student with a linear "
                                        "head; --rl-val-size is the meta batch of each look-ahead)",
                             choices=CREDITS)
+    rl_credit_every: int = option(1, "hypergradient credit: one look-ahead and policy update every this many steps "
+                                     "(the policy acts on every step)")
     rl_credit_entropy: float = option(0.1, "hypergradient credit: entropy bonus of each unit's teacher distribution "
                                            "(the credit is scaled to unit RMS; the policy then tends to "
                                            "softmax(E[credit | state] / this))")
@@ -117,6 +119,8 @@ class ReinforceConfig(TeacherRLConfig):
         if self.rl_credit == "hypergradient" and self.rl_mode == "select":
             raise ConfigError("--rl-credit hypergradient credits softmax weights; it needs --rl-mode weights, "
                               "got --rl-mode select")
+        if self.rl_credit_every < 1:
+            raise ConfigError(f"--rl-credit-every must be >= 1, got {self.rl_credit_every}")
         if not self.rl_credit_entropy >= 0:
             raise ConfigError(f"--rl-credit-entropy must be >= 0, got {self.rl_credit_entropy}")
         if self.rl_hidden < 1:
@@ -351,7 +355,7 @@ class ReinforceGate(_RLGate):
         self.credit = c.rl_credit
         self._credit: HeadCredit | None = None
         self._credit_opt: torch.optim.Optimizer | None = None
-        self.credit_entropy = c.rl_credit_entropy
+        self.credit_entropy, self.credit_every = c.rl_credit_entropy, c.rl_credit_every
         self._adv_sq: float | None = None
         self.mode, self.temperature, self.hidden = c.rl_mode, c.rl_temperature, c.rl_hidden
         self.shared_noise = not c.rl_no_shared_noise
@@ -378,7 +382,7 @@ class ReinforceGate(_RLGate):
                 self._credit.close()
             self._credit = HeadCredit(run, self.tau, self.val_size)
             if self._credit_opt is None:
-                self._credit_opt = torch.optim.Adam(self.policy.net.parameters(), lr=self.lr)
+                self._credit_opt = fused_adam(list(self.policy.net.parameters()), self.lr)
 
     def before_step(self, ctx: StepContext) -> None:
         """Hypergradient credit, before the policy acts on this batch: one Adam step on
@@ -386,7 +390,8 @@ class ReinforceGate(_RLGate):
         scaled to unit moving RMS, ``p``: the policy's teacher softmax, ``lambda``: ``--rl-credit-entropy``). Its
         first term's gradient is the all-actions policy gradient ``sum_ik p_ik A_ik grad log p_ik``: minus the
         gradient of the look-ahead validation loss w.r.t. the policy's parameters (up to the scale)."""
-        if self._credit is None or self._credit_opt is None or not self.policy.training:
+        if self._credit is None or self._credit_opt is None or not self.policy.training \
+                or ctx.step % self.credit_every:
             return
         view = ctx.view
         feats = clamped_view_features(view, self._features)
@@ -411,6 +416,8 @@ class ReinforceGate(_RLGate):
             self._credit_opt.zero_grad(set_to_none=True)
             loss.backward()
         self._credit_opt.step()
+        if self._credit_opt.defaults.get("fused"):  # the fast head's cache keys on the parameters' versions
+            torch.autograd.graph.increment_version(list(self.policy.net.parameters()))
         self._last = {"val_lookahead": float(val), "credit_rms": (self._adv_sq or 0.0) ** 0.5}
 
     def state_dict(self) -> dict[str, Any]:

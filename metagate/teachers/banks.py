@@ -120,6 +120,11 @@ def train_member(task: Task, member: BankMember, seed: int, device: str = "cpu",
     return model, stats
 
 
+def member_file(bank: str, name: str, seed: int = 0) -> str:
+    """The cache file name of a named bank's member checkpoint."""
+    return f"teacher-{bank}-{name}-s{seed}.pt"
+
+
 def load_or_train_bank(task: Task, bank: str, k: int, cache_dir: Path | None = None, seed: int = 0,
                        device: str = "cpu", retrain: bool = False, progress: bool = False,
                        verbose: bool = False) -> tuple[list[nn.Module], list[str], list[dict[str, Any]]]:
@@ -130,7 +135,7 @@ def load_or_train_bank(task: Task, bank: str, k: int, cache_dir: Path | None = N
     fp = task.fingerprint()
     modules, names, stats = [], [], []
     for i, member in enumerate(bank_members(task, bank, k)):
-        path = cache_file(cache_dir, task, f"teacher-{bank}-{member.name}-s{seed}.pt")
+        path = cache_file(cache_dir, task, member_file(bank, member.name, seed))
         with cache_lock(path):
             model, st = _load_or_train(task, member, 2000 + 100 * seed + i, path, fp, device, retrain, progress,
                                        verbose)
