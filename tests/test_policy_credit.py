@@ -118,3 +118,68 @@ def test_credited_policy_finds_the_right_teacher_per_class():
     assert shares["hypergradient"][1] > 0.95, shares
     assert shares["episode"][0] < 0.4, shares
     assert 0.4 < shares["episode"][1] < 0.9, shares
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("gate,options", [
+    ("reinforce", {"rl_credit": "hypergradient", "rl_features": "reliability"}),
+    ("meta+policy", {"rl_credit": "hypergradient", "meta_columns": "split", "rl_credit_every": 2}),
+])
+def test_credited_policy_resumes_bit_identically(digits_noisy, digits_bank, tmp_path, gate, options):
+    """The credit's optimizer, its moving RMS and its validation batches are in the checkpoint."""
+    from metagate.callbacks import EpochFn
+    from metagate.run import build_gate
+    from metagate.trainer import TrainConfig, Trainer, seed_everything
+
+    bank, _ = digits_bank
+
+    def trainer(run_dir):
+        seed_everything(0)
+        cfg = TrainConfig(epochs=3, batch_size=64, seed=0, device="cpu", progress=False)
+        return Trainer(digits_noisy, digits_noisy.make_student(), build_gate(gate, options), bank, cfg,
+                       run_dir=run_dir, identity={"gate": gate})
+
+    full = trainer(None)
+    m_full = full.fit()
+
+    def stop(tr, record):
+        if tr.epoch == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        trainer(tmp_path).fit([EpochFn(stop)])
+    torch.manual_seed(999)
+    resumed = trainer(tmp_path)
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed.fit() == m_full
+    for p, q in zip(full.gate.parameters(), resumed.gate.parameters()):
+        assert torch.equal(p, q)
+    assert m_full["test/acc"] > 0.5
+
+
+def test_credit_options_refused():
+    from metagate.errors import ConfigError
+    from metagate.gates.policy import ReinforceGate
+
+    with pytest.raises(ConfigError, match="--rl-mode select"):
+        ReinforceGate(rl_credit="hypergradient", rl_mode="select")
+    with pytest.raises(ConfigError, match="--rl-credit-every must be >= 1, got 0"):
+        ReinforceGate(rl_credit="hypergradient", rl_credit_every=0)
+    with pytest.raises(ConfigError, match="--rl-credit-entropy must be >= 0, got -1"):
+        ReinforceGate(rl_credit="hypergradient", rl_credit_entropy=-1.0)
+    with pytest.raises(ConfigError, match="rl_credit|rl-credit"):
+        ReinforceGate(rl_credit="dense")
+
+
+def test_credit_needs_a_linear_head():
+    from metagate.data.task import Split
+    from metagate.errors import ConfigError
+    from metagate.gates.credit import HeadCredit
+
+    run = SimpleNamespace(student=torch.nn.Sequential(torch.nn.Linear(3, 2)), meta=Split(torch.zeros(2, 3),
+                          torch.zeros(2, dtype=torch.long)), seed=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="linear head.*Sequential"):
+        HeadCredit(run, 4.0, 8)
