@@ -234,7 +234,7 @@ class TeacherFeatureCache:
             return None
         extra = None
         if reliability:
-            table = getattr(bank, "reliability", None)
+            table = bank.reliability  # declared on TeacherBank (None: unmeasured)
             if table is None:
                 raise ConfigError("teacher-reliability features need each teacher's logits on the meta split "
                                   "(teachers trained by the project or given as modules; not logits files)")
