@@ -105,7 +105,7 @@ class ReinforceConfig(TeacherRLConfig):
                             choices=CREDITS)
     rl_credit_every: int = option(1, "hypergradient credit: one look-ahead and policy update every this many steps "
                                      "(the policy acts on every step)")
-    rl_credit_entropy: float = option(0.1, "hypergradient credit: entropy bonus of each unit's teacher distribution "
+    rl_credit_entropy: float = option(0.3, "hypergradient credit: entropy bonus of each unit's teacher distribution "
                                            "(the credit is scaled to unit RMS; the policy then tends to "
                                            "softmax(E[credit | state] / this))")
     rl_features: str = option("unit", "the policy's state per unit and teacher: the unit features, or those and "
@@ -401,9 +401,10 @@ class ReinforceGate(_RLGate):
         kd = 1.0 - self.alpha
         w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs], 1)
         val, dw = self._credit.hypergrad(view, w, ctx.run.lr, ctx.batch.x)
-        adv = centred_credit(dw).to(probs.dtype)  # [N, K]
-        # scaled by a moving RMS: the credit shrinks with the learning rate and the student's loss, the
-        # entropy term's strength should not
+        # per unit of step size (the credit is proportional to the learning rate, which a schedule moves faster
+        # than the moving RMS below follows), then scaled by a moving RMS: the credit shrinks with the student's
+        # loss, the entropy term's strength should not
+        adv = centred_credit(dw).to(probs.dtype) / max(ctx.run.lr, 1e-12)  # [N, K]
         sq = float(adv.pow(2).mean())
         if sq > 0:
             self._adv_sq = sq if self._adv_sq is None else 0.9 * self._adv_sq + 0.1 * sq
