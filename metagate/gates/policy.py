@@ -5,6 +5,10 @@
   the improvement of the student's loss on a fixed subset of the clean ``meta`` split over an
   episode of ``--rl-episode`` steps, with a moving-average baseline. Selection (Bernoulli per unit
   and teacher) or weights (Gaussian teacher logits -> softmax). Needs no stable-baselines3.
+  ``--rl-credit hypergradient`` instead credits every (unit, teacher) by the look-ahead hypergradient of the
+  clean validation loss (:mod:`metagate.gates.credit`) and acts without exploration. Under ``meta+policy`` the
+  look-ahead scores the policy's rows at its own ``alpha``, not the meta gate's split (the teacher columns'
+  ranking is what the policy learns).
 * ``policy`` -- deploys a policy trained with ``metagate train-policy`` (a stable-baselines3 zip):
   mean action by default, ``--online`` keeps learning with REINFORCE.
 
