@@ -15,6 +15,16 @@ For each unit and teacher, ``F = 11`` normalised float32 features:
 9     student CE to the label / log C (clamped to [0, 5])
 10    training progress in [0, 1]
 ====  ==========================================================
+
+Teacher-reliability features (:func:`reliability_features`, ``R = 3`` more per unit and teacher, opt-in: a gate
+that asks for them appends them to the ``F`` above; every value in ``[0, FEATURE_HIGH]``):
+
+====  ==========================================================
+0     the teacher's held-out reliability given its prediction: P(teacher right | teacher predicts c) on the
+      clean ``meta`` split (:func:`teacher_reliability`), at the class it predicts for this unit
+1     the teacher's prediction equals the majority prediction of the other teachers, 0/1
+2     KL(teacher || mean of the other teachers) / log C (clamped to [0, 5])
+====  ==========================================================
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metagate.errors import ConfigError
+
 if TYPE_CHECKING:  # typing only: the features sit below the gates that use them
     from metagate.gates.base import UnitView
 
@@ -34,6 +46,53 @@ STUDENT_FEATURES = ("s_conf", "s_margin", "s_entropy", "s_ce", "progress")
 FEATURE_NAMES = TEACHER_FEATURES + STUDENT_FEATURES
 NUM_FEATURES = len(FEATURE_NAMES)
 FEATURE_HIGH = 5.0  # every feature lies in [0, 5] (CE and KL are clamped there)
+RELIABILITY_FEATURES = ("t_reliability", "t_agree_others", "t_kl_others")
+NUM_RELIABILITY = len(RELIABILITY_FEATURES)
+
+
+@torch.no_grad()
+def teacher_reliability(meta_logits: Tensor, meta_labels: Tensor, prior: float = 1.0) -> Tensor:
+    """``[K, C]`` P(teacher k right | teacher k predicts c), measured on held-out (clean ``meta``) units.
+
+    Smoothed towards 1/2 by ``prior`` pseudo-counts of each outcome (``(right + prior) / (predicted + 2 prior)``),
+    so a class a teacher never predicts on ``meta`` has reliability 1/2.
+
+    :param meta_logits: ``[M, K, C]`` the teachers' logits on the ``meta`` units
+    :param meta_labels: ``[M]`` their clean labels
+    """
+    m, k, c = meta_logits.shape
+    pred = meta_logits.argmax(-1)  # [M, K]
+    right = (pred == meta_labels.view(m, 1)).double()
+    counts = torch.zeros(k, c, dtype=torch.float64)
+    hits = torch.zeros(k, c, dtype=torch.float64)
+    for j in range(k):
+        counts[j].index_add_(0, pred[:, j].cpu(), torch.ones(m, dtype=torch.float64))
+        hits[j].index_add_(0, pred[:, j].cpu(), right[:, j].cpu())
+    return ((hits + prior) / (counts + 2 * prior)).float()
+
+
+@torch.no_grad()
+def reliability_features(teacher_logits: Tensor, reliability: Tensor) -> Tensor:
+    """``[N, K, 3]`` teacher-reliability features (see the module docstring) of units with teacher logits
+    ``[N, K, C]``, given :func:`teacher_reliability` ``[K, C]`` (teacher-only: no label, no student).
+
+    With one teacher there are no others: agreement 1 and KL 0.
+    """
+    t = teacher_logits.detach().float()
+    n, k, c = t.shape
+    log_pt = F.log_softmax(t, -1)
+    pt = log_pt.exp()
+    pred = t.argmax(-1)  # [N, K]
+    rel = reliability.to(t.device).gather(1, pred.t()).t()  # [N, K]: reliability[k, pred_ik]
+    if k == 1:
+        return torch.stack([rel, torch.ones_like(rel), torch.zeros_like(rel)], -1)
+    votes = F.one_hot(pred, c).float()  # [N, K, C]
+    others = votes.sum(1, keepdim=True) - votes  # the other teachers' votes per class
+    majority = others.argmax(-1)  # ties: the lowest class
+    agree = (majority == pred).float()
+    p_others = (pt.sum(1, keepdim=True) - pt) / (k - 1)
+    kl = (pt * (log_pt - p_others.clamp_min(1e-12).log())).sum(-1) / math.log(c)
+    return torch.stack([rel, agree, kl.clamp(0.0, FEATURE_HIGH)], -1)
 
 
 @torch.no_grad()
@@ -88,7 +147,10 @@ def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | None = No
     if cache is not None and cache.covers(view):
         assert view.ids is not None
         log_ps = view.student_log_probs.float()  # the trainer reuses this log-softmax for the CE column
-        return cache.flat_features(log_ps, view.ids, view.progress).view(-1, cache.num_teachers, NUM_FEATURES)
+        return cache.flat_features(log_ps, view.ids, view.progress).view(-1, cache.num_teachers, cache.num_features)
+    if cache is not None and cache.num_features != NUM_FEATURES:
+        raise ConfigError("teacher-reliability features are measured per training unit; this view's units are not "
+                          "whole training units with ids")
     return view_features(view).clamp_(0.0, FEATURE_HIGH)
 
 
@@ -109,15 +171,21 @@ class TeacherFeatureCache:
 
     :param teacher_logits: ``[N, K, C]`` logits of all training units
     :param labels: ``[N]`` their (possibly noisy) labels
+    :param extra: ``[N, K, E]`` static features appended after the ``F`` above (e.g. :func:`reliability_features`);
+        the cache's features are then ``[B, K, F + E]`` (:attr:`num_features`)
     """
 
-    def __init__(self, teacher_logits: Tensor, labels: Tensor) -> None:
+    def __init__(self, teacher_logits: Tensor, labels: Tensor, extra: Tensor | None = None) -> None:
         with torch.no_grad():
             t = teacher_logits.detach().float()
             n, k, c = t.shape
             if labels.shape != (n,):
                 raise ValueError(f"labels must be [{n}], got {tuple(labels.shape)}")
+            if extra is not None and extra.shape[:2] != (n, k):
+                raise ValueError(f"extra features must be [{n}, {k}, E], got {tuple(extra.shape)}")
+            e = 0 if extra is None else int(extra.shape[-1])
             self.num_units, self.num_teachers, self.num_classes = n, k, c
+            self.num_features = nf = NUM_FEATURES + e
             log_c = math.log(c)
             self.log_c = log_c
             y = labels.to(t.device).clamp_min(0)
@@ -133,29 +201,45 @@ class TeacherFeatureCache:
                 neg_ent,  # KL = sum p_t log p_t - sum p_t log p_s: the step subtracts the second term
                 (t_arg == y.view(n, 1)).float(), *[zeros] * len(STUDENT_FEATURES),
             ], -1)  # [N, K, F]
-            self.static = static.reshape(n, k * NUM_FEATURES).contiguous()
+            if extra is not None:
+                static = torch.cat([static, extra.to(static).clamp(0.0, FEATURE_HIGH)], -1)
+            self.static = static.reshape(n, k * nf).contiguous()
             # rows dotted with the student's log-probs each step: teachers' probabilities, the label's one-hot
             self.rows = torch.cat([pt, F.one_hot(y, c).to(pt.dtype).unsqueeze(1)], 1) / log_c  # [N, K+1, C]
             # u = [p_t . log p_s / log C (K), log p_s(y) / log C, top-1 p_s, top-2 p_s, sum p_s log p_s]
-            mix = torch.zeros(k + 4, k, NUM_FEATURES, device=t.device)
+            mix = torch.zeros(k + 4, k, nf, device=t.device)
             for j in range(k):
                 mix[j, j, 4] = -1.0  # KL
             mix[k + 1, :, 6] = 1.0  # confidence
             mix[k + 1, :, 7], mix[k + 2, :, 7] = 1.0, -1.0  # margin
             mix[k + 3, :, 8] = -1.0 / log_c  # entropy
             mix[k, :, 9] = -1.0  # CE to the label
-            self.mix = mix.reshape(k + 4, k * NUM_FEATURES)
-            prog = torch.zeros(k, NUM_FEATURES, device=t.device)
+            self.mix = mix.reshape(k + 4, k * nf)
+            prog = torch.zeros(k, nf, device=t.device)
             prog[:, 10] = 1.0
             self.progress_row = prog.reshape(-1)
 
     @classmethod
-    def for_run(cls, run: Any) -> TeacherFeatureCache | None:
-        """The cache of a run's teacher bank and training labels (``None`` without teachers)."""
+    def for_run(cls, run: Any, reliability: bool = False) -> TeacherFeatureCache | None:
+        """The cache of a run's teacher bank and training labels (``None`` without teachers).
+
+        :param reliability: append :func:`reliability_features` from the bank's ``reliability`` table (measured
+            on the clean ``meta`` split when the run's teachers were loaded)
+        :raises ConfigError: ``reliability`` asked for a bank without the table, or for sequence units
+        """
         bank = getattr(run, "bank", None)
         if bank is None or run.train_y.ndim != 1:  # sequences: features from the view (no token cache yet)
+            if reliability:
+                raise ConfigError("teacher-reliability features need a teacher bank of whole units (not sequences)")
             return None
-        return cls(bank.logits, run.train_y)
+        extra = None
+        if reliability:
+            table = bank.reliability  # declared on TeacherBank (None: unmeasured)
+            if table is None:
+                raise ConfigError("teacher-reliability features need each teacher's logits on the meta split "
+                                  "(teachers trained by the project or given as modules; not logits files)")
+            extra = reliability_features(bank.logits, table)
+        return cls(bank.logits, run.train_y, extra)
 
     def covers(self, view: UnitView) -> bool:
         """Whether ``view`` holds whole training units with ids (their teachers and labels are the cached ones)."""
@@ -178,7 +262,7 @@ class TeacherFeatureCache:
         """Clamped unit features ``[B, K, F]`` of training units ``ids`` (see the class docstring)."""
         with torch.no_grad():
             log_ps = F.log_softmax(student_logits.detach().float(), -1)
-            return self.flat_features(log_ps, ids, progress).view(-1, self.num_teachers, NUM_FEATURES)
+            return self.flat_features(log_ps, ids, progress).view(-1, self.num_teachers, self.num_features)
 
     def view_features(self, view: UnitView) -> Tensor:
         """Clamped features of a gate's view: cached when :meth:`covers` holds, else :func:`unit_features`."""

@@ -45,6 +45,10 @@ class DistillConfig(Options):
                                            "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
                                            "added to the bank after the trained teachers", metavar="[NAME=]PATH")
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
+    teacher_bank: str = option("default", "which --teachers K teachers the project trains: the task's own (default), "
+                               "memoriser (one fits the noisy labels, K-1 early-stopped) or specialist (teacher k "
+                               "trained on class part k); see metagate.teachers.banks",
+                               choices=("default", "memoriser", "specialist"))
     teacher_calibration: str = option("none", "temperature: the gate reads calibrated teachers, each teacher's logits "
                                       "divided by the temperature fitted by NLL on the clean meta split (Guo et al. "
                                       "2017); the hard gate asks for them itself unless --hard-tau is a number",
@@ -78,6 +82,8 @@ class DistillConfig(Options):
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.teachers < 0:
             raise ConfigError(f"--teachers must be >= 0, got {self.teachers}")
+        if self.teacher_bank != "default" and self.adversarial_teacher:
+            raise ConfigError(f"--teacher-bank {self.teacher_bank} has no planted teacher; drop --adversarial-teacher")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 

@@ -81,3 +81,50 @@ def test_frozen_head_follows_the_learners_optimizer_steps():
         now = pol.mean_logits(x)
     assert (now - before).abs().max() > 1e-4  # the policy moved
     torch.testing.assert_close(fast(x), now, atol=1e-5, rtol=1e-5)
+
+
+def test_teacher_reliability_and_reliability_features_by_hand():
+    """Two meta units per predicted class, three teachers, four classes: every number checked by hand."""
+    import math
+
+    from metagate.features import reliability_features, teacher_reliability
+
+    big = 10.0
+    # meta: labels [0, 0, 1, 2]; teacher 0 predicts [0, 0, 1, 1] (right, right, right, wrong: on class 1: 1 of 2)
+    meta_pred = torch.tensor([[0, 2, 3], [0, 0, 3], [1, 1, 3], [1, 2, 3]])
+    meta_y = torch.tensor([0, 0, 1, 2])
+    lg = torch.nn.functional.one_hot(meta_pred, 4).float() * big
+    rel = teacher_reliability(lg, meta_y, prior=1.0)
+    # teacher 0: class 0 predicted 2x right 2 -> 3/4; class 1 predicted 2x right 1 -> 2/4; classes 2, 3 unseen -> 1/2
+    torch.testing.assert_close(rel[0], torch.tensor([0.75, 0.5, 0.5, 0.5]))
+    # teacher 1: class 2 predicted 2x (labels 0, 2): right 1 -> 1/2; class 0 once right -> 2/3; class 1 once right
+    torch.testing.assert_close(rel[1], torch.tensor([2 / 3, 2 / 3, 0.5, 0.5]))
+    # teacher 2: class 3 predicted 4x, never right -> 1/6
+    torch.testing.assert_close(rel[2], torch.tensor([0.5, 0.5, 0.5, 1 / 6]))
+    # one training unit: teachers predict 0, 0, 3 with probabilities p_k
+    t = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]])
+    f = reliability_features(t, rel)
+    assert f.shape == (1, 3, 3)
+    torch.testing.assert_close(f[0, :, 0], torch.tensor([0.75, 2 / 3, 1 / 6]))
+    # majority of the others: teacher 0 -> {0, 3} tie -> class 0 (lowest): agrees; teacher 1 -> {0, 3} -> 0: agrees;
+    # teacher 2 -> {0, 0} -> 0: disagrees
+    torch.testing.assert_close(f[0, :, 1], torch.tensor([1.0, 1.0, 0.0]))
+    p = torch.softmax(t[0], -1)
+    for k in range(3):
+        q = (p.sum(0) - p[k]) / 2
+        kl = float((p[k] * (p[k].log() - q.log())).sum()) / math.log(4)
+        assert abs(float(f[0, k, 2]) - kl) < 1e-6
+
+
+def test_feature_cache_appends_static_features():
+    from metagate.features import NUM_FEATURES, TeacherFeatureCache, unit_features
+
+    g = torch.Generator().manual_seed(0)
+    t, y, s = torch.randn(5, 2, 3, generator=g), torch.tensor([0, 1, 2, 0, 1]), torch.randn(5, 3, generator=g)
+    extra = torch.rand(5, 2, 3, generator=g)
+    cache = TeacherFeatureCache(t, y, extra)
+    assert cache.num_features == NUM_FEATURES + 3
+    ids = torch.tensor([4, 0, 2])
+    f = cache.features(s[ids], ids, 0.25)
+    torch.testing.assert_close(f[..., :NUM_FEATURES], unit_features(s[ids], t[ids], y[ids], 0.25).clamp(0, 5))
+    torch.testing.assert_close(f[..., NUM_FEATURES:], extra[ids])

@@ -28,6 +28,7 @@ from metagate.io import safe_load
 from metagate.metrics import calibration_bins
 from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
+from metagate.teachers.banks import bank_members, member_file
 from metagate.teachers.build import load_teachers
 from metagate.teachers.cache import logits_file, teacher_file, token_logits_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
@@ -65,6 +66,9 @@ def _hash(*tensors: torch.Tensor) -> str:
 def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     """The cache files a run of ``cfg`` reads its teachers from."""
     root = Path(cfg.cache_dir or "") / task.key
+    if cfg.teacher_bank != "default" and cfg.teachers:  # a named bank (metagate.teachers.banks), seed 0
+        members = [m.name for m in bank_members(task, cfg.teacher_bank, cfg.teachers)]
+        return [root / member_file(cfg.teacher_bank, n) for n in members] + [root / logits_file(n) for n in members]
     n_real = cfg.teachers - 1 if cfg.adversarial_teacher else cfg.teachers
     names = [s.name for s in task.teacher_specs[:n_real]]
     files = [root / teacher_file(n) for n in names]

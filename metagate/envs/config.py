@@ -33,7 +33,8 @@ from metagate.trainer import TrainConfig
 #: ``task_options`` when set: an option of another task than the env's is an error there)
 TASK_OPTIONS = ("data_dir", "subset", "g2p_all_words", "g2p_no_stress", "topk")
 #: the env options that are options of the run's data and teachers (handed to :class:`DistillConfig`)
-DATA_OPTIONS = ("teachers", "adversarial_teacher", "teacher_file", "teacher_calibration", "noise", "noise_type", "data_seed",
+DATA_OPTIONS = ("teachers", "adversarial_teacher", "teacher_bank", "teacher_file", "teacher_calibration", "noise",
+                "noise_type", "data_seed",
                 "val_fraction", *TASK_OPTIONS, "cache_dir", "rebuild_cache", "retrain_teachers")
 
 __all__ = ["DATA_OPTIONS", "TASK_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
@@ -46,6 +47,7 @@ class EnvConfig(Options):
     # the data and teachers (loaded when the env gets a task name)
     teachers: int = same_as(DistillConfig, "teachers")
     adversarial_teacher: bool = same_as(DistillConfig, "adversarial_teacher")
+    teacher_bank: str = same_as(DistillConfig, "teacher_bank")
     teacher_file: tuple[str, ...] = same_as(DistillConfig, "teacher_file")
     teacher_calibration: str = same_as(DistillConfig, "teacher_calibration")
     noise: float = same_as(DistillConfig, "noise")

@@ -5,6 +5,10 @@
   the improvement of the student's loss on a fixed subset of the clean ``meta`` split over an
   episode of ``--rl-episode`` steps, with a moving-average baseline. Selection (Bernoulli per unit
   and teacher) or weights (Gaussian teacher logits -> softmax). Needs no stable-baselines3.
+  ``--rl-credit hypergradient`` instead credits every (unit, teacher) by the look-ahead hypergradient of the
+  clean validation loss (:mod:`metagate.gates.credit`) and acts without exploration. Under ``meta+policy`` the
+  look-ahead scores the policy's rows at its own ``alpha``, not the meta gate's split (the teacher columns'
+  ranking is what the policy learns).
 * ``policy`` -- deploys a policy trained with ``metagate train-policy`` (a stable-baselines3 zip):
   mean action by default, ``--online`` keeps learning with REINFORCE.
 
@@ -22,19 +26,29 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import FEATURE_HIGH, TeacherFeatureCache, clamped_view_features
+from metagate.features import (
+    FEATURE_HIGH,
+    NUM_FEATURES,
+    NUM_RELIABILITY,
+    TeacherFeatureCache,
+    clamped_view_features,
+)
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
+from metagate.gates.credit import HeadCredit, centred_credit
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 from metagate.layout import for_model
 from metagate.modes import eval_mode, is_mode_free
 from metagate.options import option
 from metagate.policies.core import FrozenLogitHead, TeacherLogitHead, action_weights
-from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy
+from metagate.policies.reinforce import MODES, BernoulliSelection, ReinforceLearner, ReinforcePolicy, fused_adam
 from metagate.policies.safe_zip import load_policy_zip
 from metagate.units import unit_ce
 
-__all__ = ["FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
+__all__ = ["CREDITS", "FEATURE_HIGH", "PolicyGate", "ReinforceGate", "load_sb3_policy"]
+
+#: the in-loop policy's learning signals (``--rl-credit``)
+CREDITS = ("episode", "hypergradient")
 
 
 @dataclass
@@ -87,9 +101,32 @@ class ReinforceConfig(TeacherRLConfig):
     rl_shared_log_std: float = option(-0.5, "initial log-std of the per-teacher noise held over an episode")
     rl_no_shared_noise: bool = option(False, "independent exploration noise per unit only (Yuan et al.; higher "
                                              "variance)")
+    rl_credit: str = option("episode", "the policy's learning signal: the scalar validation improvement of an "
+                                       "episode (REINFORCE with exploration), or per (unit, teacher) the look-ahead "
+                                       "hypergradient of the clean validation CE w.r.t. the unit's teacher weights, "
+                                       "centred over its teachers (deterministic; needs a student with a linear "
+                                       "head; --rl-val-size is the meta batch of each look-ahead)",
+                            choices=CREDITS)
+    rl_credit_every: int = option(1, "hypergradient credit: one look-ahead and policy update every this many steps "
+                                     "(the policy acts on every step)")
+    rl_credit_entropy: float = option(0.3, "hypergradient credit: entropy bonus of each unit's teacher distribution "
+                                           "(the credit is scaled to unit RMS; the policy then tends to "
+                                           "softmax(E[credit | state] / this))")
+    rl_features: str = option("unit", "the policy's state per unit and teacher: the unit features, or those and "
+                                      "the teacher-reliability features (held-out reliability given the prediction, "
+                                      "agreement with the other teachers' majority, KL to their mean; measured on "
+                                      "the clean meta split; see metagate.features)",
+                              choices=("unit", "reliability"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rl_credit == "hypergradient" and self.rl_mode == "select":
+            raise ConfigError("--rl-credit hypergradient credits softmax weights; it needs --rl-mode weights, "
+                              "got --rl-mode select")
+        if self.rl_credit_every < 1:
+            raise ConfigError(f"--rl-credit-every must be >= 1, got {self.rl_credit_every}")
+        if not self.rl_credit_entropy >= 0:
+            raise ConfigError(f"--rl-credit-entropy must be >= 0, got {self.rl_credit_entropy}")
         if self.rl_hidden < 1:
             raise ConfigError(f"--rl-hidden must be >= 1, got {self.rl_hidden}")
         if not self.rl_temperature > 0:
@@ -315,20 +352,96 @@ class ReinforceGate(_RLGate):
     config: ReinforceConfig
 
     def __init__(self, config: ReinforceConfig | None = None, **options: Any) -> None:
-        super().__init__(config, True, **options)
+        c0 = config if config is not None else ReinforceConfig.from_options(options, what="gate 'reinforce'")
+        # hypergradient credit: no episodes, no exploration (the REINFORCE learner stays off)
+        super().__init__(c0, c0.rl_credit == "episode")
         c = self.config
+        self.credit = c.rl_credit
+        self._credit: HeadCredit | None = None
+        self._credit_opt: torch.optim.Optimizer | None = None
+        self.credit_entropy, self.credit_every = c.rl_credit_entropy, c.rl_credit_every
+        self._adv_sq: float | None = None
         self.mode, self.temperature, self.hidden = c.rl_mode, c.rl_temperature, c.rl_hidden
         self.shared_noise = not c.rl_no_shared_noise
         log_std = c.rl_log_std
         if not self.shared_noise and log_std is None:
             log_std = c.rl_shared_log_std  # per-unit noise only
-        self.policy = ReinforcePolicy(self.mode, hidden=self.hidden, temperature=self.temperature, log_std=log_std,
-                                      shared_log_std=c.rl_shared_log_std if self.shared_noise else None)
+        self.reliability = c.rl_features == "reliability"
+        nf = NUM_FEATURES + (NUM_RELIABILITY if self.reliability else 0)
+        self.policy = ReinforcePolicy(self.mode, nf, hidden=self.hidden, temperature=self.temperature,
+                                      log_std=log_std, shared_log_std=c.rl_shared_log_std if self.shared_noise else None)
 
     def _weights_from_action(self, action: Tensor) -> Tensor:
         if self.mode == "select":
             return self.policy.gate_weights(action, self.alpha)
         return self._softmax_weights(action)
+
+    # -- hypergradient credit ----------------------------------------------------------------------
+    def setup(self, run: GateContext) -> None:
+        super().setup(run)
+        if self.reliability:
+            self._features = TeacherFeatureCache.for_run(run, reliability=True)
+        if self.credit == "hypergradient":
+            if self._credit is not None:
+                self._credit.close()
+            self._credit = HeadCredit(run, self.tau, self.val_size)
+            if self._credit_opt is None:
+                self._credit_opt = fused_adam(list(self.policy.net.parameters()), self.lr)
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Hypergradient credit, before the policy acts on this batch: one Adam step on
+        ``-mean_i [sum_k p_ik A_ik + lambda H(p_i)]`` (``A``: the centred credit of :mod:`metagate.gates.credit`
+        scaled to unit moving RMS, ``p``: the policy's teacher softmax, ``lambda``: ``--rl-credit-entropy``). Its
+        first term's gradient is the all-actions policy gradient ``sum_ik p_ik A_ik grad log p_ik``: minus the
+        gradient of the look-ahead validation loss w.r.t. the policy's parameters (up to the scale)."""
+        if self._credit is None or self._credit_opt is None or not self.policy.training \
+                or ctx.step % self.credit_every:
+            return
+        view = ctx.view
+        feats = clamped_view_features(view, self._features)
+        with torch.enable_grad():
+            logits = self.policy.net(feats) / self.temperature  # [N, K], with its graph
+        probs = torch.softmax(logits.detach(), -1)
+        kd = 1.0 - self.alpha
+        w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs], 1)
+        val, dw = self._credit.hypergrad(view, w, ctx.run.lr, ctx.batch.x)
+        # per unit of step size (the credit is proportional to the learning rate, which a schedule moves faster
+        # than the moving RMS below follows), then scaled by a moving RMS: the credit shrinks with the student's
+        # loss, the entropy term's strength should not
+        adv = centred_credit(dw).to(probs.dtype) / max(ctx.run.lr, 1e-12)  # [N, K]
+        sq = float(adv.pow(2).mean())
+        if sq > 0:
+            self._adv_sq = sq if self._adv_sq is None else 0.9 * self._adv_sq + 0.1 * sq
+        adv = adv / (self._adv_sq ** 0.5 + 1e-30) if self._adv_sq else adv
+        with torch.enable_grad():
+            lsm = torch.log_softmax(logits, -1)
+            p = lsm.exp()
+            # maximise sum_k p_ik A_ik + lambda H(p_i): its optimum is p_ik ~ exp(E[A_ik | s_ik] / lambda)
+            loss = -((p * adv).sum() - self.credit_entropy * (p * lsm).sum()) / probs.shape[0]
+            self._credit_opt.zero_grad(set_to_none=True)
+            loss.backward()
+        self._credit_opt.step()
+        if self._credit_opt.defaults.get("fused"):  # the fast head's cache keys on the parameters' versions
+            torch.autograd.graph.increment_version(list(self.policy.net.parameters()))
+        self._last = {"val_lookahead": float(val), "credit_rms": (self._adv_sq or 0.0) ** 0.5}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._credit_opt is not None:
+            state["credit_optimizer"] = self._credit_opt.state_dict()
+            state["credit_sq"] = float("nan") if self._adv_sq is None else self._adv_sq
+        if self._credit is not None:
+            state.update(self._credit.sampler.state_dict(prefix="credit_val_"))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self._credit_opt is not None and "credit_optimizer" in state:
+            self._credit_opt.load_state_dict(state["credit_optimizer"])
+            sq = float(state.get("credit_sq", float("nan")))
+            self._adv_sq = None if sq != sq else sq
+        if self._credit is not None and "credit_val_rng" in state:
+            self._credit.sampler.load_state_dict(state, prefix="credit_val_")
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "alpha": self.alpha, "tau": self.tau}

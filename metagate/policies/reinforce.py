@@ -104,7 +104,7 @@ class ReinforcePolicy(nn.Module):
         return action_weights(action, alpha, self.temperature)
 
 
-def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+def fused_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
     """Adam, fused into one kernel where the parameters allow it (the policy's ten small tensors: one kernel
     instead of one per tensor; fused Adam skips version counters, see the caller)."""
     try:
@@ -138,7 +138,7 @@ class ReinforceLearner:
             raise ConfigError(f"baseline decay must be in [0, 1), got {baseline_decay}")
         self.policy = policy
         self.params = list(params) if params is not None else [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = _adam(self.params, lr)
+        self.optimizer = fused_adam(self.params, lr)
         self.decay, self.entropy_coef, self.antithetic = float(baseline_decay), float(entropy_coef), bool(antithetic)
         self.baseline: float | None = None
         self.reward_var = 0.0

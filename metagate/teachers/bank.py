@@ -63,6 +63,10 @@ class TeacherBank:
     calibration: TeacherCalibration | None = None
     #: the logits are the calibrated teachers' (``teachers.build.calibrated_bank``): read them at temperature 1
     calibrated: bool = False
+    #: ``[K, C]`` P(teacher right | teacher predicts c) on the clean ``meta`` split
+    #: (:func:`metagate.features.teacher_reliability`; set by ``teachers.build.fit_teacher_temperatures`` when every
+    #: teacher has logits on ``meta``); ``None``: unmeasured
+    reliability: Tensor | None = None
 
     def __init__(self, logits: Tensor, names: list[str]) -> None:
         if logits.ndim != 3:
@@ -115,9 +119,10 @@ class TeacherBank:
         device = torch.device(device)
         if self.logits.device == device:
             return self
-        if device.type == "cuda" and not fits_on_gpu(self.logits, device):
-            return HostBank(self.logits, self.names, device)
-        return TeacherBank(self.logits.to(device), self.names)
+        out = HostBank(self.logits, self.names, device) if device.type == "cuda" and not fits_on_gpu(
+            self.logits, device) else TeacherBank(self.logits.to(device), self.names)
+        out.reliability = self.reliability
+        return out
 
 
 def fits_on_gpu(t: Tensor, device: torch.device, share: float = 0.25) -> bool:

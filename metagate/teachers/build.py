@@ -24,8 +24,10 @@ from metagate.calibration import calibrate_teachers, split_logits
 from metagate.checks import check_topk
 from metagate.data.task import Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
+from metagate.features import teacher_reliability
 from metagate.io import ensure_dir
 from metagate.teachers.bank import TeacherBank, teacher_logits
+from metagate.teachers.banks import bank_members, load_or_train_bank
 from metagate.teachers.cache import cached_logits, cached_token_logits, default_cache_dir
 from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
 from metagate.teachers.online import OnlineBank
@@ -182,15 +184,21 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
     files = parse_teacher_files(cfg.teacher_file)
     if cfg.teachers == 0 and not files:
         raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
-    taken = set(teacher_names(task, cfg.teachers, cfg.adversarial_teacher) if cfg.teachers else [])
+    named = cfg.teacher_bank != "default" and cfg.teachers > 0
+    members = [m.name for m in bank_members(task, cfg.teacher_bank, cfg.teachers)] if named else []
+    taken = set(members or (teacher_names(task, cfg.teachers, cfg.adversarial_teacher) if cfg.teachers else []))
     for name, _ in files:
         if name in taken:
             raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
         taken.add(name)
     check_topk_option(task, cfg.topk)
-    modules, names, stats = (load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
-                                                    str(device), cfg.retrain_teachers, progress, verbose)
-                             if cfg.teachers else ([], [], []))
+    if named:  # a named bank (metagate.teachers.banks); like the task's teachers, one per task, not per run seed
+        modules, names, stats = load_or_train_bank(task, cfg.teacher_bank, cfg.teachers, cache, 0, str(device),
+                                                   cfg.retrain_teachers, progress, verbose)
+    else:
+        modules, names, stats = (load_or_train_teachers(task, cfg.teachers, cache, cfg.adversarial_teacher,
+                                                        str(device), cfg.retrain_teachers, progress, verbose)
+                                 if cfg.teachers else ([], [], []))
     for m, n, st in zip(modules, names, stats):
         if math.isnan(st.get("test_acc", 0.0)):
             st["test_acc"] = teacher_test_acc(m, task, device)
@@ -223,6 +231,8 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
     fitted = [i < k_mod for i in range(k)]
     cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
     bank.calibration = cal
+    if k_mod == k and not is_sequence(task):  # every teacher seen on meta: its held-out reliability per prediction
+        bank.reliability = teacher_reliability(lg, y)
     for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
         st["tau"] = tau
         st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
@@ -265,4 +275,5 @@ def calibrated_bank(bank: TeacherBank) -> TeacherBank:
         out = TeacherBank(bank.logits / t, list(bank.names))
     out.calibration = cal
     out.calibrated = True
+    out.reliability = bank.reliability  # predictions are unchanged by a temperature
     return out

@@ -29,9 +29,12 @@ SEQ_STATS = ("per", "wer", "ece", "sent_ece")
 
 
 def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "auto",
-                  progress: bool = True) -> tuple[nn.Module, dict[str, float]]:
+                  progress: bool = True, early_stopping: bool = True) -> tuple[nn.Module, dict[str, float]]:
     """Train one teacher on the (noisy) training split with the shared loop and the ``ce`` gate,
     keeping the epoch with the best accuracy on the clean ``select`` split (early stopping).
+
+    :param early_stopping: ``False``: every epoch runs and the last one is kept (a teacher that fits the noisy
+        labels; ``select_acc``/``epoch`` are then the last epoch's)
     """
     seed_everything(seed)
     model = spec.factory()
@@ -47,7 +50,7 @@ def train_teacher(task: Task, spec: TeacherSpec, seed: int = 0, device: str = "a
         trainer.run_epoch(bar)
         acc = trainer.evaluate("select")["acc"]
         bar.set_postfix(select_acc=f"{acc:.3f}")
-        if acc > best["acc"]:
+        if acc > best["acc"] or not early_stopping:
             best = {"acc": acc, "state": copy.deepcopy(model.state_dict()), "epoch": trainer.epoch}
             patience = 0
         else:
