@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("out", type=Path, help="a compare's --out directory")
     ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="row labels: print A - B per metric, paired by seed")
-    ap.add_argument("--metrics", nargs="+", default=["test/acc", "test/ece", "test/nll", "seq/per", "seq/sentence_ece"])
+    ap.add_argument("--metrics", nargs="+", default=["test/acc", "test/ece", "test/nll", "test/per", "test/sent_ece"])
     args = ap.parse_args(argv)
     res = json.loads((args.out / "results.json").read_text())
     by: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
@@ -61,11 +61,13 @@ def main(argv: list[str]) -> int:
             conf = sum(c * w for c, w in zip(cal["confidence"], cal["count"])) / n
             acc = sum(a * w for a, w in zip(cal["accuracy"], cal["count"])) / n
             by[r["label"]]["conf"][seed], by[r["label"]]["conf_minus_acc"][seed] = conf, conf - acc
-    print("| row | seeds | test acc | ECE | mean confidence | confidence − accuracy | gate/mean_w_label | teacher share |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | seeds | test acc | ECE | mean confidence | confidence − accuracy | gate/mean_w_label | teacher share "
+          "| sentence ECE | sentence confidence |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, m in by.items():
         cells = [mean_std(list(m[k].values())) if m.get(k) else "-"
-                 for k in ("test/acc", "test/ece", "conf", "conf_minus_acc", "gate/mean_w_label", "gate/teacher_share")]
+                 for k in ("test/acc", "test/ece", "conf", "conf_minus_acc", "gate/mean_w_label", "gate/teacher_share",
+                           "test/sent_ece", "test/sent_conf")]
         print(f"| `{label}` | {len(m['test/acc'])} | " + " | ".join(cells) + " |")
     for a, b in args.pair:
         for lab in (a, b):
