@@ -26,9 +26,9 @@ fashion-data:
 # the draw), 20 epochs, 3 teachers; fixed-tuned tunes the student's learning rate too; the oracles show the
 # headroom. The last lines printed: each learned gate against the best baseline, and its share of the headroom.
 demo: $(STAMP) fashion-data
-	$(BIN)/metagate compare --task digits --noise 0.4 --epochs 20 --same-data --seeds 0 1 2 --jobs 2 --out runs/demo \
-	  --gates fixed fixed-tuned:alpha_grid=0.1/0.5/0.9,tau_grid=4,lr_scales=1/2/3 hard ca-mkd label-filter \
-	  oracle-filter oracle-teachers meta
+	$(BIN)/metagate compare --task digits --noise 0.4 --epochs 30 --same-data --seeds 0 1 2 3 4 5 6 7 --jobs 2 \
+	  --out runs/demo --gates fixed fixed-tuned:alpha_grid=0.1/0.5,tau_grid=4,lr_scales=1/3 hard ca-mkd label-filter \
+	  oracle-filter meta:meta_param=net
 
 test: $(STAMP) fashion-data
 	$(BIN)/ruff check .
