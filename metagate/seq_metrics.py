@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -107,10 +108,14 @@ def decode_length(src: Tensor) -> int:
 
 def sequence_metrics(model: nn.Module, split: object, device: torch.device | str = "cpu",
                      beam: int = 1) -> dict[str, float]:
-    """Token metrics under teacher forcing and word metrics of decoded words on a :class:`SeqSplit`."""
+    """Token metrics under teacher forcing and word metrics of decoded words on a :class:`SeqSplit`; on a
+    split without references (a language-modelling split) the token metrics and the perplexity ``exp(nll)``."""
     logits = teacher_forced_logits(model, split.x, device)
     out = classification_metrics(logits.reshape(-1, logits.shape[-1]), split.y.reshape(-1),
                                  split.mask.reshape(-1))
+    if not hasattr(split, "refs"):
+        out["ppl"] = math.exp(out["nll"])
+        return out
     first = split.first_of_word()
     src = split.x[first, 0]
     hyps, score = decode_words(model, src, decode_length(src), beam, device)
