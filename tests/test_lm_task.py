@@ -150,3 +150,21 @@ def test_tiny_compare_runs_end_to_end(tmp_path):
     ppl = {r["gate"]: r["metrics"]["test/ppl"] for r in rows}
     for gate, value in ppl.items():
         assert f"| `{gate}` | 1 | {value:.2f} ± 0.00 |" in table
+
+
+def test_language_metrics_equal_the_classification_metrics_a_batch_at_a_time():
+    from metagate.metrics import classification_metrics
+    from metagate.seq_metrics import language_metrics, teacher_forced_logits
+
+    task = get_task("lm", lm_documents=30, lm_doc_tokens=200, lm_seq_len=16)
+    torch.manual_seed(0)
+    model = task.make_student()
+    logits = teacher_forced_logits(model, task.test.x)
+    want = classification_metrics(logits.reshape(-1, 384), task.test.y.reshape(-1), task.test.mask.reshape(-1))
+    got = language_metrics(model, task.test, batch_size=3)
+    assert int(task.test.mask.sum()) > 20 * 15  # enough tokens for a bin of MCE_MIN_COUNT
+    assert set(got) == {*want, "ppl"} and "mce_min20" in got
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    assert got["ppl"] == pytest.approx(math.exp(want["nll"]))
+    assert 5.5 < want["nll"] < 6.5  # a random model: about log 384 = 5.95
