@@ -30,6 +30,7 @@ from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
 from metagate.teachers.build import load_teachers
 from metagate.teachers.cache import logits_file, teacher_file, token_logits_file
+from metagate.teachers.sparse_seq import sparse_bank_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
@@ -69,6 +70,8 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     names = [s.name for s in task.teacher_specs[:n_real]]
     files = [root / teacher_file(n) for n in names]
     logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
+    if is_sequence(task) and cfg.topk is not None and task.info.get("sparse_bank"):  # one sparse top-k bank
+        return files + [root / sparse_bank_file(logit_names, cfg.topk)]
     if is_sequence(task):  # per-token logits, full or top-k
         return files + [root / token_logits_file(n, cfg.topk) for n in logit_names]
     return files + [root / logits_file(n) for n in logit_names]
@@ -238,7 +241,11 @@ class EpochTimer:
 
 
 def bank_fingerprint(bank: Any) -> str:
-    """A hash of a bank's cached logits (an online bank's module columns have none: their names)."""
+    """A hash of a bank's cached logits (an online bank's module columns have none: their names; a sparse bank
+    has its own fingerprint)."""
+    sparse = getattr(bank, "sparse", None)
+    if sparse is not None:
+        return str(sparse.fingerprint)
     logits = getattr(bank, "logits", None)
     if isinstance(logits, torch.Tensor):
         return _hash(logits)

