@@ -80,8 +80,11 @@ def test_token_noise_corrupts_targets_and_the_inputs_read_them():
     assert int(noisy.corrupted.sum()) == round(0.2 * int(real.sum())) == 142
     assert torch.equal(noisy.corrupted, (noisy.train.y != clean.train.y))
     assert torch.equal(noisy.clean_train_labels, clean.train.y)
-    shifted = torch.where(noisy.train.y[:, :-1] == 0, clean.train.x[:, 1:], noisy.train.y[:, :-1])
+    shifted = torch.where(clean.train.y[:, 1:] == 0, clean.train.x[:, 1:], noisy.train.y[:, :-1])
     assert torch.equal(noisy.train.x[:, 1:], shifted)
+    assert torch.equal(noisy.train.x != 0, clean.train.x != 0)  # the inputs keep their real positions
+    assert torch.equal(clean.train.x != 0, clean.train.mask)  # one input per target
+    assert int(noisy.corrupted[:, -1].sum()) > 0  # a last target's corruption is in no input of its row
     for part in ("meta", "select", "test"):
         assert torch.equal(getattr(noisy, part).y, getattr(clean, part).y)
 
@@ -168,3 +171,72 @@ def test_language_metrics_equal_the_classification_metrics_a_batch_at_a_time():
         assert got[k] == pytest.approx(v, abs=1e-9), k
     assert got["ppl"] == pytest.approx(math.exp(want["nll"]))
     assert 5.5 < want["nll"] < 6.5  # a random model: about log 384 = 5.95
+
+
+def _teachers(topk, cache, **extra):
+    from metagate.run import DistillConfig, load_task
+    from metagate.teachers.build import load_teachers
+    from metagate.trainer import TrainConfig
+
+    opts = {**SMALL, **({"topk": topk} if topk else {})}
+    cfg = DistillConfig(task="lm", task_options=opts, teachers=2, cache_dir=str(cache),
+                        train=TrainConfig(epochs=1, progress=False), **extra)
+    task = load_task(cfg)
+    return cfg, task, *load_teachers(cfg, task, progress=False)
+
+
+def test_the_sparse_bank_serves_the_dense_banks_top_k_per_token(tmp_path):
+    from metagate.teachers.build import calibrated_bank
+    from metagate.teachers.sparse_seq import SeqSparseBank
+
+    _, task, dense, _ = _teachers(None, tmp_path)
+    _, _, sparse, _ = _teachers(16, tmp_path)  # the same cached teachers, scored into a top-16 bank
+    assert isinstance(sparse, SeqSparseBank) and sparse.names == dense.names == ["gpt2-128", "llama-96"]
+    assert sparse.num_units == dense.num_units == len(task.train) and sparse.num_classes == 384
+    assert (tmp_path / task.key / "sparse-gpt2-128+llama-96-top16.safetensors").exists()
+    ids = torch.tensor([0, 3, len(task.train) - 1])
+    real = task.train.mask[ids].reshape(-1)
+    d = torch.log_softmax(dense.lookup(ids), -1)[real]
+    s = sparse.unit_log_probs(1.0, ids)
+    assert s.shape == (3 * 16, 2, 384)
+    assert torch.allclose(s[real].topk(16, -1).values, d.topk(16, -1).values, atol=2e-2)  # float16 dense storage
+    assert torch.allclose(s.logsumexp(-1), torch.zeros(3 * 16, 2), atol=1e-5)
+    assert torch.allclose(s[~real], torch.full_like(s[~real], -math.log(384)))  # padding: uniform
+    right_d, right_s = dense.unit_right(task.clean_train_labels), sparse.unit_right(task.clean_train_labels)
+    assert right_s.shape == right_d.shape and (right_s == right_d).float().mean() > 0.99
+    with pytest.raises(InputError, match="no \\[N, K, V\\]"):
+        sparse.log_probs(1.0)
+    # calibrated: teacher k's rows are read at tau * tau_k
+    sparse.calibration = dense.calibration
+    cal = calibrated_bank(sparse)
+    taus = dense.calibration.taus
+    want = torch.stack([sparse.unit_log_probs(2.0 * t, ids)[:, j] for j, t in enumerate(taus)], 1)
+    assert cal.calibrated and torch.equal(cal.unit_log_probs(2.0, ids), want)
+
+
+def test_a_large_vocabulary_needs_topk_and_whole_table_gates_say_so(tmp_path):
+    from metagate.data.lm import LMConfig
+    from metagate.run import run_distill
+
+    task = get_task("lm", **SMALL)
+    task.num_classes = 49152
+    with pytest.raises(ConfigError, match="49,152 tokens.*give --topk"):
+        LMConfig().check_task(task)
+    cfg, *_ = _teachers(16, tmp_path, gate="label-filter")
+    with pytest.raises(InputError, match="sparse top-k bank builds no"):
+        run_distill(cfg)
+
+
+def test_tiny_compare_on_the_sparse_bank(tmp_path):
+    from metagate.cli import main
+
+    rc = main(["compare", "--task", "lm", "--lm-documents", "8", "--lm-doc-tokens", "48", "--lm-seq-len", "16",
+               "--topk", "16", "--gates", "fixed", "hard", "meta", "--epochs", "1", "--teachers", "2", "--seeds", "1",
+               "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert sorted(r["gate"] for r in rows) == ["fixed", "hard", "meta"]
+    fps = {r["fingerprints"]["teachers"] for r in rows}
+    assert len(fps) == 1
+    for r in rows:
+        assert r["metrics"]["test/nll"] < math.log(384)

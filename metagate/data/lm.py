@@ -359,7 +359,7 @@ def lm_task(
     g = torch.Generator().manual_seed(1_000_003 * data_seed + 29)
     noisy, corrupted = inject_token_noise(clean, noise, noise_type, 1, vocab - 1, g)
     x = train.x.clone()
-    x[:, 1:] = torch.where(noisy[:, :-1] == 0, train.x[:, 1:], noisy[:, :-1])
+    x[:, 1:] = torch.where(clean[:, 1:] == 0, train.x[:, 1:], noisy[:, :-1])  # input t + 1 = target t, where real
     splits["train"] = LMSplit(x, noisy, train.doc, train.docs)
     students, teachers = lm_models(vocab, lm_seq_len)
     variant = (f"-{lm_corpus}-{lm_teacher}-n{len(names)}-L{lm_seq_len}"
