@@ -71,7 +71,8 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     files = [root / teacher_file(n) for n in names]
     logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
     if is_sequence(task) and cfg.topk is not None and task.info.get("sparse_bank"):  # one sparse top-k bank
-        return files + [root / sparse_bank_file(logit_names, cfg.topk)]
+        pretrained = [n for n, _ in task.info.get("pretrained_teachers", ())]
+        return files + [root / sparse_bank_file([*logit_names, *pretrained], cfg.topk)]
     if is_sequence(task):  # per-token logits, full or top-k
         return files + [root / token_logits_file(n, cfg.topk) for n in logit_names]
     return files + [root / logits_file(n) for n in logit_names]

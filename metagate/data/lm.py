@@ -19,9 +19,10 @@
   ids; the inputs are the noisy targets shifted right (the model reads the corrupted text), as in g2p.
 * **Teachers' logits**: dense float16 per token (the shared sequence bank), or with ``--topk k`` one sparse
   top-k bank of the training inputs (:mod:`metagate.teachers.sparse_seq`), needed past 4,096 tokens.
-* **Models**: students and in-domain teachers are small GPT-2 / Llama configs trained from scratch with the
-  task's tokenizer (:class:`CausalLM` returns their logits ``[B, T, V]``). The pretrained SmolLM2 teacher is
-  :func:`load_smollm2` (scored into a sparse bank by ``scripts/lm_quality.py``).
+* **Models**: students and in-domain teachers (``--teachers K``) are small GPT-2 / Llama configs trained from
+  scratch with the task's tokenizer (:class:`CausalLM` returns their logits ``[B, T, V]``). Under
+  ``--lm-teacher smollm2`` the pretrained SmolLM2-135M joins every run's teachers after the trained ones
+  (``info["pretrained_teachers"]``, loaded once per process by :func:`pretrained_smollm2`).
 
 ``transformers`` / ``tokenizers`` are imported when the task is built, never when metagate is imported.
 """
@@ -132,6 +133,15 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     gguf = smollm2_gguf()
     require("gguf", "lm")
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype).eval()
+
+
+@lru_cache(maxsize=1)
+def pretrained_smollm2() -> CausalLM:
+    """SmolLM2 as a teacher module of the shared loop, loaded once per process (frozen, eval mode)."""
+    model = CausalLM(load_smollm2())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 @lru_cache(maxsize=2)
@@ -371,5 +381,7 @@ def lm_task(
         default_student="gpt2",
         info={"noise": noise, "noise_type": noise_type, "data_seed": data_seed, "val_fraction": val_fraction,
               "variant": variant, "tokenizer": tok, "sparse_bank": True, "lm_teacher": lm_teacher, "documents": parts,
-              "tokens": {k: int(s.mask.sum()) for k, s in splits.items()}},
+              "tokens": {k: int(s.mask.sum()) for k, s in splits.items()},
+              # loaded only when a run's teachers are built (metagate.teachers.build.load_teachers)
+              "pretrained_teachers": [("smollm2-135m", pretrained_smollm2)] if lm_teacher == "smollm2" else []},
     )

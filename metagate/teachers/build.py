@@ -208,10 +208,12 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
     cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
     device = resolve_device(cfg.train.device)
     files = parse_teacher_files(cfg.teacher_file)
-    if cfg.teachers == 0 and not files:
+    # a task's pretrained teachers (lm --lm-teacher smollm2): modules loaded by the task, after the trained ones
+    pretrained: list[tuple[str, Any]] = list(task.info.get("pretrained_teachers", ()))
+    if cfg.teachers == 0 and not files and not pretrained:
         raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
     taken = set(teacher_names(task, cfg.teachers, cfg.adversarial_teacher) if cfg.teachers else [])
-    for name, _ in files:
+    for name, _ in [*pretrained, *files]:
         if name in taken:
             raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
         taken.add(name)
@@ -223,6 +225,10 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
         if math.isnan(st.get("test_acc", 0.0)):
             st["test_acc"] = teacher_test_acc(m, task, device)
         st["name"] = n  # type: ignore[assignment]
+    if pretrained:
+        loaded = [(n, load()) for n, load in pretrained]
+        modules, names = [*modules, *(m for _, m in loaded)], [*names, *(n for n, _ in loaded)]
+        stats = [*stats, *({"name": n, "kind": "pretrained"} for n, _ in loaded)]
     bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
                              rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
                              what=f"task {task.name!r}")
