@@ -25,7 +25,7 @@ import torch
 from metagate.data.task import Task
 from metagate.errors import CheckpointError
 from metagate.io import safe_load
-from metagate.metrics import calibration_bins
+from metagate.metrics import confidence_bins
 from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
 from metagate.teachers.build import load_teachers
@@ -110,15 +110,23 @@ def artefacts(student: torch.nn.Module, unit_weights: torch.Tensor, step: int, t
               teacher_names: list[str]) -> dict[str, Any]:
     """Reliability bins of the final ``student`` on test and the histograms of the last ``unit_weights``."""
     student.eval()
+    # per unit only the top-label confidence and correctness, a batch at a time (an LM's [tokens, V] would not fit)
+    step_n = 2048 if task.num_classes <= 4096 else 8
+    conf, correct = [], []
     with torch.no_grad():
-        logits = torch.cat([student(task.test.x[i : i + 2048]) for i in range(0, len(task.test), 2048)])
-    y, corrupted, uw = task.test.y, task.corrupted, unit_weights.detach().cpu()
-    if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
-        keep = y != PAD_ID
-        logits, y = logits[keep], y[keep]
+        for i in range(0, len(task.test), step_n):
+            lg, y = student(task.test.x[i : i + step_n]), task.test.y[i : i + step_n]
+            if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
+                keep = y != PAD_ID
+                lg, y = lg[keep], y[keep]
+            c, pred = torch.softmax(lg.double(), -1).max(-1)
+            conf.append(c)
+            correct.append(pred == y)
+    corrupted, uw = task.corrupted, unit_weights.detach().cpu()
+    if is_sequence(task):
         real = train_unit_mask(task)
         uw, corrupted = uw[real], corrupted.reshape(-1)[real]
-    b = calibration_bins(torch.softmax(logits.double(), -1), y)
+    b = confidence_bins(torch.cat(conf), torch.cat(correct))
     out: dict[str, Any] = {"calibration": {k: b[k].tolist() for k in ("count", "confidence", "accuracy")}}
     if uw.shape[1] > 1 and step > 0:
         out["weights"] = _weight_histograms(uw, corrupted, teacher_names)
