@@ -45,3 +45,22 @@ def test_lm_quality_script_scores_the_pretrained_teacher(tmp_path):
     assert res["teacher_test_tau1"]["ppl"] < 200  # a uniform model over 49,152 tokens: 49,152
     bank = res["bank"]["8"]
     assert bank["file_bytes"] < bank["dense_float16_bytes"] / 100
+
+
+def test_smollm2_joins_the_core_loops_teachers_in_a_sparse_bank(tmp_path):
+    from metagate.run import DistillConfig, load_task
+    from metagate.teachers.build import load_teachers
+    from metagate.teachers.sparse_seq import SeqSparseBank
+    from metagate.trainer import TrainConfig
+
+    cfg = DistillConfig(task="lm", teachers=0, cache_dir=str(tmp_path), train=TrainConfig(epochs=1, progress=False),
+                        task_options={"lm_teacher": "smollm2", "lm_documents": 6, "lm_doc_tokens": 48,
+                                      "lm_seq_len": 16, "topk": 8})
+    task = load_task(cfg)
+    bank, stats = load_teachers(cfg, task, progress=False)
+    assert isinstance(bank, SeqSparseBank) and bank.names == ["smollm2-135m"] and bank.num_classes == 49152
+    assert stats[0]["kind"] == "pretrained"
+    assert (tmp_path / task.key / "sparse-smollm2-135m-top8.safetensors").exists()
+    right = bank.unit_right(task.clean_train_labels)[task.train.mask.reshape(-1)]
+    assert right.float().mean() > 0.2  # the pretrained model's top-1 next token on the docs (about 0.3)
+    assert 0.5 < bank.calibration.taus[0] < 3.0
