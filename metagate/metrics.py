@@ -22,10 +22,16 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = N_BINS) -> dic
     :return: per-bin ``count``, ``confidence`` (mean), ``accuracy`` and the bin ``edges``
     """
     conf, pred = probs.max(-1)
-    correct = (pred == labels).to(probs.dtype)
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+    return confidence_bins(conf, (pred == labels).to(probs.dtype), n_bins)
+
+
+def confidence_bins(conf: Tensor, correct: Tensor, n_bins: int = N_BINS) -> dict[str, Tensor]:
+    """:func:`calibration_bins` from each unit's top-label confidence ``[N]`` and correctness ``[N]`` (what a
+    caller keeps when the ``[N, C]`` probabilities are too large to hold at once, e.g. a 49,152-token vocabulary)."""
+    correct = correct.to(conf.dtype)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
     idx = (torch.bucketize(conf, edges[1:-1], right=False)).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device).index_add_(0, idx, torch.ones_like(conf))
+    count = torch.zeros(n_bins, dtype=conf.dtype, device=conf.device).index_add_(0, idx, torch.ones_like(conf))
     s_conf = torch.zeros_like(count).index_add_(0, idx, conf)
     s_acc = torch.zeros_like(count).index_add_(0, idx, correct)
     denom = count.clamp_min(1)

@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from metagate.metrics import N_BINS, classification_metrics
+from metagate.metrics import MCE_MIN_COUNT, N_BINS, classification_metrics, confidence_bins
 from metagate.seq_models import EOS, PAD, beam_decode, greedy_decode
 
 
@@ -107,7 +108,10 @@ def decode_length(src: Tensor) -> int:
 
 def sequence_metrics(model: nn.Module, split: object, device: torch.device | str = "cpu",
                      beam: int = 1) -> dict[str, float]:
-    """Token metrics under teacher forcing and word metrics of decoded words on a :class:`SeqSplit`."""
+    """Token metrics under teacher forcing and word metrics of decoded words on a :class:`SeqSplit`; on a
+    split without references (a language-modelling split) :func:`language_metrics`."""
+    if not hasattr(split, "refs"):
+        return language_metrics(model, split, device)
     logits = teacher_forced_logits(model, split.x, device)
     out = classification_metrics(logits.reshape(-1, logits.shape[-1]), split.y.reshape(-1),
                                  split.mask.reshape(-1))
@@ -119,4 +123,38 @@ def sequence_metrics(model: nn.Module, split: object, device: torch.device | str
     conf = score.exp()
     out["sent_ece"], out["sent_mce"] = binary_ece(conf, correct)
     out["sent_conf"] = float(conf.mean())
+    return out
+
+
+@torch.no_grad()
+def language_metrics(model: nn.Module, split: object, device: torch.device | str = "cpu",
+                     batch_size: int = 8) -> dict[str, float]:
+    """The token metrics of :func:`~metagate.metrics.classification_metrics` (same numbers) and the perplexity
+    ``exp(nll)`` of a language-modelling split under teacher forcing, a batch at a time: per token only its
+    confidence, correctness, NLL and Brier term are kept (``[tokens, V]`` probabilities of a 49,152-token
+    vocabulary would not fit in memory)."""
+    model.eval()
+    conf, correct, nll, brier = [], [], [], []
+    for i in range(0, len(split.x), batch_size):
+        y = split.y[i : i + batch_size]
+        keep = y != PAD
+        lp = torch.log_softmax(model(split.x[i : i + batch_size].to(device)).double().cpu()[keep], -1)
+        y = y[keep]
+        top, pred = lp.max(-1)
+        lp_y = lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        conf.append(top.exp())
+        correct.append(pred == y)
+        nll.append(-lp_y)
+        brier.append((2 * lp).exp().sum(-1) - 2 * lp_y.exp() + 1)
+    c, ok = torch.cat(conf), torch.cat(correct).double()
+    b = confidence_bins(c, ok)
+    gap = (b["confidence"] - b["accuracy"]).abs()
+    nonempty, big = b["count"] > 0, b["count"] >= MCE_MIN_COUNT
+    mean_nll = float(torch.cat(nll).mean())
+    out = {"acc": float(ok.mean()), "nll": mean_nll,
+           "ece": float((gap * b["count"]).sum() / b["count"].sum().clamp_min(1)),
+           "mce": float(gap[nonempty].max()) if nonempty.any() else 0.0, "brier": float(torch.cat(brier).mean())}
+    if big.any():
+        out[f"mce_min{MCE_MIN_COUNT}"] = float(gap[big].max())
+    out["ppl"] = math.exp(mean_nll)
     return out

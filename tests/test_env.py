@@ -223,7 +223,16 @@ def test_every_train_policy_flag_reaches_the_env_or_the_agent():
     used = set().union(*(c.option_names() for c in (EnvConfig, TeacherWeightingEnvConfig, TemperatureEnvConfig,
                                                      AgentConfig)))
     own = {"help", "env", "out", "logdir", "verbose", "task", "progress"}
-    assert {a.dest for a in tp._actions} - own <= used
+    # the lm task's own options reach the env as its task options (plugin_task_options), checked below
+    from metagate.data.lm import LMConfig
+    lm_only = LMConfig.option_names() - used
+    assert {a.dest for a in tp._actions} - own <= used | lm_only
+    lm = env_config_from_args(p.parse_args(["train-policy", "--task", "lm", "--lm-seq-len", "8", "--lm-documents",
+                                            "6", "--lm-doc-tokens", "40", "--lm-teacher", "tiny-random",
+                                            "--lm-corpus", "pydoc-topics", "--out", "x.zip"]))
+    assert lm.plugin_task_options == {"lm_seq_len": 8, "lm_documents": 6, "lm_doc_tokens": 40,
+                                      "lm_teacher": "tiny-random", "lm_corpus": "pydoc-topics"}
+    assert lm_only == set(lm.plugin_task_options)
     args = p.parse_args(["train-policy", "--task", "g2p", "--subset", "150", "--noise", "0.2", "--noise-type", "word",
                          "--val-fraction", "0.2", "--topk", "8", "--teacher-file", "a=x.npy", "--g2p-no-stress",
                          "--env", "temperature", "--out", "x.zip"])

@@ -52,7 +52,7 @@ def test_the_old_flags_and_yaml_keys_reach_the_task(tmp_path):
 
 def test_an_option_of_another_task_names_the_task_that_takes_it(capsys):
     with pytest.raises(ConfigError, match=r"task 'digits' does not take option\(s\) --topk \(an option of task "
-                                          r"g2p\); it takes: no options of its own"):
+                                          r"g2p, lm\); it takes: no options of its own"):
         _cfg("--task", "digits", "--topk", "8")
     with pytest.raises(ConfigError, match=r"task 'g2p' does not take option\(s\) --data-dir \(an option of task "
                                           r"fashion\); it takes: --g2p-all-words, --g2p-no-stress, --subset, --topk"):

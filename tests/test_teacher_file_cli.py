@@ -252,5 +252,5 @@ def test_g2p_topk_at_least_the_vocabulary_is_refused_before_any_teacher_is_train
     # a task with one unit per example refuses --topk before training too
     assert main([*DIGITS, "--teachers", "1", "--topk", "5", "--cache-dir", str(cache), "--logdir",
                  str(tmp_path / "digits")]) == 2
-    assert "task 'digits' does not take option(s) --topk (an option of task g2p)" in capsys.readouterr().err
+    assert "task 'digits' does not take option(s) --topk (an option of task g2p, lm)" in capsys.readouterr().err
     assert not list(cache.rglob("*.pt"))

@@ -25,12 +25,13 @@ import torch
 from metagate.data.task import Task
 from metagate.errors import CheckpointError
 from metagate.io import safe_load
-from metagate.metrics import calibration_bins
+from metagate.metrics import confidence_bins
 from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
 from metagate.teachers.banks import bank_members, member_file
 from metagate.teachers.build import load_teachers
 from metagate.teachers.cache import logits_file, teacher_file, token_logits_file
+from metagate.teachers.sparse_seq import sparse_bank_file
 from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
@@ -73,6 +74,9 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     names = [s.name for s in task.teacher_specs[:n_real]]
     files = [root / teacher_file(n) for n in names]
     logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
+    if is_sequence(task) and cfg.topk is not None and task.info.get("sparse_bank"):  # one sparse top-k bank
+        pretrained = [n for n, _ in task.info.get("pretrained_teachers", ())]
+        return files + [root / sparse_bank_file([*logit_names, *pretrained], cfg.topk)]
     if is_sequence(task):  # per-token logits, full or top-k
         return files + [root / token_logits_file(n, cfg.topk) for n in logit_names]
     return files + [root / logits_file(n) for n in logit_names]
@@ -110,15 +114,23 @@ def artefacts(student: torch.nn.Module, unit_weights: torch.Tensor, step: int, t
               teacher_names: list[str]) -> dict[str, Any]:
     """Reliability bins of the final ``student`` on test and the histograms of the last ``unit_weights``."""
     student.eval()
+    # per unit only the top-label confidence and correctness, a batch at a time (an LM's [tokens, V] would not fit)
+    step_n = 2048 if task.num_classes <= 4096 else 8
+    conf, correct = [], []
     with torch.no_grad():
-        logits = torch.cat([student(task.test.x[i : i + 2048]) for i in range(0, len(task.test), 2048)])
-    y, corrupted, uw = task.test.y, task.corrupted, unit_weights.detach().cpu()
-    if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
-        keep = y != PAD_ID
-        logits, y = logits[keep], y[keep]
+        for i in range(0, len(task.test), step_n):
+            lg, y = student(task.test.x[i : i + step_n]), task.test.y[i : i + step_n]
+            if is_sequence(task):  # token units (teacher forcing on test): the real tokens only
+                keep = y != PAD_ID
+                lg, y = lg[keep], y[keep]
+            c, pred = torch.softmax(lg.double(), -1).max(-1)
+            conf.append(c)
+            correct.append(pred == y)
+    corrupted, uw = task.corrupted, unit_weights.detach().cpu()
+    if is_sequence(task):
         real = train_unit_mask(task)
         uw, corrupted = uw[real], corrupted.reshape(-1)[real]
-    b = calibration_bins(torch.softmax(logits.double(), -1), y)
+    b = confidence_bins(torch.cat(conf), torch.cat(correct))
     out: dict[str, Any] = {"calibration": {k: b[k].tolist() for k in ("count", "confidence", "accuracy")}}
     if uw.shape[1] > 1 and step > 0:
         out["weights"] = _weight_histograms(uw, corrupted, teacher_names)
@@ -242,7 +254,11 @@ class EpochTimer:
 
 
 def bank_fingerprint(bank: Any) -> str:
-    """A hash of a bank's cached logits (an online bank's module columns have none: their names)."""
+    """A hash of a bank's cached logits (an online bank's module columns have none: their names; a sparse bank
+    has its own fingerprint)."""
+    sparse = getattr(bank, "sparse", None)
+    if sparse is not None:
+        return str(sparse.fingerprint)
     logits = getattr(bank, "logits", None)
     if isinstance(logits, torch.Tensor):
         return _hash(logits)

@@ -26,7 +26,14 @@ from metagate.compare.backends import run_jobs, run_ray, run_serial, worker_pool
 from metagate.compare.cell import finished_row
 from metagate.compare.figures import write_figures
 from metagate.compare.grid import Cell, cell_state, read_json
-from metagate.compare.outputs import cost_table, headline, results_table, sequence_table, write_outputs
+from metagate.compare.outputs import (
+    cost_table,
+    headline,
+    language_table,
+    results_table,
+    sequence_table,
+    write_outputs,
+)
 from metagate.compare.specs import GateSpec
 from metagate.compare.summary import summarise
 from metagate.errors import ConfigError
@@ -227,6 +234,9 @@ def _run_cells(plan: Plan, cells: list[Cell], out: Path, pool: ProcessPoolExecut
     sequences = sequence_table(summary)
     if sequences:
         say(f"\nsequences (PER/WER of greedy decodings):\n\n{sequences}")
+    language = language_table(summary)
+    if language:
+        say(f"\nlanguage modelling (test perplexity, teacher forcing):\n\n{language}")
     say()
     say(cost_table(summary))
     return {"rows": ordered, "summary": summary, "paths": paths}

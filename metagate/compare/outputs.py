@@ -126,6 +126,28 @@ def sequence_table(summary: dict[str, Any]) -> str:
     return markdown_table(header, rows)
 
 
+#: (metric, column title, scale, digits) of the language-modelling table
+LANGUAGE_COLUMNS = (("test/ppl", "perplexity", 1.0, 2), ("test/nll", "token NLL", 1.0, 4),
+                    ("test/acc", "token acc %", 100.0, 2), ("test/ece", "token ECE", 1.0, 4))
+
+
+def language_table(summary: dict[str, Any]) -> str:
+    """Language-modelling tasks: test perplexity, token NLL, accuracy and ECE (teacher forcing), and their paired
+    differences to ``fixed``; empty for other tasks."""
+    if not any("test/ppl" in s["metrics"] for s in summary["gates"].values()):
+        return ""
+    rows = []
+    for label, s in summary["gates"].items():
+        row = [f"`{label}`", str(len(s["seeds"]))]
+        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in LANGUAGE_COLUMNS]
+        row += [_interval(s.get("vs_fixed"), k, scale, d) for k, _, scale, d in LANGUAGE_COLUMNS]
+        rows.append(row)
+    fixed = summary["fixed"] or "fixed"
+    header = ["gate", "seeds", *[c[1] for c in LANGUAGE_COLUMNS],
+              *[f"Δ{c[1].replace(' %', '')} vs {fixed} (95%)" for c in LANGUAGE_COLUMNS]]
+    return markdown_table(header, rows)
+
+
 def cost_table(summary: dict[str, Any]) -> str:
     """Wall time per epoch and the per-step cost relative to ``fixed`` (paired by seed)."""
     rows = []
@@ -193,6 +215,10 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
     if sequences:
         parts += ["## Sequences", "", "Token accuracy, NLL and token ECE above are under teacher forcing; PER and "
                   "WER are of greedy decodings (closest reference pronunciation).", "", sequences, ""]
+    language = language_table(summary)
+    if language:
+        parts += ["## Language modelling", "", "Test perplexity = exp(token NLL), under teacher forcing.", "",
+                  language, ""]
     parts += ["## Cost", "", cost_table(summary), ""]
     tuning = tuning_table(rows or [])
     if tuning:

@@ -14,6 +14,8 @@ METRICS = ("test/acc", "test/nll", "test/ece", "test/mce", "test/brier", "select
 PAIRED = ("test/acc", "test/nll", "test/ece")
 #: sequence tasks' metrics (PER/WER of greedy decodings, sentence-level ECE), summarised and paired when present
 SEQUENCE = ("test/per", "test/wer", "test/sent_ece")
+#: language-modelling tasks' metrics (test perplexity), summarised and paired when present
+LANGUAGE = ("test/ppl",)
 
 
 #: what each row's weights add up to: ``gate/mass`` = mean over training units of the unit's total weight
@@ -83,6 +85,7 @@ def summarise(rows: list[dict[str, Any]], baselines: dict[str, bool], method: st
     fixed, best = reference_labels(groups, baselines)
     fixed_time = {r["seed"]: r["time"]["per_epoch"] for r in groups.get(fixed, [])} if fixed else {}
     seq = SEQUENCE if any("test/per" in r["metrics"] for r in rows) else ()
+    seq += LANGUAGE if any("test/ppl" in r["metrics"] for r in rows) else ()
     gates: dict[str, Any] = {}
     for label, rs in groups.items():
         kind = kind_of(rs[0]["gate"], bool(baselines.get(label)))

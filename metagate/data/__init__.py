@@ -1,6 +1,9 @@
 """Tasks and data."""
 
-from metagate.data import g2p  # noqa: F401  (registers the g2p task)
+from metagate.data import (
+    g2p,  # noqa: F401  (registers the g2p task)
+    lm,  # noqa: F401  (registers the lm task; transformers is imported when it is built)
+)
 from metagate.data.builtin import (
     TASKS,
     get_task,

@@ -4,7 +4,9 @@
 environments and the compare reach it through :func:`load_teachers` (a run's options: the task's teachers trained
 by the project, the planted adversarial one, ``--teacher-file`` files); the Python API calls it with the user's
 teachers (:mod:`metagate.teachers.sources`). It picks the bank's kind from the task and the teachers: per-token
-(:class:`~metagate.teachers.sequence.SeqTeacherBank`) for a sequence task, online
+(:class:`~metagate.teachers.sequence.SeqTeacherBank`) for a sequence task -- or, for a task that asks for it
+with ``info["sparse_bank"]`` (lm) and ``--topk``, one sparse top-k bank
+(:class:`~metagate.teachers.sparse_seq.SeqSparseBank`) --, online
 (:class:`~metagate.teachers.online.OnlineBank`) when a teacher runs in the step, else cached ``[N, K, C]``
 (:class:`~metagate.teachers.bank.TeacherBank`).
 """
@@ -28,11 +30,12 @@ from metagate.features import teacher_reliability
 from metagate.io import ensure_dir
 from metagate.teachers.bank import TeacherBank, teacher_logits
 from metagate.teachers.banks import bank_members, load_or_train_bank
-from metagate.teachers.cache import cached_logits, cached_token_logits, default_cache_dir
+from metagate.teachers.cache import cache_file, cache_lock, cached_logits, cached_token_logits, default_cache_dir
 from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
 from metagate.teachers.online import OnlineBank
 from metagate.teachers.sequence import SeqTeacherBank, token_index
 from metagate.teachers.sources import OnlineTeacher, TeacherLike, freeze
+from metagate.teachers.sparse_seq import SeqSparseBank, sparse_bank_file, sparse_seq_bank
 from metagate.teachers.training import load_or_train_teachers, teacher_names
 from metagate.trainer import resolve_device
 from metagate.units import PAD_ID, is_sequence
@@ -47,6 +50,7 @@ class TeacherOptions(Protocol):
     package names no config class, so nothing here imports the run)."""
 
     teachers: int
+    teacher_bank: str
     teacher_file: tuple[str, ...]
     adversarial_teacher: bool
     cache_dir: str | None
@@ -115,6 +119,8 @@ def build_bank(
     if specs:
         task.teacher_specs = specs
         trained, _, _ = load_or_train_teachers(task, len(specs), cache_dir, device=str(device), progress=progress)
+    if seq and topk is not None and task.info.get("sparse_bank"):
+        return _sparse_bank(task, teachers, trained, cache_dir, rebuild, topk)
     columns: list[Tensor | nn.Module] = []
     stats: list[dict[str, Any]] = []
     for name, t in teachers:
@@ -158,6 +164,29 @@ def build_bank(
     return TeacherBank(torch.stack(columns, 1), names), stats  # type: ignore[arg-type]
 
 
+def _sparse_bank(task: Task, teachers: Sequence[tuple[str, TeacherLike]], trained: list[nn.Module],
+                 cache_dir: Path | None, rebuild: bool, topk: int) -> tuple[TeacherBank, list[dict[str, Any]]]:
+    """A language-modelling task's teachers as one sparse top-``topk`` bank of the training inputs (no
+    ``[tokens, V]`` table; :mod:`metagate.teachers.sparse_seq`), cached under the task's key."""
+    modules, stats = [], []
+    for name, t in teachers:
+        if isinstance(t, TeacherSpec):
+            modules.append(trained.pop(0))
+            stats.append({"name": name, "kind": "trained"})
+        elif isinstance(t, nn.Module) and not isinstance(t, OnlineTeacher):
+            modules.append(freeze(t))
+            stats.append({"name": name, "kind": "module"})
+        else:
+            raise ConfigError(f"teacher {name!r}: task {task.name!r} keeps its teachers' top-{topk} in a sparse bank "
+                              "scored from teacher modules; a logits file or an online teacher cannot go in it")
+    names = [n for n, _ in teachers]
+    path = cache_file(cache_dir, task, sparse_bank_file(names, topk))
+    with cache_lock(path):
+        if path is not None and rebuild and path.exists():
+            path.unlink()  # --rebuild-cache: the cache is metagate's own file
+        return sparse_seq_bank(modules, names, task.train.x, topk, path), stats
+
+
 def _table(arrays: TeacherArrays, ids: Tensor, mask: Tensor | None, c: int, known_ids: Tensor | None,
            what: str) -> Tensor:
     """A file's (or tensor's) rows for the training units: ``[N_train, C]``, or ``[M, V]`` real tokens."""
@@ -182,12 +211,14 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
     cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
     device = resolve_device(cfg.train.device)
     files = parse_teacher_files(cfg.teacher_file)
-    if cfg.teachers == 0 and not files:
+    # a task's pretrained teachers (lm --lm-teacher smollm2): modules loaded by the task, after the trained ones
+    pretrained: list[tuple[str, Any]] = list(task.info.get("pretrained_teachers", ()))
+    if cfg.teachers == 0 and not files and not pretrained:
         raise ConfigError("--teachers 0 leaves no teacher for this gate; give --teachers K >= 1 or --teacher-file")
     named = cfg.teacher_bank != "default" and cfg.teachers > 0
     members = [m.name for m in bank_members(task, cfg.teacher_bank, cfg.teachers)] if named else []
     taken = set(members or (teacher_names(task, cfg.teachers, cfg.adversarial_teacher) if cfg.teachers else []))
-    for name, _ in files:
+    for name, _ in [*pretrained, *files]:
         if name in taken:
             raise ConfigError(f"--teacher-file: two teachers are named {name!r}; name it as NAME=PATH")
         taken.add(name)
@@ -203,6 +234,10 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
         if math.isnan(st.get("test_acc", 0.0)):
             st["test_acc"] = teacher_test_acc(m, task, device)
         st["name"] = n  # type: ignore[assignment]
+    if pretrained:
+        loaded = [(n, load()) for n, load in pretrained]
+        modules, names = [*modules, *(m for _, m in loaded)], [*names, *(n for n, _ in loaded)]
+        stats = [*stats, *({"name": n, "kind": "pretrained"} for n, _ in loaded)]
     bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
                              rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
                              what=f"task {task.name!r}")
@@ -264,8 +299,12 @@ def calibrated_bank(bank: TeacherBank) -> TeacherBank:
                           "get one in run.load_teachers; an online bank has none)")
     if bank.online:
         raise ConfigError("online teachers cannot be calibrated here (their logits are computed per step)")
-    t = torch.tensor(cal.taus, dtype=torch.float32, device=bank.logits.device).view(1, -1, 1)
     out: TeacherBank
+    if isinstance(bank, SeqSparseBank):  # no table to divide: the rows are rebuilt at tau * tau_k
+        out = SeqSparseBank(bank.sparse, bank.token_index, list(cal.taus))
+        out.calibration, out.calibrated = cal, True
+        return out
+    t = torch.tensor(cal.taus, dtype=torch.float32, device=bank.logits.device).view(1, -1, 1)
     if isinstance(bank, SeqTeacherBank):
         scaled = bank.logits[:-1].float() / t
         if scaled.abs().max() < torch.finfo(bank.logits.dtype).max:  # float16 storage kept unless it would overflow

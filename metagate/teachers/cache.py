@@ -6,7 +6,7 @@ Layout::
     teacher-<name>.pt         {"state", "task_fingerprint", "select_acc", "test_acc", "epoch", ...}
     logits-<name>.pt          {"fingerprint", "logits" [N_train, C] float32, "teacher", "checksum"}
     tokens-<name>.pt          {"fingerprint", "logits" [M, V] float16, "teacher", "checksum"}
-    tokens-<name>-top<k>.pt   {"fingerprint", "values" [M, k] float32, "indices" [M, k] uint8/int16, "vocab" V,
+    tokens-<name>-top<k>.pt   {"fingerprint", "values" [M, k] float32, "indices" [M, k] uint8/int16/int32, "vocab" V,
                                "teacher", "checksum"}
     .teachers.lock            held while a file of the directory is computed and written
 
@@ -237,7 +237,7 @@ def cached_token_logits(teacher: nn.Module, name: str, task: Task, cache_dir: Pa
             return {"values": values, "indices": indices, "vocab": v, "teacher": name}
         return {"logits": logits.to(torch.float16), "teacher": name}
 
-    expect: Expect = ({"values": ((torch.float32,), m, "k"), "indices": ((torch.uint8, torch.int16), m, "k")}
+    expect: Expect = ({"values": ((torch.float32,), m, "k"), "indices": ((torch.uint8, torch.int16, torch.int32), m, "k")}
                       if topk else {"logits": ((torch.float16,), m, "V")})
     blob = load_or_compute(cache_file(cache_dir, task, token_logits_file(name, topk)), fp, compute,
                            what="teacher token-logits cache",

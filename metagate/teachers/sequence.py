@@ -93,15 +93,15 @@ def token_index(mask: Tensor) -> Tensor:
 
 
 def topk_compress(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest log-probabilities of each row (float32) and their class ids (uint8, or int16 for
-    ``V > 256``).
+    """The ``k`` largest log-probabilities of each row (float32) and their class ids (uint8 for ``V <= 256``,
+    int16 up to ``V = 32,768``, else int32: a 49,152-token LM vocabulary would wrap around in int16).
 
     :raises ConfigError: ``k < 1`` or ``k >= V`` (nothing would be saved)
     """
     v = log_probs.shape[-1]
     check_topk(k, v)
     vals, idx = log_probs.float().topk(k, -1)
-    return vals, idx.to(torch.uint8 if v <= 256 else torch.int16)
+    return vals, idx.to(torch.uint8 if v <= 256 else torch.int16 if v <= 32768 else torch.int32)
 
 
 def topk_expand(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
