@@ -11,9 +11,7 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +22,7 @@ import torch
 
 from metagate.data.task import Task
 from metagate.errors import CheckpointError
-from metagate.io import safe_load
+from metagate.io import atomic_write_text, safe_load
 from metagate.metrics import confidence_bins
 from metagate.run import DistillConfig, load_task, run_distill, task_key
 from metagate.rundir import mark_run_dir
@@ -36,15 +34,6 @@ from metagate.units import PAD_ID, is_sequence, train_unit_mask
 
 #: bins of the saved weight histograms (weights and KD shares lie in [0, 1])
 WEIGHT_BINS = 20
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename (a kill never leaves half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from metagate.compare.cell import atomic_write_text
 from metagate.compare.stats import mean_std
 from metagate.compare.summary import MASS, PAIRED
+from metagate.io import atomic_write_text
 
 #: (metric, column title, scale, digits) of the results table
 COLUMNS = (("test/acc", "test acc %", 100.0, 2), ("test/nll", "NLL", 1.0, 4), ("test/ece", "ECE", 1.0, 4),
@@ -109,21 +109,29 @@ SEQUENCE_COLUMNS = (("test/per", "PER %", 100.0, 2), ("test/wer", "WER %", 100.0
                     ("test/sent_ece", "sentence ECE", 1.0, 4))
 
 
-def sequence_table(summary: dict[str, Any]) -> str:
-    """Sequence tasks: PER and WER of greedy decodings on test, token and sentence ECE, and their paired
-    differences to ``fixed``; empty for classification."""
-    if not any("test/per" in s["metrics"] for s in summary["gates"].values()):
+def _metric_table(summary: dict[str, Any], columns: tuple[tuple[str, str, float, int], ...],
+                  unpaired: tuple[str, ...] = ()) -> str:
+    """Each gate's mean ± std of ``columns`` and their paired differences to ``fixed`` (but for ``unpaired``);
+    empty when no gate has the first column's metric (another kind of task)."""
+    if not any(columns[0][0] in s["metrics"] for s in summary["gates"].values()):
         return ""
+    paired = [c for c in columns if c[0] not in unpaired]
     rows = []
     for label, s in summary["gates"].items():
         row = [f"`{label}`", str(len(s["seeds"]))]
-        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in SEQUENCE_COLUMNS]
-        row += [_interval(s.get("vs_fixed"), k, scale, d) for k, _, scale, d in SEQUENCE_COLUMNS if k != "test/wer"]
+        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in columns]
+        row += [_interval(s.get("vs_fixed"), k, scale, d) for k, _, scale, d in paired]
         rows.append(row)
     fixed = summary["fixed"] or "fixed"
-    header = ["gate", "seeds", *[c[1] for c in SEQUENCE_COLUMNS],
-              *[f"Δ{c[1].replace(' %', '')} vs {fixed} (95%)" for c in SEQUENCE_COLUMNS if c[0] != "test/wer"]]
+    header = ["gate", "seeds", *[c[1] for c in columns],
+              *[f"Δ{c[1].replace(' %', '')} vs {fixed} (95%)" for c in paired]]
     return markdown_table(header, rows)
+
+
+def sequence_table(summary: dict[str, Any]) -> str:
+    """Sequence tasks: PER and WER of greedy decodings on test, token and sentence ECE, and their paired
+    differences to ``fixed`` (WER's is not shown); empty for classification."""
+    return _metric_table(summary, SEQUENCE_COLUMNS, unpaired=("test/wer",))
 
 
 #: (metric, column title, scale, digits) of the language-modelling table
@@ -134,18 +142,7 @@ LANGUAGE_COLUMNS = (("test/ppl", "perplexity", 1.0, 2), ("test/nll", "token NLL"
 def language_table(summary: dict[str, Any]) -> str:
     """Language-modelling tasks: test perplexity, token NLL, accuracy and ECE (teacher forcing), and their paired
     differences to ``fixed``; empty for other tasks."""
-    if not any("test/ppl" in s["metrics"] for s in summary["gates"].values()):
-        return ""
-    rows = []
-    for label, s in summary["gates"].items():
-        row = [f"`{label}`", str(len(s["seeds"]))]
-        row += [_pm(s["metrics"][k], scale, d) for k, _, scale, d in LANGUAGE_COLUMNS]
-        row += [_interval(s.get("vs_fixed"), k, scale, d) for k, _, scale, d in LANGUAGE_COLUMNS]
-        rows.append(row)
-    fixed = summary["fixed"] or "fixed"
-    header = ["gate", "seeds", *[c[1] for c in LANGUAGE_COLUMNS],
-              *[f"Δ{c[1].replace(' %', '')} vs {fixed} (95%)" for c in LANGUAGE_COLUMNS]]
-    return markdown_table(header, rows)
+    return _metric_table(summary, LANGUAGE_COLUMNS)
 
 
 def cost_table(summary: dict[str, Any]) -> str:
