@@ -14,6 +14,8 @@ alternates the two loops for ``--rounds`` rounds, and the ratio of the medians p
 
 The default is the CI path (``--lm-teacher tiny-random``, 384 tokens); ``--lm-teacher smollm2`` adds the pretrained
 SmolLM2-135M to the teachers (its GGUF wheel, ``metagate[lm]``; scoring its bank takes minutes the first time).
+``--loss-vocab 49152`` also times the loss and its backward alone at SmolLM2's vocabulary on random logits (no model
+needed): the core loop rebuilds each teacher's ``[tokens, V]`` rows per batch, the closed form does not.
 """
 
 from __future__ import annotations
@@ -145,6 +147,45 @@ def run_hand(task: Task, bank: SeqSparseBank, plan: list[Batch], a: argparse.Nam
     return times, losses
 
 
+def loss_part(vocab: int, tokens: int, teachers: int, k: int, rounds: int, alpha: float = 0.5,
+              tau: float = 4.0) -> dict[str, Any]:
+    """The loss and its backward alone (no model) at a vocabulary of ``vocab`` on random logits and random
+    top-``k`` teachers: the core loop's (each teacher's rows rebuilt to ``[tokens, V]``, then the dense KL) against
+    :func:`hand_kd_loss`'s closed form; alternating, ``rounds`` times (what a large vocabulary does to the step
+    when no pretrained model is at hand)."""
+    from metagate.losses import SparseTeacher, reduce_weighted, sparse_log_probs_at, unit_losses
+
+    g = torch.Generator().manual_seed(0)
+    top = torch.log_softmax(torch.randn(tokens, teachers, vocab, generator=g) * 3, -1).topk(k, -1)
+    ids, lp = top.indices.to(torch.int32), top.values
+    s = torch.randn(tokens, vocab, generator=g, requires_grad=True)
+    y = torch.randint(1, vocab, (tokens,), generator=g)
+    w = torch.tensor([alpha] + [(1 - alpha) / teachers] * teachers).expand(tokens, -1)
+    rows = torch.arange(tokens).unsqueeze(0)
+
+    def core() -> Tensor:
+        t = sparse_log_probs_at(SparseTeacher(ids.long(), lp, tail="uniform"), vocab, tau)
+        return reduce_weighted(unit_losses(s, None, y, tau, t, validate=False), w, validate=False)
+
+    def hand() -> Tensor:
+        return hand_kd_loss(s.unsqueeze(0), y.unsqueeze(0), rows, ids, lp, vocab, alpha, tau)
+
+    times: dict[str, list[float]] = {"core": [], "hand": []}
+    values = {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, f in ((("core", core), ("hand", hand)) if r % 2 == 0 else (("hand", hand), ("core", core))):
+            t0 = time.perf_counter()
+            loss = f()
+            loss.backward()
+            s.grad = None
+            if r:
+                times[name].append(time.perf_counter() - t0)
+            values[name] = float(loss.detach())
+    core_t, hand_t = statistics.median(times["core"]), statistics.median(times["hand"])
+    return {"vocab": vocab, "tokens": tokens, "teachers": teachers, "k": k, "core_s": core_t, "hand_s": hand_t,
+            "ratio": core_t / hand_t, "loss_core": values["core"], "loss_hand": values["hand"]}
+
+
 def load(a: argparse.Namespace) -> tuple[Task, SeqSparseBank, list[str]]:
     """The lm task and its cached sparse bank (teachers trained and scored once, under ``--cache-dir``)."""
     from metagate.run import DistillConfig, load_task
@@ -179,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--cache-dir", default=None, help="teacher cache (unset: metagate's default)")
+    ap.add_argument("--loss-vocab", type=int, default=None, help="also time the loss and its backward alone at this "
+                    "vocabulary (e.g. 49152) on random logits and random top-k teachers, batch-size x lm-seq-len "
+                    "tokens, teachers + 1 of them (the run's teachers and a pretrained one)")
     ap.add_argument("--out", default=None, help="write the measurements as JSON here")
     a = ap.parse_args(argv)
     if a.steps <= a.warmup:
@@ -216,6 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"median over {a.rounds} rounds: metagate {result['core_s_per_step_median']:.4f} s/step, hand loop "
           f"{result['hand_s_per_step_median']:.4f} s/step, ratio {result['ratio_median']:.3f} "
           f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f})")
+    if a.loss_vocab:
+        lp = loss_part(a.loss_vocab, a.batch_size * a.lm_seq_len, a.teachers + 1, a.topk, a.rounds, a.alpha, a.tau)
+        result["loss_part"] = lp
+        print(f"the loss and its backward alone at V = {lp['vocab']:,} ({lp['tokens']} tokens, {lp['teachers']} "
+              f"top-{lp['k']} teachers): core loop {lp['core_s']:.3f} s, closed form {lp['hand_s']:.3f} s, ratio "
+              f"{lp['ratio']:.2f} (losses {lp['loss_core']:.6f} / {lp['loss_hand']:.6f})")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {a.out}")
