@@ -61,6 +61,37 @@ def teacher_trust(unit_weights: Tensor, right: Tensor) -> dict[str, float]:
     return out
 
 
+def class_shares(unit_weights: Tensor, classes: dict[str, Tensor], right: Tensor | None = None) -> dict[str, float]:
+    """Each teacher's share of the KD weight, and the label weight, by class of unit (the lm task's token classes,
+    :func:`metagate.data.lm_classes.class_masks`).
+
+    * ``gate/share_{class}_t{k}``: mean over the class's units that get KD weight of ``w_k / sum_j w_j``;
+    * ``gate/w_label_{class}``: mean label weight ``w_0`` over the class's units;
+    * with ``right``: ``diag/right_{class}_t{k}``, the fraction of the class's units where teacher ``k``'s top-1
+      is the clean label (the bank's, whatever the gate did: do the shares follow who is right?).
+
+    :param unit_weights: ``[N, 1+K]``
+    :param classes: ``name -> [N]`` bool masks over the same units
+    :param right: ``[N, K]`` bool, from :func:`teacher_right`
+    """
+    w = unit_weights.detach().float()
+    share = kd_shares(w)
+    has_kd = w[:, 1:].sum(1) > 0
+    out: dict[str, float] = {}
+    for name, mask in classes.items():
+        sel = mask.to(w.device).bool()
+        if not sel.any():
+            continue
+        out[f"gate/w_label_{name}"] = float(w[sel, 0].mean())
+        kd = sel & has_kd
+        for k in range(share.shape[1]):
+            if kd.any():
+                out[f"gate/share_{name}_t{k}"] = float(share[kd, k].mean())
+            if right is not None:
+                out[f"diag/right_{name}_t{k}"] = float(right.to(w.device)[sel, k].float().mean())
+    return out
+
+
 def teacher_trust_figure(unit_weights: Tensor, right: Tensor, names: list[str] | None = None,
                          title: str = "") -> Any:
     """Bar chart of each teacher's mean *absolute* KD weight ``w_k`` on the units where it is right vs wrong.
@@ -112,7 +143,7 @@ def teacher_trust_figure(unit_weights: Tensor, right: Tensor, names: list[str] |
 
 
 def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None,
-                     right: Tensor | None = None) -> dict[str, float]:
+                     right: Tensor | None = None, classes: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Summaries of ``W [N, 1+K]`` (the weights last used for each training unit).
 
     * ``gate/teacher_share``: mean of ``sum_k w_k / sum_j w_j``;
@@ -120,7 +151,8 @@ def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None,
     * with label noise: ``diag/auroc_teacher_share`` -- AUROC of the teacher share for predicting
       "this label was corrupted" (1 = the gate hands every corrupted unit to the teachers) --
       and the mean label weight / teacher share on corrupted vs clean units;
-    * with ``right`` (``[N, K]``, each teacher's per-unit correctness): :func:`teacher_trust`.
+    * with ``right`` (``[N, K]``, each teacher's per-unit correctness): :func:`teacher_trust`;
+    * with ``classes`` (``name -> [N]`` bool, e.g. the lm task's token classes): :func:`class_shares`.
     """
     w = unit_weights.detach().float()
     out: dict[str, float] = {}
@@ -139,4 +171,6 @@ def gate_diagnostics(unit_weights: Tensor, corrupted: Tensor | None,
         out["diag/teacher_share_clean"] = float(share[~c].mean())
     if right is not None:
         out.update(teacher_trust(w, right))
+    if classes:
+        out.update(class_shares(w, classes, right))
     return out

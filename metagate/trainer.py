@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from metagate import checkpoint, units
 from metagate.callbacks import BaseCallback, CallbackList, standard_callbacks
 from metagate.checks import check_finite, nonfinite_inputs
+from metagate.data.lm_classes import class_masks
 from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics
 from metagate.errors import ConfigError, InputError
@@ -187,6 +188,7 @@ class Trainer:
         self._real_units = units.train_unit_mask(task)  # sequences: padding units are no units
         # each teacher's per-unit correctness against the clean labels: ground truth for diagnostics only
         self.teacher_right = None if self.bank is None else self.bank.unit_right(task.clean_train_labels)
+        self._unit_classes = _real_unit_classes(task, self._real_units)
         params = list(self.student.parameters())
         if config.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -508,7 +510,7 @@ class Trainer:
         """Gate diagnostics over the weights last used for every training unit."""
         if self.step == 0:
             return {}
-        return {**gate_diagnostics(*self.real_unit_weights()), **self.gate.diagnostics()}
+        return {**gate_diagnostics(*self.real_unit_weights(), classes=self._unit_classes), **self.gate.diagnostics()}
 
     def real_unit_weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """Unit weights, corrupted flags and teacher correctness of the real (unpadded) training units."""
@@ -530,6 +532,22 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint (:func:`metagate.checkpoint.load_checkpoint`: every field checked)."""
         checkpoint.load_checkpoint(self, path)
+
+
+def _real_unit_classes(task: Task, real: Tensor | None) -> dict[str, Tensor] | None:
+    """The task's unit classes (``info["token_classes"]``: ``name -> [N_train, L]`` bool flags, the lm task's) as
+    ``frequent / rare / code / prose`` masks over the real training units; ``None`` for a task without them."""
+    classes = task.info.get("token_classes")
+    if not classes:
+        return None
+    flat = {}
+    for name, flags in classes.items():
+        if tuple(flags.shape) != tuple(task.train.y.shape):
+            raise InputError(f"token class {name!r} has shape {tuple(flags.shape)}, the training labels "
+                             f"{tuple(task.train.y.shape)}")
+        f = flags.reshape(-1).bool()
+        flat[name] = f if real is None else f[real.to(f.device)]
+    return class_masks(flat)
 
 
 _ONES: dict[tuple[int, torch.device], Tensor] = {}

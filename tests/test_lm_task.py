@@ -240,3 +240,26 @@ def test_tiny_compare_on_the_sparse_bank(tmp_path):
     assert len(fps) == 1
     for r in rows:
         assert r["metrics"]["test/nll"] < math.log(384)
+    # the teachers' shares by token class: fixed splits KD equally on every class; hard gives each token to one
+    # teacher; every gate reads the same bank's per-class correctness
+    m = {r["gate"]: r["metrics"] for r in rows}
+    classes = ("frequent", "rare", "code", "prose")
+    present = [c for c in classes if f"gate/w_label_{c}" in m["fixed"]]
+    assert present == ["frequent", "rare", "prose"]  # the first 48 tokens of these documents hold no code line
+    for c in present:
+        assert m["fixed"][f"gate/share_{c}_t0"] == m["fixed"][f"gate/share_{c}_t1"] == pytest.approx(0.5)
+        assert m["fixed"][f"gate/w_label_{c}"] == pytest.approx(m["fixed"]["gate/mean_w_label"])
+        assert m["hard"][f"gate/share_{c}_t0"] + m["hard"][f"gate/share_{c}_t1"] == pytest.approx(1.0)
+        for k in (0, 1):
+            assert m["fixed"][f"diag/right_{c}_t{k}"] == m["hard"][f"diag/right_{c}_t{k}"] == \
+                m["meta"][f"diag/right_{c}_t{k}"]
+    assert m["fixed"]["diag/right_frequent_t0"] > m["fixed"]["diag/right_rare_t0"]  # frequent tokens are easier
+    saved = json.loads((tmp_path / "out" / "runs" / "fixed" / "seed1" / "metrics.json").read_text())
+    assert saved["gate/share_rare_t0"] == m["fixed"]["gate/share_rare_t0"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    table = md.split("## Teacher shares by token class")[1].split("## Cost")[0]
+    assert "| gate | seeds | gpt2-128: frequent | gpt2-128: rare | gpt2-128: code | gpt2-128: prose | llama-96: frequent" \
+        in table
+    assert "| `fixed` | 1 | 0.500 ± 0.000 | 0.500 ± 0.000 | - | 0.500 ± 0.000 | 0.500 ± 0.000 |" in table
+    right = [f"{100 * m['fixed'][f'diag/right_{c}_t0']:.1f} ± 0.0" if c in present else "-" for c in classes]
+    assert "| teacher top-1 right % (bank) | 1 | " + " | ".join(right) + " |" in table

@@ -145,6 +145,47 @@ def language_table(summary: dict[str, Any]) -> str:
     return _metric_table(summary, LANGUAGE_COLUMNS)
 
 
+#: the token classes of the lm task (metagate.data.lm_classes), as the diagnostics name them
+TOKEN_CLASSES = ("frequent", "rare", "code", "prose")
+
+
+def _class_cell(ms: list[dict[str, Any]], key: str, scale: float, digits: int) -> str:
+    mean, sd = mean_std([float(m[key]) for m in ms if key in m])
+    return _pm({"mean": mean, "std": sd}, scale, digits)  # "-" when no seed has it
+
+
+def token_class_table(rows: list[dict[str, Any]]) -> str:
+    """Each gate's mean share of the KD weight per teacher and its label weight on frequent / rare / code / prose
+    training tokens (mean ± std over seeds, from the runs' ``gate/share_{class}_t{k}`` and ``gate/w_label_{class}``),
+    and a last row with how often each teacher's top-1 is the clean token on each class (``diag/right_*``, from the
+    bank, one value per seed); empty when no row has token classes."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    names: list[str] = []
+    right: dict[int, dict[str, Any]] = {}  # seed -> metrics holding the bank's per-class correctness
+    for r in rows:
+        m = r["metrics"]
+        if "gate/w_label_frequent" not in m:
+            continue
+        by_label.setdefault(r["label"], []).append(m)
+        if r.get("teachers") and not names:
+            names = [t["name"] for t in r["teachers"]]
+        if "diag/right_frequent_t0" in m:
+            right.setdefault(r["seed"], m)
+    if not by_label:
+        return ""
+    header = ["gate", "seeds", *[f"{n}: {c}" for n in names for c in TOKEN_CLASSES],
+              *[f"label w: {c}" for c in TOKEN_CLASSES]]
+    out = [[f"`{label}`", str(len(ms)),
+            *[_class_cell(ms, f"gate/share_{c}_t{k}", 1.0, 3) for k in range(len(names)) for c in TOKEN_CLASSES],
+            *[_class_cell(ms, f"gate/w_label_{c}", 1.0, 3) for c in TOKEN_CLASSES]] for label, ms in by_label.items()]
+    if right:
+        ms = list(right.values())
+        out.append(["teacher top-1 right % (bank)", str(len(ms)),
+                    *[_class_cell(ms, f"diag/right_{c}_t{k}", 100.0, 1) for k in range(len(names))
+                      for c in TOKEN_CLASSES], *["-"] * len(TOKEN_CLASSES)])
+    return markdown_table(header, out)
+
+
 def cost_table(summary: dict[str, Any]) -> str:
     """Wall time per epoch and the per-step cost relative to ``fixed`` (paired by seed)."""
     rows = []
@@ -216,6 +257,16 @@ def markdown(summary: dict[str, Any], teachers: dict[int, list[dict[str, Any]]],
     if language:
         parts += ["## Language modelling", "", "Test perplexity = exp(token NLL), under teacher forcing.", "",
                   language, ""]
+    classes = token_class_table(rows or [])
+    if classes:
+        parts += ["## Teacher shares by token class", "",
+                  "Each teacher's share of the KD weight, w_k / sum_j w_j, and the label weight w_0 (label w), "
+                  "averaged over the training tokens of a class by the weights last used for each token (mean ± std "
+                  "over seeds). Frequent: the most frequent token types that together cover half of the training "
+                  "targets; rare: the rest. Code: tokens on a code line of the documentation (a >>> prompt, a "
+                  "literal block or a grammar rule); prose: the rest. The last row: how often each teacher's top-1 "
+                  "is the clean token on that class, from the bank, so a reader sees whether the shares follow who "
+                  "is right.", "", classes, ""]
     parts += ["## Cost", "", cost_table(summary), ""]
     tuning = tuning_table(rows or [])
     if tuning:

@@ -13,7 +13,8 @@
   ``meta`` and ``select``, the rest ``train``. No document is in two splits.
 * **Tensors**: each document (optionally cut to its first ``lm_doc_tokens`` tokens) is cut into chunks of
   ``L + 1`` tokens overlapping by one; ``x [N, L]`` the chunk's first ``L`` tokens, ``y [N, L]`` the next
-  tokens, the last chunk of a document right-padded with 0 (masked). A unit is a target token.
+  tokens, the last chunk of a document right-padded with 0 (masked). A unit is a target token. Each training
+  target is classed frequent / rare and code / prose (:mod:`metagate.data.lm_classes`, ``info["token_classes"]``).
 * **Label noise** (``symmetric``: a ``noise`` fraction of the training target tokens; ``word``: every token
   of a ``noise`` fraction of the training chunks) redraws a token uniformly among the other non-padding
   ids; the inputs are the noisy targets shifted right (the model reads the corrupted text), as in g2p.
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from metagate.checks import check_topk
 from metagate.data.builtin import register_task
 from metagate.data.g2p import inject_token_noise
+from metagate.data.lm_classes import target_classes, token_code_flags
 from metagate.data.options import TaskConfig
 from metagate.data.task import Split, Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
@@ -354,9 +356,11 @@ def lm_task(
         names = sorted(names[i] for i in pick)
     tok = task_tokenizer(lm_teacher, lm_corpus, cache_dir)
     vocab = len(tok)
-    tokens = {}
+    tokens, code = {}, {}
     for n in names:
-        ids = tok(texts[n], add_special_tokens=False)["input_ids"][: lm_doc_tokens or None]
+        enc = tok(texts[n], add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"][: lm_doc_tokens or None]
+        code[n] = token_code_flags(texts[n], enc["offset_mapping"][: len(ids)])
         if len(ids) < 2:
             raise InputError(f"lm document {n!r} has {len(ids)} token(s); a document needs two")
         if 0 in ids:  # 0 is the loop's padding: a text token 0 would be silently masked
@@ -368,6 +372,7 @@ def lm_task(
     clean = train.y
     g = torch.Generator().manual_seed(1_000_003 * data_seed + 29)
     noisy, corrupted = inject_token_noise(clean, noise, noise_type, 1, vocab - 1, g)
+    classes = target_classes(train.docs, code, clean, vocab, lm_seq_len)  # of the clean text, before the noise
     x = train.x.clone()
     x[:, 1:] = torch.where(clean[:, 1:] == 0, train.x[:, 1:], noisy[:, :-1])  # input t + 1 = target t, where real
     splits["train"] = LMSplit(x, noisy, train.doc, train.docs)
@@ -382,6 +387,8 @@ def lm_task(
         info={"noise": noise, "noise_type": noise_type, "data_seed": data_seed, "val_fraction": val_fraction,
               "variant": variant, "tokenizer": tok, "sparse_bank": True, "lm_teacher": lm_teacher, "documents": parts,
               "tokens": {k: int(s.mask.sum()) for k, s in splits.items()},
+              # [N_train, L] bool per training target (metagate.data.lm_classes): the gate's shares by class
+              "token_classes": classes,
               # loaded only when a run's teachers are built (metagate.teachers.build.load_teachers)
               "pretrained_teachers": [("smollm2-135m", pretrained_smollm2)] if lm_teacher == "smollm2" else []},
     )

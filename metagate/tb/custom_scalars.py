@@ -36,6 +36,8 @@ _CHARTS: list[tuple[str, str, str]] = [
     ("compare: teachers", "{teacher}: share of its unit's KD weight where right / wrong",
      r"^diag/kd_share_teacher{k}_(right|wrong)$"),
     ("compare: teachers", "{teacher}: mean absolute weight", r"^gate/mean_w_teacher{k}$"),
+    ("compare: teachers", "{teacher}: share of its token's KD weight by token class (lm)",
+     r"^gate/share_(?:frequent|rare|code|prose)_t{k}$"),
     ("compare: learned temperature", "learned temperatures", r"^temperature/"),
 ]
 

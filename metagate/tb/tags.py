@@ -51,6 +51,11 @@ _TABLE: list[tuple[str, str]] = [
     (r"diag/tau_(corrupted|clean)", "mean last KD temperature of the training units whose label is {0}"),
     (r"diag/kd_share_teacher{k}_(right|wrong)", "mean share of its unit's KD weight that {teacher} gets on the "
      "units where it is {0} (equal weights: 1/K on both)"),
+    (r"gate/share_(frequent|rare|code|prose)_t{k}", "mean share of its token's KD weight that {teacher} gets on the "
+     "{0} training tokens (lm task, metagate.data.lm_classes; equal weights: 1/K)"),
+    (r"gate/w_label_(frequent|rare|code|prose)", "mean label weight on the {0} training tokens (lm task)"),
+    (r"diag/right_(frequent|rare|code|prose)_t{k}", "fraction of the {0} training tokens where the top-1 of "
+     "{teacher} is the clean token (from the bank: the same whatever the gate does)"),
     (r"meta/loss", "meta gate: mean validation loss after the one-step look-ahead, over the epoch's meta updates"),
     (r"meta/hypergrad_norm", "meta gate: mean norm of the hypergradient on the gate parameters"),
     (r"meta/updates", "meta gate: number of meta updates so far"),
