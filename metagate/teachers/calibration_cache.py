@@ -2,9 +2,9 @@
 
 :func:`~metagate.teachers.build.fit_teacher_temperatures` fits one temperature per teacher on the clean ``meta``
 split (and the ensemble's ``r``, the NLL/ECE report at τ = 1, 1.5 and τ*, and the reliability table), which
-needs every teacher's logits on ``meta``: one forward pass of each teacher per run (about 15 s with SmolLM2 on
-the lm task). The result is kept in one JSON file beside the bank's other files, so a run whose teachers and
-``meta`` split are those of an earlier run reads it instead::
+needs every teacher's logits on ``meta``: one forward pass of each teacher per run (seconds with SmolLM2 on the
+lm task, in every compare cell). The result is kept in one JSON file beside the bank's other files, so a run
+whose teachers and ``meta`` split are those of an earlier run reads it instead::
 
     calibration-<name>+<name>....json           a bank of cached logits (or of file teachers)
     calibration-<name>+<name>...-top<k>.json    the sparse top-k bank (lm), beside sparse-<names>-top<k>.safetensors
@@ -22,10 +22,11 @@ fitted), their names, the ``meta`` split's inputs and labels, and the scored fix
 names the fit's method (its search interval and grid, the reliability prior): it changes when they do.
 
 The policy is the logits cache's (:mod:`metagate.teachers.cache`): a file of another fingerprint, or a damaged
-one (not JSON, fields missing, checksum), raises :class:`~metagate.errors.StaleCacheError` naming it (the user
-decides, with ``--rebuild-cache``); a file of another ``FIT_VERSION`` is refitted. Writes are atomic and under
-the directory's lock, and replace only a calibration-cache file (one that parses with this format); anything
-else under the name is refused and left as it is.
+one (fields missing, checksum), raises :class:`~metagate.errors.StaleCacheError` naming it (the user decides,
+with ``--rebuild-cache``); a file of another ``FIT_VERSION`` is refitted. Writes are atomic and under the
+directory's lock, and replace only a calibration-cache file (one that parses as JSON of this format): anything
+else under the name (not JSON, a directory) is a ``StaleCacheError`` on reading and is never replaced, even with
+``--rebuild-cache``; the user moves it away.
 """
 
 from __future__ import annotations
