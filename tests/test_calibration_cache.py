@@ -190,3 +190,22 @@ def test_the_lm_sparse_bank_gets_the_cached_fit(tmp_path, fits):
     path.write_text(json.dumps(blob))
     with pytest.raises(StaleCacheError, match=f"stale teacher calibration cache {re.escape(str(path))}"):
         load_teachers(sparse_cfg, task, progress=False)
+
+
+def test_a_file_teacher_is_in_the_key_unfitted(cache, digits_noisy, digits_bank, fits, tmp_path):
+    """Two trained teachers and a logits file: the file teacher keeps tau = 1 and no ensemble is fitted, in the
+    computed fit and in the cached one; the file's name is part of the file name and of the key."""
+    import numpy as np
+
+    np.save(tmp_path / "t2.npy", digits_bank[0].logits[:, 2].numpy())
+    cfg = _cfg(cache, teachers=2, teacher_file=(f"extra={tmp_path / 't2.npy'}",))
+    fresh, stats = load_teachers(cfg, digits_noisy, progress=False)
+    again, stats2 = load_teachers(cfg, digits_noisy, progress=False)
+    assert fits["n"] == 1 and again.calibration == fresh.calibration and stats2 == stats
+    cal = again.calibration
+    assert cal.names == [*NAMES[:2], "extra"] and cal.calibrated == [True, True, False]
+    assert cal.taus[2] == 1.0 and cal.ensemble_tau == 1.0 and "extra" not in cal.stats
+    assert cal.taus[:2] == digits_bank[0].calibration.taus[:2] and again.reliability is None
+    assert stats2[2] == {"name": "extra", "kind": "file"}
+    blob = json.loads((cache / digits_noisy.key / calibration_file([*NAMES[:2], "extra"])).read_text())
+    assert blob["reliability"] is None and blob["calibration"]["calibrated"] == [True, True, False]
