@@ -11,7 +11,9 @@ it has one minimum on the log scale; the ensemble's need not, hence the grid fir
 no optimizer state.
 
 Calibrated teachers are a bank whose logits are divided by ``tau_k`` (:func:`metagate.teachers.build.calibrated_bank`); a gate then
-reads them at temperature 1. The bank keeps the fit in ``bank.calibration`` (a :class:`TeacherCalibration`).
+reads them at temperature 1. The bank keeps the fit in ``bank.calibration`` (a :class:`TeacherCalibration`); the fit
+is cached with the bank under the teachers' and the ``meta`` split's fingerprint
+(:mod:`metagate.teachers.calibration_cache`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
 TAU_MIN, TAU_MAX = 0.02, 50.0
 _GRID = 61  # grid points on log tau before the golden-section refinement
 _GOLDEN_STEPS = 60  # bracket shrinks by 0.618 per step: far below float tolerance on the log scale
+#: the search's settings, part of a cached fit's version (:mod:`metagate.teachers.calibration_cache`): a cached
+#: fit of other settings is refitted
+FIT_METHOD = f"log-tau grid {_GRID} on [{TAU_MIN}, {TAU_MAX}] + {_GOLDEN_STEPS} golden-section steps"
 
 
 def _flatten(logits: Tensor, labels: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +32,13 @@ from metagate.io import ensure_dir
 from metagate.teachers.bank import TeacherBank, teacher_logits
 from metagate.teachers.banks import bank_members, load_or_train_bank
 from metagate.teachers.cache import cache_file, cache_lock, cached_logits, cached_token_logits, default_cache_dir
+from metagate.teachers.calibration_cache import (
+    Fit,
+    cached_fit,
+    calibration_file,
+    calibration_fingerprint,
+    teacher_identities,
+)
 from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
 from metagate.teachers.online import OnlineBank
 from metagate.teachers.sequence import SeqTeacherBank, token_index
@@ -241,7 +249,7 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
     bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
                              rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
                              what=f"task {task.name!r}")
-    fit_teacher_temperatures(bank, task, modules, device, stats)
+    fit_teacher_temperatures(bank, task, modules, device, stats, cache, cfg.rebuild_cache or cfg.retrain_teachers)
     return bank, [*stats, *built[len(modules):]]
 
 
@@ -250,12 +258,42 @@ SCORED_TAUS = (1.5,)
 
 
 def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], device: Any,
-                             stats: list[dict[str, Any]]) -> None:
+                             stats: list[dict[str, Any]], cache_dir: Path | None = None,
+                             rebuild: bool = False) -> None:
     """Temperature scaling of the run's teachers on the clean ``meta`` split: ``bank.calibration`` (a
-    :class:`~metagate.calibration.TeacherCalibration`) and each trained teacher's stats (``tau``, ``meta_nll_tau1``,
-    ``meta_ece_tau1``, ``meta_nll_tau1.5``, ..., ``meta_nll``, ``meta_ece`` at ``tau``). Teachers from logits files
-    have no logits on ``meta``: they keep ``tau = 1`` (``bank.calibration.calibrated``) and the ensemble is not
-    refitted."""
+    :class:`~metagate.calibration.TeacherCalibration`), ``bank.reliability`` and each trained teacher's stats
+    (``tau``, ``meta_nll_tau1``, ``meta_ece_tau1``, ``meta_nll_tau1.5``, ..., ``meta_nll``, ``meta_ece`` at
+    ``tau``). Teachers from logits files have no logits on ``meta``: they keep ``tau = 1``
+    (``bank.calibration.calibrated``) and the ensemble is not refitted.
+
+    :param cache_dir: the fit is read from / written to ``<cache_dir>/<task key>/calibration-<names>.json``
+        under the teachers' and the ``meta`` split's fingerprint (:mod:`metagate.teachers.calibration_cache`);
+        ``None``: fitted here, not cached
+    :param rebuild: refit and replace the cached fit (``--rebuild-cache``)
+    :raises StaleCacheError: the cached fit is for other teachers or another ``meta`` split, or is damaged
+    """
+    k_mod = len(modules)
+    fit = partial(_fit_on_meta, bank, task, modules, device)
+    if modules and cache_dir is not None:
+        sparse = bank.sparse if isinstance(bank, SeqSparseBank) else None
+        # the teachers' identity: a sparse bank's fingerprint hashes every teacher's weights already
+        teachers = [sparse.fingerprint] if sparse is not None else teacher_identities(modules, bank.num_teachers)
+        fp = calibration_fingerprint(bank.names, teachers, task.meta.x, task.meta.y, SCORED_TAUS)
+        path = cache_file(cache_dir, task, calibration_file(bank.names, sparse.k if sparse is not None else None))
+        cal, reliability = cached_fit(path, fp, fit, rebuild)
+    else:  # no module teacher: nothing to fit (every tau is 1)
+        cal, reliability = fit()
+    bank.calibration = cal
+    if reliability is not None:
+        bank.reliability = reliability
+    for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
+        st["tau"] = tau
+        st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
+
+
+def _fit_on_meta(bank: TeacherBank, task: Task, modules: list[Any], device: Any) -> Fit:
+    """The fit of :func:`fit_teacher_temperatures` (the module teachers' logits on ``meta``), and the
+    reliability table when every teacher has logits on ``meta`` and units are whole examples (else ``None``)."""
     k_mod, k = len(modules), bank.num_teachers
     y = task.meta.y
     if is_sequence(task):
@@ -265,12 +303,9 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
         lg = torch.cat([lg, torch.zeros(len(y), k - k_mod, lg.shape[-1])], dim=1)
     fitted = [i < k_mod for i in range(k)]
     cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
-    bank.calibration = cal
-    if k_mod == k and not is_sequence(task):  # every teacher seen on meta: its held-out reliability per prediction
-        bank.reliability = teacher_reliability(lg, y)
-    for st, n, tau in zip(stats[:k_mod], cal.names, cal.taus):  # a file teacher's stats stay as they were
-        st["tau"] = tau
-        st.update({f"meta_{key}": v for key, v in cal.stats.get(n, {}).items()})
+    # every teacher seen on meta: its held-out reliability per prediction
+    reliability = teacher_reliability(lg, y) if k_mod == k and not is_sequence(task) else None
+    return cal, reliability
 
 
 def parse_teacher_files(specs: tuple[str, ...]) -> list[tuple[str, Path]]:

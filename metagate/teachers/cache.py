@@ -8,6 +8,8 @@ Layout::
     tokens-<name>.pt          {"fingerprint", "logits" [M, V] float16, "teacher", "checksum"}
     tokens-<name>-top<k>.pt   {"fingerprint", "values" [M, k] float32, "indices" [M, k] uint8/int16/int32, "vocab" V,
                                "teacher", "checksum"}
+    calibration-<names>.json  the teachers' temperature fit and reliability table on ``meta``
+                              (:mod:`metagate.teachers.calibration_cache`: JSON, same rules)
     .teachers.lock            held while a file of the directory is computed and written
 
 ``teacher-*`` are the checkpoints of teachers trained by the project (:mod:`metagate.teachers.training`); the
@@ -50,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: the lock file of a task's cache directory
 LOCK = ".teachers.lock"
 #: how the temporary files of the cache's own files begin (a crashed write leaves one behind)
-OWN_TMP = (".teacher-", ".logits-", ".tokens-")
+OWN_TMP = (".teacher-", ".logits-", ".tokens-", ".calibration-")
 #: what a stale or damaged logits file's error tells the user to do
 FIX = "Delete the file or pass --rebuild-cache to recompute it."
 #: tensor key -> (allowed dtypes, rows, name of the columns): what a logits file stores
@@ -91,9 +93,10 @@ def cache_lock(path: Path | None) -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.parent / LOCK):
-        for tmp in path.parent.glob(".*.pt.*.tmp"):  # atomic_save's temporary names: .<file>.<random>.tmp
-            if tmp.name.startswith(OWN_TMP) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
+        for pattern in (".*.pt.*.tmp", ".*.json.*.tmp"):  # atomic writes' temporary names: .<file>.<random>.tmp
+            for tmp in path.parent.glob(pattern):
+                if tmp.name.startswith(OWN_TMP) and tmp.is_file():
+                    tmp.unlink(missing_ok=True)
         yield
 
 
