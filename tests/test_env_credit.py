@@ -164,3 +164,45 @@ def test_ppo_with_the_dense_reward_saves_a_deployable_policy(digits_bank, tmp_pa
         w = gate.weights(tr.make_view(b, tr.student(b.x))).weights
     torch.testing.assert_close(w.sum(1), torch.ones(len(b)))
     assert float(w[:, 1:].std()) > 0  # per-unit teacher weights, not a constant row
+
+
+@pytest.mark.slow
+def test_ppo_with_the_dense_reward_finds_the_right_teacher_per_class(tmp_path):
+    """Teacher k is right exactly on class part k: after 1500 PPO steps the dense reward's policy gives the right
+    teacher ~all of the KD weight on fresh students (0.998 measured), the scalar reward's policy stays near equal
+    weights (0.34-0.37 measured even after 3000 steps, agent seeds 0 and 1)."""
+    from metagate.cli import build_parser
+    from metagate.data import get_task
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.envs.synthetic import synthetic_bank
+    from metagate.gates.policy import load_sb3_policy
+    from metagate.teachers.banks import class_parts
+    from metagate.train_policy import train_policy
+
+    task = get_task("digits")
+    parts = class_parts(10, 3)
+    bank = synthetic_bank(task, (1.0, 1.0, 1.0), parts, adversarial=False, noise_std=0.5)
+    right = torch.zeros_like(task.clean_train_labels)
+    for k, part in enumerate(parts):
+        right[torch.isin(task.clean_train_labels, torch.tensor(part))] = k
+    shares = {}
+    for reward in ("hypergradient", "scalar"):
+        env = TeacherWeightingEnv(task, bank, batch_size=32, episode_steps=20, env_reward=reward)
+        out = tmp_path / f"{reward}.zip"
+        train_policy(build_parser().parse_args(["train-policy", "--timesteps", "1500", "--n-steps", "60",
+                                                "--seed", "0", "--out", str(out)]), env=env)
+        policy = load_sb3_policy(out)
+        ev = TeacherWeightingEnv(task, bank, batch_size=32, episode_steps=20)
+        obs, _ = ev.reset(seed=1000)
+        got = []
+        for _ in range(40):
+            with torch.no_grad():
+                a = policy.mean_logits(torch.as_tensor(obs)).numpy()
+            w = ev.weights_from_action(a)[:, 1:]
+            got.append(float((w / w.sum(1, keepdim=True)).gather(1, right[ev._batch.ids].view(-1, 1)).mean()))
+            obs, _, _, done, _ = ev.step(a)
+            if done:
+                obs, _ = ev.reset()
+        shares[reward] = float(np.mean(got))
+    assert shares["hypergradient"] > 0.9, shares
+    assert shares["scalar"] < 0.45, shares
