@@ -74,4 +74,77 @@ def test_teacher_bank_option_through_load_teachers(digits_noisy, tmp_path):
     with pytest.raises(ConfigError, match="--adversarial-teacher"):
         DistillConfig(task="digits", teacher_bank="memoriser", adversarial_teacher=True)
     with pytest.raises(ConfigError, match="teacher_bank|teacher-bank"):
-        DistillConfig(task="digits", teacher_bank="capacity")
+        DistillConfig(task="digits", teacher_bank="oracle")
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_capacity_members(digits_noisy):
+    """The capacity bank: a large CNN (4x the first teacher's channels, 2x its hidden width) that fits for 3x the
+    epochs, K - 2 of the task's teachers early-stopped, and a teacher of the default student's architecture; a task
+    whose first teacher is no CNN is refused by name."""
+    import dataclasses
+    from functools import partial
+
+    from metagate.data.task import TeacherSpec
+    from metagate.errors import ConfigError
+    from metagate.models import MLP
+    from metagate.teachers.banks import MEMORISER_EPOCHS, bank_members
+
+    cap = bank_members(digits_noisy, "capacity", 3)
+    assert [m.name for m in cap] == ["large-cnn64h256", "mid-cnn16", "small-mlp"]
+    assert [m.early_stopping for m in cap] == [False, True, True]
+    assert [m.epochs for m in cap] == [30 * MEMORISER_EPOCHS, 30, 30]
+    sizes = [_params(m.spec.factory()) for m in cap]
+    assert sizes == [601994, 71850, 1210]  # 8x and 500x apart
+    assert sizes[2] == _params(digits_noisy.make_student())  # the student's own size
+    assert [m.name for m in bank_members(digits_noisy, "capacity", 2)] == ["large-cnn64h256", "small-mlp"]
+    assert [m.name for m in bank_members(digits_noisy, "capacity", 4)] == ["large-cnn64h256", "mid-cnn16",
+                                                                           "mid-cnn24", "small-mlp"]
+    mlp_teachers = dataclasses.replace(digits_noisy, teacher_specs=[TeacherSpec("mlp32", partial(MLP, 64, (32,), 10))])
+    with pytest.raises(ConfigError, match="'mlp32' is not a metagate.models.CNN"):
+        bank_members(mlp_teachers, "capacity", 2)
+    with pytest.raises(ConfigError, match="--teachers >= 2"):
+        bank_members(digits_noisy, "capacity", 1)
+    with pytest.raises(ConfigError, match="--teachers 8 needs 6 of them"):
+        bank_members(digits_noisy, "capacity", 8)
+
+
+def test_capacity_small_member_reproducible_from_its_seed(digits_noisy):
+    """The student-sized member trains reproducibly from its seed (another seed, another teacher), early-stopped
+    on select, and loads into the task's student architecture."""
+    from metagate.teachers.bank import teacher_logits
+    from metagate.teachers.banks import bank_members, train_member
+
+    task = digits_noisy
+    small = bank_members(task, "capacity", 3)[2]
+    a, st = train_member(task, small, seed=5)
+    b, _ = train_member(task, small, seed=5)
+    c, _ = train_member(task, small, seed=6)
+    la = teacher_logits(a, task.train.x)
+    assert torch.equal(la, teacher_logits(b, task.train.x))
+    assert not torch.equal(la, teacher_logits(c, task.train.x))
+    task.make_student().load_state_dict(a.state_dict())  # strict: the same architecture
+    assert st["epoch"] < 30 and st["train_fit"] < 0.7  # early-stopped before it fits the 40% noise
+
+
+@pytest.mark.slow
+def test_capacity_bank_through_load_teachers(digits_noisy, tmp_path):
+    """``--teacher-bank capacity`` end to end on noisy digits (the large teacher trains ~2 CPU-minutes): the large
+    teacher fits the noisy labels and is the worst on test; a second load reads the same teachers from the cache."""
+    from metagate.run import DistillConfig
+    from metagate.teachers.build import load_teachers
+    from metagate.trainer import TrainConfig
+
+    cfg = DistillConfig(task="digits", noise=0.4, teacher_bank="capacity", cache_dir=str(tmp_path),
+                        train=TrainConfig(device="cpu", progress=False))
+    bank, stats = load_teachers(cfg, digits_noisy, progress=False)
+    assert bank.names == ["large-cnn64h256", "mid-cnn16", "small-mlp"]
+    large, mid, small = stats
+    assert large["train_fit"] > 0.99 and large["epoch"] == 90
+    assert large["test_acc"] < min(mid["test_acc"], small["test_acc"])
+    again, _ = load_teachers(cfg, digits_noisy, progress=False)
+    assert torch.equal(bank.logits, again.logits)
+    assert len(list(tmp_path.rglob("teacher-capacity-*-s0.pt"))) == 3

@@ -3,7 +3,8 @@
 One step = one student update through :meth:`metagate.trainer.Trainer.train_step` with the decision the
 action encodes; the observation describes the *next* batch from the student's train-mode forward,
 whose logits (and graph) that update reuses; the reward is the scaled improvement of the student's loss
-(or accuracy) on a fixed subset of the task's ``meta`` split (``select`` is never touched). An episode is
+(or accuracy) on a fixed subset of the task's ``meta`` split (``select`` is never touched), or a subclass's dense
+reward of the decision (:meth:`StudentLoopEnv._decision_reward`). An episode is
 a short student training run of ``episode_steps`` updates; ``reset`` builds a fresh student from a seed
 drawn from the env's RNG, so a policy learns a rule that transfers to new students.
 
@@ -100,6 +101,14 @@ class StudentLoopEnv(gym.Env):
         """Extra ``info`` of a step (e.g. the chosen weights)."""
         return {}
 
+    def _start_episode(self) -> None:
+        """Called by :meth:`reset` once the episode's trainer exists, before its first batch is observed."""
+
+    def _decision_reward(self, decision: GateOutput) -> float | None:
+        """A dense reward of ``decision``, measured before the update at the current parameters; ``None`` (the
+        default): the step's reward is the scaled validation improvement."""
+        return None
+
     # -- helpers ---------------------------------------------------------------------------------
     def _batches(self, trainer: Trainer) -> Iterator[Batch]:
         epoch = 0
@@ -159,6 +168,7 @@ class StudentLoopEnv(gym.Env):
         self.trainer.set_total_steps(self.episode_steps)  # progress and the lr schedule span the episode
         self._iter = self._batches(self.trainer)
         self._batch = next(self._iter)
+        self._start_episode()
         self._t = 0
         self._val = self._validate()
         return self._observe(self._batch), {"val": self._val, "student_seed": student_seed}
@@ -167,6 +177,7 @@ class StudentLoopEnv(gym.Env):
         if self.trainer is None:
             raise RuntimeError("call reset() before step()")
         decision = self.decision(action)
+        dense = self._decision_reward(decision)  # before the update: it looks ahead from the current parameters
         res = self.trainer.train_step(self._batch, decision, logits=self._logits)
         step_info = self._step_info(decision)  # before the next batch is observed: it is about this batch
         self._logits = None
@@ -180,6 +191,8 @@ class StudentLoopEnv(gym.Env):
             if not math.isfinite(reward):
                 reward = -self.reward_scale
             self._val = val
+        if dense is not None:
+            reward = dense
         self._batch = next(self._iter)
         obs = self._observe(self._batch)
         info = {"val": val, "train_loss": float(res.loss), **step_info}

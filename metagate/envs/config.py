@@ -37,7 +37,11 @@ DATA_OPTIONS = ("teachers", "adversarial_teacher", "teacher_bank", "teacher_file
                 "noise_type", "data_seed",
                 "val_fraction", *TASK_OPTIONS, "cache_dir", "rebuild_cache", "retrain_teachers")
 
-__all__ = ["DATA_OPTIONS", "TASK_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
+#: ``env_reward`` of ``metagate/TeacherWeighting-v0``: the scalar validation improvement, or the dense
+#: hypergradient credit of the step's teacher weights
+ENV_REWARDS = ("scalar", "hypergradient")
+
+__all__ = ["DATA_OPTIONS", "ENV_REWARDS", "TASK_OPTIONS", "EnvConfig", "TeacherWeightingEnvConfig", "TemperatureEnvConfig", "env_config"]
 
 
 @dataclass
@@ -128,9 +132,22 @@ class TeacherWeightingEnvConfig(EnvConfig):
 
     tau: float = same_as(KDMixConfig, "tau", 4.0)
     temperature: float = same_as(ReinforceConfig, "rl_temperature")
+    env_reward: str = option("scalar", "the reward of a step: scalar: the scaled change of the validation loss (or "
+                                       "accuracy, --reward) on the fixed meta subset; hypergradient: dense, "
+                                       "--reward-scale x the first-order fall of the one-step look-ahead validation "
+                                       "CE that the step's teacher weights give over equal weights, from the "
+                                       "per-(unit, teacher) hypergradient credit of metagate.gates.credit (a "
+                                       "--val-size meta batch per step; needs an MLP/CNN student and --reward loss)",
+                             choices=ENV_REWARDS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.env_reward == "hypergradient" and self.reward != "loss":
+            raise ConfigError(f"--env-reward hypergradient is a change of the validation loss; it needs --reward "
+                              f"loss, got --reward {self.reward}")
+        if self.env_reward == "hypergradient" and self.reward_every != 1:
+            raise ConfigError(f"--env-reward hypergradient rewards every step; --reward-every {self.reward_every} "
+                              "has no meaning with it (leave it at 1)")
         if not self.tau > 0:
             raise ConfigError(f"--tau must be > 0, got {self.tau}")
         if not self.temperature > 0:

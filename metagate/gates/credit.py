@@ -42,12 +42,14 @@ class HeadCredit:
     :param run: the run (its student must have the feature protocol: ``features(x)`` and a linear ``head``)
     :param tau: the KD temperature of the teacher columns
     :param val_batch: size of the ``meta`` batch each look-ahead is scored on
+    :param what: the option that asked for the credit (named in errors)
     """
 
-    def __init__(self, run: GateContext, tau: float, val_batch: int) -> None:
+    def __init__(self, run: GateContext, tau: float, val_batch: int, what: str = "--rl-credit hypergradient") -> None:
         student = run.student
+        self.what = what
         if not head_protocol(student):
-            raise ConfigError(f"--rl-credit hypergradient needs a student with features(x) and a linear head "
+            raise ConfigError(f"{what} needs a student with features(x) and a linear head "
                               f"(metagate.models MLP/CNN); {type(student).__name__} has not")
         self.student, self.tau = student, float(tau)
         self.dtype = next(student.parameters()).dtype
@@ -70,7 +72,7 @@ class HeadCredit:
         :param x: the batch's inputs, forwarded again when the real forward's head input was not kept
         """
         if view.is_sequence:
-            raise ConfigError("--rl-credit hypergradient credits whole units; sequences are not supported")
+            raise ConfigError(f"{self.what} credits whole units; sequences are not supported")
         kept = self.capture.kept_for(view.student_logits)
         if kept is not None:
             h = kept[0].input

@@ -8,6 +8,13 @@ bank (its first ``K`` teachers, each early-stopped on the clean ``select`` split
 * ``specialist`` -- teacher ``k`` is trained only on the units whose (noisy) label lies in class part ``k``
   (:func:`class_parts`: ``K`` contiguous, near-equal parts) and early-stopped on the ``select`` units of that part:
   good on its own classes, wrong elsewhere.
+* ``capacity`` -- teachers of very different capacity on the same data (Yuan et al., AAAI 2021, Table 1: the
+  stronger teacher is not always the better one for a small student): teacher 0 is an over-parameterised CNN
+  (:data:`CAPACITY_WIDEN` times the task's first teacher's channels, twice its hidden width) trained to fit
+  (``MEMORISER_EPOCHS`` times the usual epochs, no early stopping, the last epoch kept); the middle ``K - 2`` are
+  the task's first teacher architectures, early-stopped; the last is the task's default student architecture
+  trained as a teacher, early-stopped (a teacher of the student's own size). Image tasks whose teachers are
+  :class:`metagate.models.CNN` only (digits, fashion).
 
 Every member is trained from a fixed seed (``2000 + 100 * seed + k``), so a bank is reproducible from its seed; its
 checkpoints are cached beside the default teachers' (``teacher-<bank>-<name>-s<seed>.pt``, the task's fingerprint
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +35,19 @@ from torch import nn
 from metagate.data.task import Split, Task, TeacherSpec
 from metagate.errors import ConfigError, StaleCacheError
 from metagate.io import atomic_save, safe_load
+from metagate.models import CNN
 from metagate.teachers.cache import cache_file, cache_lock, check_replaceable
 from metagate.teachers.training import train_teacher
 from metagate.units import is_sequence
 
 #: the bank names ``--teacher-bank`` accepts
-BANKS = ("default", "memoriser", "specialist")
+BANKS = ("default", "memoriser", "specialist", "capacity")
 
-#: the memoriser's epochs, as a multiple of its architecture's usual epochs
+#: the memoriser's epochs, as a multiple of its architecture's usual epochs (also the capacity bank's large teacher)
 MEMORISER_EPOCHS = 3
+
+#: the capacity bank's large teacher: this many times the channels of the task's first teacher CNN
+CAPACITY_WIDEN = 4
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ def bank_members(task: Task, bank: str, k: int) -> list[BankMember]:
     specs = task.teacher_specs
     if k < 2:
         raise ConfigError(f"--teacher-bank {bank} needs --teachers >= 2, got {k}")
+    if bank == "capacity":  # uses K - 2 of the task's architectures
+        return capacity_members(task, k)
     if k > len(specs):
         raise ConfigError(f"task {task.name!r} defines {len(specs)} teacher architectures, --teachers {k} requested")
     if bank == "memoriser":
@@ -93,6 +107,31 @@ def bank_members(task: Task, bank: str, k: int) -> list[BankMember]:
     parts = class_parts(task.num_classes, k)
     return [BankMember(f"spec{i}-{specs[i].name}", specs[i], True, specs[i].epochs, part)
             for i, part in enumerate(parts)]
+
+
+def capacity_members(task: Task, k: int) -> list[BankMember]:
+    """The capacity bank's ``k`` members: a large CNN that fits, ``k - 2`` of the task's teachers, a student-sized
+    one (see the module's docstring).
+
+    :raises ConfigError: a task whose first teacher is not a :class:`metagate.models.CNN` built by ``partial``
+    """
+    specs = task.teacher_specs
+    if k - 2 > len(specs):
+        raise ConfigError(f"task {task.name!r} defines {len(specs)} teacher architectures; --teacher-bank capacity "
+                          f"with --teachers {k} needs {k - 2} of them")
+    first = specs[0]
+    f = first.factory
+    if not (isinstance(f, partial) and f.func is CNN and len(f.args) == 5 and not f.keywords):
+        raise ConfigError(f"--teacher-bank capacity widens the task's first teacher CNN; task {task.name!r}'s first "
+                          f"teacher {first.name!r} is not a metagate.models.CNN")
+    in_ch, size, width, c, hidden = f.args
+    wide, fc = CAPACITY_WIDEN * width, 2 * hidden
+    large = dataclasses.replace(first, name=f"cnn{wide}h{fc}", factory=partial(CNN, in_ch, size, wide, c, fc))
+    arch = task.default_student
+    small = dataclasses.replace(first, name=arch, factory=task.students[arch])
+    return [BankMember(f"large-{large.name}", large, False, MEMORISER_EPOCHS * large.epochs),
+            *(BankMember(f"mid-{s.name}", s, True, s.epochs) for s in specs[: k - 2]),
+            BankMember(f"small-{small.name}", small, True, small.epochs)]
 
 
 def member_task(task: Task, member: BankMember) -> Task:
