@@ -39,9 +39,8 @@ class DistillConfig(Options):
     val_fraction: float = option(0.1, "clean validation share of train (meta + select), in (0, 1)")
     task_options: dict[str, Any] = field(default_factory=dict)
     student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
-    teachers: int | None = option(None, "number of teachers K trained by the project (unset: the task's own count, "
-                                  "its config's default_teachers: 3, lm 2; 0: only --teacher-file teachers)",
-                                  shown="3; lm: 2")
+    teachers: int | None = option(None, "number of teachers K trained by the project (0: only --teacher-file "
+                                  "teachers; unset: the task config's default_teachers)", shown="the task's, 3; lm: 2")
     teacher_file: tuple[str, ...] = option((), "a teacher whose logits come from a file, NAME=PATH or PATH (name: "
                                            "the file's stem): .npy/.npz/.pt/.safetensors, [N, C] or per-token "
                                            "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
