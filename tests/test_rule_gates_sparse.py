@@ -143,3 +143,23 @@ def test_with_k_below_v_the_label_probability_is_the_stored_gold_where_the_bank_
     assert torch.allclose(got[last], want, atol=1e-6)
     assert bool((~hit.any(-1)).any())  # some last labels fall in the tail: the rebuild's value, not the truth
     assert not torch.allclose(got[last], exact[last], atol=1e-3)
+    # the ensemble's top token from the top-k entries alone is the argmax of the rebuilt rows' mean
+    mean = small.unit_log_probs(1.0, ids).exp().mean(1)
+    val, top = small.unit_ensemble_top(ids)
+    assert torch.equal(top[real], mean.argmax(-1)[real])
+    assert torch.allclose(val, mean.max(-1).values, atol=1e-6)
+
+
+def test_calibrated_teachers_give_the_same_summaries_dense_and_sparse():
+    """A calibrated sparse bank (teacher j read at tau_j) against the dense bank of the logits divided by tau_j."""
+    dense, full, y, _ = _banks()
+    taus = [0.5, 1.0, 2.0]
+    t = torch.tensor(taus).view(1, -1, 1)
+    cal_dense = SeqTeacherBank(dense.logits[:-1] / t, dense.token_index, list(dense.names))
+    cal_sparse = SeqSparseBank(full.sparse, full.token_index, taus)
+    ids = torch.arange(y.shape[0])
+    assert torch.allclose(cal_dense.unit_label_probs(ids, y), cal_sparse.unit_label_probs(ids, y), atol=1e-6)
+    assert not torch.allclose(cal_dense.unit_label_probs(ids, y), dense.unit_label_probs(ids, y), atol=1e-2)
+    vd, td = cal_dense.unit_ensemble_top(ids)
+    vs, ts = cal_sparse.unit_ensemble_top(ids)
+    assert torch.equal(td, ts) and torch.allclose(vd, vs, atol=1e-6)

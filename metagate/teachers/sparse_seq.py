@@ -116,23 +116,22 @@ class SeqSparseBank(TeacherBank):
         outside its top-k its tail value, so the top is one of the ``K k`` stored ids (padding: ``1 / V``, 0)."""
         r = self._rows(ids)
         n_tok, k, kk = self.sparse.num_units, self.sparse.k, self.num_teachers
-        size = max(1, _TOP_CHUNK // (kk * k) ** 2)
+        size = max(1, _TOP_CHUNK // (kk * kk * k))
         vals, tops = [], []
         for a in range(0, r.numel(), size):
             part = r[a : a + size]
             pad = part >= n_tok
             safe = part.clamp_max(max(n_tok - 1, 0))
             top_ids = self.sparse.ids[safe].to(torch.int64)  # [n, K, k]
-            p_top, p_tail = [], []
+            cand = top_ids.reshape(-1, kk * k)  # every teacher's top-k: the candidates
+            cols = []
             for j in range(kk):
                 t, u = _uniform_tail_log_probs(self.sparse.logprobs[safe, j].float(), self.num_classes, self._tau(j))
-                p_top.append(t.exp())
-                p_tail.append(u.exp())
-            pt, pu = torch.stack(p_top, 1), torch.stack(p_tail, 1)  # [n, K, k], [n, K]
-            cand = top_ids.reshape(-1, kk * k)  # [n, K k]
-            hit = cand[:, :, None, None] == top_ids[:, None]  # [n, K k, K, k]
-            p = torch.where(hit.any(-1), (pt[:, None] * hit).sum(-1), pu[:, None])  # [n, K k, K]
-            score = p.mean(-1)
+                sorted_ids, order = top_ids[:, j].sort(-1)
+                pos = torch.searchsorted(sorted_ids, cand).clamp_max(k - 1)  # where a candidate sits in teacher j's
+                hit = sorted_ids.gather(1, pos) == cand
+                cols.append(torch.where(hit, t.exp().gather(1, order).gather(1, pos), u.exp().unsqueeze(1)))
+            score = torch.stack(cols, -1).mean(-1)  # [n, K k] the teachers' mean probability of each candidate
             best = score.max(1, keepdim=True).values
             tok = torch.where(score == best, cand, torch.full_like(cand, self.num_classes)).min(1).values
             vals.append(torch.where(pad, 1.0 / self.num_classes, best.squeeze(1)).float())
