@@ -27,7 +27,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from metagate.data import Batch, get_task
+from metagate.data import Batch, Task, get_task
 from metagate.errors import ConfigError
 from metagate.gates.base import Gate
 from metagate.loader import LoaderTrainer
@@ -131,16 +131,18 @@ def build_bench_gate(spec: str) -> Gate:
     return build_gate(name, opts)
 
 
-def bench_student(task_name: str, arch: str, k: int, batch_size: int, steps: int, repeats: int,
+def bench_student(task_name: str, arch: str | None, k: int, batch_size: int, steps: int, repeats: int,
                   device: torch.device, extra: dict[str, Callable] | None = None,
-                  gates: tuple[str, ...] = ("fixed", "hard"), task_options: dict[str, Any] | None = None
-                  ) -> dict[str, float]:
+                  gates: tuple[str, ...] = ("fixed", "hard"), task_options: dict[str, Any] | None = None,
+                  task: Task | None = None) -> dict[str, float]:
     """Median per-step seconds of each variant for one student architecture.
 
+    :param arch: the student (``None``: the task's default)
     :param gates: gate specs run through the shared trainer (see :func:`parse_gate_spec`)
     :param task_options: keywords of the task's builder (e.g. ``subset`` for g2p)
+    :param task: the task already built (``task_name`` and ``task_options`` are then not read)
     """
-    task = get_task(task_name, **(task_options or {}))
+    task = task if task is not None else get_task(task_name, **(task_options or {}))
     torch.manual_seed(0)
     n, c = len(task.train), task.num_classes
     names = [f"t{j}" for j in range(k)]
@@ -256,18 +258,41 @@ def bench_loader_report(args: argparse.Namespace, device: torch.device) -> dict[
     return results
 
 
+#: the students benched by default, per task (any other task: its own default student)
+DEFAULT_STUDENTS = {"digits": ["mlp", "cnn"], "fashion": ["mlp", "cnn"], "g2p": ["gru"]}
+
+
+def bench_task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The task options given on the command line (e.g. ``--lm-documents``), checked against ``--task``'s."""
+    from metagate.cli_args import task_option_names
+    from metagate.data.builtin import task_config
+
+    opts = {n: getattr(args, n) for n in sorted(task_option_names()) if getattr(args, n, None) is not None}
+    task_config(args.task, opts)  # an option of another task -> ConfigError naming it
+    return opts
+
+
 def bench(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    from metagate.data.builtin import task_config
+
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    opts = bench_task_options(args)
+    if getattr(args, "teachers", None) is None:  # unset: as many as the task trains by default (lm: 2)
+        args.teachers = task_config(args.task, opts).default_teachers
+    task = None
+    if not args.students and args.task not in DEFAULT_STUDENTS:  # e.g. lm: its own default student (gpt2)
+        task = get_task(args.task, **opts)
+    students = args.students or DEFAULT_STUDENTS.get(args.task) or [task.default_student]  # type: ignore[union-attr]
+    args.students = students
     if getattr(args, "loader", False):
         return bench_loader_report(args, device)
     results = {}
     rows = []
-    students = args.students or (["gru"] if args.task == "g2p" else ["mlp", "cnn"])
     for arch in students:
         res = bench_student(args.task, arch, args.teachers, args.batch_size, args.steps, args.repeats, device,
-                            gates=tuple(args.gates))
+                            gates=tuple(args.gates), task_options=opts, task=task)
         results[arch] = res
         ref, fixed = res["hand-written KD"], res["trainer + fixed"]
         for name, t in res.items():

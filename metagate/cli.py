@@ -11,6 +11,7 @@ from metagate.cli_args import (
     HelpFormatter,
     add_data_arguments,
     add_gate_arguments,
+    add_task_arguments,
     add_train_arguments,
     config_from_args,
 )
@@ -83,22 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="step-time ratios of gates vs a hand-written KD step",
                        formatter_class=HelpFormatter)
     p.add_argument("--task", default="fashion",
-                   help="task whose shapes to use (digits | fashion | g2p: token units; default: fashion)")
+                   help="task whose shapes to use (digits | fashion | g2p, lm: token units; default: fashion); its "
+                        "options below (e.g. --lm-documents) shape it")
     p.add_argument("--batch-size", type=int, default=128, help="units per step (default: 128)")
     p.add_argument("--steps", type=int, default=50, help="timed steps per repeat (default: 50)")
     p.add_argument("--repeats", type=int, default=30,
                    help="interleaved repeats, order rotated (median reported; default: 30)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 gives steadier ratios on a shared CPU; 0 keeps torch's default)")
-    p.add_argument("--teachers", type=int, default=3, help="number of teachers K (default: 3)")
+    p.add_argument("--teachers", type=int, default=None,
+                   help="number of teachers K (default: the task's count, 3; lm: 2)")
     p.add_argument("--students", nargs="+", default=None,
-                   help="student architectures (default: mlp cnn; gru for g2p)")
+                   help="student architectures (default: mlp cnn; gru for g2p; another task's default student, "
+                        "gpt2 for lm)")
     p.add_argument("--gates", nargs="+", default=["fixed", "hard"],
                    help="gates through the trainer: NAME or NAME:option=value,... (e.g. meta:meta_backend=closed-form)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--loader", action="store_true",
                    help="time the DataLoader path (num_workers=0; over the split's tensors and over an item-by-item "
                         "dataset) against the in-memory path for each of --gates, batches included")
+    add_task_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-policy", help=(train_policy.run.__doc__ or "").strip(),

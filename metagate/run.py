@@ -39,7 +39,8 @@ class DistillConfig(Options):
     val_fraction: float = option(0.1, "clean validation share of train (meta + select), in (0, 1)")
     task_options: dict[str, Any] = field(default_factory=dict)
     student: str | None = option(None, "student architecture: mlp | mlp-bn | cnn (unset: the task's default, mlp)")
-    teachers: int = option(3, "number of teachers K trained by the project (0: only --teacher-file teachers)")
+    teachers: int | None = option(None, "number of teachers K trained by the project (0: only --teacher-file "
+                                  "teachers; unset: the task config's default_teachers)", shown="the task's, 3; lm: 2")
     teacher_file: tuple[str, ...] = option((), "a teacher whose logits come from a file, NAME=PATH or PATH (name: "
                                            "the file's stem): .npy/.npz/.pt/.safetensors, [N, C] or per-token "
                                            "[N, T, V], full or top-k, row i = training unit i or keyed by 'ids'; "
@@ -76,7 +77,9 @@ class DistillConfig(Options):
         if not isinstance(self.task_options, dict):
             raise ConfigError(f"task_options must be a mapping of option -> value, got {self.task_options!r}")
         self.task_options = {k.replace("-", "_"): v for k, v in self.task_options.items()}
-        self.task_config()  # unknown task, an option of another task, ill-typed -> ConfigError now
+        task_cfg = self.task_config()  # unknown task, an option of another task, ill-typed -> ConfigError now
+        if self.teachers is None:  # unset: as many teachers as the task defines by default
+            self.teachers = task_cfg.default_teachers
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"--noise must be in [0, 1), got {self.noise}")
         if not 0.0 < self.val_fraction < 1.0:

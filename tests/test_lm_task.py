@@ -214,7 +214,11 @@ def test_the_sparse_bank_serves_the_dense_banks_top_k_per_token(tmp_path):
     assert cal.calibrated and torch.equal(cal.unit_log_probs(2.0, ids), want)
 
 
-def test_a_large_vocabulary_needs_topk_and_whole_table_gates_say_so(tmp_path):
+def test_a_large_vocabulary_needs_topk_and_the_temperature_gate_runs_on_the_sparse_bank(tmp_path):
+    """The temperature gate reads the teachers per batch; its diagnostics' confidence tertiles come from the
+    sparse bank's per-unit summary (the rule gates: tests/test_lm_rules.py)."""
+    from dataclasses import replace
+
     from metagate.data.lm import LMConfig
     from metagate.run import run_distill
 
@@ -222,9 +226,9 @@ def test_a_large_vocabulary_needs_topk_and_whole_table_gates_say_so(tmp_path):
     task.num_classes = 49152
     with pytest.raises(ConfigError, match="49,152 tokens.*give --topk"):
         LMConfig().check_task(task)
-    cfg, *_ = _teachers(16, tmp_path, gate="label-filter")
-    with pytest.raises(InputError, match="sparse top-k bank builds no"):
-        run_distill(cfg)
+    cfg, *_ = _teachers(16, tmp_path, gate="temperature")
+    result = run_distill(replace(cfg, logdir=str(tmp_path / "run")))
+    assert result["test/nll"] < math.log(384) and 0 < result["diag/tau_mean"] < 100
 
 
 def test_tiny_compare_on_the_sparse_bank(tmp_path):

@@ -37,7 +37,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -287,6 +287,8 @@ def split_documents(names: list[str], data_seed: int, val_fraction: float) -> di
 @dataclass
 class LMConfig(TaskConfig):
     """lm: the corpus, its documents and sequence length, and whose tokenizer (and pretrained teacher)."""
+
+    default_teachers: ClassVar[int] = 2  # the in-domain teachers trained here (gpt2-128, llama-96)
 
     lm_corpus: str = option("pydoc-topics", "lm: shipped corpus (pydoc-topics: CPython's documentation topics)",
                                choices=CORPORA)

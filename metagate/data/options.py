@@ -12,7 +12,7 @@ every task shares (``noise``, ``noise_type``, ``data_seed``, ``val_fraction``) s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from metagate.options import Options, option_values
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 @dataclass
 class TaskConfig(Options):
     """A task without options of its own (the base of every task's config)."""
+
+    #: teachers trained when ``--teachers`` is not given (:class:`metagate.run.DistillConfig`); a task that
+    #: defines fewer teacher architectures sets its own count
+    default_teachers: ClassVar[int] = 3
 
     def builder_kwargs(self) -> dict[str, Any]:
         """The keywords the task's builder gets from these options (default: every option by its name)."""

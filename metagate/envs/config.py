@@ -49,7 +49,7 @@ class EnvConfig(Options):
     """Options of every env over the shared student loop (one step = one student update)."""
 
     # the data and teachers (loaded when the env gets a task name)
-    teachers: int = same_as(DistillConfig, "teachers")
+    teachers: int = same_as(DistillConfig, "teachers", 3)  # the env tasks (digits, fashion, g2p) define 3
     adversarial_teacher: bool = same_as(DistillConfig, "adversarial_teacher")
     teacher_bank: str = same_as(DistillConfig, "teacher_bank")
     teacher_file: tuple[str, ...] = same_as(DistillConfig, "teacher_file")

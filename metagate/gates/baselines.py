@@ -11,14 +11,22 @@
 * ``ca-mkd`` (several teachers): confidence-aware multi-teacher KD as published (Zhang, Chen and Wang,
   ICASSP 2022), see :class:`CAMKDGate`.
 
-Each is a constant per training unit: computed once in :meth:`setup` from the cached teacher logits and the
-(noisy) training labels, one row gather per step.
+Each is a constant per training unit (a token on a sequence task): computed once in :meth:`setup` from two
+per-unit summaries of the teacher bank and the (noisy) training labels, one row gather per step. The
+summaries (:class:`RuleInputs`: each teacher's probability of the label, the top class of the teachers' mean
+distribution) are read from the bank a chunk of examples at a time
+(:meth:`~metagate.teachers.bank.TeacherBank.unit_label_probs`, :meth:`~metagate.teachers.bank.TeacherBank.unit_ensemble_top`),
+so a sparse top-k bank (the ``lm`` task) serves them from its top-k entries and gold log-probabilities
+without a ``[tokens, V]`` table; the same rules run per batch on probability rows (:meth:`_TableGate.table`,
+``GatedKDTrainer``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +38,61 @@ from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 from metagate.options import option
 
+if TYPE_CHECKING:  # pragma: no cover
+    from metagate.teachers.bank import TeacherBank
+
+
+class RuleInputs:
+    """What a rule reads of ``n`` units' teachers at temperature 1, each computed on first use:
+    :attr:`label_probs` ``[n, K]`` each teacher's probability of the unit's label and :attr:`ensemble_top`
+    ``[n]`` the top class of the teachers' mean distribution (the first on a tie).
+
+    :param labels: ``[n]`` the units' (noisy) labels
+    :param num_teachers: ``K``
+    :param dtype: the dtype the rows are built in (the probabilities')
+    """
+
+    def __init__(self, labels: Tensor, num_teachers: int, dtype: torch.dtype,
+                 label_probs: Callable[[], Tensor], ensemble_top: Callable[[], Tensor]) -> None:
+        self.labels, self.num_teachers, self.dtype = labels, num_teachers, dtype
+        self._label_probs_fn, self._ensemble_top_fn = label_probs, ensemble_top
+
+    @property
+    def num_units(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @cached_property
+    def label_probs(self) -> Tensor:
+        return self._label_probs_fn()
+
+    @cached_property
+    def ensemble_top(self) -> Tensor:
+        return self._ensemble_top_fn()
+
+    @classmethod
+    def from_probs(cls, probs: Tensor, labels: Tensor) -> RuleInputs:
+        """From probability rows ``probs [n, K, C]`` (a batch's, or a whole dense table)."""
+        k = probs.shape[1]
+        return cls(labels, k, probs.dtype,
+                   lambda: probs.gather(2, labels.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2),
+                   lambda: probs.mean(1).argmax(-1))
+
+    @classmethod
+    def from_bank(cls, bank: TeacherBank, ids: Tensor, labels: Tensor) -> RuleInputs:
+        """From a bank's per-unit summaries of examples ``ids`` (``labels`` their ``[B]`` or ``[B, L]`` labels;
+        the units are their tokens, flattened, on a sequence bank); read in chunks, never a ``[tokens, V]`` table."""
+        return cls(labels.reshape(-1), bank.num_teachers, torch.float32,
+                   lambda: bank.unit_label_probs(ids, labels).float(),
+                   lambda: bank.unit_ensemble_top(ids)[1].to(labels.device))
+
 
 class _TableGate(Gate):
-    """A gate whose weights are a fixed ``[N_train, 1+K]`` table built in :meth:`setup`."""
+    """A gate whose weights are a fixed ``[N_train_units, 1+K]`` table built in :meth:`setup` (one row per
+    training unit: an example, or a token position of a sequence task), from :class:`RuleInputs`."""
 
     trusted_weights = True
     baseline = True  # a non-learned rule (metagate compare's "best baseline" candidates)
@@ -42,60 +102,85 @@ class _TableGate(Gate):
             raise ConfigError(f"gate {self.name!r} needs at least one teacher (--teachers K >= 1)")
         self.alpha = self.config.label_weight  # type: ignore[attr-defined]
         self.tau = self.config.temperature  # type: ignore[attr-defined]
-        probs = run.bank.log_probs(1.0).exp().to(run.device)  # [N, K, C] at temperature 1 (the rule's view)
-        self._table = self.table(probs, run.train_y.to(run.device)).to(run.dtype)
+        labels = run.train_y.to(run.device)
+        ids = torch.arange(labels.shape[0], device=run.device)
+        self._table = self.rule(RuleInputs.from_bank(run.bank, ids, labels)).to(run.dtype)
 
     def table(self, probs: Tensor, labels: Tensor) -> Tensor:
+        """``[n, 1+K]`` the rule's rows from the teachers' probability rows ``probs [n, K, C]`` (per batch)."""
+        return self.rule(RuleInputs.from_probs(probs, labels))
+
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        """``[n, 1+K]`` the rule's rows for the units of ``inputs``."""
         raise NotImplementedError
 
     def weights(self, view: UnitView) -> GateOutput:
         if view.ids is None:
             raise ConfigError(f"gate {self.name!r} needs unit ids (its weights are per training unit)")
-        return GateOutput(self._table.index_select(0, view.ids), self.tau)
+        return GateOutput(self._table.index_select(0, view.unit_ids), self.tau)
 
     def hparams(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "tau": self.tau}
 
 
-def label_filter_table(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
-    """``[N, 1+K]``: ``(alpha, (1-alpha)/K, ...)`` where the ensemble's argmax is the label, else ``(0, 1/K, ...)``."""
-    k = probs.shape[1]
-    agree = probs.mean(1).argmax(-1) == labels
-    w = torch.empty(labels.shape[0], 1 + k, dtype=probs.dtype, device=probs.device)
+def label_filter_rows(inputs: RuleInputs, alpha: float) -> Tensor:
+    """``[n, 1+K]``: ``(alpha, (1-alpha)/K, ...)`` where the ensemble's top class is the label, else ``(0, 1/K, ...)``."""
+    k = inputs.num_teachers
+    agree = inputs.ensemble_top == inputs.labels
+    w = torch.empty(inputs.num_units, 1 + k, dtype=inputs.dtype, device=inputs.device)
     w[:, 0] = torch.where(agree, alpha, 0.0)
     w[:, 1:] = ((1.0 - w[:, 0]) / k).unsqueeze(1)
     return w
 
 
-def conf_teachers_table(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
-    """``[N, 1+K]``: ``(alpha, (1-alpha) p_k(y) / sum_j p_j(y))``."""
-    p_y = probs.gather(2, labels.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2)  # [N, K]
+def label_filter_table(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """``[N, 1+K]`` :func:`label_filter_rows` from probability rows ``probs [N, K, C]``."""
+    return label_filter_rows(RuleInputs.from_probs(probs, labels), alpha)
+
+
+def conf_teachers_rows(p_y: Tensor, alpha: float) -> Tensor:
+    """``[N, 1+K]``: ``(alpha, (1-alpha) p_k(y) / sum_j p_j(y))`` from ``p_y [N, K]``."""
     share = p_y / p_y.sum(1, keepdim=True).clamp_min(1e-30)
     return torch.cat([torch.full_like(share[:, :1], alpha), (1.0 - alpha) * share], dim=1)
 
 
-def ca_mkd_attention(probs: Tensor, labels: Tensor) -> Tensor:
-    """``[N, K]`` CA-MKD's teacher weights ``a_k = (1 - softmax_k(CE_k)) / (K - 1)``, ``CE_k = -log p_k(y)`` (each
-    row sums to 1; a teacher confident in the label gets the most)."""
-    k = probs.shape[1]
+def conf_teachers_table(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """``[N, 1+K]`` :func:`conf_teachers_rows` from probability rows ``probs [N, K, C]``."""
+    return conf_teachers_rows(RuleInputs.from_probs(probs, labels).label_probs, alpha)
+
+
+def ca_mkd_attention_of(p_y: Tensor) -> Tensor:
+    """``[N, K]`` CA-MKD's teacher weights ``a_k = (1 - softmax_k(CE_k)) / (K - 1)``, ``CE_k = -log p_k(y)`` from
+    ``p_y [N, K]`` (each row sums to 1; a teacher confident in the label gets the most)."""
+    k = p_y.shape[1]
     if k < 2:
         raise ConfigError(f"ca-mkd weighs teachers against each other: it needs K >= 2 teachers, got {k}")
-    p_y = probs.gather(2, labels.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)  # [N, K]
     ce = -p_y.clamp_min(1e-30).log()
     return (1.0 - F.softmax(ce, dim=1)) / (k - 1)
 
 
-def ca_mkd_table(probs: Tensor, labels: Tensor, label_weight: float = 1.0, kd_weight: float = 1.0,
-                 mass: str = "code") -> Tensor:
-    """``[N, 1+K]`` CA-MKD's rows: ``mass="code"`` ``(gamma, alpha a_k / K)`` as Rorozhl/CA-MKD's loss (its KD sum is
-    divided by ``bsz * teacher_num``); ``"unit"`` the same row scaled to sum to 1 (ours, equal mass with ``fixed``)."""
-    a = ca_mkd_attention(probs, labels)
+def ca_mkd_attention(probs: Tensor, labels: Tensor) -> Tensor:
+    """``[N, K]`` :func:`ca_mkd_attention_of` from probability rows ``probs [N, K, C]``."""
+    return ca_mkd_attention_of(RuleInputs.from_probs(probs, labels).label_probs)
+
+
+def ca_mkd_rows(p_y: Tensor, label_weight: float = 1.0, kd_weight: float = 1.0, mass: str = "code") -> Tensor:
+    """``[N, 1+K]`` CA-MKD's rows from ``p_y [N, K]``: ``mass="code"`` ``(gamma, alpha a_k / K)`` as
+    Rorozhl/CA-MKD's loss (its KD sum is divided by ``bsz * teacher_num``); ``"unit"`` the same row scaled to sum
+    to 1 (ours, equal mass with ``fixed``)."""
+    a = ca_mkd_attention_of(p_y)
     w = torch.cat([torch.full_like(a[:, :1], label_weight), kd_weight * a / a.shape[1]], dim=1)
     if mass == "unit":
         w = w / w.sum(1, keepdim=True).clamp_min(1e-30)
     elif mass != "code":
         raise ConfigError(f"--ca-mkd-mass must be code or unit, got {mass!r}")
     return w
+
+
+def ca_mkd_table(probs: Tensor, labels: Tensor, label_weight: float = 1.0, kd_weight: float = 1.0,
+                 mass: str = "code") -> Tensor:
+    """``[N, 1+K]`` :func:`ca_mkd_rows` from probability rows ``probs [N, K, C]``."""
+    return ca_mkd_rows(RuleInputs.from_probs(probs, labels).label_probs, label_weight, kd_weight, mass)
 
 
 @dataclass
@@ -109,8 +194,8 @@ class LabelFilterGate(_TableGate):
 
     config_class = LabelFilterConfig
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return label_filter_table(probs, labels, self.alpha)
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        return label_filter_rows(inputs, self.alpha)
 
 
 @dataclass
@@ -124,8 +209,8 @@ class ConfTeachersGate(_TableGate):
 
     config_class = ConfTeachersConfig
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return conf_teachers_table(probs, labels, self.alpha)
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        return conf_teachers_rows(inputs.label_probs, self.alpha)
 
 
 @dataclass
@@ -176,10 +261,10 @@ class CAMKDGate(_TableGate):
 
     config_class = CAMKDConfig
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
+    def rule(self, inputs: RuleInputs) -> Tensor:
         c = self.config
-        return ca_mkd_table(probs, labels, c.ca_mkd_label_weight, c.ca_mkd_kd_weight,  # type: ignore[attr-defined]
-                            c.ca_mkd_mass)  # type: ignore[attr-defined]
+        return ca_mkd_rows(inputs.label_probs, c.ca_mkd_label_weight, c.ca_mkd_kd_weight,  # type: ignore[attr-defined]
+                           c.ca_mkd_mass)  # type: ignore[attr-defined]
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), **{f.name: getattr(self.config, f.name) for f in self.config.option_fields()}}
@@ -219,8 +304,8 @@ class BestTeacherGate(_TableGate):
         self._index = run.bank.names.index(name)
         super().setup(run)
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
-        w = torch.zeros(labels.shape[0], 1 + probs.shape[1], dtype=probs.dtype, device=probs.device)
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        w = torch.zeros(inputs.num_units, 1 + inputs.num_teachers, dtype=inputs.dtype, device=inputs.device)
         w[:, 0] = self.alpha
         w[:, 1 + self._index] = 1.0 - self.alpha
         return w

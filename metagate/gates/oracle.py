@@ -11,7 +11,9 @@ learned gate's row reports the share of an oracle's gain over ``fixed`` it captu
   ``1 - alpha`` split equally among the teachers whose top class is the unit's clean label; where no teacher is
   right, equally among all (``fixed``'s row: nothing to choose).
 
-Both keep ``fixed``'s total weight 1 per unit. Classification tasks (one unit per example).
+Both keep ``fixed``'s total weight 1 per unit. One row per training unit: an example, or a token position of a
+sequence task (the truth is recorded per token there; on the ``lm`` task's sparse bank a teacher is right where
+its top-1 entry is the clean token).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from metagate.errors import ConfigError
 from metagate.gates.base import GateContext
-from metagate.gates.baselines import _TableGate
+from metagate.gates.baselines import RuleInputs, _TableGate
 from metagate.gates.fixed import KDMixConfig
 from metagate.gates.registry import register
 
@@ -61,9 +63,9 @@ class _OracleGate(_TableGate):
             raise ConfigError(f"gate {self.name!r} reads the recorded truth {name!r} of the training units, which "
                               "this run does not provide (the trainer provides it on a task with recorded clean "
                               "labels)")
-        if value.ndim < 1 or value.shape[0] != self._run.train_y.shape[0] or self._run.train_y.ndim != 1:
-            raise ConfigError(f"gate {self.name!r} works on one unit per example (classification), got "
-                              f"{name} of shape {tuple(value.shape)}")
+        if value.ndim < 1 or value.shape[0] != self._run.num_train_units:
+            raise ConfigError(f"gate {self.name!r} needs the truth {name!r} per training unit ("
+                              f"{self._run.num_train_units}), got shape {tuple(value.shape)}")
         return value
 
 
@@ -78,8 +80,8 @@ class OracleFilterGate(_OracleGate):
 
     config_class = OracleConfig
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return oracle_filter_table(self.truth("corrupted"), probs.shape[1], self.alpha).to(probs.dtype)
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        return oracle_filter_table(self.truth("corrupted"), inputs.num_teachers, self.alpha).to(inputs.dtype)
 
 
 @register("oracle-teachers")
@@ -88,5 +90,5 @@ class OracleTeachersGate(_OracleGate):
 
     config_class = OracleConfig
 
-    def table(self, probs: Tensor, labels: Tensor) -> Tensor:
-        return oracle_teachers_table(self.truth("teacher_right"), self.alpha).to(probs.dtype)
+    def rule(self, inputs: RuleInputs) -> Tensor:
+        return oracle_teachers_table(self.truth("teacher_right"), self.alpha).to(inputs.dtype)

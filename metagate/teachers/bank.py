@@ -44,12 +44,16 @@ class TeacherBank:
 
     Whole-split reads, :attr:`logits` ``[N, K, C]`` and :meth:`log_probs` (one table per temperature), serve
     gates that summarise the teachers over the training split at setup (the temperature gate's state,
-    Meta-Weight-Net features, the rule baselines, the hard gate's constant gold path) and the default
-    :meth:`unit_right`. The sparse top-k bank (:class:`~metagate.teachers.sparse.SparseBank`, large
-    vocabularies) never materialises ``[N, V]``: it implements the counts, :meth:`lookup` /
-    :meth:`unit_log_probs` (a batch's ``[n, K, V]`` rows rebuilt from its stored top-k entries), :meth:`to`,
-    :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's argmax), and raises a clear error from
-    :attr:`logits` / :meth:`log_probs` for the gates that need the whole table.
+    Meta-Weight-Net features, the hard gate's constant gold path) and the default :meth:`unit_right`. The
+    per-unit summaries :meth:`unit_label_probs` (each teacher's probability of the label) and
+    :meth:`unit_ensemble_top` (the teachers' mean distribution's top class) serve the rule baselines and the
+    oracle rows; they read the bank a chunk of examples at a time. The sparse top-k bank
+    (:class:`~metagate.teachers.sparse_seq.SeqSparseBank`, large vocabularies; :attr:`whole_table` False)
+    never materialises ``[N, V]``: it implements the counts, :meth:`lookup` / :meth:`unit_log_probs` (a batch's
+    ``[n, K, V]`` rows rebuilt from its stored top-k entries), the two summaries from its top-k entries and gold
+    log-probabilities, :meth:`to`, :attr:`token_index` and :meth:`unit_right` (its top-1 entry is a row's
+    argmax), and raises a clear error from :attr:`logits` / :meth:`log_probs` for the gates that need the
+    whole table.
 
     :param logits: ``[N, K, C]``
     :param names: ``K`` teacher names
@@ -63,6 +67,8 @@ class TeacherBank:
     calibration: TeacherCalibration | None = None
     #: the logits are the calibrated teachers' (``teachers.build.calibrated_bank``): read them at temperature 1
     calibrated: bool = False
+    #: :attr:`logits` / :meth:`log_probs` can be read (``False``: a sparse top-k bank, batch rows and summaries only)
+    whole_table: bool = True
     #: ``[K, C]`` P(teacher right | teacher predicts c) on the clean ``meta`` split
     #: (:func:`metagate.features.teacher_reliability`; set by ``teachers.build.fit_teacher_temperatures`` when every
     #: teacher has logits on ``meta``); ``None``: unmeasured
@@ -101,6 +107,35 @@ class TeacherBank:
     def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
         """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
         return rows(self.log_probs(tau), ids)
+
+    def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """``[n, K]`` each teacher's probability (temperature 1, or the calibrated bank's own) of the label of
+        each unit of examples ``ids`` (``labels``: their ``[B]`` labels, or ``[B, L]`` tokens, flattened in
+        the units' order), read from the whole table a chunk of examples at a time."""
+        out = []
+        for part, lab in _chunks(self, ids, labels):
+            probs = self._table_rows(part).exp()
+            lab = lab.reshape(-1).to(probs.device)
+            out.append(probs.gather(2, lab.view(-1, 1, 1).expand(-1, probs.shape[1], 1)).squeeze(2))
+        return torch.cat(out).to(labels.device)
+
+    def unit_ensemble_top(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``([n], [n])`` the top probability of the teachers' mean distribution (temperature 1) and its class
+        (the first on a tie), per unit of examples ``ids``, a chunk of examples at a time."""
+        vals, tops = [], []
+        for part, _ in _chunks(self, ids, ids):
+            mean = self._table_rows(part).exp().mean(1)
+            top = mean.argmax(-1)
+            vals.append(mean.gather(1, top.unsqueeze(1)).squeeze(1))
+            tops.append(top)
+        return torch.cat(vals).to(ids.device), torch.cat(tops).to(ids.device)
+
+    def _table_rows(self, ids: Tensor) -> Tensor:
+        """``[n, K, C]`` rows of :meth:`log_probs` at temperature 1 for the units of examples ``ids``."""
+        lp = self.log_probs(1.0)
+        if self.token_index is None:
+            return rows(lp, ids.to(lp.device))
+        return lp.index_select(0, rows(self.token_index, ids.to(self.token_index.device)).reshape(-1).to(lp.device))
 
     def set_step(self, x: Tensor, ids: Tensor) -> None:
         """The inputs ``x`` of the step's units ``ids``, before the gate looks (an online bank runs its teachers
@@ -148,6 +183,19 @@ class HostBank(TeacherBank):
 
     def to(self, device: torch.device | str) -> TeacherBank:
         return self if torch.device(device) == self.device else TeacherBank(self.logits, self.names).to(device)
+
+
+#: elements (units x teachers x classes) of the probability rows one chunk of a per-unit summary may hold
+SUMMARY_CHUNK = 1 << 24
+
+
+def _chunks(bank: TeacherBank, ids: Tensor, labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``ids`` and their ``labels`` cut into chunks whose rows hold at most :data:`SUMMARY_CHUNK` elements (one
+    chunk for every classification split of this project: its decisions are those of the whole table)."""
+    per_example = (1 if bank.token_index is None else int(bank.token_index.shape[1])) * bank.num_teachers \
+        * bank.num_classes
+    size = max(1, SUMMARY_CHUNK // max(per_example, 1))
+    return [(ids[a : a + size], labels[a : a + size]) for a in range(0, int(ids.shape[0]), size)]
 
 
 def rows(table: Tensor, ids: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ holds the teacher's prediction of the token after ``x[t]``: the unit ``y[t]``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import InputError
+from metagate.losses import SparseTeacher, _uniform_tail_log_probs, sparse_log_prob_of
 from metagate.teachers.bank import TeacherBank, rows
 from metagate.teachers.sparse import SparseBank, cached_sparse_bank
 from metagate.units import PAD_ID
+
+#: top-k entries compared at once when the teachers' mean distribution's top class is sought (memory bound)
+_TOP_CHUNK = 1 << 22
 
 
 class SeqSparseBank(TeacherBank):
@@ -35,11 +40,14 @@ class SeqSparseBank(TeacherBank):
         teachers, :func:`~metagate.teachers.build.calibrated_bank`); ``None``: 1
     """
 
+    whole_table = False
+
     def __init__(self, sparse: SparseBank, token_index: Tensor, taus: list[float] | None = None) -> None:
         self.sparse = sparse
         self.token_index = token_index.cpu()
         self.names = list(sparse.names)
         self.taus = taus
+        self._next: Tensor | None = None
 
     @property
     def logits(self) -> Tensor:  # type: ignore[override]
@@ -74,6 +82,61 @@ class SeqSparseBank(TeacherBank):
             return self.sparse.unit_log_probs(tau, r).to(ids.device)
         return torch.stack([self.sparse.unit_log_probs(tau * t, r)[:, j] for j, t in enumerate(self.taus)],
                            1).to(ids.device)
+
+    def _tau(self, j: int) -> float:
+        return 1.0 if self.taus is None else float(self.taus[j])
+
+    def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
+        """``[n, K]`` each teacher's probability (temperature 1; a calibrated bank's own) of the label of each
+        token unit of examples ``ids``: the stored gold log-probability where the label is the next token the
+        bank scored (exact), else the label's value in the uniform-tail rebuild (its top-k entry, or the tail);
+        ``1 / V`` on padding. ``O(n K k)``: no ``[n, V]`` row is built."""
+        r = self._rows(ids)
+        n_tok = self.sparse.num_units
+        lab = labels.reshape(-1).cpu().to(torch.int64)
+        if lab.numel() != r.numel():
+            raise InputError(f"{lab.numel()} labels for {r.numel()} token units")
+        pad = r >= n_tok
+        safe = r.clamp_max(max(n_tok - 1, 0))
+        if self._next is None:
+            self._next = self.sparse.next_tokens()
+        gold = ~pad & (self._next[safe] == lab)
+        cols = []
+        for j in range(self.num_teachers):
+            te = SparseTeacher(self.sparse.ids[safe, j].to(torch.int64), self.sparse.logprobs[safe, j].float(),
+                               self.sparse.gold[safe, j].float(), "uniform")
+            at = sparse_log_prob_of(te, self.num_classes, lab, self._tau(j))
+            cols.append(torch.where(gold, sparse_log_prob_of(te, self.num_classes, lab, self._tau(j), gold=True), at))
+        lp = torch.stack(cols, 1).masked_fill(pad.unsqueeze(1), -math.log(self.num_classes))
+        return lp.exp().to(labels.device)
+
+    def unit_ensemble_top(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``([n], [n])`` the top probability of the teachers' mean distribution and its token (the smallest id
+        on a tie) per token unit of examples ``ids``, from the top-k entries alone: every teacher gives a token
+        outside its top-k its tail value, so the top is one of the ``K k`` stored ids (padding: ``1 / V``, 0)."""
+        r = self._rows(ids)
+        n_tok, k, kk = self.sparse.num_units, self.sparse.k, self.num_teachers
+        size = max(1, _TOP_CHUNK // (kk * kk * k))
+        vals, tops = [], []
+        for a in range(0, r.numel(), size):
+            part = r[a : a + size]
+            pad = part >= n_tok
+            safe = part.clamp_max(max(n_tok - 1, 0))
+            top_ids = self.sparse.ids[safe].to(torch.int64)  # [n, K, k]
+            cand = top_ids.reshape(-1, kk * k)  # every teacher's top-k: the candidates
+            cols = []
+            for j in range(kk):
+                t, u = _uniform_tail_log_probs(self.sparse.logprobs[safe, j].float(), self.num_classes, self._tau(j))
+                sorted_ids, order = top_ids[:, j].sort(-1)
+                pos = torch.searchsorted(sorted_ids, cand).clamp_max(k - 1)  # where a candidate sits in teacher j's
+                hit = sorted_ids.gather(1, pos) == cand
+                cols.append(torch.where(hit, t.exp().gather(1, order).gather(1, pos), u.exp().unsqueeze(1)))
+            score = torch.stack(cols, -1).mean(-1)  # [n, K k] the teachers' mean probability of each candidate
+            best = score.max(1, keepdim=True).values
+            tok = torch.where(score == best, cand, torch.full_like(cand, self.num_classes)).min(1).values
+            vals.append(torch.where(pad, 1.0 / self.num_classes, best.squeeze(1)).float())
+            tops.append(torch.where(pad, torch.zeros_like(tok), tok))
+        return torch.cat(vals).to(ids.device), torch.cat(tops).to(ids.device)
 
     def unit_right(self, clean_labels: Tensor) -> Tensor:
         """``[N_train * L, K]`` bool: each teacher's top-1 entry is the clean label (False on padding)."""

@@ -63,11 +63,15 @@ class TemperatureLog:
         self.unit_tau = torch.full((n,), float("nan"), device=run.device)
         self.corrupted: Tensor | None = run.corrupted
         bank = run.bank
-        self.confidence = None if bank is None else \
-            torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
-        index = None if bank is None else bank.token_index
-        if self.confidence is not None and index is not None:  # sequences: one entry per token position
-            self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
+        if bank is not None and not bank.whole_table:  # a sparse top-k bank: its per-unit summary, read in chunks
+            ids = torch.arange(run.train_y.shape[0], device=run.device)
+            self.confidence: Tensor | None = bank.unit_ensemble_top(ids)[0].float()
+        else:
+            self.confidence = None if bank is None else \
+                torch.softmax(bank.logits.float(), -1).mean(1).max(-1).values.to(run.device)
+            index = None if bank is None else bank.token_index
+            if self.confidence is not None and index is not None:  # sequences: one entry per token position
+                self.confidence = self.confidence.index_select(0, index.reshape(-1).to(run.device))
         self.bins = None if self.confidence is None else \
             torch.quantile(self.confidence, torch.tensor([1 / 3, 2 / 3], device=run.device)).tolist()
         self._means: list[Tensor] = []
