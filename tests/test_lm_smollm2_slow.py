@@ -64,3 +64,7 @@ def test_smollm2_joins_the_core_loops_teachers_in_a_sparse_bank(tmp_path):
     right = bank.unit_right(task.clean_train_labels)[task.train.mask.reshape(-1)]
     assert right.float().mean() > 0.2  # the pretrained model's top-1 next token on the docs (about 0.3)
     assert 0.5 < bank.calibration.taus[0] < 3.0
+    # measured as a trained teacher's (token accuracy on select and test), once: the next load reads the file
+    assert 0.15 < stats[0]["select_acc"] < 0.7 and 0.15 < stats[0]["test_acc"] < 0.7
+    assert (tmp_path / task.key / "pretrained-smollm2-135m-top8.json").is_file()
+    assert load_teachers(cfg, task, progress=False)[1] == stats

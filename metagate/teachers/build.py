@@ -41,6 +41,7 @@ from metagate.teachers.calibration_cache import (
 )
 from metagate.teachers.files import TeacherArrays, read_teacher_file, teacher_arrays, teacher_table, token_table
 from metagate.teachers.online import OnlineBank
+from metagate.teachers.pretrained import pretrained_stats
 from metagate.teachers.sequence import SeqTeacherBank, token_index
 from metagate.teachers.sources import OnlineTeacher, TeacherLike, freeze
 from metagate.teachers.sparse_seq import SeqSparseBank, sparse_bank_file, sparse_seq_bank
@@ -213,8 +214,9 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
     """A run's teachers (``--teachers`` trained by the project once and cached, the planted adversarial one,
     ``--teacher-file`` files) and their bank; every option is checked before a teacher is trained.
 
-    :return: the bank and one stats dict per teacher (trained: ``select_acc``, ``test_acc``, ``epoch``; file:
-        ``kind``)
+    :return: the bank and one stats dict per teacher (trained: ``select_acc``, ``test_acc``, ``epoch``; the task's
+        pretrained: ``kind``, ``select_acc``, ``test_acc``, measured once and cached
+        (:mod:`metagate.teachers.pretrained`); file: ``kind``)
     """
     cache = ensure_dir(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), "--cache-dir")
     device = resolve_device(cfg.train.device)
@@ -246,10 +248,14 @@ def load_teachers(cfg: TeacherOptions, task: Task, progress: bool = True,
         loaded = [(n, load()) for n, load in pretrained]
         modules, names = [*modules, *(m for _, m in loaded)], [*names, *(n for n, _ in loaded)]
         stats = [*stats, *({"name": n, "kind": "pretrained"} for n, _ in loaded)]
+    rebuild = cfg.rebuild_cache or cfg.retrain_teachers
     bank, built = build_bank(task, [*zip(names, modules), *files], cache_dir=cache, device=device,
-                             rebuild=cfg.rebuild_cache or cfg.retrain_teachers, topk=cfg.topk, measure=False,
-                             what=f"task {task.name!r}")
-    fit_teacher_temperatures(bank, task, modules, device, stats, cache, cfg.rebuild_cache or cfg.retrain_teachers)
+                             rebuild=rebuild, topk=cfg.topk, measure=False, what=f"task {task.name!r}")
+    if pretrained:  # measured as the trained teachers are (select_acc, test_acc), once: cached beside the bank
+        got = pretrained_stats(task, bank, [m for _, m in loaded], [n for n, _ in loaded], cache, device, rebuild)
+        for st in stats[len(stats) - len(loaded):]:
+            st.update(got[st["name"]])
+    fit_teacher_temperatures(bank, task, modules, device, stats, cache, rebuild)
     return bank, [*stats, *built[len(modules):]]
 
 
