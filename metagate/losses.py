@@ -344,6 +344,10 @@ class SparseTeacher:
 
 
 
+#: the least tail mass of a uniform-tail rebuild with tokens outside the top-k: keeps every rebuilt log p finite
+TAIL_FLOOR = 1e-9
+
+
 def _tail_mass(logprobs: Tensor, vocab: int) -> Tensor:
     """``[n]`` the teacher's mass outside its top-k, ``1 - sum exp(logprobs)``, in float64 (0 if rounding
     makes it negative). With ``k = V`` there is no tail: the remainder is rounding and is zero (tempering by
@@ -360,6 +364,8 @@ def _uniform_tail_log_probs(logprobs: Tensor, vocab: int, tau: Tensor | float) -
     k = logprobs.shape[-1]
     m = vocab - k
     r = _tail_mass(logprobs, vocab)
+    if m > 0:  # a top-k holding all the mass in float32 (a confident pretrained teacher) would give its tail
+        r = r.clamp_min(TAIL_FLOOR)  # tokens log p = -inf, and the KD term 0 * -inf = NaN
     lp = logprobs.double()
     neg_inf = torch.full_like(r, float("-inf"))
     log_u = torch.where(r > 0, r.log() - math.log(max(m, 1)), neg_inf)  # each tail token's log p at tau = 1

@@ -29,6 +29,12 @@ def block(name: str) -> str:
     parts = [f"**{title}**", "", section(md, "Results")]
     if section(md, "Sequences"):
         parts += ["", "Sequences (PER/WER of greedy decodings on test; Δ paired to fixed):", "", section(md, "Sequences")]
+    if section(md, "Language modelling"):
+        parts += ["", "Language modelling (test perplexity and token calibration; Δ paired to fixed):", "",
+                  section(md, "Language modelling")]
+    if section(md, "Teacher shares by token class"):
+        parts += ["", "Teacher shares by token class (mean ± std over seeds):", "",
+                  section(md, "Teacher shares by token class")]
     if section(md, "Temperatures chosen"):
         parts += ["", "Temperatures chosen (mean of each training unit's last τ):", "", section(md, "Temperatures chosen")]
     parts += ["", made]

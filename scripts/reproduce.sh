@@ -31,8 +31,7 @@ G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size
 # into a 2-layer GPT-2 from scratch; each document's first 1000 SmolLM2 tokens, a top-32 sparse bank, tau 1 (a
 # top-k bank keeps the KD target near tau = 1); one epoch of 70 steps, 3 seeds: each cell is minutes on one
 # core, most of it the KD loss over SmolLM2's 49,152-token vocabulary
-LM_GATES=${LM_GATES:-"ce fixed fixed-tuned:alpha_grid=0.1/0.9,tau_grid=1,lr_scales=1 hard ca-mkd best-teacher
-  meta:meta_param=net reinforce oracle-teachers"}
+LM_GATES=${LM_GATES:-"ce fixed hard best-teacher meta:meta_param=net reinforce oracle-teachers"}
 LM_SEEDS=${LM_SEEDS:-"0 1 2"}
 LM_TRAIN="--lm-teacher smollm2 --lm-doc-tokens 1000 --topk 32 --tau 1 --epochs ${LM_EPOCHS:-1} --optimizer adam --lr 0.003
   --weight-decay 0 --batch-size 8"

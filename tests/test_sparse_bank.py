@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,3 +144,21 @@ def test_bank_protocol_rows_index_right_and_the_refused_whole_table_reads():
     with pytest.raises(InputError, match=f"token rows reach {n + 1}"):
         bank.unit_log_probs(1.0, torch.tensor([n + 1]))
     assert bank.to("cpu") is bank
+
+
+def test_a_top_k_holding_all_the_mass_rebuilds_finite_rows():
+    """A confident pretrained teacher's top-k can hold all its mass in float32 (SmolLM2 on code): the tail tokens
+    then get the floor mass, not log 0 = -inf, and the KD term stays finite (0 * -inf was NaN)."""
+    from metagate.losses import TAIL_FLOOR, SparseTeacher, sparse_log_probs_at
+
+    vocab = 50
+    lp = torch.tensor([[0.0, -80.0, -90.0, -100.0]])  # exp sums to 1 in float32: no tail mass left
+    teacher = SparseTeacher(torch.arange(4).view(1, 4), lp, tail="uniform")
+    rows = sparse_log_probs_at(teacher, vocab, 1.0)
+    assert torch.isfinite(rows).all()
+    assert rows[0, 10].item() == pytest.approx(math.log(TAIL_FLOOR / (vocab - 4)), rel=1e-6)
+    assert rows[0, 0].exp().item() == pytest.approx(1.0, abs=1e-8)
+    student = torch.randn(1, vocab, requires_grad=True)
+    kd = (rows.exp() * (rows - torch.log_softmax(student, -1))).sum()
+    kd.backward()
+    assert torch.isfinite(kd) and torch.isfinite(student.grad).all()
