@@ -34,6 +34,7 @@ from metagate.teachers.banks import bank_members, load_or_train_bank
 from metagate.teachers.cache import cache_file, cache_lock, cached_logits, cached_token_logits, default_cache_dir
 from metagate.teachers.calibration_cache import (
     Fit,
+    bank_identity,
     cached_fit,
     calibration_file,
     calibration_fingerprint,
@@ -281,11 +282,9 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
     k_mod = len(modules)
     fit = partial(_fit_on_meta, bank, task, modules, device)
     if modules and cache_dir is not None:
-        sparse = bank.sparse if isinstance(bank, SeqSparseBank) else None
-        # the teachers' identity: a sparse bank's fingerprint hashes every teacher's weights already
-        teachers = [sparse.fingerprint] if sparse is not None else teacher_identities(modules, bank.num_teachers)
+        teachers, topk = bank_identity(bank, lambda: teacher_identities(modules, bank.num_teachers))
         fp = calibration_fingerprint(bank.names, teachers, task.meta.x, task.meta.y, SCORED_TAUS)
-        path = cache_file(cache_dir, task, calibration_file(bank.names, sparse.k if sparse is not None else None))
+        path = cache_file(cache_dir, task, calibration_file(bank.names, topk))
         cal, reliability = cached_fit(path, fp, fit, rebuild)
     else:  # no module teacher: nothing to fit (every tau is 1)
         cal, reliability = fit()

@@ -50,7 +50,9 @@ from torch import Tensor, nn
 from metagate.calibration import FIT_METHOD, TeacherCalibration
 from metagate.errors import StaleCacheError, StorageError
 from metagate.io import atomic_write_text, not_a_regular_file, state_fingerprint
+from metagate.teachers.bank import TeacherBank
 from metagate.teachers.cache import cache_lock
+from metagate.teachers.sparse_seq import SeqSparseBank
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,23 @@ Fit = tuple[TeacherCalibration, Tensor | None]
 T = TypeVar("T")
 
 
+def bank_file(prefix: str, names: Sequence[str], topk: int | None = None) -> str:
+    """The name of a JSON cache file kept beside the bank of teachers ``names`` (``topk``: the sparse top-k
+    bank's): ``<prefix>-<name>+<name>...[-top<k>].json``."""
+    return f"{prefix}-{'+'.join(names)}" + (f"-top{topk}" if topk else "") + ".json"
+
+
 def calibration_file(names: Sequence[str], topk: int | None = None) -> str:
     """The cache file name of the fit of teachers ``names`` (``topk``: the sparse top-k bank's)."""
-    return f"calibration-{'+'.join(names)}" + (f"-top{topk}" if topk else "") + ".json"
+    return bank_file("calibration", names, topk)
+
+
+def bank_identity(bank: TeacherBank, own: Callable[[], list[str]]) -> tuple[list[str], int | None]:
+    """The teachers' identity in a cache key beside ``bank``, and the top-k of the file's name: a sparse bank's
+    own fingerprint (it hashes every teacher's weights already, so SmolLM2's are not hashed twice), else
+    ``own()`` (e.g. :func:`teacher_identities`)."""
+    sparse = bank.sparse if isinstance(bank, SeqSparseBank) else None
+    return ([sparse.fingerprint], sparse.k) if sparse is not None else (own(), None)
 
 
 def _tensor_bytes(t: Any) -> bytes:

@@ -35,8 +35,7 @@ from metagate.data.task import Split, Task
 from metagate.io import state_fingerprint
 from metagate.teachers.bank import TeacherBank
 from metagate.teachers.cache import cache_file
-from metagate.teachers.calibration_cache import JsonCache, cached_json, content_fingerprint
-from metagate.teachers.sparse_seq import SeqSparseBank
+from metagate.teachers.calibration_cache import JsonCache, bank_file, bank_identity, cached_json, content_fingerprint
 from metagate.units import PAD_ID
 
 #: how the accuracies are measured: bump the leading number when that changes
@@ -52,7 +51,7 @@ KEYS = ("select_acc", "test_acc")
 
 def stats_file(names: Sequence[str], topk: int | None = None) -> str:
     """The cache file name of the pretrained teachers' stats in the bank of teachers ``names``."""
-    return f"pretrained-{'+'.join(names)}" + (f"-top{topk}" if topk else "") + ".json"
+    return bank_file("pretrained", names, topk)
 
 
 @torch.no_grad()
@@ -106,12 +105,10 @@ def pretrained_stats(task: Task, bank: TeacherBank, modules: Sequence[nn.Module]
     """
     if not modules:
         return {}
-    sparse = bank.sparse if isinstance(bank, SeqSparseBank) else None
-    # the teachers' identity: a sparse bank's fingerprint hashes every teacher's weights already
-    teachers = [sparse.fingerprint] if sparse is not None else [state_fingerprint(m) for m in modules]
+    teachers, topk = bank_identity(bank, lambda: [state_fingerprint(m) for m in modules])
     fp = content_fingerprint({"names": list(bank.names), "pretrained": list(names), "teachers": teachers},
                              [task.select.x, task.select.y, task.test.x, task.test.y])
-    path = cache_file(cache_dir, task, stats_file(bank.names, sparse.k if sparse is not None else None))
+    path = cache_file(cache_dir, task, stats_file(bank.names, topk))
     got = cached_json(STATS, path, fp, lambda: measure(modules, names, task, device), lambda s: {"stats": s}, _decode,
                       rebuild)
     if sorted(got) != sorted(names):
