@@ -270,7 +270,8 @@ class Trainer:
     def progress(self) -> float:
         return min(1.0, self.step / self.total_steps)
 
-    def _lr_at(self, step: int) -> float:
+    def lr_at(self, step: int) -> float:
+        """The learning rate the schedule gives step ``step`` (``train_step`` sets it before the update)."""
         if self.config.schedule == "constant":
             return self.config.lr
         return 0.5 * self.config.lr * (1 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
@@ -311,7 +312,7 @@ class Trainer:
         if not student.training:  # Module.train() walks every submodule: skip when already set
             student.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr_at(self.step)
+            group["lr"] = self.lr_at(self.step)
         if logits is None:
             if self._amp is None:
                 logits = student(batch.x)

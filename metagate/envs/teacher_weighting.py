@@ -92,7 +92,7 @@ class TeacherWeightingEnv(StudentLoopEnv):
         tr = self.trainer
         view = tr.make_view(self._batch, self._logits)
         # the learning rate train_step is about to set (the optimizer still holds the last step's)
-        lr = tr._lr_at(tr.step)
+        lr = tr.lr_at(tr.step)
         _, dw = self._credit.hypergrad(view, decision.weights, lr, self._batch.x)
         return decision.weights, centred_credit(dw)
 
