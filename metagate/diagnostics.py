@@ -77,6 +77,7 @@ def class_shares(unit_weights: Tensor, classes: dict[str, Tensor], right: Tensor
     w = unit_weights.detach().float()
     share = kd_shares(w)
     has_kd = w[:, 1:].sum(1) > 0
+    right_f = None if right is None else right.to(w.device).float()
     out: dict[str, float] = {}
     for name, mask in classes.items():
         sel = mask.to(w.device).bool()
@@ -84,11 +85,10 @@ def class_shares(unit_weights: Tensor, classes: dict[str, Tensor], right: Tensor
             continue
         out[f"gate/w_label_{name}"] = float(w[sel, 0].mean())
         kd = sel & has_kd
-        for k in range(share.shape[1]):
-            if kd.any():
-                out[f"gate/share_{name}_t{k}"] = float(share[kd, k].mean())
-            if right is not None:
-                out[f"diag/right_{name}_t{k}"] = float(right.to(w.device)[sel, k].float().mean())
+        if kd.any():
+            out.update({f"gate/share_{name}_t{k}": float(v) for k, v in enumerate(share[kd].mean(0))})
+        if right_f is not None:
+            out.update({f"diag/right_{name}_t{k}": float(v) for k, v in enumerate(right_f[sel].mean(0))})
     return out
 
 
