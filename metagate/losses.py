@@ -384,9 +384,9 @@ def sparse_log_probs_at(teacher: SparseTeacher, vocab: int, tau: float = 1.0) ->
     lead = teacher.ids.shape[:-1]
     ids, lp = teacher.ids.reshape(-1, teacher.k), teacher.logprobs.reshape(-1, teacher.k)
     top, tail = _uniform_tail_log_probs(lp, vocab, tau)
-    out = tail.unsqueeze(-1).expand(-1, vocab).clone()
-    out.scatter_(1, ids.long(), top)
-    return out.to(lp.dtype).reshape(*lead, vocab)
+    out = tail.to(lp.dtype).unsqueeze(-1).expand(-1, vocab).clone()  # built in the logits' dtype, not float64
+    out.scatter_(1, ids.long(), top.to(lp.dtype))
+    return out.reshape(*lead, vocab)
 
 
 def sparse_log_prob_of(teacher: SparseTeacher, vocab: int, tokens: Tensor, tau: float = 1.0,
@@ -401,6 +401,32 @@ def sparse_log_prob_of(teacher: SparseTeacher, vocab: int, tokens: Tensor, tau: 
         return (teacher.gold_logprob.reshape(-1).double() / tau - log_z).to(lp.dtype)
     hit = ids == tokens.reshape(-1, 1)
     return torch.where(hit.any(1), (top * hit).sum(1), tail).to(lp.dtype)
+
+
+def uniform_tail_kl(log_q: Tensor, ids: Tensor, logprobs: Tensor, tau: Tensor | float,
+                    log_q_top: Tensor | None = None) -> Tensor:
+    """``[n]`` ``KL(p_tau || q)`` of a top-k teacher rebuilt with its tail spread uniformly over the ``V - k``
+    other tokens (:func:`sparse_log_probs_at`'s distribution), in closed form: the tail's part needs only
+    ``sum_tail log q = sum_V log q - sum_topk log q``, so no ``[n, V]`` row is built for the teacher.
+
+    :param log_q: ``[n, V]`` the student's log-probabilities (at its own temperature; with graph)
+    :param ids: ``[n, k]`` the teacher's top-k token ids (int64)
+    :param logprobs: ``[n, k]`` their log-probabilities at temperature 1
+    :param tau: the teacher's temperature, scalar or ``[n, 1]``
+    :param log_q_top: optional ``log_q.gather(1, ids)`` when the caller has it
+    """
+    vocab, k = log_q.shape[1], ids.shape[1]
+    if log_q_top is None:
+        log_q_top = log_q.gather(1, ids)
+    log_p_top, log_p_u = _uniform_tail_log_probs(logprobs, vocab, tau)
+    log_p_top, log_p_u = log_p_top.to(log_q.dtype), log_p_u.to(log_q.dtype)
+    kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
+    m = vocab - k
+    if m > 0:
+        p_u = log_p_u.exp()
+        tail_log_q = log_q.sum(-1) - log_q_top.sum(-1)
+        kl = kl + torch.where(p_u > 0, p_u * (m * log_p_u - tail_log_q), torch.zeros_like(p_u))
+    return kl
 
 
 def sparse_kd_per_unit(
@@ -447,15 +473,7 @@ def sparse_kd_per_unit(
     log_q = student_log_probs if student_log_probs is not None else F.log_softmax(student_logits / sigma, dim=-1)
     log_q_top = log_q.gather(1, ids)
     if teacher.tail == "uniform":
-        log_p_top, log_p_u = _uniform_tail_log_probs(lp, vocab, tau_col)
-        log_p_top, log_p_u = log_p_top.to(log_q.dtype), log_p_u.to(log_q.dtype)
-        kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
-        m = vocab - k
-        p_u = log_p_u.exp()
-        if m > 0:
-            tail_log_q = log_q.sum(-1) - log_q_top.sum(-1)
-            tail = torch.where(p_u > 0, p_u * (m * log_p_u - tail_log_q), torch.zeros_like(p_u))
-            kl = kl + tail
+        kl = uniform_tail_kl(log_q, ids, lp, tau_col, log_q_top)
     else:  # the tail is one outcome, tempered as one token (DistillKit's, TRL's)
         r = _tail_mass(lp, vocab)
         log_r = torch.where(r > 0, r.log(), torch.full_like(r, float("-inf")))

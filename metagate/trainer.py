@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate import checkpoint, units
@@ -343,9 +344,12 @@ class Trainer:
                 self._diagnose_nonfinite(batch, logits, view, w, out.tau)
         keep = self._tau_graph and decision is None  # the loss's gradient reaches the gate's student_parameters
         tau = out.tau.detach() if torch.is_tensor(out.tau) and not keep else out.tau
-        t_logp = view.teacher_log_probs(float(tau)) if (self.bank is not None and not torch.is_tensor(tau)) else None
+        # a sparse top-k bank gives the KD columns in closed form (no [n, K, V] rebuild) at a scalar tau
+        closed = self.bank is not None and self.bank.closed_form_kd and not torch.is_tensor(tau)
+        dense = self.bank is not None and not torch.is_tensor(tau) and not closed
+        t_logp = view.teacher_log_probs(float(tau)) if dense else None
         s_logp = view.made_student_log_probs  # reuse the gate's log-softmax if it made one
-        teacher_logits = None if t_logp is not None else view.teacher_logits
+        teacher_logits = None if (t_logp is not None or closed) else view.teacher_logits
         grad = out.logit_grad if decision is None else None
         if grad is not None and grad.shape != logits.shape:
             raise InputError(f"gate logit gradient has shape {tuple(grad.shape)}, expected {tuple(logits.shape)}")
@@ -355,7 +359,11 @@ class Trainer:
         with torch.set_grad_enabled(grad is None):  # the gate's logit gradient makes the loss a value only
             # validated once: the data at load time, the weights above (the loss is checked for NaN below)
             picked = _rows(real, logits, teacher_logits, view.labels, tau, t_logp, s_logp, out.student_tau)
-            real_losses = unit_losses(*picked[:6], validate=False, student_tau=picked[6])
+            if closed:
+                real_losses = self._closed_form_losses(view, real, picked[0], picked[2], float(tau), picked[5],
+                                                       picked[6])
+            else:
+                real_losses = unit_losses(*picked[:6], validate=False, student_tau=picked[6])
             losses = real_losses if real is None else \
                 real_losses.new_zeros(view.num_units, real_losses.shape[1]).index_copy(0, real, real_losses)
             loss = reduce_weighted(losses, w, None if batch.mask is None else view.mask, validate=False)
@@ -388,6 +396,18 @@ class Trainer:
             _ = self.unit_weights
         self.step += 1
         return StepResult(loss.detach(), losses, w)
+
+    def _closed_form_losses(self, view: UnitView, real: Tensor | None, logits: Tensor, labels: Tensor, tau: float,
+                            s_logp: Tensor | None, student_tau: float | None) -> Tensor:
+        """:func:`~metagate.losses.unit_losses`'s ``[n, 1+K]`` columns with the KD columns from the bank's closed
+        form (:meth:`~metagate.teachers.bank.TeacherBank.unit_kd`): the same values as the rebuilt rows give."""
+        assert self.bank is not None
+        log_p = s_logp if s_logp is not None else F.log_softmax(logits, -1)
+        sigma = tau if student_tau is None else float(student_tau)
+        log_q = log_p if sigma == 1.0 else F.log_softmax(logits / sigma, -1)
+        kd = self.bank.unit_kd(view.ids, log_q, tau, real)
+        assert kd is not None
+        return torch.cat([F.nll_loss(log_p, labels, reduction="none").unsqueeze(1), kd * sigma**2], 1)
 
     def _diagnose_nonfinite(self, batch: Batch, logits: Tensor, view: UnitView, w: Tensor,
                             tau: Tensor | float) -> None:

@@ -22,18 +22,23 @@ gates() { echo ce fixed "$1" hard hard:hard_tau=1.5 label-filter best-teacher co
 temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperature; }
 # g2p (token units): HKD's gate at both levels with both references (gold: the paper's), against fixed KD
 # (G2P_GATES="..." scripts/reproduce.sh runs fewer rows)
-G2P_GATES=${G2P_GATES:-"ce fixed hard hard:hard_tau=1.5 hard:hard_reference=pred hard:hard_level=sentence
-  hard:hard_level=sentence,hard_reference=pred meta:meta_param=net reinforce"}
+# and the issue-27 rows: fixed tuned with the student's lr (Adam: 0.5-2x), CA-MKD, meta at fixed's mass and at
+# AMAL's 0.1/0.9, reinforce, the oracles
+G2P_GATES=${G2P_GATES:-"ce fixed fixed-tuned:alpha_grid=0.1/0.5,tau_grid=4,lr_scales=0.5/1/2 hard hard:hard_tau=1.5
+  hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred ca-mkd
+  meta:meta_param=net meta:meta_param=table,meta_init_label=0.1,meta_init_teacher=0.9 reinforce oracle-filter
+  oracle-teachers"}
 # and the temperature gates per token, against fixed tau=4 and tau tuned on select
 G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8 ctkd ctkd:ctkd_variant=instance temperature"
 G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
 # lm: SmolLM2-135M (pretrained, general) and the task's two in-domain teachers (gpt2-128, llama-96, trained here)
 # into a 2-layer GPT-2 from scratch; each document's first 1000 SmolLM2 tokens, a top-32 sparse bank, tau 1 (a
-# top-k bank keeps the KD target near tau = 1); one epoch of 70 steps, 3 seeds: each cell is minutes on one
-# core, most of it the KD loss over SmolLM2's 49,152-token vocabulary
-LM_GATES=${LM_GATES:-"ce fixed hard best-teacher meta:meta_param=net reinforce oracle-teachers"}
+# top-k bank keeps the KD target near tau = 1); two epochs of 70 steps, 3 seeds; every row of issue 30 (no label
+# noise: no oracle-filter)
+LM_GATES=${LM_GATES:-"ce fixed fixed-tuned:alpha_grid=0.1/0.5,tau_grid=1,lr_scales=1/2 hard hard:hard_level=sentence
+  label-filter ca-mkd best-teacher meta:meta_param=net reinforce oracle-teachers"}
 LM_SEEDS=${LM_SEEDS:-"0 1 2"}
-LM_TRAIN="--lm-teacher smollm2 --lm-doc-tokens 1000 --topk 32 --tau 1 --epochs ${LM_EPOCHS:-1} --optimizer adam --lr 0.003
+LM_TRAIN="--lm-teacher smollm2 --lm-doc-tokens 1000 --topk 32 --tau 1 --epochs ${LM_EPOCHS:-2} --optimizer adam --lr 0.003
   --weight-decay 0 --batch-size 8"
 
 policies() {  # task, noise, envs...: PPO policies trained on data seed 0, deployed in every seed

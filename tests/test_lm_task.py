@@ -267,3 +267,44 @@ def test_tiny_compare_on_the_sparse_bank(tmp_path):
     assert "| `fixed` | 1 | 0.500 ± 0.000 | 0.500 ± 0.000 | - | 0.500 ± 0.000 | 0.500 ± 0.000 |" in table
     right = [f"{100 * m['fixed'][f'diag/right_{c}_t0']:.1f} ± 0.0" if c in present else "-" for c in classes]
     assert "| teacher top-1 right % (bank) | 1 | " + " | ".join(right) + " |" in table
+
+
+def test_the_steps_closed_form_kd_equals_the_rebuilt_rows(tmp_path):
+    """The sparse bank's KD columns in closed form (the step's path) equal kd_per_unit against the rebuilt
+    [n, K, V] rows, plain and calibrated, and a training step gives the same loss and update either way."""
+    from metagate.gates.fixed import FixedGate
+    from metagate.losses import kd_per_unit
+    from metagate.teachers.sparse_seq import SeqSparseBank
+    from metagate.trainer import Trainer, TrainConfig
+
+    cfg, task, sparse, _ = _teachers(16, tmp_path)
+    ids = torch.tensor([0, 3, len(task.train) - 1])
+    n = 3 * 16
+    torch.manual_seed(0)
+    s = torch.randn(n, 384) * 3
+    real = task.train.mask[ids].reshape(-1).nonzero().squeeze(1)
+    assert 0 < real.numel() < n  # the last example has padding
+    calibrated = SeqSparseBank(sparse.sparse, sparse.token_index, [0.7, 1.3])
+    for bank in (sparse, calibrated):
+        for tau in (1.0, 2.5):
+            log_q = torch.log_softmax(s / tau, -1)
+            want = kd_per_unit(s, None, tau, teacher_log_probs=bank.unit_log_probs(tau, ids)) / tau**2
+            got = bank.unit_kd(ids, log_q, tau)
+            assert got.shape == (n, 2) and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+            assert torch.allclose(bank.unit_kd(ids, log_q[real], tau, real), want[real], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(calibrated.unit_kd(ids, log_q, 1.0), sparse.unit_kd(ids, log_q, 1.0))
+
+    def one_step(closed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        bank = SeqSparseBank(sparse.sparse, sparse.token_index)
+        bank.closed_form_kd = closed
+        if closed:  # the closed form never rebuilds the [n, K, V] rows
+            bank.unit_log_probs = bank.lookup = None  # type: ignore[method-assign,assignment]
+        trainer = Trainer(task, task.make_student(None), FixedGate(tau=2.0), bank,
+                          TrainConfig(epochs=1, progress=False, seed=0))
+        res = trainer.train_step(next(iter(trainer.epoch_batches(0))))
+        return res.loss, [p.detach().clone() for p in trainer.student.parameters()]
+
+    (l1, p1), (l0, p0) = one_step(True), one_step(False)
+    assert torch.isfinite(l1) and l1.item() == pytest.approx(l0.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p0, strict=True))

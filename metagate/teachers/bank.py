@@ -69,6 +69,8 @@ class TeacherBank:
     calibrated: bool = False
     #: :attr:`logits` / :meth:`log_probs` can be read (``False``: a sparse top-k bank, batch rows and summaries only)
     whole_table: bool = True
+    #: :meth:`unit_kd` gives the KD columns in closed form (the step then never reads :meth:`unit_log_probs`)
+    closed_form_kd: bool = False
     #: ``[K, C]`` P(teacher right | teacher predicts c) on the clean ``meta`` split
     #: (:func:`metagate.features.teacher_reliability`; set by ``teachers.build.fit_teacher_temperatures`` when every
     #: teacher has logits on ``meta``); ``None``: unmeasured
@@ -107,6 +109,13 @@ class TeacherBank:
     def unit_log_probs(self, tau: float, ids: Tensor) -> Tensor:
         """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
         return rows(self.log_probs(tau), ids)
+
+    def unit_kd(self, ids: Tensor, log_q: Tensor, tau: float, real: Tensor | None = None) -> Tensor | None:
+        """``[n, K]`` ``KL(p_k,tau || q)`` of each teacher against the student's log-probabilities ``log_q``
+        ``[n, V]`` in closed form, for a bank that can give it without building ``[n, K, V]`` (the sparse top-k
+        bank); ``None``: no closed form, the step reads :meth:`unit_log_probs`. ``real``: the rows of the
+        units of examples ``ids`` that ``log_q`` holds (``None``: all)."""
+        return None
 
     def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
         """``[n, K]`` each teacher's probability (temperature 1, or the calibrated bank's own) of the label of

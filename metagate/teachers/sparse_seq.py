@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import InputError
-from metagate.losses import SparseTeacher, _uniform_tail_log_probs, sparse_log_prob_of
+from metagate.losses import SparseTeacher, _uniform_tail_log_probs, sparse_log_prob_of, uniform_tail_kl
 from metagate.teachers.bank import TeacherBank, rows
 from metagate.teachers.sparse import SparseBank, cached_sparse_bank
 from metagate.units import PAD_ID
@@ -41,6 +41,7 @@ class SeqSparseBank(TeacherBank):
     """
 
     whole_table = False
+    closed_form_kd = True
 
     def __init__(self, sparse: SparseBank, token_index: Tensor, taus: list[float] | None = None) -> None:
         self.sparse = sparse
@@ -82,6 +83,25 @@ class SeqSparseBank(TeacherBank):
             return self.sparse.unit_log_probs(tau, r).to(ids.device)
         return torch.stack([self.sparse.unit_log_probs(tau * t, r)[:, j] for j, t in enumerate(self.taus)],
                            1).to(ids.device)
+
+    def unit_kd(self, ids: Tensor, log_q: Tensor, tau: float, real: Tensor | None = None) -> Tensor:
+        """``[n, K]`` each teacher's ``KL(p_tau || q)`` in closed form from its top-k entries (the uniform-tail
+        rebuild of :meth:`unit_log_probs`, equal to the KL against those rows without building them; a
+        calibrated teacher at ``tau`` times its own temperature); padding rows: the uniform teacher's."""
+        r = self._rows(ids)
+        if real is not None:
+            r = r[real.cpu()]
+        n_tok, dev = self.sparse.num_units, log_q.device
+        pad = (r >= n_tok).to(dev)
+        safe = r.clamp_max(max(n_tok - 1, 0))
+        cols = [uniform_tail_kl(log_q, self.sparse.ids[safe, j].to(device=dev, dtype=torch.int64),
+                                self.sparse.logprobs[safe, j].to(device=dev, dtype=torch.float32),
+                                tau * self._tau(j)) for j in range(self.num_teachers)]
+        kl = torch.stack(cols, 1)
+        if bool(pad.any()):  # KL(uniform || q) = -log V - mean log q
+            uniform = -math.log(self.num_classes) - log_q.mean(-1)
+            kl = torch.where(pad.unsqueeze(1), uniform.unsqueeze(1), kl)
+        return kl
 
     def _tau(self, j: int) -> float:
         return 1.0 if self.taus is None else float(self.taus[j])
