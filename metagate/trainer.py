@@ -297,6 +297,8 @@ class Trainer:
                 return lp
 
             view.teacher_log_probs_fn = teacher_log_probs
+            if bank.closed_form_kd:  # a sparse bank: one token's probability from the top-k entries
+                view.teacher_token_log_probs_fn = lambda tau, tokens: bank.unit_token_log_probs(ids, tokens, tau)
         return view
 
     def train_step(self, batch: Batch, decision: GateOutput | None = None,

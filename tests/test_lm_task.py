@@ -275,7 +275,7 @@ def test_the_steps_closed_form_kd_equals_the_rebuilt_rows(tmp_path):
     from metagate.gates.fixed import FixedGate
     from metagate.losses import kd_per_unit
     from metagate.teachers.sparse_seq import SeqSparseBank
-    from metagate.trainer import Trainer, TrainConfig
+    from metagate.trainer import TrainConfig, Trainer
 
     cfg, task, sparse, _ = _teachers(16, tmp_path)
     ids = torch.tensor([0, 3, len(task.train) - 1])
@@ -308,3 +308,51 @@ def test_the_steps_closed_form_kd_equals_the_rebuilt_rows(tmp_path):
     (l1, p1), (l0, p0) = one_step(True), one_step(False)
     assert torch.isfinite(l1) and l1.item() == pytest.approx(l0.item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p1, p0, strict=True))
+
+
+def test_hard_reads_one_token_per_unit_from_the_sparse_bank(tmp_path):
+    """The sparse bank's one-token log-probabilities equal the rebuilt rows' (the scored next token: its stored,
+    exact value), and the hard gate's step on the sparse bank never rebuilds [n, K, V] rows yet decides as the
+    rule on the rebuilt rows does wherever the gold token is in every teacher's top-k."""
+    from metagate import units
+    from metagate.gates.hard import HardGate
+    from metagate.teachers.sparse_seq import SeqSparseBank
+    from metagate.trainer import TrainConfig, Trainer
+
+    _, task, sparse, _ = _teachers(16, tmp_path)
+    ids = torch.tensor([0, 3, len(task.train) - 1])
+    n, k = 3 * 16, 2
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 384, (n,))
+    rows = sparse.token_index[ids].reshape(-1)
+    real = rows < sparse.sparse.num_units
+    nxt = sparse.sparse.next_tokens()[rows.clamp_max(sparse.sparse.num_units - 1)]
+    tokens[:8] = nxt[:8]  # some units ask for the scored next token
+    gold = real & (tokens == nxt)
+    assert 0 < int(gold.sum()) < int(real.sum())
+    for tau in (1.0, 1.7):
+        dense = sparse.unit_log_probs(tau, ids)
+        want = dense.gather(2, tokens.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
+        got = sparse.unit_token_log_probs(ids, tokens, tau)
+        assert torch.allclose(got[~gold], want[~gold], atol=1e-5)
+    exact = sparse.sparse.gold[rows[gold]].float()  # at tau = 1: the stored log-probability of the next token
+    assert torch.allclose(sparse.unit_token_log_probs(ids, tokens, 1.0)[gold], exact, atol=1e-6)
+
+    bank = SeqSparseBank(sparse.sparse, sparse.token_index)
+    trainer = Trainer(task, task.make_student(None), HardGate(hard_tau=1.5), bank,
+                      TrainConfig(epochs=1, progress=False, seed=0))
+    batch = next(iter(trainer.epoch_batches(0)))
+    with torch.no_grad():
+        tb, logits = units.token_units(batch, trainer.student(batch.x))
+    sparse_view, dense_view = trainer.make_view(tb, logits), trainer.make_view(tb, logits)
+    dense_view.teacher_token_log_probs_fn = None  # the rule on the rebuilt [n, K, V] rows
+    w_sparse, w_dense = trainer.gate.decide(sparse_view).weights, trainer.gate.decide(dense_view).weights
+    rows = bank.token_index[batch.ids].reshape(-1)
+    mask = tb.mask.reshape(-1).bool()
+    y = tb.y.reshape(-1).clamp_min(0)
+    in_top = (bank.sparse.ids[rows.clamp_max(bank.sparse.num_units - 1)].long() == y.view(-1, 1, 1)).any(-1).all(-1)
+    assert int((in_top & mask).sum()) > 10
+    assert torch.equal(w_sparse[in_top & mask], w_dense[in_top & mask])
+    assert float(w_sparse[~mask][:, 1:].sum()) == 0.0 and set(w_sparse[:, 0][mask].tolist()) == {0.0, 1.0}
+    bank.unit_log_probs = bank.lookup = None  # type: ignore[method-assign,assignment]
+    assert torch.isfinite(trainer.train_step(batch).loss)  # the whole step: no [n, K, V] rows

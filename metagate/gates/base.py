@@ -90,6 +90,9 @@ class UnitView:
         self.seq_shape, self.progress = seq_shape, progress
         self.extras: dict[str, Any] = {} if extras is None else extras
         self.teacher_log_probs_fn = teacher_log_probs_fn
+        #: ``(tau, tokens [N]) -> [N, K]``: the teachers' log-probabilities of one token per unit (the trainer
+        #: sets it for a bank that reads them without its ``[N, K, C]`` rows)
+        self.teacher_token_log_probs_fn: Callable[[float, Tensor], Tensor] | None = None
         if callable(teacher_logits):
             if num_teachers is None:
                 raise ValueError("num_teachers is required with a lazy teacher lookup")
@@ -157,6 +160,15 @@ class UnitView:
         t = self.teacher_logits
         assert t is not None
         return F.log_softmax(t / tau, dim=-1)
+
+    def teacher_token_log_probs(self, tau: float, tokens: Tensor) -> Tensor:
+        """``[N, K]`` each teacher's log-probability at temperature ``tau`` of one token per unit (``tokens``
+        ``[N]``, in range): from the bank without the ``[N, K, C]`` rows when it can (a sparse top-k bank),
+        else gathered from :meth:`teacher_log_probs`."""
+        if self.teacher_token_log_probs_fn is not None:
+            return self.teacher_token_log_probs_fn(tau, tokens)
+        lp = self.teacher_log_probs(tau)
+        return lp.gather(2, tokens.reshape(-1, 1, 1).expand(-1, lp.shape[1], 1)).squeeze(2)
 
 
 class GateContext(Protocol):

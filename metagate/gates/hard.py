@@ -108,6 +108,15 @@ def hard_gate_from_log_probs(
     log_ps = student_log_probs.gather(-1, ref).squeeze(-1)  # log p(y_t | y_<t, x)
     p_t = teacher_log_probs.exp().mean(-2)  # several teachers: the ensemble's q_tau (ours)
     log_pt = p_t.gather(-1, ref).squeeze(-1).clamp_min(1e-30).log()  # log q_tau(y_t | y_<t, x)
+    return hard_gate_from_reference(log_ps, log_pt, mask, level)
+
+
+def hard_gate_from_reference(log_ps: Tensor, log_pt: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """E1 / E2 from the reference token's log-probability under the student (``log_ps``) and the teachers'
+    ensemble at its temperature (``log_pt``), both ``[B, T]``: all the gate reads of the distributions.
+
+    :return: ``[B, T]`` float gate, 1 = learn from the teachers; padded tokens get 0
+    """
     m = mask.to(log_ps.dtype)
     if level == "token":
         gate = (log_ps > log_pt).to(log_ps.dtype)  # E1
@@ -197,7 +206,7 @@ class HardGate(Gate):
         self._rows = (label_row, teacher_row)
 
     def weights(self, view: UnitView) -> GateOutput:
-        if view.teacher_logits is None:
+        if view.num_teachers == 0:
             raise ConfigError("the hard gate needs at least one teacher")
         if self._gold_log_pt is not None and view.ids is not None and view.seq_shape[1] == 1:
             assert self._rows is not None
@@ -206,15 +215,14 @@ class HardGate(Gate):
             w = torch.where(over, self._rows[1], self._rows[0])  # E1 -> E3's weight rows
             return GateOutput(w, self.teacher_tau, student_tau=self.student_tau)
         b, t = view.seq_shape
-        k, c = view.teacher_logits.shape[1:]
-        g = hard_gate_from_log_probs(
-            view.student_log_probs.reshape(b, t, c),
-            view.teacher_log_probs(self.gauge_tau).reshape(b, t, k, c),
-            view.labels.reshape(b, t),
-            view.mask.reshape(b, t),
-            self.level,
-            self.reference,
-        ).reshape(-1, 1)
+        k = view.num_teachers
+        log_ps = view.student_log_probs
+        ref = (view.labels if self.reference == "gold" else log_ps.argmax(-1)).clamp_min(0)  # padding: -100
+        log_ps_ref = log_ps.gather(1, ref.unsqueeze(1)).squeeze(1)
+        # the ensemble's q_tau of the reference token only (a sparse bank reads it from its top-k, no [n, K, V])
+        log_pt_ref = view.teacher_token_log_probs(self.gauge_tau, ref).exp().mean(1).clamp_min(1e-30).log()
+        g = hard_gate_from_reference(log_ps_ref.reshape(b, t), log_pt_ref.reshape(b, t), view.mask.reshape(b, t),
+                                     self.level).reshape(-1, 1)
         dtype = view.student_logits.dtype  # weight rows in the student's dtype
         g = g.to(dtype)
         w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1)  # E3: (1 - g) CE + g KD, KD split over teachers

@@ -41,7 +41,7 @@ from metagate.errors import ConfigError, InputError
 from metagate.gates import get_gate_class
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.baselines import _TableGate
-from metagate.gates.hard import HardGate, hard_gate_from_log_probs
+from metagate.gates.hard import HardGate, hard_gate_from_reference
 from metagate.gates.registry import gate_config
 from metagate.losses import (
     IGNORE_INDEX,
@@ -596,13 +596,13 @@ def _gold_log_probs(view: UnitView, teachers: list, tau: float) -> tuple[Tensor,
 
 def _hard_gold(gate: HardGate, view: UnitView, teachers: list) -> GateOutput:
     """The ``hard`` gate's decision with gold references from the gold tokens' log-probabilities only: its own
-    rule (:func:`~metagate.gates.hard.hard_gate_from_log_probs`) over a one-entry vocabulary holding each
-    position's gold token (the rule reads nothing else), then its weights ``(1 - g, g/K, ...)`` (E3)."""
+    rule (:func:`~metagate.gates.hard.hard_gate_from_reference`: it reads nothing else), then its weights
+    ``(1 - g, g/K, ...)`` (E3)."""
     b, t = view.seq_shape
     ls, lt = _gold_log_probs(view, teachers, gate.teacher_tau)
     k = lt.shape[1]
-    zero = torch.zeros(b, t, dtype=torch.long, device=ls.device)
-    g = hard_gate_from_log_probs(ls.reshape(b, t, 1), lt.reshape(b, t, k, 1), zero, view.mask.reshape(b, t),
-                                 gate.level, "gold").reshape(-1, 1).to(view.student_logits.dtype)
+    log_pt = lt.exp().mean(1).clamp_min(1e-30).log()  # the ensemble's q_tau of the gold token
+    g = hard_gate_from_reference(ls.reshape(b, t), log_pt.reshape(b, t), view.mask.reshape(b, t),
+                                 gate.level).reshape(-1, 1).to(view.student_logits.dtype)
     w = torch.cat([1.0 - g, g.expand(-1, k) / k], dim=1)
     return GateOutput(w, gate.teacher_tau, trusted=True, student_tau=gate.student_tau)

@@ -108,14 +108,19 @@ class SeqSparseBank(TeacherBank):
 
     def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
         """``[n, K]`` each teacher's probability (temperature 1; a calibrated bank's own) of the label of each
-        token unit of examples ``ids``: the stored gold log-probability where the label is the next token the
-        bank scored (exact), else the label's value in the uniform-tail rebuild (its top-k entry, or the tail);
-        ``1 / V`` on padding. ``O(n K k)``: no ``[n, V]`` row is built."""
+        token unit of examples ``ids``: :meth:`unit_token_log_probs` of the labels."""
+        return self.unit_token_log_probs(ids, labels).exp()
+
+    def unit_token_log_probs(self, ids: Tensor, tokens: Tensor, tau: float = 1.0) -> Tensor:
+        """``[n, K]`` each teacher's log-probability at ``tau`` (a calibrated bank: times its own) of one token per
+        token unit of examples ``ids``: the stored gold log-probability where the token is the next token the
+        bank scored (exact), else the token's value in the uniform-tail rebuild (its top-k entry, or the tail);
+        ``-log V`` on padding. ``O(n K k)``: no ``[n, V]`` row is built."""
         r = self._rows(ids)
         n_tok = self.sparse.num_units
-        lab = labels.reshape(-1).cpu().to(torch.int64)
+        lab = tokens.reshape(-1).cpu().to(torch.int64)
         if lab.numel() != r.numel():
-            raise InputError(f"{lab.numel()} labels for {r.numel()} token units")
+            raise InputError(f"{lab.numel()} tokens for {r.numel()} token units")
         pad = r >= n_tok
         safe = r.clamp_max(max(n_tok - 1, 0))
         if self._next is None:
@@ -125,10 +130,11 @@ class SeqSparseBank(TeacherBank):
         for j in range(self.num_teachers):
             te = SparseTeacher(self.sparse.ids[safe, j].to(torch.int64), self.sparse.logprobs[safe, j].float(),
                                self.sparse.gold[safe, j].float(), "uniform")
-            at = sparse_log_prob_of(te, self.num_classes, lab, self._tau(j))
-            cols.append(torch.where(gold, sparse_log_prob_of(te, self.num_classes, lab, self._tau(j), gold=True), at))
+            t = tau * self._tau(j)
+            at = sparse_log_prob_of(te, self.num_classes, lab, t)
+            cols.append(torch.where(gold, sparse_log_prob_of(te, self.num_classes, lab, t, gold=True), at))
         lp = torch.stack(cols, 1).masked_fill(pad.unsqueeze(1), -math.log(self.num_classes))
-        return lp.exp().to(labels.device)
+        return lp.to(tokens.device)
 
     def unit_ensemble_top(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``([n], [n])`` the top probability of the teachers' mean distribution and its token (the smallest id
