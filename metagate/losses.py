@@ -390,17 +390,23 @@ def sparse_log_probs_at(teacher: SparseTeacher, vocab: int, tau: float = 1.0) ->
 
 
 def sparse_log_prob_of(teacher: SparseTeacher, vocab: int, tokens: Tensor, tau: float = 1.0,
-                       gold: bool = False) -> Tensor:
+                       gold: bool | Tensor = False) -> Tensor:
     """``[n]`` the teacher's log-probability of one token per position at ``tau`` in its uniform-tail
     rebuild (:func:`sparse_log_probs_at`'s value there) without building ``[n, V]``; with ``gold=True``
-    (``tokens`` are the gold tokens) its stored gold log-probability, tempered by the same normaliser."""
+    (``tokens`` are the gold tokens) its stored gold log-probability, tempered by the same normaliser; with a
+    ``[n]`` bool ``gold``, the stored value where it is set and the rebuild's elsewhere (one normaliser for both)."""
     ids, lp = teacher.ids.reshape(-1, teacher.k).long(), teacher.logprobs.reshape(-1, teacher.k)
     top, tail = _uniform_tail_log_probs(lp, vocab, tau)
-    if gold and teacher.gold_logprob is not None:
+    use_gold = teacher.gold_logprob is not None and (torch.is_tensor(gold) or gold)
+    if use_gold:
+        assert teacher.gold_logprob is not None
         log_z = lp[:, 0].double() / tau - top[:, 0]
-        return (teacher.gold_logprob.reshape(-1).double() / tau - log_z).to(lp.dtype)
+        stored = teacher.gold_logprob.reshape(-1).double() / tau - log_z
+        if not torch.is_tensor(gold):
+            return stored.to(lp.dtype)
     hit = ids == tokens.reshape(-1, 1)
-    return torch.where(hit.any(1), (top * hit).sum(1), tail).to(lp.dtype)
+    rebuilt = torch.where(hit.any(1), (top * hit).sum(1), tail)
+    return (torch.where(gold.reshape(-1), stored, rebuilt) if use_gold else rebuilt).to(lp.dtype)
 
 
 def uniform_tail_kl(log_q: Tensor, ids: Tensor, logprobs: Tensor, tau: Tensor | float,

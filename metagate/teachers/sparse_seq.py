@@ -130,9 +130,7 @@ class SeqSparseBank(TeacherBank):
         for j in range(self.num_teachers):
             te = SparseTeacher(self.sparse.ids[safe, j].to(torch.int64), self.sparse.logprobs[safe, j].float(),
                                self.sparse.gold[safe, j].float(), "uniform")
-            t = tau * self._tau(j)
-            at = sparse_log_prob_of(te, self.num_classes, lab, t)
-            cols.append(torch.where(gold, sparse_log_prob_of(te, self.num_classes, lab, t, gold=True), at))
+            cols.append(sparse_log_prob_of(te, self.num_classes, lab, tau * self._tau(j), gold=gold))
         lp = torch.stack(cols, 1).masked_fill(pad.unsqueeze(1), -math.log(self.num_classes))
         return lp.to(tokens.device)
 
