@@ -13,6 +13,7 @@ Shapes: ``N`` units, ``K`` teachers, ``C`` classes.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +241,27 @@ def unit_losses(
     kd = kd_per_unit(student_logits, teacher_logits, tau, teacher_log_probs, validate=False,
                      student_tau=student_tau, student_log_probs=student_log_probs)
     return torch.cat([ce, kd], dim=1)
+
+
+def closed_form_columns(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_kd: Callable[[Tensor, float], Tensor],
+    tau: float,
+    student_tau: float | None = None,
+    student_log_probs: Tensor | None = None,
+) -> Tensor:
+    """:func:`unit_losses`'s ``[N, 1+K]`` columns with the KD columns from a bank's closed form
+    (``teacher_kd(log_q [N, C], tau) -> [N, K]`` unscaled ``KL(p_k,tau || q)``, e.g. the sparse bank's
+    ``unit_kd``): the same values as :func:`unit_losses` against the bank's rows, never building ``[N, K, C]``.
+
+    :param student_log_probs: optional ``log_softmax(student_logits)`` (with graph) to reuse
+    """
+    log_p = student_log_probs if student_log_probs is not None else F.log_softmax(student_logits, -1)
+    sigma = tau if student_tau is None else float(student_tau)
+    log_q = log_p if sigma == 1.0 else F.log_softmax(student_logits / sigma, -1)
+    kd = teacher_kd(log_q, tau)
+    return torch.cat([F.nll_loss(log_p, labels, reduction="none").unsqueeze(1), kd * sigma**2], 1)
 
 
 def check_weights(weights: Tensor) -> None:

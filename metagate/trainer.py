@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate import checkpoint, units
@@ -32,7 +31,7 @@ from metagate.errors import ConfigError, InputError
 from metagate.gates.base import Gate, GateOutput, StepContext, UnitView
 from metagate.gates.temperature.reversal import check_temperature
 from metagate.logger import Logger
-from metagate.losses import check_weights, reduce_weighted, unit_losses
+from metagate.losses import check_weights, closed_form_columns, reduce_weighted, unit_losses
 from metagate.metrics import classification_metrics
 from metagate.options import Options, option
 from metagate.seq_metrics import sequence_metrics
@@ -297,8 +296,9 @@ class Trainer:
                 return lp
 
             view.teacher_log_probs_fn = teacher_log_probs
-            if bank.closed_form_kd:  # a sparse bank: one token's probability from the top-k entries
+            if bank.closed_form_kd:  # a sparse bank: KD columns and one token's probability from the top-k entries
                 view.teacher_token_log_probs_fn = lambda tau, tokens: bank.unit_token_log_probs(ids, tokens, tau)
+                view.teacher_kd_fn = lambda log_q, tau: bank.unit_kd(ids, log_q, tau)
         return view
 
     def train_step(self, batch: Batch, decision: GateOutput | None = None,
@@ -362,8 +362,10 @@ class Trainer:
             # validated once: the data at load time, the weights above (the loss is checked for NaN below)
             picked = _rows(real, logits, teacher_logits, view.labels, tau, t_logp, s_logp, out.student_tau)
             if closed:
-                real_losses = self._closed_form_losses(view, real, picked[0], picked[2], float(tau), picked[5],
-                                                       picked[6])
+                bank = self.bank
+                real_losses = closed_form_columns(picked[0], picked[2],
+                                                  lambda log_q, t: bank.unit_kd(view.ids, log_q, t, real),
+                                                  float(tau), picked[6], picked[5])
             else:
                 real_losses = unit_losses(*picked[:6], validate=False, student_tau=picked[6])
             losses = real_losses if real is None else \
@@ -398,18 +400,6 @@ class Trainer:
             _ = self.unit_weights
         self.step += 1
         return StepResult(loss.detach(), losses, w)
-
-    def _closed_form_losses(self, view: UnitView, real: Tensor | None, logits: Tensor, labels: Tensor, tau: float,
-                            s_logp: Tensor | None, student_tau: float | None) -> Tensor:
-        """:func:`~metagate.losses.unit_losses`'s ``[n, 1+K]`` columns with the KD columns from the bank's closed
-        form (:meth:`~metagate.teachers.bank.TeacherBank.unit_kd`): the same values as the rebuilt rows give."""
-        assert self.bank is not None
-        log_p = s_logp if s_logp is not None else F.log_softmax(logits, -1)
-        sigma = tau if student_tau is None else float(student_tau)
-        log_q = log_p if sigma == 1.0 else F.log_softmax(logits / sigma, -1)
-        kd = self.bank.unit_kd(view.ids, log_q, tau, real)
-        assert kd is not None
-        return torch.cat([F.nll_loss(log_p, labels, reduction="none").unsqueeze(1), kd * sigma**2], 1)
 
     def _diagnose_nonfinite(self, batch: Batch, logits: Tensor, view: UnitView, w: Tensor,
                             tau: Tensor | float) -> None:

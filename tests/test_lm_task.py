@@ -356,3 +356,41 @@ def test_hard_reads_one_token_per_unit_from_the_sparse_bank(tmp_path):
     assert float(w_sparse[~mask][:, 1:].sum()) == 0.0 and set(w_sparse[:, 0][mask].tolist()) == {0.0, 1.0}
     bank.unit_log_probs = bank.lookup = None  # type: ignore[method-assign,assignment]
     assert torch.isfinite(trainer.train_step(batch).loss)  # the whole step: no [n, K, V] rows
+
+
+@pytest.mark.parametrize("param", ["table", "net"])
+def test_the_meta_lookahead_on_the_sparse_bank_takes_the_closed_form(tmp_path, param):
+    """The meta gate's look-ahead (autograd route) reads the sparse bank's KD columns in closed form: the same
+    weights and update over two steps as against the rebuilt [n, K, V] rows."""
+    from metagate.gates.meta import MetaGate
+    from metagate.teachers.sparse_seq import SeqSparseBank
+    from metagate.trainer import Trainer, TrainConfig
+
+    _, task, sparse, _ = _teachers(16, tmp_path)
+
+    def two_steps(closed: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        bank = SeqSparseBank(sparse.sparse, sparse.token_index)
+        bank.closed_form_kd = closed
+        kd = bank.unit_kd
+
+        def counted(*args: object, **kw: object) -> torch.Tensor:
+            calls.append(args[3] if len(args) > 3 else kw.get("real"))
+            return kd(*args, **kw)  # type: ignore[arg-type]
+
+        bank.unit_kd = counted  # type: ignore[method-assign]
+        trainer = Trainer(task, task.make_student(None), MetaGate(meta_param=param, meta_tau=2.0), bank,
+                          TrainConfig(epochs=1, progress=False, seed=0, batch_size=4))
+        batches = iter(trainer.epoch_batches(0))
+        ws = [trainer.train_step(next(batches)).weights for _ in range(2)]
+        return ws, [p.detach().clone() for p in trainer.student.parameters()]
+
+    calls: list[object] = []
+    (w1, p1) = two_steps(True)
+    assert sum(c is None for c in calls) == 2 and len(calls) == 4  # per step: the look-ahead's and the real step's
+    calls.clear()
+    (w0, p0) = two_steps(False)
+    assert not calls
+    assert not torch.allclose(w1[1], w1[0])  # the gate moved its weights after its first look-ahead
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w0, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p1, p0, strict=True))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
+from metagate.losses import closed_form_columns, unit_losses
 from metagate.options import Options, option_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +94,9 @@ class UnitView:
         #: ``(tau, tokens [N]) -> [N, K]``: the teachers' log-probabilities of one token per unit (the trainer
         #: sets it for a bank that reads them without its ``[N, K, C]`` rows)
         self.teacher_token_log_probs_fn: Callable[[float, Tensor], Tensor] | None = None
+        #: ``(log_q [N, C], tau) -> [N, K]`` the teachers' ``KL(p_tau || q)`` in closed form (a sparse bank's):
+        #: :meth:`loss_columns` then builds no ``[N, K, C]`` rows
+        self.teacher_kd_fn: Callable[[Tensor, float], Tensor] | None = None
         if callable(teacher_logits):
             if num_teachers is None:
                 raise ValueError("num_teachers is required with a lazy teacher lookup")
@@ -160,6 +164,14 @@ class UnitView:
         t = self.teacher_logits
         assert t is not None
         return F.log_softmax(t / tau, dim=-1)
+
+    def loss_columns(self, student_logits: Tensor, tau: float) -> Tensor:
+        """``[N, 1+K]`` the one equation's columns of ``student_logits`` (e.g. a look-ahead's, with graph) against
+        this view's labels and teachers at ``tau``: :func:`~metagate.losses.unit_losses` on the teachers' rows, or
+        the bank's closed form when it has one (the same values)."""
+        if self.teacher_kd_fn is not None and not torch.is_tensor(tau):
+            return closed_form_columns(student_logits, self.labels, self.teacher_kd_fn, float(tau))
+        return unit_losses(student_logits, self.teacher_logits, self.labels, tau, validate=False)
 
     def teacher_token_log_probs(self, tau: float, tokens: Tensor) -> Tensor:
         """``[N, K]`` each teacher's log-probability at temperature ``tau`` of one token per unit (``tokens``

@@ -12,7 +12,6 @@ from metagate.gates.meta.learner import WeightLearner
 from metagate.gates.meta.lookahead import LossFn, func_lookahead_loss, higher_lookahead_loss
 from metagate.gates.meta.route import Route
 from metagate.gates.meta.sampler import ValSampler
-from metagate.losses import unit_losses
 
 
 class AutogradRoute(Route):
@@ -32,7 +31,7 @@ class AutogradRoute(Route):
         reuse = self.reuse and view.student_logits.requires_grad
 
         def loss_fn(z: Tensor) -> Tensor:
-            return unit_losses(z, view.teacher_logits, view.labels, self.tau, validate=False)
+            return view.loss_columns(z, self.tau)
 
         for _ in range(self.inner_iters):
             w, leaves, ids = learner.of_view(view)
