@@ -364,7 +364,7 @@ def test_the_meta_lookahead_on_the_sparse_bank_takes_the_closed_form(tmp_path, p
     weights and update over two steps as against the rebuilt [n, K, V] rows."""
     from metagate.gates.meta import MetaGate
     from metagate.teachers.sparse_seq import SeqSparseBank
-    from metagate.trainer import Trainer, TrainConfig
+    from metagate.trainer import TrainConfig, Trainer
 
     _, task, sparse, _ = _teachers(16, tmp_path)
 
