@@ -69,10 +69,22 @@ class ForwardCapture:
     def kept_for(self, logits: Tensor) -> list[Kept] | None:
         """Per module, what was kept from the forward that made ``logits``; ``None`` when not all of it is.
 
-        :param logits: ``[N, C]`` the real forward's logits (the last module's output)
+        :param logits: ``[N, C]`` the real forward's logits (the last module's output), or a sequence model's
+            ``[B, T, C]`` output flattened to token units ``[B*T, C]`` (a view of it)
         """
         out = self._out_ref() if self._out_ref is not None else None
         kept = list(self._kept)  # later forwards replace entries, never the tensors kept here
-        if out is not logits or any(k.forward != kept[-1].forward for k in kept):
+        if not _made_by(logits, out) or any(k.forward != kept[-1].forward for k in kept):
             return None
         return kept
+
+
+def _made_by(logits: Tensor, out: Tensor | None) -> bool:
+    """Whether ``logits`` are ``out`` itself or its ``[..., C]`` rows flattened to ``[N, C]`` (a view: the same
+    memory, which stays ``out``'s while ``out`` is alive)."""
+    if out is None:
+        return False
+    if logits is out:
+        return True
+    return out.dim() > 2 and logits.shape == (out.numel() // out.shape[-1], out.shape[-1]) \
+        and logits.data_ptr() == out.data_ptr() and logits.is_contiguous() and out.is_contiguous()
