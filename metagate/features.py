@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metagate.errors import ConfigError
+from metagate.losses import uniform_tail_kl, uniform_tail_log_probs
 
 if TYPE_CHECKING:  # typing only: the features sit below the gates that use them
     from metagate.gates.base import UnitView
@@ -112,7 +113,6 @@ def unit_features(
     log_c = math.log(c)
     y = labels.clamp_min(0)
     log_ps = F.log_softmax(s, -1)
-    ps = log_ps.exp()
     log_pt = F.log_softmax(t, -1)
     pt = log_pt.exp()
     yk = y.view(n, 1, 1).expand(n, k, 1)
@@ -122,20 +122,67 @@ def unit_features(
     t_ce = (-log_pt.gather(-1, yk).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH)
     t_kl = ((pt * (log_pt - log_ps.unsqueeze(1))).sum(-1) / log_c).clamp(0, FEATURE_HIGH)
     t_agree = (t_arg == y.view(n, 1)).float()
+    t_feats = torch.stack([t_conf, t_plab, t_ent, t_ce, t_kl, t_agree], -1)  # [N, K, 6]
+    return with_student_features(t_feats, log_ps, y, progress)
+
+
+def with_student_features(teacher_feats: Tensor, log_ps: Tensor, labels: Tensor, progress: float) -> Tensor:
+    """``[N, K, F]``: the teacher features ``[N, K, 6]`` (columns 0-5 of the module docstring) followed by the
+    student's (6-10) from its float32 log-probabilities ``log_ps [N, C]``."""
+    n, k = teacher_feats.shape[:2]
+    c = log_ps.shape[1]
+    log_c = math.log(c)
+    y = labels.clamp_min(0)
+    ps = log_ps.exp()
     top2 = ps.topk(2, -1).values if c > 1 else torch.cat([ps, torch.zeros_like(ps)], -1)
     s_feats = torch.stack([
         top2[:, 0],
         top2[:, 0] - top2[:, 1],
         -(ps * log_ps).sum(-1) / log_c,
         (-log_ps.gather(-1, y.view(n, 1)).squeeze(-1) / log_c).clamp(0, FEATURE_HIGH),
-        torch.full((n,), float(progress), device=s.device),
+        torch.full((n,), float(progress), device=log_ps.device),
     ], -1)  # [N, 5]
-    t_feats = torch.stack([t_conf, t_plab, t_ent, t_ce, t_kl, t_agree], -1)  # [N, K, 6]
-    return torch.cat([t_feats, s_feats.unsqueeze(1).expand(n, k, s_feats.shape[-1])], -1)
+    return torch.cat([teacher_feats, s_feats.unsqueeze(1).expand(n, k, s_feats.shape[-1])], -1)
+
+
+@torch.no_grad()
+def uniform_tail_teacher_features(log_ps: Tensor, ids: Tensor, logprobs: Tensor, labels: Tensor,
+                                  tau: float = 1.0) -> Tensor:
+    """:func:`unit_features`' teacher columns ``[n, 6]`` of one top-k teacher rebuilt with its tail spread
+    uniformly (:func:`~metagate.losses.sparse_log_probs_at` at ``tau``), from its top-k alone: the same values
+    as on the rebuilt ``[n, V]`` rows, except that a teacher whose tail token outweighs its whole top-k (never
+    for a top-k of a trained model) predicts no token here instead of the first tail token.
+
+    :param log_ps: ``[n, V]`` the student's float32 log-probabilities
+    :param ids: ``[n, k]`` int64 top-k token ids; ``logprobs``: ``[n, k]`` their log-probabilities at temperature 1
+    :param labels: ``[n]`` (negative: class 0)
+    """
+    vocab, k = log_ps.shape[1], ids.shape[1]
+    log_c = math.log(vocab)
+    y = labels.clamp_min(0).view(-1, 1)
+    top, tail = uniform_tail_log_probs(logprobs, vocab, tau)
+    top, tail = top.float(), tail.float()
+    p_top, p_u = top.exp(), tail.exp()
+    best, at = p_top.max(-1)
+    conf = torch.maximum(best, p_u)
+    arg = torch.where(best >= p_u, ids.gather(1, at.unsqueeze(1)).squeeze(1), torch.full_like(at, -1))
+    hit = ids == y
+    log_plab = torch.where(hit.any(1), (top * hit).sum(1), tail)
+    m = vocab - k
+    tail_ent = torch.where(p_u > 0, -m * p_u * tail, torch.zeros_like(p_u))
+    ent = (-(p_top * top).sum(-1) + tail_ent) / log_c
+    kl = uniform_tail_kl(log_ps, ids, logprobs, tau) / log_c
+    return torch.stack([conf, log_plab.exp(), ent, (-log_plab / log_c).clamp(0, FEATURE_HIGH),
+                        kl.clamp(0, FEATURE_HIGH), (arg == y.squeeze(1)).float()], -1)
 
 
 def view_features(view: UnitView) -> Tensor:
-    """:func:`unit_features` of a gate's :class:`~metagate.gates.UnitView`."""
+    """:func:`unit_features` of a gate's :class:`~metagate.gates.UnitView` (a sparse bank's teacher columns from
+    its top-k entries, :attr:`~metagate.gates.UnitView.teacher_features_fn`)."""
+    if view.teacher_features_fn is not None:
+        log_ps = view.student_log_probs.float()
+        return with_student_features(view.teacher_features_fn(log_ps, view.labels), log_ps, view.labels,
+                                     view.progress)
     if view.teacher_logits is None:
         raise ValueError("unit features need teacher logits")
     return unit_features(view.student_logits, view.teacher_logits, view.labels, view.progress)

@@ -380,7 +380,7 @@ def _tail_mass(logprobs: Tensor, vocab: int) -> Tensor:
     return (-torch.expm1(torch.logsumexp(logprobs.double(), -1))).clamp_min(0.0)
 
 
-def _uniform_tail_log_probs(logprobs: Tensor, vocab: int, tau: Tensor | float) -> tuple[Tensor, Tensor]:
+def uniform_tail_log_probs(logprobs: Tensor, vocab: int, tau: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(log p_tau of the top-k [n, k], log p_tau of each tail token [n])`` of the teacher rebuilt with its
     tail mass spread uniformly over the ``V - k`` other tokens, at temperature ``tau`` (``[n, 1]`` or scalar)."""
     k = logprobs.shape[-1]
@@ -405,7 +405,7 @@ def sparse_log_probs_at(teacher: SparseTeacher, vocab: int, tau: float = 1.0) ->
     reads whole distributions; never for a bank."""
     lead = teacher.ids.shape[:-1]
     ids, lp = teacher.ids.reshape(-1, teacher.k), teacher.logprobs.reshape(-1, teacher.k)
-    top, tail = _uniform_tail_log_probs(lp, vocab, tau)
+    top, tail = uniform_tail_log_probs(lp, vocab, tau)
     out = tail.to(lp.dtype).unsqueeze(-1).expand(-1, vocab).clone()  # built in the logits' dtype, not float64
     out.scatter_(1, ids.long(), top.to(lp.dtype))
     return out.reshape(*lead, vocab)
@@ -418,7 +418,7 @@ def sparse_log_prob_of(teacher: SparseTeacher, vocab: int, tokens: Tensor, tau: 
     (``tokens`` are the gold tokens) its stored gold log-probability, tempered by the same normaliser; with a
     ``[n]`` bool ``gold``, the stored value where it is set and the rebuild's elsewhere (one normaliser for both)."""
     ids, lp = teacher.ids.reshape(-1, teacher.k).long(), teacher.logprobs.reshape(-1, teacher.k)
-    top, tail = _uniform_tail_log_probs(lp, vocab, tau)
+    top, tail = uniform_tail_log_probs(lp, vocab, tau)
     use_gold = teacher.gold_logprob is not None and (torch.is_tensor(gold) or gold)
     if use_gold:
         assert teacher.gold_logprob is not None
@@ -446,7 +446,7 @@ def uniform_tail_kl(log_q: Tensor, ids: Tensor, logprobs: Tensor, tau: Tensor | 
     vocab, k = log_q.shape[1], ids.shape[1]
     if log_q_top is None:
         log_q_top = log_q.gather(1, ids)
-    log_p_top, log_p_u = _uniform_tail_log_probs(logprobs, vocab, tau)
+    log_p_top, log_p_u = uniform_tail_log_probs(logprobs, vocab, tau)
     log_p_top, log_p_u = log_p_top.to(log_q.dtype), log_p_u.to(log_q.dtype)
     kl = (log_p_top.exp() * (log_p_top - log_q_top)).sum(-1)
     m = vocab - k

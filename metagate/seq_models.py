@@ -7,6 +7,11 @@ source and its teacher-forcing decoder input into ``x [B, 2, L]``: row 0 the sou
 after the last phoneme). Padding never changes the logits of real positions: the encoder packs the
 source by length, attention masks padded source positions and the decoder is causal.
 
+**Feature protocol.** Like :mod:`metagate.models`, every model has ``features(x) -> [B, L, H]`` (the input of
+its output layer) and ``head`` (that ``nn.Linear``, stored as ``out``: ``head`` is a read-only alias, so
+checkpoints keep their ``out.*`` keys) with ``forward(x) == head(features(x))``; the look-ahead credit of
+:mod:`metagate.gates.credit` reads them per token.
+
 **Decoding.** :func:`greedy_decode` and :func:`beam_decode` work with any model that has
 ``start(src) -> state`` and ``step(state, prev) -> (log_probs [B, V], state)``; a state is a tuple
 of tensors whose first dimension is the batch (reordered by beam search).
@@ -31,13 +36,24 @@ def pack_inputs(src: Tensor, dec_in: Tensor) -> Tensor:
 
 
 class Seq2Seq(nn.Module):
-    """Base of the encoder-decoders: ``forward(x [B, 2, L]) -> [B, L, V]`` (teacher forcing)."""
+    """Base of the encoder-decoders: ``forward(x [B, 2, L]) -> [B, L, V]`` (teacher forcing), which is
+    ``head(features(x))``."""
 
     src_vocab: int
     tgt_vocab: int
+    out: nn.Linear  #: the output layer (``[H] -> [V]``)
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer (the feature protocol's name for ``out``; not a second module: no new state-dict key)."""
+        return self.out
+
+    def features(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """``[B, L, H]`` the output layer's input for ``x [B, 2, L]`` (teacher forcing)."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.features(x))
 
     def start(self, src: Tensor) -> State:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -87,12 +103,13 @@ class GRUSeq2Seq(Seq2Seq):
         return memory, mask, torch.tanh(self.bridge(h))
 
     def _attend(self, dec: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+        """The attentional state ``[B, T, H]`` (the output layer's input)."""
         scores = torch.bmm(self.attn(dec), memory.transpose(1, 2))  # [B, T, S]
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         context = torch.bmm(torch.softmax(scores, -1), memory)
-        return self.out(self.drop(torch.tanh(self.combine(torch.cat([dec, context], -1)))))
+        return self.drop(torch.tanh(self.combine(torch.cat([dec, context], -1))))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
         memory, mask, h = self.encode(x[:, 0])
         dec, _ = self.decoder(self.drop(self.tgt_emb(x[:, 1])), h.contiguous())
         return self._attend(dec, memory, mask)
@@ -104,7 +121,7 @@ class GRUSeq2Seq(Seq2Seq):
     def step(self, state: State, prev: Tensor) -> tuple[Tensor, State]:
         h, memory, mask = state
         dec, h_new = self.decoder(self.tgt_emb(prev).unsqueeze(1), h.transpose(0, 1).contiguous())
-        logits = self._attend(dec, memory, mask).squeeze(1)
+        logits = self.out(self._attend(dec, memory, mask)).squeeze(1)
         return F.log_softmax(logits, -1), (h_new.transpose(0, 1).contiguous(), memory, mask)
 
 
@@ -138,14 +155,14 @@ class TransformerSeq2Seq(Seq2Seq):
         return self.core.encoder(self._embed(self.src_emb, src), src_key_padding_mask=pad), pad
 
     def _decode(self, dec_in: Tensor, memory: Tensor, src_pad: Tensor) -> Tensor:
+        """The decoder's output ``[B, T, d_model]`` (the output layer's input)."""
         t = dec_in.shape[1]
         causal = torch.triu(torch.full((t, t), float("-inf"), device=dec_in.device), 1)
         # no target key-padding mask: with right padding the causal mask already hides later positions
-        dec = self.core.decoder(self._embed(self.tgt_emb, dec_in), memory, tgt_mask=causal,
-                                memory_key_padding_mask=src_pad)
-        return self.out(dec)
+        return self.core.decoder(self._embed(self.tgt_emb, dec_in), memory, tgt_mask=causal,
+                                 memory_key_padding_mask=src_pad)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
         memory, pad = self._encode(x[:, 0])
         return self._decode(x[:, 1], memory, pad)
 
@@ -156,7 +173,7 @@ class TransformerSeq2Seq(Seq2Seq):
     def step(self, state: State, prev: Tensor) -> tuple[Tensor, State]:
         memory, pad, prefix = state
         prefix = torch.cat([prefix, prev.unsqueeze(1)], 1)
-        logits = self._decode(prefix, memory, pad)[:, -1]
+        logits = self.out(self._decode(prefix, memory, pad))[:, -1]
         return F.log_softmax(logits, -1), (memory, pad, prefix)
 
 

@@ -299,6 +299,7 @@ class Trainer:
             if bank.closed_form_kd:  # a sparse bank: KD columns and one token's probability from the top-k entries
                 view.teacher_token_log_probs_fn = lambda tau, tokens: bank.unit_token_log_probs(ids, tokens, tau)
                 view.teacher_kd_fn = lambda log_q, tau: bank.unit_kd(ids, log_q, tau)
+                view.teacher_features_fn = lambda log_ps, labels: bank.unit_teacher_features(ids, log_ps, labels)
         return view
 
     def train_step(self, batch: Batch, decision: GateOutput | None = None,

@@ -380,3 +380,25 @@ def test_compare_on_g2p_has_the_sequence_table(tmp_path) -> None:
     assert sum(r["calibration"]["count"]) == int((task.test.y != PAD_ID).sum())
     assert sum(r["weights"]["label_clean"]) + sum(r["weights"]["label_corrupted"]) == int(task.train.mask.sum())
     assert (out / "reliability.png").exists()
+
+
+def test_compare_on_g2p_with_the_hypergradient_credited_policy(tmp_path) -> None:
+    """`reinforce:rl_credit=hypergradient` on token units runs end to end in a compare (one epoch, 150 words): the
+    policy's rows are in the table beside fixed, with finite PER/WER and weights on the real training tokens."""
+    import json
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--task", "g2p", "--subset", "150", "--noise", "0.1", "--teachers", "2", "--seeds", "0",
+               "--epochs", "1", "--optimizer", "adam", "--lr", "0.003", "--batch-size", "32", "--device", "cpu",
+               "--threads", "1", "--no-progress", "--gates", "fixed", "reinforce:rl_credit=hypergradient",
+               "reinforce:rl_credit=hypergradient,rl_unit=word", "--out", str(out)])
+    assert rc == 0
+    rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    task = get_task("g2p", subset=150, noise=0.1)
+    for label in ("reinforce:rl_credit=hypergradient", "reinforce:rl_credit=hypergradient,rl_unit=word"):
+        r = rows[label]
+        m = r["metrics"]
+        assert r["gate"] == "reinforce" and r["options"]["rl_credit"] == "hypergradient"
+        assert abs(m["diag/kd_share_teacher0_right"] - 0.5) > 1e-4  # the credited policy left equal weights
+        assert 0 < m["test/per"] < 10 and 0 <= m["test/wer"] <= 1 and math.isfinite(m["test/nll"])
+        assert sum(r["weights"]["label_clean"]) + sum(r["weights"]["label_corrupted"]) == int(task.train.mask.sum())

@@ -238,3 +238,52 @@ def test_instance_temperature_env_on_token_units(g2p, tmp_path) -> None:
     tr = _fit(task, bank, gate)
     _check_run(task, tr)
     assert 2.0 < gate.diagnostics()["diag/tau_mean"] < 6.0  # the deployed policy keeps its own range
+
+
+@pytest.mark.parametrize("unit", ["token", "word"])
+def test_reinforce_hypergradient_credit_per_token_or_word(g2p, unit: str, monkeypatch) -> None:
+    """``--rl-credit hypergradient`` on token units: one look-ahead per step over the student's output layer,
+    reusing the real forward's head input (one extra ``features`` call per step: the ``meta`` batch), a finite
+    look-ahead loss and a non-zero credit; the policy moves; no weight on padding, the label share is alpha, and
+    per word one decision on all its tokens."""
+    task, bank = g2p
+    calls = []
+    features = GRUSeq2Seq.features
+
+    def counted(self, x):
+        calls.append(x.shape[0])
+        return features(self, x)
+
+    monkeypatch.setattr(GRUSeq2Seq, "features", counted)
+    gate = ReinforceGate(rl_credit="hypergradient", rl_unit=unit, rl_val_size=64)
+    before = [p.detach().clone() for p in gate.parameters()]
+    tr = _fit(task, bank, gate)
+    n_meta = len(task.meta.y)  # 14 words < --rl-val-size
+    sizes = [len(b.y) for b in tr.epoch_batches(0)]
+    assert n_meta == 14 and tr.step == len(sizes) == 9
+    # the trainer's shape probe, then per step the real forward and the look-ahead's meta batch: the head input
+    # of the real forward is reused, never recomputed
+    assert calls == [2] + [n for b in sizes for n in (b, n_meta)]
+    monkeypatch.undo()
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
+    assert math.isfinite(gate._last["val_lookahead"]) and gate._last["credit_rms"] > 0
+    w = _check_run(task, tr)
+    real = task.train.y != PAD_ID
+    torch.testing.assert_close(w[real][:, 0], torch.full((int(real.sum()),), 0.5))
+    kd = w[..., 1:] / w[..., 1:].sum(-1, keepdim=True).clamp_min(1e-12)
+    same_in_word = ((kd - kd[:, :1]).abs().amax(-1) < 1e-6)[real]
+    assert bool(same_in_word.all()) == (unit == "word")
+
+
+def test_meta_gate_route_on_tokens_is_unchanged_and_closed_form_is_refused(g2p) -> None:
+    """The seq2seq students have the feature protocol now, but the meta gate's look-ahead on them keeps its
+    route (autograd over `out`, not the closed form over a unit student's `head`); the closed-form backend, which
+    would need it, is refused by name."""
+    task, bank = g2p
+    cfg = TrainConfig(epochs=1, batch_size=32, device="cpu", progress=False)
+    for options in ({}, {"meta_lookahead": "last"}):
+        gate = MetaGate(**options)
+        Trainer(task, task.make_student(), gate, bank, cfg)
+        assert gate.route == "autograd"
+    with pytest.raises(ConfigError, match="closed-form meta backend .*GRUSeq2Seq is not one"):
+        Trainer(task, task.make_student(), MetaGate(meta_backend="closed-form"), bank, cfg)

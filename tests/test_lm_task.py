@@ -394,3 +394,38 @@ def test_the_meta_lookahead_on_the_sparse_bank_takes_the_closed_form(tmp_path, p
     assert not torch.allclose(w1[1], w1[0])  # the gate moved its weights after its first look-ahead
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w0, strict=True))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p1, p0, strict=True))
+
+
+def test_the_sparse_banks_unit_features_equal_the_rebuilt_rows(tmp_path):
+    """The unit features' teacher columns from the top-k entries (plain and calibrated, padding included) equal
+    unit_features on the rebuilt [n, K, V] rows; a policy gate on the sparse bank builds no such rows."""
+    from metagate.features import unit_features, with_student_features
+    from metagate.teachers.sparse_seq import SeqSparseBank
+
+    _, task, sparse, _ = _teachers(16, tmp_path)
+    ids = torch.tensor([0, 3, len(task.train) - 1])
+    n = 3 * 16
+    torch.manual_seed(0)
+    s = torch.randn(n, 384) * 3
+    labels = task.train.y[ids].reshape(-1)
+    rows = sparse.token_index[ids].reshape(-1)
+    assert bool((rows >= sparse.sparse.num_units).any())  # padding rows are in the batch
+    labels[:5] = sparse.sparse.ids[rows[:5], 0, 0].long()  # some labels are a teacher's top token
+    for bank in (sparse, SeqSparseBank(sparse.sparse, sparse.token_index, [0.7, 1.3])):
+        want = unit_features(s, bank.lookup(ids), labels, 0.25)
+        log_ps = torch.log_softmax(s, -1)
+        got = with_student_features(bank.unit_teacher_features(ids, log_ps, labels), log_ps, labels, 0.25)
+        assert got.shape == want.shape == (n, 2, 11)
+        assert torch.allclose(got, want, atol=2e-5)
+        assert 0 < float(got[..., 5].mean()) < 1  # agreement varies
+
+    from metagate.gates.policy import ReinforceGate
+    from metagate.trainer import TrainConfig, Trainer
+
+    bank = SeqSparseBank(sparse.sparse, sparse.token_index)
+    trainer = Trainer(task, task.make_student(None), ReinforceGate(tau=1.0), bank,
+                      TrainConfig(epochs=1, progress=False, seed=0, batch_size=4))
+    bank.unit_log_probs = bank.lookup = None  # type: ignore[method-assign,assignment]
+    for batch in list(trainer.epoch_batches(0))[:2]:
+        res = trainer.train_step(batch)
+        assert torch.isfinite(res.loss) and res.weights[:, 1:].sum() > 0

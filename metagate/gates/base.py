@@ -97,6 +97,9 @@ class UnitView:
         #: ``(log_q [N, C], tau) -> [N, K]`` the teachers' ``KL(p_tau || q)`` in closed form (a sparse bank's):
         #: :meth:`loss_columns` then builds no ``[N, K, C]`` rows
         self.teacher_kd_fn: Callable[[Tensor, float], Tensor] | None = None
+        #: ``(log_ps [N, C], labels [N]) -> [N, K, 6]`` the teacher columns of the unit features from a bank that
+        #: computes them without its ``[N, K, C]`` rows (:func:`metagate.features.view_features`)
+        self.teacher_features_fn: Callable[[Tensor, Tensor], Tensor] | None = None
         if callable(teacher_logits):
             if num_teachers is None:
                 raise ValueError("num_teachers is required with a lazy teacher lookup")

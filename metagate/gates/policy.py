@@ -105,7 +105,8 @@ class ReinforceConfig(TeacherRLConfig):
                                        "episode (REINFORCE with exploration), or per (unit, teacher) the look-ahead "
                                        "hypergradient of the clean validation CE w.r.t. the unit's teacher weights, "
                                        "centred over its teachers (deterministic; needs a student with a linear "
-                                       "head; --rl-val-size is the meta batch of each look-ahead)",
+                                       "head, e.g. metagate.models or the seq2seq students, per token or per word "
+                                       "on sequences; --rl-val-size is the meta batch of each look-ahead)",
                             choices=CREDITS)
     rl_credit_every: int = option(1, "hypergradient credit: one look-ahead and policy update every this many steps "
                                      "(the policy acts on every step)")
@@ -139,6 +140,13 @@ class PolicyConfig(TeacherRLConfig):
 
     policy: str | None = option(None, "a policy zip written by `metagate train-policy`")
     online: bool = option(False, "keep learning with REINFORCE during the run")
+
+
+def word_features(view: UnitView, feats: Tensor) -> Tensor:
+    """``[B, K, F]`` one decision's features per word: the mean of its unmasked tokens' ``feats [B*T, K, F]``."""
+    b, t = view.seq_shape
+    m_tok = view.mask.to(feats.dtype).view(b, t, 1, 1)
+    return (feats.view(b, t, *feats.shape[1:]) * m_tok).sum(1) / m_tok.sum(1).clamp_min(1.0)
 
 
 class _RLGate(Gate):
@@ -222,6 +230,10 @@ class _RLGate(Gate):
             action = action + self._offset
         return action
 
+    def _per_word(self, view: UnitView) -> bool:
+        """One decision per word (``--rl-unit word`` on a sequence batch)."""
+        return view.is_sequence and getattr(self.config, "rl_unit", "token") == "word"
+
     def _softmax_weights(self, action: Tensor) -> Tensor:
         """Action ``[N, K]`` -> ``W [N, 1+K]`` (:func:`action_weights`, with a cached ``alpha`` column)."""
         key = (action.shape[0], action.device, action.dtype)
@@ -255,11 +267,9 @@ class _RLGate(Gate):
             raise ConfigError(f"gate {self.name!r} needs teachers; pass --teachers K >= 1")
         feats = clamped_view_features(view, self._features)
         seq = view.is_sequence
-        per_word = seq and getattr(self.config, "rl_unit", "token") == "word"
-        if per_word:  # one decision per word: the mean features of its unmasked tokens
-            b, t = view.seq_shape
-            m_tok = view.mask.to(feats.dtype).view(b, t, 1, 1)
-            feats = (feats.view(b, t, *feats.shape[1:]) * m_tok).sum(1) / m_tok.sum(1).clamp_min(1.0)
+        per_word = self._per_word(view)
+        if per_word:
+            feats = word_features(view, feats)
         learning = self.learn and self._run is not None and self.policy.training
         action = self._act(feats, learning)
         if learning:
@@ -393,22 +403,30 @@ class ReinforceGate(_RLGate):
         ``-mean_i [sum_k p_ik A_ik + lambda H(p_i)]`` (``A``: the centred credit of :mod:`metagate.gates.credit`
         scaled to unit moving RMS, ``p``: the policy's teacher softmax, ``lambda``: ``--rl-credit-entropy``). Its
         first term's gradient is the all-actions policy gradient ``sum_ik p_ik A_ik grad log p_ik``: minus the
-        gradient of the look-ahead validation loss w.r.t. the policy's parameters (up to the scale)."""
+        gradient of the look-ahead validation loss w.r.t. the policy's parameters (up to the scale).
+
+        ``i`` runs over the policy's decisions: the units; on sequences the real tokens (``--rl-unit token``:
+        padding decides nothing) or the words (``--rl-unit word``: a word's credit is the sum of its tokens')."""
         if self._credit is None or self._credit_opt is None or not self.policy.training \
                 or ctx.step % self.credit_every:
             return
         view = ctx.view
         feats = clamped_view_features(view, self._features)
+        per_word = self._per_word(view)
+        if per_word:
+            feats = word_features(view, feats)
+        elif view.is_sequence:  # padding tokens decide nothing
+            feats = feats[view.mask.reshape(-1) > 0]
         with torch.enable_grad():
-            logits = self.policy.net(feats) / self.temperature  # [N, K], with its graph
+            logits = self.policy.net(feats) / self.temperature  # [n, K], with its graph
         probs = torch.softmax(logits.detach(), -1)
         kd = 1.0 - self.alpha
         w = torch.cat([torch.full_like(probs[:, :1], self.alpha), kd * probs], 1)
-        val, dw = self._credit.hypergrad(view, w, ctx.run.lr, ctx.batch.x)
+        val, dw = self._credit.decision_hypergrad(view, w, ctx.run.lr, ctx.batch.x, per_word)
         # per unit of step size (the credit is proportional to the learning rate, which a schedule moves faster
         # than the moving RMS below follows), then scaled by a moving RMS: the credit shrinks with the student's
         # loss, the entropy term's strength should not
-        adv = centred_credit(dw).to(probs.dtype) / max(ctx.run.lr, 1e-12)  # [N, K]
+        adv = centred_credit(dw).to(probs.dtype) / max(ctx.run.lr, 1e-12)  # [n, K]
         sq = float(adv.pow(2).mean())
         if sq > 0:
             self._adv_sq = sq if self._adv_sq is None else 0.9 * self._adv_sq + 0.1 * sq

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import InputError
-from metagate.losses import SparseTeacher, _uniform_tail_log_probs, sparse_log_prob_of, uniform_tail_kl
+from metagate.losses import SparseTeacher, sparse_log_prob_of, uniform_tail_kl, uniform_tail_log_probs
 from metagate.teachers.bank import TeacherBank, rows
 from metagate.teachers.sparse import SparseBank, cached_sparse_bank
 from metagate.units import PAD_ID
@@ -103,6 +103,30 @@ class SeqSparseBank(TeacherBank):
             kl = torch.where(pad.unsqueeze(1), uniform.unsqueeze(1), kl)
         return kl
 
+    def unit_teacher_features(self, ids: Tensor, log_ps: Tensor, labels: Tensor) -> Tensor:
+        """``[n, K, 6]`` the teacher columns of :func:`metagate.features.unit_features` for the token units of
+        examples ``ids`` against the student's float32 log-probabilities ``log_ps [n, V]``, from the top-k entries
+        (:func:`~metagate.features.uniform_tail_teacher_features`; a calibrated teacher at its own temperature);
+        padding rows: the uniform teacher's, as on the rebuilt rows."""
+        from metagate.features import FEATURE_HIGH, uniform_tail_teacher_features
+
+        r = self._rows(ids)
+        n_tok, dev, v = self.sparse.num_units, log_ps.device, self.num_classes
+        pad = (r >= n_tok).to(dev)
+        safe = r.clamp_max(max(n_tok - 1, 0))
+        cols = [uniform_tail_teacher_features(log_ps, self.sparse.ids[safe, j].to(device=dev, dtype=torch.int64),
+                                              self.sparse.logprobs[safe, j].to(device=dev, dtype=torch.float32),
+                                              labels, self._tau(j)) for j in range(self.num_teachers)]
+        out = torch.stack(cols, 1)
+        if bool(pad.any()):  # the uniform teacher: confidence and p(label) 1/V, entropy and CE 1, argmax token 0
+            log_v = math.log(v)
+            kl = ((-log_v - log_ps.mean(-1)) / log_v).clamp(0, FEATURE_HIGH)
+            agree = (labels.clamp_min(0) == 0).float()
+            one = torch.ones_like(kl)
+            uni = torch.stack([one / v, one / v, one, one, kl, agree], -1).unsqueeze(1)
+            out = torch.where(pad.view(-1, 1, 1), uni, out)
+        return out
+
     def _tau(self, j: int) -> float:
         return 1.0 if self.taus is None else float(self.taus[j])
 
@@ -150,7 +174,7 @@ class SeqSparseBank(TeacherBank):
             cand = top_ids.reshape(-1, kk * k)  # every teacher's top-k: the candidates
             cols = []
             for j in range(kk):
-                t, u = _uniform_tail_log_probs(self.sparse.logprobs[safe, j].float(), self.num_classes, self._tau(j))
+                t, u = uniform_tail_log_probs(self.sparse.logprobs[safe, j].float(), self.num_classes, self._tau(j))
                 sorted_ids, order = top_ids[:, j].sort(-1)
                 pos = torch.searchsorted(sorted_ids, cand).clamp_max(k - 1)  # where a candidate sits in teacher j's
                 hit = sorted_ids.gather(1, pos) == cand

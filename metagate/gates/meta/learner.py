@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metagate.errors import ConfigError
-from metagate.features import NUM_FEATURES, unit_features
+from metagate.features import NUM_FEATURES, unit_features, view_features
 from metagate.gates.base import UnitView
 from metagate.gates.meta.config import MetaConfig
 from metagate.gates.meta.params import (
@@ -80,8 +80,10 @@ class WeightLearner:
 
     # -- W -----------------------------------------------------------------------------------------
     def live(self, ids: Tensor | None, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
-             progress: float, mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """``W [N, 1+K]`` with a graph to the leaves that the meta update moves.
+             progress: float, mask: Tensor | None = None, feats: Tensor | None = None
+             ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """``W [N, 1+K]`` with a graph to the leaves that the meta update moves (``feats``: the net's unit features
+        when the caller has them, else computed from ``teacher_logits``).
 
         :return: ``(W, leaves, ids)``; leaves are the table's gathered rows (``[N, J]``) or the net's parameters
         """
@@ -91,9 +93,10 @@ class WeightLearner:
             leaf = self.param.rows(ids)
             raw, leaves = self.param.transform_rows(leaf), [leaf]
         else:
-            assert teacher_logits is not None
-            feats = unit_features(student_logits, teacher_logits, labels, progress).to(self.dtype)
-            raw, leaves = self.param(feats), list(self.param.parameters())
+            if feats is None:
+                assert teacher_logits is not None
+                feats = unit_features(student_logits, teacher_logits, labels, progress)
+            raw, leaves = self.param(feats.to(self.dtype)), list(self.param.parameters())
         w = expand_columns(raw, self.num_teachers, self.columns, self.target_row)
         return normalize_weights(w, self.normalize, self.target_row, mask), leaves, ids
 
@@ -101,10 +104,10 @@ class WeightLearner:
         """:meth:`live` for the units of ``view``."""
         if not view.num_teachers:
             raise ConfigError("the meta gate needs teacher logits")
-        # the table never reads the teachers' logits: do not make the view gather them
-        t = None if isinstance(self.param, WeightTable) else view.teacher_logits
+        # the table never reads the teachers: do not make the view gather them
+        feats = None if isinstance(self.param, WeightTable) else view_features(view)
         # unit_ids: the example ids, or one row per token position of a sequence batch
-        return self.live(view.unit_ids, view.student_logits, t, view.labels, view.progress, view.mask)
+        return self.live(view.unit_ids, view.student_logits, None, view.labels, view.progress, view.mask, feats)
 
     def decided(self, view: UnitView) -> Tensor:
         """The detached ``W`` of the real step on ``view``: the table rows the meta update just wrote on it, if

@@ -50,6 +50,9 @@ def choose_route(student: nn.Module, config: MetaConfig, names: Sequence[str]) -
     backend, product, kind = config.backend, config.meta_product, type(student).__name__
     if backend == "closed-form":
         check_feature_protocol(student)
+        if linear_layers(student, names) is None:  # a seq2seq student: its head is `out`, its units tokens
+            raise ConfigError(f"the closed-form meta backend looks ahead over a unit student's `head` (metagate.models "
+                              f"MLP/CNN); {kind} is not one (use --meta-backend func)")
     if backend == "higher":
         return "higher", "--meta-backend higher: the reference look-ahead through higher.innerloop_ctx"
     batch_norm = has_batch_norm(student)
