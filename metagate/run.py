@@ -48,8 +48,8 @@ class DistillConfig(Options):
     adversarial_teacher: bool = option(False, "make the last teacher a planted adversarial one (permuted classes)")
     teacher_bank: str = option("default", "which --teachers K teachers the project trains: the task's own (default), "
                                "memoriser (one fits the noisy labels, K-1 early-stopped), specialist (teacher k "
-                               "trained on class part k) or capacity (a large CNN that fits, K-2 of the task's, one "
-                               "of the student's size); see metagate.teachers.banks",
+                               "trained on class part k) or capacity (a widened copy of the first teacher that fits, "
+                               "K-2 of the task's, one of the student's size); see metagate.teachers.banks",
                                choices=("default", "memoriser", "specialist", "capacity"))
     teacher_calibration: str = option("none", "temperature: the gate reads calibrated teachers, each teacher's logits "
                                       "divided by the temperature fitted by NLL on the clean meta split (Guo et al. "

@@ -148,3 +148,107 @@ def test_capacity_bank_through_load_teachers(digits_noisy, tmp_path):
     again, _ = load_teachers(cfg, digits_noisy, progress=False)
     assert torch.equal(bank.logits, again.logits)
     assert len(list(tmp_path.rglob("teacher-capacity-*-s0.pt"))) == 3
+
+
+def test_capacity_bank_on_digits_is_unchanged(digits_noisy):
+    """Per-architecture widening leaves digits' capacity bank as it was: the large member builds exactly
+    ``CNN(1, 8, 64, 10, 256)`` (the same modules and, from one seed, the same weights) and the others are the task's
+    own specs."""
+    from metagate.models import CNN
+    from metagate.teachers.banks import bank_members
+
+    large, mid, small = bank_members(digits_noisy, "capacity", 3)
+    torch.manual_seed(0)
+    got = large.spec.factory()
+    torch.manual_seed(0)
+    want = CNN(1, 8, 64, 10, 256)
+    assert repr(got) == repr(want)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    assert (large.spec.epochs, large.spec.lr, large.spec.batch_size) == (30, 2e-3, 64)  # the first teacher's
+    assert mid.spec is digits_noisy.teacher_specs[0]
+    assert small.spec.factory is digits_noisy.students["mlp"]
+
+
+@pytest.fixture(scope="module")
+def g2p_small():
+    from metagate.data import get_task
+
+    return get_task("g2p", subset=150, noise=0.1)
+
+
+def test_capacity_members_on_g2p(g2p_small):
+    """g2p's capacity bank: bigru128 widened 2x (embedding 128, GRU 256, still one bidirectional layer, ~3.9x the
+    parameters) fits for 3x the epochs, K - 2 of the task's teachers early-stopped, a teacher of the student's own
+    architecture; a first teacher without a widening rule (a Transformer) is refused by name and class, the other
+    named banks still refuse token units."""
+    import dataclasses
+
+    from metagate.errors import ConfigError
+    from metagate.seq_models import GRUSeq2Seq
+    from metagate.teachers.banks import MEMORISER_EPOCHS, bank_members
+
+    task = g2p_small
+    cap = bank_members(task, "capacity", 3)
+    assert [m.name for m in cap] == ["large-bigru256", "mid-bigru128", "small-gru"]
+    assert [m.early_stopping for m in cap] == [False, True, True]
+    assert [m.epochs for m in cap] == [30 * MEMORISER_EPOCHS, 30, 30] == [90, 30, 30]
+    large = cap[0].spec.factory()
+    assert isinstance(large, GRUSeq2Seq) and large.bidirectional and large.layers == 1
+    assert (large.src_emb.embedding_dim, large.encoder.hidden_size, large.decoder.hidden_size) == (128, 256, 256)
+    assert large.drop.p == 0.1
+    assert (cap[0].spec.lr, cap[0].spec.batch_size) == (3e-3, 64)  # bigru128's optimiser
+    sizes = [_params(m.spec.factory()) for m in cap]
+    assert sizes == [1246657, 320257, 61473]  # this draw's vocabularies: 32 characters, 65 phoneme ids
+    assert _params(task.teacher_specs[0].factory()) == sizes[1]  # bigru128
+    assert sizes[0] > 3.8 * sizes[1] and sizes[0] > 6 * max(_params(s.factory()) for s in task.teacher_specs[1:])
+    task.make_student().load_state_dict(cap[2].spec.factory().state_dict())  # strict: the student's architecture
+    assert [m.name for m in bank_members(task, "capacity", 5)] == ["large-bigru256", "mid-bigru128",
+                                                                    "mid-transformer64", "mid-gru96", "small-gru"]
+    transformer_first = dataclasses.replace(task, teacher_specs=task.teacher_specs[1:])
+    with pytest.raises(ConfigError, match=r"'transformer64' is not a metagate.models.CNN or a "
+                                          r"metagate.seq_models.GRUSeq2Seq .*metagate.seq_models.TransformerSeq2Seq"):
+        bank_members(transformer_first, "capacity", 3)
+    for bank in ("memoriser", "specialist"):
+        with pytest.raises(ConfigError, match=f"--teacher-bank {bank} is for tasks with one unit per example"):
+            bank_members(task, bank, 3)
+
+
+def test_capacity_bank_compare_on_g2p(g2p_small, tmp_path):
+    """``metagate compare --task g2p --teacher-bank capacity`` end to end (150 words, one epoch): the large member
+    trains all 90 epochs and fits the noisy training tokens, the others stop early; the members and their per-token
+    logits are cached under the bank's names and the compare's rows read them."""
+    import json
+    import math
+
+    from metagate.cli import main
+
+    out, cache = tmp_path / "cmp", tmp_path / "cache"
+    rc = main(["compare", "--task", "g2p", "--subset", "150", "--noise", "0.1", "--teacher-bank", "capacity",
+               "--teachers", "3", "--seeds", "0", "--epochs", "1", "--optimizer", "adam", "--lr", "0.003",
+               "--batch-size", "32", "--device", "cpu", "--threads", "1", "--no-progress", "--cache-dir", str(cache),
+               "--gates", "fixed", "best-teacher", "--out", str(out)])
+    assert rc == 0
+    blob = json.loads((out / "results.json").read_text())
+    large, mid, small = blob["teachers"]["0"]
+    assert [t["name"] for t in (large, mid, small)] == ["large-bigru256", "mid-bigru128", "small-gru"]
+    assert all(t["bank"] == "capacity" and 0 < t["test_per"] < 10 for t in (large, mid, small))
+    assert large["epoch"] == 90 and large["train_fit"] > 0.95  # no early stopping: it fits the noisy tokens
+    assert mid["epoch"] < 30 and small["epoch"] < 30 and max(mid["train_fit"], small["train_fit"]) < 0.5
+    names = {p.name for p in cache.rglob("*.pt")}
+    assert {f"teacher-capacity-{n}-s0.pt" for n in ("large-bigru256", "mid-bigru128", "small-gru")} <= names
+    assert {f"tokens-{n}.pt" for n in ("large-bigru256", "mid-bigru128", "small-gru")} <= names
+    rows = {r["label"]: r for r in blob["rows"]}
+    best = rows["best-teacher"]["metrics"]  # the large member has the best select accuracy on 150 words
+    assert (best["gate/mean_w_teacher0"], best["gate/mean_w_teacher1"], best["gate/mean_w_teacher2"]) == (0.5, 0, 0)
+    assert all(math.isfinite(r["metrics"]["test/per"]) for r in rows.values())
+    # a reload reads the cached members (same stats, the word metrics too); train_fit counts the real tokens only
+    from metagate.teachers.banks import load_or_train_bank
+
+    task = g2p_small
+    modules, names, stats = load_or_train_bank(task, "capacity", 3, cache, seed=0)
+    assert names == ["large-bigru256", "mid-bigru128", "small-gru"]
+    for got, want in zip(stats, (large, mid, small)):
+        assert got == {k: want[k] for k in got} and {"test_per", "test_wer", "train_fit"} <= set(got)
+    with torch.no_grad():
+        right = modules[0](task.train.x).argmax(-1) == task.train.y
+    assert large["train_fit"] == pytest.approx(float(right[task.train.y != 0].float().mean()), abs=1e-7)

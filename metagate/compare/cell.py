@@ -57,12 +57,13 @@ def teacher_files(cfg: DistillConfig, task: Task) -> list[Path]:
     """The cache files a run of ``cfg`` reads its teachers from."""
     root = Path(cfg.cache_dir or "") / task.key
     if cfg.teacher_bank != "default" and cfg.teachers:  # a named bank (metagate.teachers.banks), seed 0
-        members = [m.name for m in bank_members(task, cfg.teacher_bank, cfg.teachers)]
-        return [root / member_file(cfg.teacher_bank, n) for n in members] + [root / logits_file(n) for n in members]
-    n_real = cfg.teachers - 1 if cfg.adversarial_teacher else cfg.teachers
-    names = [s.name for s in task.teacher_specs[:n_real]]
-    files = [root / teacher_file(n) for n in names]
-    logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
+        logit_names = [m.name for m in bank_members(task, cfg.teacher_bank, cfg.teachers)]
+        files = [root / member_file(cfg.teacher_bank, n) for n in logit_names]
+    else:
+        n_real = cfg.teachers - 1 if cfg.adversarial_teacher else cfg.teachers
+        names = [s.name for s in task.teacher_specs[:n_real]]
+        files = [root / teacher_file(n) for n in names]
+        logit_names = names + ([f"adv-{names[0]}"] if cfg.adversarial_teacher and names else [])
     if is_sequence(task) and cfg.topk is not None and task.info.get("sparse_bank"):  # one sparse top-k bank
         pretrained = [n for n, _ in task.info.get("pretrained_teachers", ())]
         return files + [root / sparse_bank_file([*logit_names, *pretrained], cfg.topk)]

@@ -9,12 +9,15 @@ bank (its first ``K`` teachers, each early-stopped on the clean ``select`` split
   (:func:`class_parts`: ``K`` contiguous, near-equal parts) and early-stopped on the ``select`` units of that part:
   good on its own classes, wrong elsewhere.
 * ``capacity`` -- teachers of very different capacity on the same data (Yuan et al., AAAI 2021, Table 1: the
-  stronger teacher is not always the better one for a small student): teacher 0 is an over-parameterised CNN
-  (:data:`CAPACITY_WIDEN` times the task's first teacher's channels, twice its hidden width) trained to fit
-  (``MEMORISER_EPOCHS`` times the usual epochs, no early stopping, the last epoch kept); the middle ``K - 2`` are
-  the task's first teacher architectures, early-stopped; the last is the task's default student architecture
-  trained as a teacher, early-stopped (a teacher of the student's own size). Image tasks whose teachers are
-  :class:`metagate.models.CNN` only (digits, fashion).
+  stronger teacher is not always the better one for a small student): teacher 0 is an over-parameterised copy of
+  the task's first teacher (:func:`widen`, one rule per architecture: a :class:`metagate.models.CNN` gets
+  :data:`CAPACITY_WIDEN` times its channels and twice its hidden width, ``large-cnn64h256`` on digits; a
+  :class:`metagate.seq_models.GRUSeq2Seq` gets :data:`CAPACITY_WIDEN_SEQ` times its embedding and GRU width, the
+  same layers, direction and dropout, ``large-bigru256`` on g2p) trained to fit (``MEMORISER_EPOCHS`` times the
+  usual epochs, no early stopping, the last epoch kept); the middle ``K - 2`` are the task's first teacher
+  architectures, early-stopped; the last is the task's default student architecture trained as a teacher,
+  early-stopped (a teacher of the student's own size). Tasks whose first teacher is one of those two classes built
+  by ``functools.partial`` (digits, fashion, g2p).
 
 Every member is trained from a fixed seed (``2000 + 100 * seed + k``), so a bank is reproducible from its seed; its
 checkpoints are cached beside the default teachers' (``teacher-<bank>-<name>-s<seed>.pt``, the task's fingerprint
@@ -24,6 +27,8 @@ checked as for the default teachers). Used by :func:`metagate.teachers.build.loa
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,9 +41,10 @@ from metagate.data.task import Split, Task, TeacherSpec
 from metagate.errors import ConfigError, StaleCacheError
 from metagate.io import atomic_save, safe_load
 from metagate.models import CNN
+from metagate.seq_models import GRUSeq2Seq
 from metagate.teachers.cache import cache_file, cache_lock, check_replaceable
-from metagate.teachers.training import train_teacher
-from metagate.units import is_sequence
+from metagate.teachers.training import SEQ_STATS, train_teacher
+from metagate.units import PAD_ID, is_sequence
 
 #: the bank names ``--teacher-bank`` accepts
 BANKS = ("default", "memoriser", "specialist", "capacity")
@@ -46,8 +52,12 @@ BANKS = ("default", "memoriser", "specialist", "capacity")
 #: the memoriser's epochs, as a multiple of its architecture's usual epochs (also the capacity bank's large teacher)
 MEMORISER_EPOCHS = 3
 
-#: the capacity bank's large teacher: this many times the channels of the task's first teacher CNN
+#: the capacity bank's large teacher from a first teacher CNN: this many times its channels (and twice its hidden width)
 CAPACITY_WIDEN = 4
+
+#: ... from a first teacher GRUSeq2Seq: this many times its embedding and GRU width (2 on g2p: bigru128 -> bigru256,
+#: 3.9x the parameters at ~2.4x bigru128's step; a wider GRU would train several times longer)
+CAPACITY_WIDEN_SEQ = 2
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,14 @@ def class_parts(num_classes: int, k: int) -> list[tuple[int, ...]]:
 def bank_members(task: Task, bank: str, k: int) -> list[BankMember]:
     """The members of the named ``bank`` with ``k`` teachers on ``task``.
 
-    :raises ConfigError: an unknown bank, a sequence task, or a ``k`` the bank cannot have
+    :raises ConfigError: an unknown bank, a sequence task for a bank other than ``capacity``, or a ``k`` the bank
+        cannot have
     """
     if bank not in BANKS or bank == "default":
         raise ConfigError(f"unknown named teacher bank {bank!r}; named banks are {', '.join(BANKS[1:])}")
-    if is_sequence(task):
+    if is_sequence(task) and bank != "capacity":
         raise ConfigError(f"--teacher-bank {bank} is for tasks with one unit per example; task {task.name!r} has "
-                          "token units")
+                          "token units (its named bank is capacity)")
     specs = task.teacher_specs
     if k < 2:
         raise ConfigError(f"--teacher-bank {bank} needs --teachers >= 2, got {k}")
@@ -109,24 +120,64 @@ def bank_members(task: Task, bank: str, k: int) -> list[BankMember]:
             for i, part in enumerate(parts)]
 
 
-def capacity_members(task: Task, k: int) -> list[BankMember]:
-    """The capacity bank's ``k`` members: a large CNN that fits, ``k - 2`` of the task's teachers, a student-sized
-    one (see the module's docstring).
+def _widen_cnn(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    wide, fc = CAPACITY_WIDEN * args["width"], 2 * args["hidden"]
+    return f"cnn{wide}h{fc}", {**args, "width": wide, "hidden": fc}
 
-    :raises ConfigError: a task whose first teacher is not a :class:`metagate.models.CNN` built by ``partial``
+
+def _widen_gru(args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    emb, hidden = CAPACITY_WIDEN_SEQ * args["emb"], CAPACITY_WIDEN_SEQ * args["hidden"]
+    layers = f"x{args['layers']}" if args["layers"] > 1 else ""
+    return f"{'bi' if args['bidirectional'] else ''}gru{hidden}{layers}", {**args, "emb": emb, "hidden": hidden}
+
+
+#: the capacity bank's widening rule per architecture (the class a teacher's ``partial`` builds): its keyword
+#: arguments -> the large one's name and keyword arguments
+WIDEN_RULES: dict[type, Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]] = {
+    CNN: _widen_cnn, GRUSeq2Seq: _widen_gru,
+}
+
+
+def _qualname(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None)
+    return f"{getattr(obj, '__module__', '?')}.{name}" if name else type(obj).__name__
+
+
+def widen(task: Task, spec: TeacherSpec) -> TeacherSpec:
+    """The over-parameterised copy of ``spec`` (its :data:`WIDEN_RULES` rule; the same optimiser and epochs).
+
+    :raises ConfigError: ``spec`` is not built by ``functools.partial`` of a class with a rule (naming the
+        teacher and what builds it)
+    """
+    f = spec.factory
+    cls = f.func if isinstance(f, partial) else None
+    rule = WIDEN_RULES.get(cls) if isinstance(cls, type) else None
+    who = f"--teacher-bank capacity widens the task's first teacher; task {task.name!r}'s first teacher {spec.name!r}"
+    if rule is None:
+        known = " or a ".join(_qualname(c) for c in WIDEN_RULES)
+        what = f"a partial of {_qualname(cls)}" if isinstance(f, partial) else f"built by {_qualname(f)}"
+        raise ConfigError(f"{who} is not a {known} built by functools.partial ({what})")
+    try:
+        bound = inspect.signature(cls).bind(*f.args, **f.keywords)
+    except TypeError as e:
+        raise ConfigError(f"{who} has arguments that do not fit {_qualname(cls)} ({e})") from e
+    bound.apply_defaults()
+    name, args = rule(dict(bound.arguments))
+    return dataclasses.replace(spec, name=name, factory=partial(cls, **args))
+
+
+def capacity_members(task: Task, k: int) -> list[BankMember]:
+    """The capacity bank's ``k`` members: a large copy of the first teacher that fits, ``k - 2`` of the task's
+    teachers, a student-sized one (see the module's docstring).
+
+    :raises ConfigError: too few teacher architectures, or a first teacher :func:`widen` has no rule for
     """
     specs = task.teacher_specs
     if k - 2 > len(specs):
         raise ConfigError(f"task {task.name!r} defines {len(specs)} teacher architectures; --teacher-bank capacity "
                           f"with --teachers {k} needs {k - 2} of them")
     first = specs[0]
-    f = first.factory
-    if not (isinstance(f, partial) and f.func is CNN and len(f.args) == 5 and not f.keywords):
-        raise ConfigError(f"--teacher-bank capacity widens the task's first teacher CNN; task {task.name!r}'s first "
-                          f"teacher {first.name!r} is not a metagate.models.CNN")
-    in_ch, size, width, c, hidden = f.args
-    wide, fc = CAPACITY_WIDEN * width, 2 * hidden
-    large = dataclasses.replace(first, name=f"cnn{wide}h{fc}", factory=partial(CNN, in_ch, size, wide, c, fc))
+    large = widen(task, first)
     arch = task.default_student
     small = dataclasses.replace(first, name=arch, factory=task.students[arch])
     return [BankMember(f"large-{large.name}", large, False, MEMORISER_EPOCHS * large.epochs),
@@ -148,14 +199,17 @@ def member_task(task: Task, member: BankMember) -> Task:
 
 def train_member(task: Task, member: BankMember, seed: int, device: str = "cpu",
                  progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Train one member (from ``seed``); its stats add ``train_fit`` (accuracy on its noisy training labels)."""
+    """Train one member (from ``seed``); its stats add ``train_fit`` (accuracy on its noisy training labels: its
+    units, the real tokens under teacher forcing on a sequence task)."""
     sub = member_task(task, member)
     spec = dataclasses.replace(member.spec, epochs=member.epochs)
     model, stats = train_teacher(sub, spec, seed=seed, device=device, progress=progress,
                                  early_stopping=member.early_stopping)
     with torch.no_grad():
-        pred = model(sub.train.x).argmax(-1)
-    stats["train_fit"] = float((pred == sub.train.y).float().mean())
+        right = model(sub.train.x).argmax(-1) == sub.train.y
+    if is_sequence(sub):
+        right = right[sub.train.y != PAD_ID]
+    stats["train_fit"] = float(right.float().mean())
     return model, stats
 
 
@@ -169,7 +223,8 @@ def load_or_train_bank(task: Task, bank: str, k: int, cache_dir: Path | None = N
                        verbose: bool = False) -> tuple[list[nn.Module], list[str], list[dict[str, Any]]]:
     """The named bank's ``k`` teachers (trained once per seed and cached), frozen, in eval mode.
 
-    :return: modules, names, per-teacher stats (``select_acc``, ``test_acc``, ``epoch``, ``train_fit``, ``bank``)
+    :return: modules, names, per-teacher stats (``select_acc``, ``test_acc``, ``epoch``, ``train_fit``, ``bank``;
+        a sequence task's ``test_per`` etc. as the default teachers')
     """
     fp = task.fingerprint()
     modules, names, stats = [], [], []
@@ -202,7 +257,7 @@ def _load_or_train(task: Task, member: BankMember, seed: int, path: Path | None,
         except (RuntimeError, TypeError, AttributeError) as e:
             raise StaleCacheError(f"teacher checkpoint {path} does not fit teacher {member.name!r} ({e}); delete it "
                                   "or pass --retrain-teachers") from e
-        return model, {k: blob[k] for k in _KEYS}
+        return model, {k: blob[k] for k in (*_KEYS, *(f"test_{m}" for m in SEQ_STATS)) if k in blob}
     if verbose:
         print(f"training teacher {member.name} of bank on {task.key} ...", flush=True)
     if path is not None:
