@@ -23,11 +23,11 @@ temperature_gates() { echo fixed "$1" ctkd ctkd:ctkd_variant=instance temperatur
 # g2p (token units): HKD's gate at both levels with both references (gold: the paper's), against fixed KD
 # (G2P_GATES="..." scripts/reproduce.sh runs fewer rows)
 # and the issue-27 rows: fixed tuned with the student's lr (Adam: 0.5-2x), CA-MKD, meta at fixed's mass and at
-# AMAL's 0.1/0.9, reinforce, the oracles
+# AMAL's 0.1/0.9, reinforce, the oracles; issue 28's: the teacher-weighting rules and the per-token credited policy
 G2P_GATES=${G2P_GATES:-"ce fixed fixed-tuned:alpha_grid=0.1/0.5,tau_grid=4,lr_scales=0.5/1/2 hard hard:hard_tau=1.5
-  hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred ca-mkd
-  meta:meta_param=net meta:meta_param=table,meta_init_label=0.1,meta_init_teacher=0.9 reinforce oracle-filter
-  oracle-teachers"}
+  hard:hard_reference=pred hard:hard_level=sentence hard:hard_level=sentence,hard_reference=pred conf-teachers ca-mkd
+  best-teacher meta:meta_param=net meta:meta_param=table,meta_init_label=0.1,meta_init_teacher=0.9 reinforce
+  reinforce:rl_credit=hypergradient oracle-filter oracle-teachers"}
 # and the temperature gates per token, against fixed tau=4 and tau tuned on select
 G2P_TEMPERATURE="fixed fixed-tuned:alpha_grid=0.5,tau_grid=2/4/8 ctkd ctkd:ctkd_variant=instance temperature"
 G2P_TRAIN="--epochs 15 --optimizer adam --lr 0.003 --weight-decay 0 --batch-size 64"
