@@ -110,12 +110,12 @@ class TeacherBank:
         """``[B, K, C]`` log-probabilities at ``tau`` of units ``ids`` (a sequence bank flattens its tokens)."""
         return rows(self.log_probs(tau), ids)
 
-    def unit_kd(self, ids: Tensor, log_q: Tensor, tau: float, real: Tensor | None = None) -> Tensor | None:
+    def unit_kd(self, ids: Tensor, log_q: Tensor, tau: float, real: Tensor | None = None) -> Tensor:
         """``[n, K]`` ``KL(p_k,tau || q)`` of each teacher against the student's log-probabilities ``log_q``
-        ``[n, V]`` in closed form, for a bank that can give it without building ``[n, K, V]`` (the sparse top-k
-        bank); ``None``: no closed form, the step reads :meth:`unit_log_probs`. ``real``: the rows of the
-        units of examples ``ids`` that ``log_q`` holds (``None``: all)."""
-        return None
+        ``[n, V]`` in closed form, without building ``[n, K, V]``; read only when :attr:`closed_form_kd` is set
+        (the sparse top-k bank), else the step reads :meth:`unit_log_probs`. ``real``: the rows of the units of
+        examples ``ids`` that ``log_q`` holds (``None``: all)."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form KD columns (closed_form_kd is False)")
 
     def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
         """``[n, K]`` each teacher's probability (temperature 1, or the calibrated bank's own) of the label of

@@ -84,20 +84,27 @@ class SeqSparseBank(TeacherBank):
         return torch.stack([self.sparse.unit_log_probs(tau * t, r)[:, j] for j, t in enumerate(self.taus)],
                            1).to(ids.device)
 
+    def _top_k_rows(self, ids: Tensor, device: torch.device | str, real: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor, float]]]:
+        """The stored entries of the token units of examples ``ids`` (their rows ``real`` only, when given):
+        ``(padding [n] bool, the sparse-bank row of each unit (padding: the last row) [n], per teacher its top-k
+        ids [n, k] int64 and log-probabilities [n, k] float32 on ``device`` and its own temperature)``."""
+        r = self._rows(ids)
+        if real is not None:
+            r = r[real.cpu()]
+        n_tok = self.sparse.num_units
+        safe = r.clamp_max(max(n_tok - 1, 0))
+        per_teacher = [(self.sparse.ids[safe, j].to(device=device, dtype=torch.int64),
+                        self.sparse.logprobs[safe, j].to(device=device, dtype=torch.float32), self._tau(j))
+                       for j in range(self.num_teachers)]
+        return (r >= n_tok).to(device), safe, per_teacher
+
     def unit_kd(self, ids: Tensor, log_q: Tensor, tau: float, real: Tensor | None = None) -> Tensor:
         """``[n, K]`` each teacher's ``KL(p_tau || q)`` in closed form from its top-k entries (the uniform-tail
         rebuild of :meth:`unit_log_probs`, equal to the KL against those rows without building them; a
         calibrated teacher at ``tau`` times its own temperature); padding rows: the uniform teacher's."""
-        r = self._rows(ids)
-        if real is not None:
-            r = r[real.cpu()]
-        n_tok, dev = self.sparse.num_units, log_q.device
-        pad = (r >= n_tok).to(dev)
-        safe = r.clamp_max(max(n_tok - 1, 0))
-        cols = [uniform_tail_kl(log_q, self.sparse.ids[safe, j].to(device=dev, dtype=torch.int64),
-                                self.sparse.logprobs[safe, j].to(device=dev, dtype=torch.float32),
-                                tau * self._tau(j)) for j in range(self.num_teachers)]
-        kl = torch.stack(cols, 1)
+        pad, _, per_teacher = self._top_k_rows(ids, log_q.device, real)
+        kl = torch.stack([uniform_tail_kl(log_q, top, lp, tau * t) for top, lp, t in per_teacher], 1)
         if bool(pad.any()):  # KL(uniform || q) = -log V - mean log q
             uniform = -math.log(self.num_classes) - log_q.mean(-1)
             kl = torch.where(pad.unsqueeze(1), uniform.unsqueeze(1), kl)
@@ -110,14 +117,9 @@ class SeqSparseBank(TeacherBank):
         padding rows: the uniform teacher's, as on the rebuilt rows."""
         from metagate.features import FEATURE_HIGH, uniform_tail_teacher_features
 
-        r = self._rows(ids)
-        n_tok, dev, v = self.sparse.num_units, log_ps.device, self.num_classes
-        pad = (r >= n_tok).to(dev)
-        safe = r.clamp_max(max(n_tok - 1, 0))
-        cols = [uniform_tail_teacher_features(log_ps, self.sparse.ids[safe, j].to(device=dev, dtype=torch.int64),
-                                              self.sparse.logprobs[safe, j].to(device=dev, dtype=torch.float32),
-                                              labels, self._tau(j)) for j in range(self.num_teachers)]
-        out = torch.stack(cols, 1)
+        v = self.num_classes
+        pad, _, per_teacher = self._top_k_rows(ids, log_ps.device)
+        out = torch.stack([uniform_tail_teacher_features(log_ps, top, lp, labels, t) for top, lp, t in per_teacher], 1)
         if bool(pad.any()):  # the uniform teacher: confidence and p(label) 1/V, entropy and CE 1, argmax token 0
             log_v = math.log(v)
             kl = ((-log_v - log_ps.mean(-1)) / log_v).clamp(0, FEATURE_HIGH)
@@ -140,23 +142,19 @@ class SeqSparseBank(TeacherBank):
         token unit of examples ``ids``: the stored gold log-probability where the token is the next token the
         bank scored (exact), else the token's value in the uniform-tail rebuild (its top-k entry, or the tail);
         ``-log V`` on padding. ``O(n K k)``: no ``[n, V]`` row is built."""
-        r = self._rows(ids)
-        n_tok = self.sparse.num_units
+        pad, safe, per_teacher = self._top_k_rows(ids, "cpu")
         lab = tokens.reshape(-1).cpu().to(torch.int64)
-        if lab.numel() != r.numel():
-            raise InputError(f"{lab.numel()} tokens for {r.numel()} token units")
-        pad = r >= n_tok
-        safe = r.clamp_max(max(n_tok - 1, 0))
+        if lab.numel() != pad.numel():
+            raise InputError(f"{lab.numel()} tokens for {pad.numel()} token units")
         if self._next is None:
             self._next = self.sparse.next_tokens()
         gold = ~pad & (self._next[safe] == lab)
         cols = []
-        for j in range(self.num_teachers):
-            te = SparseTeacher(self.sparse.ids[safe, j].to(torch.int64), self.sparse.logprobs[safe, j].float(),
-                               self.sparse.gold[safe, j].float(), "uniform")
-            cols.append(sparse_log_prob_of(te, self.num_classes, lab, tau * self._tau(j), gold=gold))
-        lp = torch.stack(cols, 1).masked_fill(pad.unsqueeze(1), -math.log(self.num_classes))
-        return lp.to(tokens.device)
+        for j, (top, lp, t) in enumerate(per_teacher):
+            te = SparseTeacher(top, lp, self.sparse.gold[safe, j].float(), "uniform")
+            cols.append(sparse_log_prob_of(te, self.num_classes, lab, tau * t, gold=gold))
+        out = torch.stack(cols, 1).masked_fill(pad.unsqueeze(1), -math.log(self.num_classes))
+        return out.to(tokens.device)
 
     def unit_ensemble_top(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """``([n], [n])`` the top probability of the teachers' mean distribution and its token (the smallest id
