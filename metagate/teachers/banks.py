@@ -56,7 +56,7 @@ MEMORISER_EPOCHS = 3
 CAPACITY_WIDEN = 4
 
 #: ... from a first teacher GRUSeq2Seq: this many times its embedding and GRU width (2 on g2p: bigru128 -> bigru256,
-#: 3.9x the parameters at ~2.4x bigru128's step; a wider GRU would train several times longer)
+#: 3.9x the parameters; a wider GRU's 3x epochs would train several times longer)
 CAPACITY_WIDEN_SEQ = 2
 
 
