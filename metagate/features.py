@@ -30,6 +30,7 @@ that asks for them appends them to the ``F`` above; every value in ``[0, FEATURE
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -188,17 +189,64 @@ def view_features(view: UnitView) -> Tensor:
     return unit_features(view.student_logits, view.teacher_logits, view.labels, view.progress)
 
 
-def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | None = None) -> Tensor:
+def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | ViewReliability | None = None) -> Tensor:
     """Features of a gate's view clamped to ``[0, FEATURE_HIGH]``: from ``cache`` when it covers the
-    view's units, else :func:`unit_features`."""
+    view's units, else :func:`unit_features` (and, when ``cache`` carries a reliability table, the
+    :func:`reliability_features` of the view's teacher logits: e.g. the tokens of a sequence batch)."""
     if cache is not None and cache.covers(view):
         assert view.ids is not None
         log_ps = view.student_log_probs.float()  # the trainer reuses this log-softmax for the CE column
         return cache.flat_features(log_ps, view.ids, view.progress).view(-1, cache.num_teachers, cache.num_features)
-    if cache is not None and cache.num_features != NUM_FEATURES:
-        raise ConfigError("teacher-reliability features are measured per training unit; this view's units are not "
+    feats = view_features(view).clamp_(0.0, FEATURE_HIGH)
+    if cache is None or cache.num_features == NUM_FEATURES:
+        return feats
+    if cache.reliability is None:
+        raise ConfigError("the cache's static features are measured per training unit; this view's units are not "
                           "whole training units with ids")
-    return view_features(view).clamp_(0.0, FEATURE_HIGH)
+    return torch.cat([feats, view_reliability_features(view, cache.reliability)], -1)
+
+
+def view_reliability_features(view: UnitView, reliability: Tensor) -> Tensor:
+    """:func:`reliability_features` ``[N, K, 3]`` of a gate's view from its teacher logits, clamped to
+    ``[0, FEATURE_HIGH]``; padding units (``mask`` 0, whose teacher rows may be NaN) get 0.
+
+    :raises ConfigError: the view's bank serves no ``[N, K, C]`` rows (a sparse top-k bank)
+    """
+    if view.teacher_features_fn is not None:
+        raise ConfigError("teacher-reliability features need the teachers' full rows; a sparse top-k bank has "
+                          "only each token's k most likely entries (use --rl-features unit)")
+    t = view.teacher_logits
+    if t is None:
+        raise ValueError("teacher-reliability features need teacher logits")
+    real = view.mask.reshape(-1, 1, 1) > 0
+    t = torch.where(real, t.detach().float(), torch.zeros((), device=t.device))  # NaN padding rows: argmax 0
+    rel = reliability_features(t, reliability).clamp_(0.0, FEATURE_HIGH)
+    return rel.masked_fill_(~real, 0.0)
+
+
+@dataclass(frozen=True)
+class ViewReliability:
+    """The teacher-reliability table of units no :class:`TeacherFeatureCache` holds (the tokens of sequence
+    batches): :func:`clamped_view_features` appends :func:`view_reliability_features` per batch.
+
+    :param reliability: ``[K, C]`` :func:`teacher_reliability` measured on the clean ``meta`` split (per token)
+    """
+
+    reliability: Tensor
+
+    @property
+    def num_teachers(self) -> int:
+        return int(self.reliability.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        return NUM_FEATURES + NUM_RELIABILITY
+
+    def covers(self, view: UnitView) -> bool:
+        return False
+
+    def flat_features(self, log_ps: Tensor, ids: Tensor, progress: float = 0.0) -> Tensor:
+        raise NotImplementedError("ViewReliability covers no view: its features come from the view")
 
 
 class TeacherFeatureCache:
@@ -233,6 +281,9 @@ class TeacherFeatureCache:
             e = 0 if extra is None else int(extra.shape[-1])
             self.num_units, self.num_teachers, self.num_classes = n, k, c
             self.num_features = nf = NUM_FEATURES + e
+            #: the reliability table behind ``extra`` (:meth:`for_run`): views the cache does not cover get the
+            #: same features from their own teacher logits
+            self.reliability: Tensor | None = None
             log_c = math.log(c)
             self.log_c = log_c
             y = labels.to(t.device).clamp_min(0)
@@ -267,26 +318,31 @@ class TeacherFeatureCache:
             self.progress_row = prog.reshape(-1)
 
     @classmethod
-    def for_run(cls, run: Any, reliability: bool = False) -> TeacherFeatureCache | None:
+    def for_run(cls, run: Any, reliability: bool = False) -> TeacherFeatureCache | ViewReliability | None:
         """The cache of a run's teacher bank and training labels (``None`` without teachers).
 
         :param reliability: append :func:`reliability_features` from the bank's ``reliability`` table (measured
             on the clean ``meta`` split when the run's teachers were loaded)
-        :raises ConfigError: ``reliability`` asked for a bank without the table, or for sequence units
+        :returns: the cache; for sequence units (no cache) the table alone (:class:`ViewReliability`) when
+            ``reliability``, else ``None``
+        :raises ConfigError: ``reliability`` asked for a bank without the table
         """
         bank = getattr(run, "bank", None)
-        if bank is None or run.train_y.ndim != 1:  # sequences: features from the view (no token cache yet)
-            if reliability:
-                raise ConfigError("teacher-reliability features need a teacher bank of whole units (not sequences)")
+        if bank is None:
             return None
-        extra = None
+        table = None
         if reliability:
             table = bank.reliability  # declared on TeacherBank (None: unmeasured)
             if table is None:
                 raise ConfigError("teacher-reliability features need each teacher's logits on the meta split "
-                                  "(teachers trained by the project or given as modules; not logits files)")
-            extra = reliability_features(bank.logits, table)
-        return cls(bank.logits, run.train_y, extra)
+                                  "(teachers trained by the project or given as modules; not logits files, not "
+                                  "a sparse top-k bank)")
+        if run.train_y.ndim != 1:  # sequences: features from the view (no token cache), the table per batch
+            return None if table is None else ViewReliability(table)
+        extra = None if table is None else reliability_features(bank.logits, table)
+        cache = cls(bank.logits, run.train_y, extra)
+        cache.reliability = table
+        return cache
 
     def covers(self, view: UnitView) -> bool:
         """Whether ``view`` holds whole training units with ids (their teachers and labels are the cached ones)."""

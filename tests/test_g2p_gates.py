@@ -287,3 +287,97 @@ def test_meta_gate_route_on_tokens_is_unchanged_and_closed_form_is_refused(g2p) 
         assert gate.route == "autograd"
     with pytest.raises(ConfigError, match="closed-form meta backend .*GRUSeq2Seq is not one"):
         Trainer(task, task.make_student(), MetaGate(meta_backend="closed-form"), bank, cfg)
+
+
+@pytest.fixture(scope="module")
+def g2p_fitted() -> tuple[Task, object, list]:
+    """The ``g2p`` fixture's task and teachers, their bank with its fit on ``meta`` (the temperatures and the
+    per-token reliability table)."""
+    from metagate.teachers.build import fit_teacher_temperatures
+
+    task = get_task("g2p", subset=300, noise=0.2)
+    torch.manual_seed(0)
+    teachers = [GRUSeq2Seq(len(task.info["chars"]), task.num_classes, 16, 24).eval() for _ in range(2)]
+    bank, stats = build_bank(task, [("a", teachers[0]), ("b", teachers[1])])
+    fit_teacher_temperatures(bank, task, teachers, "cpu", stats)
+    return task, bank, teachers
+
+
+def test_reliability_table_per_real_token_by_counting(g2p_fitted) -> None:
+    """The sequence bank's reliability table: P(teacher right | teacher predicts phoneme c) over the real tokens
+    of ``meta`` (teacher forcing), (right + 1) / (predicted + 2), counted here token by token."""
+    task, bank, teachers = g2p_fitted
+    c = task.num_classes
+    assert bank.reliability is not None and bank.reliability.shape == (2, c)
+    real = task.meta.y != PAD_ID
+    y = task.meta.y[real]
+    assert len(y) > 100
+    for k, teacher in enumerate(teachers):
+        with torch.no_grad():
+            pred = teacher(task.meta.x).argmax(-1)[real]
+        counts, hits = [0] * c, [0] * c
+        for p, t in zip(pred.tolist(), y.tolist()):
+            counts[p] += 1
+            hits[p] += int(p == t)
+        want = torch.tensor([(h + 1) / (n + 2) for h, n in zip(hits, counts)])
+        torch.testing.assert_close(bank.reliability[k], want)
+        assert sum(counts) == len(y) and max(counts) < len(y)  # more than one class predicted
+
+
+def test_reliability_features_of_a_token_view_leave_padding_at_zero(g2p_fitted) -> None:
+    """A sequence batch's features with the reliability table: the unit features, then per real token the
+    reliability features of its teacher rows; padding tokens (NaN teacher rows here) get reliability features 0."""
+    from metagate.features import (
+        NUM_FEATURES,
+        TeacherFeatureCache,
+        ViewReliability,
+        clamped_view_features,
+        reliability_features,
+        view_features,
+    )
+    from metagate.gates.base import UnitView
+
+    task, bank, _ = g2p_fitted
+    x, y = task.train.x[:6], task.train.y[:6]
+    b, t = y.shape
+    mask = (y != PAD_ID).reshape(-1).float()
+    assert bool((mask == 0).any())
+    rows = torch.randn(b * t, 2, task.num_classes, generator=torch.Generator().manual_seed(0))
+    rows[mask == 0] = float("nan")
+    student = torch.randn(b * t, task.num_classes, generator=torch.Generator().manual_seed(1))
+    view = UnitView(student, rows, y.reshape(-1), mask, torch.arange(b), (b, t), 0.3)
+    run = type("Run", (), {"bank": bank, "train_y": task.train.y})()
+    source = TeacherFeatureCache.for_run(run, reliability=True)
+    assert isinstance(source, ViewReliability) and source.num_features == NUM_FEATURES + 3
+    assert TeacherFeatureCache.for_run(run) is None  # without the table: the view's own features, no cache
+    got = clamped_view_features(view, source)
+    real = mask > 0
+    assert got.shape == (b * t, 2, NUM_FEATURES + 3) and bool(torch.isfinite(got[real]).all())
+    torch.testing.assert_close(got[real, :, :NUM_FEATURES], view_features(view)[real].clamp(0, 5))
+    torch.testing.assert_close(got[real, :, NUM_FEATURES:],
+                               reliability_features(rows[real], bank.reliability).clamp(0, 5))
+    assert bool((got[~real, :, NUM_FEATURES:] == 0).all())
+
+
+@pytest.mark.parametrize("unit", ["token", "word"])
+def test_credited_policy_with_reliability_features_on_tokens(g2p_fitted, unit: str) -> None:
+    """``--rl-features reliability`` on g2p: the policy reads 14 features per token (or word), moves, and the
+    run's weights keep the label share alpha and nothing on padding."""
+    task, bank, _ = g2p_fitted
+    gate = ReinforceGate(rl_credit="hypergradient", rl_features="reliability", rl_unit=unit, rl_val_size=64)
+    first = next(m for m in gate.policy.net.modules() if isinstance(m, torch.nn.Linear))
+    assert first.in_features == 14
+    before = [p.detach().clone() for p in gate.parameters()]
+    tr = _fit(task, bank, gate)
+    assert any(not torch.equal(a, b) for a, b in zip(before, gate.parameters()))
+    w = _check_run(task, tr)
+    real = task.train.y != PAD_ID
+    torch.testing.assert_close(w[real][:, 0], torch.full((int(real.sum()),), 0.5))
+
+
+def test_reliability_features_are_refused_on_a_bank_without_the_table(g2p) -> None:
+    """A bank never fitted on ``meta`` (here: built without a fit) has no table: a clear error, not a crash."""
+    task, bank = g2p
+    assert bank.reliability is None
+    with pytest.raises(ConfigError, match="teacher-reliability features need each teacher's logits on the meta"):
+        _fit(task, bank, ReinforceGate(rl_credit="hypergradient", rl_features="reliability"))

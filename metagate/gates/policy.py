@@ -175,7 +175,7 @@ class _RLGate(Gate):
         self._offset: Tensor | None = None
         self.antithetic = True
         self.temperature = 0.25
-        self._features: TeacherFeatureCache | None = None
+        self._features: TeacherFeatureCache | ViewReliability | None = None
         self._fast_head: FrozenLogitHead | None = None
         self._alpha_cols: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
 

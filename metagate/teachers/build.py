@@ -298,7 +298,8 @@ def fit_teacher_temperatures(bank: TeacherBank, task: Task, modules: list[Any], 
 
 def _fit_on_meta(bank: TeacherBank, task: Task, modules: list[Any], device: Any) -> Fit:
     """The fit of :func:`fit_teacher_temperatures` (the module teachers' logits on ``meta``), and the
-    reliability table when every teacher has logits on ``meta`` and units are whole examples (else ``None``)."""
+    reliability table when every teacher has logits on ``meta`` and the bank is not a sparse top-k one (else
+    ``None``)."""
     k_mod, k = len(modules), bank.num_teachers
     y = task.meta.y
     if is_sequence(task):
@@ -308,8 +309,9 @@ def _fit_on_meta(bank: TeacherBank, task: Task, modules: list[Any], device: Any)
         lg = torch.cat([lg, torch.zeros(len(y), k - k_mod, lg.shape[-1])], dim=1)
     fitted = [i < k_mod for i in range(k)]
     cal = calibrate_teachers(lg, y, list(bank.names), extra_taus=SCORED_TAUS, calibrated=fitted)
-    # every teacher seen on meta: its held-out reliability per prediction
-    reliability = teacher_reliability(lg, y) if k_mod == k and not is_sequence(task) else None
+    # every teacher seen on meta: its held-out reliability per prediction (per real token on sequences; a sparse
+    # top-k bank serves no full rows to read the features from per batch)
+    reliability = teacher_reliability(lg, y) if k_mod == k and not isinstance(bank, SeqSparseBank) else None
     return cal, reliability
 
 

@@ -82,7 +82,7 @@ class JsonCache:
 
 #: the fit's method (the search's settings; the reliability table's prior, features.teacher_reliability's default):
 #: bump the leading number when the fit or the table is computed differently
-FIT_VERSION = f"1; {FIT_METHOD}; reliability prior 1"
+FIT_VERSION = f"2; {FIT_METHOD}; reliability prior 1, per real token on sequences"
 #: the calibration cache file's kind
 CALIBRATION = JsonCache(format="metagate-teacher-calibration", version=FIT_VERSION,
                         fields=("calibration", "reliability"), what="teacher calibration cache",
