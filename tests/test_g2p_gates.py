@@ -381,3 +381,48 @@ def test_reliability_features_are_refused_on_a_bank_without_the_table(g2p) -> No
     assert bank.reliability is None
     with pytest.raises(ConfigError, match="teacher-reliability features need each teacher's logits on the meta"):
         _fit(task, bank, ReinforceGate(rl_credit="hypergradient", rl_features="reliability"))
+
+
+def test_token_env_dense_reward_equals_autograd_through_the_look_ahead(g2p) -> None:
+    """``--env-reward hypergradient`` on token units: the step's reward is ``reward_scale * sum W_ik A_ik`` over the
+    batch's token positions, ``A`` the centred derivative of the meta batch's real-token CE after one SGD step of
+    the head on the masked-mean weighted loss (autograd through the step here); padding positions get A = 0."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from metagate.envs import TeacherWeightingEnv
+    from metagate.losses import reduce_weighted, unit_losses
+
+    task, bank = g2p
+    env = TeacherWeightingEnv(task, bank, batch_size=4, episode_steps=4, val_size=16, optimizer="adam", lr=3e-3,
+                              env_reward="hypergradient", alpha=0.3)
+    env.reset(seed=0)
+    student, batch, tau = env.trainer.student, env._batch, env.tau
+    sampler = env._credit.sampler
+    state = sampler.state_dict()
+    xv, yv = sampler.next()  # the meta batch the env's look-ahead draws
+    sampler.load_state_dict(state)
+    t = bank.lookup(batch.ids).reshape(-1, 2, task.num_classes)
+    y = batch.y.reshape(-1)
+    mask = (y != PAD_ID).float()
+    lr = env.trainer.lr_at(env.trainer.step)
+    action = np.random.default_rng(0).uniform(-1, 1, env.action_space.shape).astype(np.float32)
+    w = env.weights_from_action(action).requires_grad_(True)
+    head = student.head
+    with torch.no_grad():
+        h, hv = student.features(batch.x), student.features(xv)
+    wt, b = head.weight.detach().clone().requires_grad_(True), head.bias.detach().clone().requires_grad_(True)
+    inner = reduce_weighted(unit_losses((h @ wt.t() + b).reshape(-1, task.num_classes), t, y, tau), w, mask)
+    gw, gb = torch.autograd.grad(inner, (wt, b), create_graph=True)
+    val = F.cross_entropy((hv @ (wt - lr * gw).t() + (b - lr * gb)).reshape(-1, task.num_classes),
+                          yv.reshape(-1), ignore_index=PAD_ID)
+    d = torch.autograd.grad(val, w)[0]
+    a = -(d[:, 1:] - d[:, 1:].mean(1, keepdim=True))
+    assert bool((a[mask == 0] == 0).all()) and float(a[mask > 0].abs().max()) > 0
+    hand = env.reward_scale * float((w[:, 1:] * a).sum().detach())
+    _, reward, _, _, _ = env.step(action)
+    # small (Adam's lr 3e-3 is the look-ahead's step) but a signal: 1e3x the float rounding of equal weights
+    assert reward == pytest.approx(hand, rel=1e-4, abs=1e-12) and abs(reward) > 1e-8
+    _, zero, _, _, _ = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert abs(zero) < 1e-11  # equal weights earn nothing: the credit is centred over each token's teachers
+    env.close()

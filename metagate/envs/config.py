@@ -137,7 +137,8 @@ class TeacherWeightingEnvConfig(EnvConfig):
                                        "--reward-scale x the first-order fall of the one-step look-ahead validation "
                                        "CE that the step's teacher weights give over equal weights, from the "
                                        "per-(unit, teacher) hypergradient credit of metagate.gates.credit (a "
-                                       "--val-size meta batch per step; needs an MLP/CNN student and --reward loss)",
+                                       "--val-size meta batch per step; needs a student with a linear head: "
+                                       "MLP/CNN, the seq2seq students per token; and --reward loss)",
                              choices=ENV_REWARDS)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,9 @@ The reward (``env_reward``):
   under the action's teacher weights than under equal weights with the same label weight (positive when the
   action's choice of teachers lowers the validation loss; 0 for equal weights). It credits the action that was
   taken, with no noise from the rest of the update; it sees only the head's one-step look-ahead, not the real
-  step's momentum or the body. This reward is ours (metagate's, issue 28), not a published method's.
+  step's momentum or the body. On sequence tasks the units are the batch's token positions: the look-ahead's
+  loss is the real tokens' masked mean and its validation CE the real tokens' of the ``meta`` batch, so padding
+  positions earn exactly 0. This reward is ours (metagate's, issue 28), not a published method's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from metagate.gates.credit import HeadCredit, centred_credit
 from metagate.gates.meta.linear_route import head_protocol
 from metagate.policies.core import action_weights
 from metagate.teachers.bank import TeacherBank
+from metagate.units import token_units
 
 
 class TeacherWeightingEnv(StudentLoopEnv):
@@ -67,15 +70,12 @@ class TeacherWeightingEnv(StudentLoopEnv):
         self._alpha_col = torch.full((n, 1), self.alpha, device=self.device)
         self.env_reward = self.config.env_reward
         self._credit: HeadCredit | None = None
-        if self.env_reward == "hypergradient" and self.sequence:
-            raise ConfigError("--env-reward hypergradient credits whole units; sequence tasks (token units) are "
-                              f"not supported (task {self.task.name!r})")
         if self.env_reward == "hypergradient":
             with torch.random.fork_rng(devices=[]):  # a probe of the episodes' student, off the global RNG
                 probe = self.task.make_student(self.student_arch)
             if not head_protocol(probe):
                 raise ConfigError("--env-reward hypergradient needs a student with features(x) and a linear head "
-                                  f"(metagate.models MLP/CNN); {type(probe).__name__} has not")
+                                  f"(metagate.models MLP/CNN, the seq2seq students); {type(probe).__name__} has not")
 
     def _start_episode(self) -> None:
         if self.env_reward != "hypergradient":
@@ -90,7 +90,7 @@ class TeacherWeightingEnv(StudentLoopEnv):
         being decided (:func:`metagate.gates.credit.centred_credit`), at the current parameters."""
         assert self.trainer is not None and self._credit is not None and self._logits is not None
         tr = self.trainer
-        view = tr.make_view(self._batch, self._logits)
+        view = tr.make_view(*token_units(self._batch, self._logits))  # sequences: the batch's token positions
         # the learning rate train_step is about to set (the optimizer still holds the last step's)
         lr = tr.lr_at(tr.step)
         _, dw = self._credit.hypergrad(view, decision.weights, lr, self._batch.x)
