@@ -252,3 +252,19 @@ def test_capacity_bank_compare_on_g2p(g2p_small, tmp_path):
     with torch.no_grad():
         right = modules[0](task.train.x).argmax(-1) == task.train.y
     assert large["train_fit"] == pytest.approx(float(right[task.train.y != 0].float().mean()), abs=1e-7)
+
+
+def test_a_dense_bank_declares_the_closed_form_reads_and_refuses_them():
+    """The bank protocol's closed-form reads exist on every bank; a dense one says it has none (the trainer reads
+    them only when ``closed_form_kd`` is set)."""
+    from metagate.teachers.bank import TeacherBank
+
+    bank = TeacherBank(torch.randn(4, 2, 3), ["a", "b"])
+    ids, log_q = torch.tensor([0, 2]), torch.log_softmax(torch.randn(2, 3), -1)
+    assert bank.closed_form_kd is False and bank.reliability is None
+    with pytest.raises(NotImplementedError, match="no closed-form KD columns"):
+        bank.unit_kd(ids, log_q, 1.0)
+    with pytest.raises(NotImplementedError, match="reads no single tokens"):
+        bank.unit_token_log_probs(ids, torch.tensor([0, 1]))
+    with pytest.raises(NotImplementedError, match="no closed-form unit features"):
+        bank.unit_teacher_features(ids, log_q, torch.tensor([0, 1]))

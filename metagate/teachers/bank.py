@@ -40,7 +40,11 @@ class TeacherBank:
       (:class:`~metagate.teachers.online.OnlineBank`); the trainer hands every bank each step's inputs, and
       a cached bank ignores them;
     * :meth:`unit_right`: each teacher's per-unit correctness against the clean labels (ground truth for the
-      diagnostics only; ``None`` when the bank cannot say).
+      diagnostics only; ``None`` when the bank cannot say);
+    * :attr:`closed_form_kd` with :meth:`unit_kd`, :meth:`unit_token_log_probs` and :meth:`unit_teacher_features`:
+      a bank that answers the step's KD columns, one token's log-probability per unit and the unit features
+      without its ``[n, K, V]`` rows (the sparse top-k bank); ``False``, and the three raise, for every other;
+    * :attr:`reliability`: the ``[K, C]`` held-out reliability table (``None``: unmeasured).
 
     Whole-split reads, :attr:`logits` ``[N, K, C]`` and :meth:`log_probs` (one table per temperature), serve
     gates that summarise the teachers over the training split at setup (the temperature gate's state,
@@ -116,6 +120,18 @@ class TeacherBank:
         (the sparse top-k bank), else the step reads :meth:`unit_log_probs`. ``real``: the rows of the units of
         examples ``ids`` that ``log_q`` holds (``None``: all)."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form KD columns (closed_form_kd is False)")
+
+    def unit_token_log_probs(self, ids: Tensor, tokens: Tensor, tau: float = 1.0) -> Tensor:
+        """``[n, K]`` each teacher's log-probability at ``tau`` of one token per unit of examples ``ids``
+        (``tokens``: flattened in the units' order), without building ``[n, K, V]``; read only when
+        :attr:`closed_form_kd` is set (HKD's gauge on the sparse top-k bank), else gates read :meth:`unit_log_probs`."""
+        raise NotImplementedError(f"{type(self).__name__} reads no single tokens (closed_form_kd is False)")
+
+    def unit_teacher_features(self, ids: Tensor, log_ps: Tensor, labels: Tensor) -> Tensor:
+        """``[n, K, 6]`` the teacher columns of :func:`metagate.features.unit_features` of the units of examples
+        ``ids`` against the student's float32 log-probabilities ``log_ps [n, V]``, without building ``[n, K, V]``;
+        read only when :attr:`closed_form_kd` is set, else the features read :meth:`lookup`'s rows."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form unit features (closed_form_kd is False)")
 
     def unit_label_probs(self, ids: Tensor, labels: Tensor) -> Tensor:
         """``[n, K]`` each teacher's probability (temperature 1, or the calibrated bank's own) of the label of
