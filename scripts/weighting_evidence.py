@@ -2,7 +2,8 @@
 
 Reads each cell's ``unit_weights`` (the weights last used for every training unit, in its checkpoint) and the
 compare's teacher bank, and reports per gate (mean ± std over seeds) the KD share of the right teacher on units
-where exactly one teacher is right (by the clean label), and of the wrong teacher where exactly one is wrong.
+where exactly one teacher is right (by the clean label), and of the wrong teacher where exactly one is wrong
+(on g2p per real token: ``--task g2p --noise 0.2``).
 
     python scripts/weighting_evidence.py --out runs/cmp-specialist --teacher-bank specialist --noise 0.4
 """
@@ -18,6 +19,7 @@ import torch
 from metagate.run import DistillConfig, load_task
 from metagate.teachers.build import load_teachers
 from metagate.trainer import TrainConfig
+from metagate.units import PAD_ID
 
 
 def shares(unit_weights: torch.Tensor, right: torch.Tensor) -> tuple[float, float, int, int]:
@@ -45,11 +47,13 @@ def main() -> None:
                         cache_dir=a.cache_dir, train=TrainConfig(device="cpu", progress=False))
     task = load_task(cfg)
     bank, _ = load_teachers(cfg, task, progress=False)
-    right = bank.logits.argmax(-1) == task.clean_train_labels.view(-1, 1)  # [N, K]
+    clean = task.clean_train_labels
+    right = bank.unit_right(clean)  # [N, K] (sequences: [N * L, K] per token, all False on padding)
     k = right.shape[1]
+    n_units = int((clean != PAD_ID).sum()) if clean.ndim == 2 else len(right)  # real tokens on sequences
     n1, nk = int((right.sum(1) == 1).sum()), int((right.sum(1) == k - 1).sum())
-    print(f"{a.teacher_bank}: {len(right)} training units; exactly one teacher right on {n1} "
-          f"({100 * n1 / len(right):.1f}%), exactly one wrong on {nk} ({100 * nk / len(right):.1f}%); "
+    print(f"{a.teacher_bank}: {n_units} training units; exactly one teacher right on {n1} "
+          f"({100 * n1 / n_units:.1f}%), exactly one wrong on {nk} ({100 * nk / n_units:.1f}%); "
           f"equal weights give {1 / k:.3f} to either")
     print("| gate | KD share of the one right teacher | KD share of the one wrong teacher |")
     print("|---|---|---|")
