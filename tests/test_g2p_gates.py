@@ -338,7 +338,7 @@ def test_reliability_features_of_a_token_view_leave_padding_at_zero(g2p_fitted) 
     from metagate.gates.base import UnitView
 
     task, bank, _ = g2p_fitted
-    x, y = task.train.x[:6], task.train.y[:6]
+    y = task.train.y[:6]
     b, t = y.shape
     mask = (y != PAD_ID).reshape(-1).float()
     assert bool((mask == 0).any())

@@ -31,6 +31,7 @@ from metagate.features import (
     NUM_FEATURES,
     NUM_RELIABILITY,
     TeacherFeatureCache,
+    ViewReliability,
     clamped_view_features,
 )
 from metagate.gates.base import Gate, GateContext, GateOutput, StepContext, UnitView
