@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from metagate import checkpoint, units
 from metagate.callbacks import BaseCallback, CallbackList, standard_callbacks
 from metagate.checks import check_finite, nonfinite_inputs
-from metagate.data.lm_classes import class_masks
 from metagate.data.task import Batch, Split, Task
 from metagate.diagnostics import gate_diagnostics
 from metagate.errors import ConfigError, InputError
@@ -549,19 +548,20 @@ class Trainer:
 
 
 def _real_unit_classes(task: Task, real: Tensor | None) -> dict[str, Tensor] | None:
-    """The task's unit classes (``info["token_classes"]``: ``name -> [N_train, L]`` bool flags, the lm task's) as
-    ``frequent / rare / code / prose`` masks over the real training units; ``None`` for a task without them."""
-    classes = task.info.get("token_classes")
+    """The task's unit classes (``info["unit_classes"]``: ``name -> [N_train]`` or ``[N_train, L]`` bool, e.g. the lm
+    task's frequent / rare / code / prose tokens) as masks over the real training units; ``None`` for a task
+    without them."""
+    classes = task.info.get("unit_classes")
     if not classes:
         return None
     flat = {}
     for name, flags in classes.items():
         if tuple(flags.shape) != tuple(task.train.y.shape):
-            raise InputError(f"token class {name!r} has shape {tuple(flags.shape)}, the training labels "
+            raise InputError(f"unit class {name!r} has shape {tuple(flags.shape)}, the training labels "
                              f"{tuple(task.train.y.shape)}")
         f = flags.reshape(-1).bool()
         flat[name] = f if real is None else f[real.to(f.device)]
-    return class_masks(flat)
+    return flat
 
 
 _ONES: dict[tuple[int, torch.device], Tensor] = {}

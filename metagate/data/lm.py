@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from metagate.checks import check_topk
 from metagate.data.builtin import register_task
 from metagate.data.g2p import inject_token_noise
-from metagate.data.lm_classes import target_classes, token_code_flags
+from metagate.data.lm_classes import class_masks, target_classes, token_code_flags
 from metagate.data.options import TaskConfig
 from metagate.data.task import Split, Task, TeacherSpec
 from metagate.errors import ConfigError, InputError
@@ -389,8 +389,10 @@ def lm_task(
         info={"noise": noise, "noise_type": noise_type, "data_seed": data_seed, "val_fraction": val_fraction,
               "variant": variant, "tokenizer": tok, "sparse_bank": True, "lm_teacher": lm_teacher, "documents": parts,
               "tokens": {k: int(s.mask.sum()) for k, s in splits.items()},
-              # [N_train, L] bool per training target (metagate.data.lm_classes): the gate's shares by class
+              # [N_train, L] bool per training target (metagate.data.lm_classes): frequent and code, stored
               "token_classes": classes,
+              # the four classes the trainer's diagnostics read (Task.info["unit_classes"]): the gate's shares
+              "unit_classes": class_masks(classes),
               # loaded only when a run's teachers are built (metagate.teachers.build.load_teachers)
               "pretrained_teachers": [("smollm2-135m", pretrained_smollm2)] if lm_teacher == "smollm2" else []},
     )

@@ -86,6 +86,9 @@ class Task:
     :param clean_train_labels: ``[N_train]`` the labels before noise
     :param students: arch name -> factory
     :param teacher_specs: teachers the task trains (first ``K`` are used)
+    :param info: free-form facts about the task (noise, data seed, variant, ...); read by the trainer:
+        ``info["unit_classes"]``, ``name -> [N_train]`` (``[N_train, L]`` on sequences) bool masks of classes of
+        training units, whose KD shares and label weight the run logs per class (``gate/share_<name>_t<k>``)
     """
 
     name: str
