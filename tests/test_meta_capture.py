@@ -83,3 +83,25 @@ def test_meta_linear_route_reuses_the_real_forward(digits_noisy, digits_bank):
     batch = next(iter(tr.epoch_batches(0)))
     tr.train_step(batch)
     assert calls == [True]
+
+
+def test_a_sequence_output_flattened_to_token_units_is_recognised_and_not_held():
+    """The trainer flattens a sequence model's ``[B, T, C]`` logits to ``[B*T, C]`` token units and drops the
+    original: the capture still hands out that forward's activations for the flattened rows (not for a copy, nor
+    for another forward's), and it holds no logits of its own once they are gone."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    cap = ForwardCapture([net[0], net[2]])
+    flat = net(torch.randn(2, 3, 6)).reshape(-1, 4)  # [B, T, C] -> [B*T, C]; the [B, T, C] tensor is dropped
+    kept = cap.kept_for(flat)
+    assert kept is not None and kept[0].input.shape == (2, 3, 6)
+    assert cap.kept_for(flat.clone()) is None and cap.kept_for(flat[:4]) is None
+    other = net(torch.randn(2, 3, 6)).reshape(-1, 4)
+    assert cap.kept_for(flat) is None and cap.kept_for(other) is not None
+    gone = weakref.ref(other._base)
+    del other
+    gc.collect()
+    assert gone() is None  # the capture kept no reference to the logits

@@ -29,9 +29,11 @@ class ForwardCapture:
     from the latest forward run in grad mode -- a training step's; evaluation's large batches are not held.
 
     :meth:`kept_for` hands the kept activations out only when every one of them comes from the forward that made
-    the given logits, or their rows flattened to token units (else a later forward, or a paused capture, replaced
-    some). Capture can be paused (:attr:`active`) around forwards that must not overwrite it, e.g. a look-ahead's
-    own.
+    the given logits, or a view of them (a sequence model's ``[B, T, C]`` flattened to token units), else ``None``
+    (a later forward, or a paused capture, replaced some). The logits themselves are never held: a weak reference to
+    the output's root tensor (its base, when it is a view) and its place in it identify them (a view keeps its base
+    alive, so the flattened rows still point at the output's). Capture can be
+    paused (:attr:`active`) around forwards that must not overwrite it, e.g. a look-ahead's own.
 
     :param mods: the modules to hook, in forward order
     :param extra: what else to keep per module, from its output (default: nothing)
@@ -43,7 +45,8 @@ class ForwardCapture:
         self._forwards = 0
         self._kept = [Kept(-1, torch.empty(0), None, False)] * len(self.mods)
         self._out_ref: Callable[[], Tensor | None] | None = None
-        self._flat: _Flat | None = None
+        self._out_at: tuple[int, int, int] = (0, 0, 0)
+        self._out_layout: tuple[tuple[int, ...], tuple[int, ...], bool] = ((), (), False)
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(i, extra))
                                                 for i, m in enumerate(self.mods)]
 
@@ -51,7 +54,6 @@ class ForwardCapture:
         """Detach the hooks."""
         for h in self._handles:
             h.remove()
-        self._flat = None  # the held output
 
     def _hook(self, i: int, extra: ExtraFn | None) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         last = i == len(self.mods) - 1
@@ -64,9 +66,10 @@ class ForwardCapture:
                 self._forwards += 1
             kept[i] = Kept(self._forwards, inputs[0].detach(), None if extra is None else extra(module, output),
                            module.training)
-            if last:
-                self._out_ref = weakref.ref(output)
-                self._flat = _Flat.of(output)
+            if last:  # the output's root tensor (a view's base) and where in it the output lies
+                self._out_ref = weakref.ref(_root(output))
+                self._out_at = (output.data_ptr(), output.numel(), output.shape[-1])
+                self._out_layout = (tuple(output.shape), output.stride(), output.is_contiguous())
 
         return hook
 
@@ -78,29 +81,15 @@ class ForwardCapture:
         """
         out = self._out_ref() if self._out_ref is not None else None
         kept = list(self._kept)  # later forwards replace entries, never the tensors kept here
-        made = out is logits or (self._flat is not None and self._flat.holds(logits))
+        shape, stride, contiguous = self._out_layout
+        same_layout = (tuple(logits.shape), logits.stride()) == (shape, stride) or (contiguous and logits.is_contiguous())
+        made = out is not None and _root(logits) is out and same_layout and self._out_at == (
+            logits.data_ptr(), logits.numel(), logits.shape[-1])
         if not made or any(k.forward != kept[-1].forward for k in kept):
             return None
         return kept
 
 
-class _Flat(NamedTuple):
-    """A ``[..., C]`` output (a sequence model's ``[B, T, C]``) as its ``[N, C]`` rows: the trainer flattens it to
-    token units and drops the original, so identity cannot be checked. Its memory is held instead (one batch's
-    logits, until the next forward): while it is, a contiguous ``[N, C]`` tensor starting at its address can only
-    be the flattened output."""
-
-    storage: torch.UntypedStorage
-    ptr: int
-    shape: tuple[int, int]
-
-    @staticmethod
-    def of(output: Tensor) -> _Flat | None:
-        if output.dim() <= 2 or not output.is_contiguous():
-            return None
-        return _Flat(output.untyped_storage(), output.data_ptr(), (output.numel() // output.shape[-1], output.shape[-1]))
-
-    def holds(self, logits: Tensor) -> bool:
-        """Whether ``logits`` are the output's rows (the same memory, shape and layout)."""
-        return logits.data_ptr() == self.ptr and tuple(logits.shape) == self.shape and logits.is_contiguous() \
-            and logits.untyped_storage().data_ptr() == self.storage.data_ptr()
+def _root(t: Tensor) -> Tensor:
+    """The tensor that owns ``t``'s memory as autograd sees it (``t`` itself unless it is a view)."""
+    return t._base if t._base is not None else t
