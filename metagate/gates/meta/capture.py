@@ -3,6 +3,7 @@ them instead of running a forward of their own (the hand-written linear look-ahe
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -45,8 +46,8 @@ class ForwardCapture:
         self._forwards = 0
         self._kept = [Kept(-1, torch.empty(0), None, False)] * len(self.mods)
         self._out_ref: Callable[[], Tensor | None] | None = None
-        self._out_at: tuple[int, int, int] = (0, 0, 0)
-        self._out_layout: tuple[tuple[int, ...], tuple[int, ...], bool] = ((), (), False)
+        #: the output's address, shape, strides and contiguity (what identifies it, and views of its rows, in its root)
+        self._out: tuple[int, tuple[int, ...], tuple[int, ...], bool] = (0, (), (), False)
         self._handles: list[RemovableHandle] = [m.register_forward_hook(self._hook(i, extra))
                                                 for i, m in enumerate(self.mods)]
 
@@ -68,8 +69,7 @@ class ForwardCapture:
                            module.training)
             if last:  # the output's root tensor (a view's base) and where in it the output lies
                 self._out_ref = weakref.ref(_root(output))
-                self._out_at = (output.data_ptr(), output.numel(), output.shape[-1])
-                self._out_layout = (tuple(output.shape), output.stride(), output.is_contiguous())
+                self._out = (output.data_ptr(), tuple(output.shape), output.stride(), output.is_contiguous())
 
         return hook
 
@@ -81,10 +81,10 @@ class ForwardCapture:
         """
         out = self._out_ref() if self._out_ref is not None else None
         kept = list(self._kept)  # later forwards replace entries, never the tensors kept here
-        shape, stride, contiguous = self._out_layout
-        same_layout = (tuple(logits.shape), logits.stride()) == (shape, stride) or (contiguous and logits.is_contiguous())
-        made = out is not None and _root(logits) is out and same_layout and self._out_at == (
-            logits.data_ptr(), logits.numel(), logits.shape[-1])
+        ptr, shape, stride, contiguous = self._out
+        same_rows = (tuple(logits.shape), logits.stride()) == (shape, stride) or (
+            contiguous and logits.is_contiguous() and logits.numel() == math.prod(shape) and logits.shape[-1] == shape[-1])
+        made = out is not None and _root(logits) is out and logits.data_ptr() == ptr and same_rows
         if not made or any(k.forward != kept[-1].forward for k in kept):
             return None
         return kept
