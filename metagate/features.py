@@ -193,7 +193,7 @@ def clamped_view_features(view: UnitView, cache: TeacherFeatureCache | ViewRelia
     """Features of a gate's view clamped to ``[0, FEATURE_HIGH]``: from ``cache`` when it covers the
     view's units, else :func:`unit_features` (and, when ``cache`` carries a reliability table, the
     :func:`reliability_features` of the view's teacher logits: e.g. the tokens of a sequence batch)."""
-    if cache is not None and cache.covers(view):
+    if isinstance(cache, TeacherFeatureCache) and cache.covers(view):
         assert view.ids is not None
         log_ps = view.student_log_probs.float()  # the trainer reuses this log-softmax for the CE column
         return cache.flat_features(log_ps, view.ids, view.progress).view(-1, cache.num_teachers, cache.num_features)
@@ -235,18 +235,8 @@ class ViewReliability:
     reliability: Tensor
 
     @property
-    def num_teachers(self) -> int:
-        return int(self.reliability.shape[0])
-
-    @property
     def num_features(self) -> int:
         return NUM_FEATURES + NUM_RELIABILITY
-
-    def covers(self, view: UnitView) -> bool:
-        return False
-
-    def flat_features(self, log_ps: Tensor, ids: Tensor, progress: float = 0.0) -> Tensor:
-        raise NotImplementedError("ViewReliability covers no view: its features come from the view")
 
 
 class TeacherFeatureCache:
